@@ -1,0 +1,21 @@
+"""Helpers shared by the kernel tests (imported by name, so no clash with other conftest.py)."""
+from __future__ import annotations
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_page_table(lens: list[int], page_size: int, gen: torch.Generator,
+                      spare_pages: int = 3) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Distinct random pages per request; unused columns hold out-of-range ids (must never be read)."""
+    need = [(n + page_size - 1) // page_size for n in lens]
+    num_pages = sum(need) + spare_pages
+    perm = torch.randperm(num_pages, generator=gen)
+    width = max(need + [1])
+    table = torch.full((len(lens), width), num_pages + 10_000, dtype=torch.int32)
+    at = 0
+    for r, k in enumerate(need):
+        table[r, :k] = perm[at: at + k].int()
+        at += k
+    return table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE), num_pages
