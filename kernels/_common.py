@@ -152,6 +152,16 @@ def token_pages(page_table: torch.Tensor, lens: torch.Tensor, req: int, page_siz
     return page_table[req, pos // page_size].long(), pos % page_size
 
 
+def dot_in_fp32(t: torch.Tensor) -> bool:
+    """Whether kernels must upcast tl.dot operands to fp32 for tensors on t's device.
+
+    Off the GPU the kernels run under the Triton interpreter, whose tl.dot on bf16
+    operands is wrong in Triton 3.9 (it multiplies raw bit patterns); fp32 is exact
+    there, and the bf16 products being upcast are exact in fp32 anyway.
+    """
+    return t.device.type != "cuda"
+
+
 def check_int_vector(t: torch.Tensor, name: str, n: int | None = None) -> None:
     """Assert `t` is a 1-D int32 tensor (of length n when given)."""
     assert t.dim() == 1 and t.dtype == torch.int32, (
@@ -165,3 +175,22 @@ def check_page_table(page_table: torch.Tensor, name: str = "page_table") -> None
         f"{name} must be int32 [requests, max_pages], got {page_table.dtype} "
         f"shape {tuple(page_table.shape)}")
     assert page_table.stride(1) == 1, f"{name} rows must be contiguous"
+
+
+def decode_queries(seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_req, q_len) for decode: one query per request seeing its whole context."""
+    check_int_vector(seq_lens, "seq_lens")
+    return torch.arange(seq_lens.shape[0], dtype=torch.int32, device=seq_lens.device), seq_lens
+
+
+def prefill_queries(prefix_lens: torch.Tensor, extend_lens: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_req, q_len) for causal prefill: query i of request r sees prefix_lens[r] + i + 1 keys."""
+    check_int_vector(prefix_lens, "prefix_lens")
+    check_int_vector(extend_lens, "extend_lens", prefix_lens.shape[0])
+    dev = extend_lens.device
+    ext = extend_lens.long()
+    q_req = torch.repeat_interleave(torch.arange(ext.shape[0], device=dev), ext)          # [T]
+    first = (torch.cumsum(ext, 0) - ext)[q_req]
+    i = torch.arange(q_req.shape[0], device=dev) - first
+    return q_req.int(), (prefix_lens.long()[q_req] + i + 1).int()

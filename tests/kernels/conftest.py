@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A seeded generator, fresh for each test."""

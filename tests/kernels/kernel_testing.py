@@ -19,3 +19,17 @@ def random_page_table(lens: list[int], page_size: int, gen: torch.Generator,
         table[r, :k] = perm[at: at + k].int()
         at += k
     return table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE), num_pages
+
+
+def build_indexer_cache(lens: list[int], page_size: int, dim: int, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer of fp8 indexer cache holding random keys for each request, poisoned elsewhere."""
+    from kvproof.kernels._common import indexer_fp8_layout, write_indexer_keys
+
+    layout = indexer_fp8_layout(page_size, dim)
+    table, seq_lens, num_pages = random_page_table(lens, page_size, gen)
+    # 0xFF is NaN in e4m3fn and in fp32: any read of an unwritten slot poisons the scores.
+    cache = torch.full((num_pages, layout.page_bytes), 0xFF, dtype=torch.uint8, device=DEVICE)
+    for r, n in enumerate(lens):
+        write_indexer_keys(cache, table, r, torch.randn(n, dim, generator=gen).to(DEVICE), page_size)
+    return cache, table, seq_lens

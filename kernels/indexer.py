@@ -1,0 +1,178 @@
+"""DSA lightning indexer: per-query token scores over a paged fp8 key cache, then top-k.
+
+score[t, s] = k_scale[s] * sum_h w[t, h] * relu(q[t, h] . k_fp8[s])   for s < q_len[t]
+(equal to sum_h w * relu(q . dequant(k)) because scales are positive), -inf beyond.
+
+One query row t belongs to request q_req[t] (a page-table row) and sees its first
+q_len[t] cached keys: decode is one query per request with q_len = seq_len; causal
+prefill is many queries with q_len = position + 1 (see `_common.prefill_queries`).
+The scores are computed by a Triton kernel; the top-k selection uses torch.topk
+(a Triton top-k is not written yet). Top-k convention, no sentinels: `indices`
+int32 [T, k] and `counts` int32 [T]; indices[t, :counts[t]] are distinct valid
+key positions (order unspecified), indices[t, counts[t]:] are 0 and must be
+ignored; counts[t] = min(k, q_len[t]).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (DEFAULT_TOPK, check_int_vector, check_page_table, dequantize_fp8, dot_in_fp32,
+                       indexer_views)
+
+# ---------------------------------------------------------------------------------
+# torch reference (float64)
+# ---------------------------------------------------------------------------------
+
+
+def indexer_scores_ref(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
+                       page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
+                       page_size: int, max_len: int) -> torch.Tensor:
+    """Reference scores in float64: [T, max_len], -inf at positions >= q_len."""
+    T, H, D = q.shape
+    keys, scales = indexer_views(cache, page_size, D)                     # [P, S, D], [P, S, 1]
+    out = torch.full((T, max_len), float("-inf"), dtype=torch.float64, device=q.device)
+    for t in range(T):
+        n = int(q_len[t])
+        pos = torch.arange(n, device=q.device)
+        pages = page_table[int(q_req[t]), pos // page_size].long()
+        k = dequantize_fp8(keys[pages, pos % page_size], scales[pages, pos % page_size]).double()  # [n, D]
+        s = torch.relu(q[t].double() @ k.T)                               # [H, n]
+        out[t, :n] = (weights[t].double()[:, None] * s).sum(0)
+    return out
+
+
+def indexer_topk_ref(scores: torch.Tensor, q_len: torch.Tensor, topk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference top-k over reference scores, same (indices, counts) convention."""
+    T = scores.shape[0]
+    idx = torch.zeros(T, topk, dtype=torch.int32, device=scores.device)
+    counts = torch.clamp(q_len, max=topk).int()
+    for t in range(T):
+        c = int(counts[t])
+        idx[t, :c] = torch.topk(scores[t, : int(q_len[t])], c).indices.int()
+    return idx, counts
+
+
+# ---------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _indexer_scores_kernel(
+    # pointers
+    q_ptr, w_ptr, k_ptr, ks_ptr, table_ptr, q_req_ptr, q_len_ptr, out_ptr,
+    # sizes
+    max_len,
+    # strides (elements)
+    stride_qt, stride_qh, stride_wt, stride_kp, stride_kt, stride_sp, stride_st,
+    stride_tr, stride_ot,
+    # constexpr
+    H: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One program scores N_PER_PROG consecutive keys for one query (BLOCK_N keys, one page, at a time)."""
+    t = tl.program_id(0)
+    start = tl.program_id(1) * N_PER_PROG
+    req = tl.load(q_req_ptr + t).to(tl.int64)
+    qlen = tl.load(q_len_ptr + t)
+    offs_h = tl.arange(0, H)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])  # [H, D]
+    w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)                          # [H]
+    for i in range(N_PER_PROG // BLOCK_N):
+        n0 = start + i * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        if n0 < qlen:
+            # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
+            page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
+            slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
+            valid = offs_n < qlen
+            k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+                        mask=valid[:, None], other=0.0)                                   # [BLOCK_N, D] fp8
+            ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=valid, other=0.0)  # [BLOCK_N]
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))                    # [H, BLOCK_N]
+            else:
+                s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # [H, BLOCK_N] fp32
+            s = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0) * ks                          # [BLOCK_N]
+            scores = tl.where(valid, s, float("-inf"))
+        tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, scores, mask=offs_n < max_len)
+
+
+# ---------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------
+
+
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
+                   page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
+                   page_size: int, max_len: int | None = None, out: torch.Tensor | None = None,
+                   block_n: int | None = None, n_per_prog: int | None = None) -> torch.Tensor:
+    """Indexer scores fp32 [T, max_len] of each query over its request's cached keys."""
+    assert q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (
+        f"q must be [T, H, D] bf16/fp16/fp32, got {q.dtype} {tuple(q.shape)}")
+    T, H, D = q.shape
+    assert q.stride(2) == 1, "q must be contiguous in its last dim"
+    assert H & (H - 1) == 0 and D & (D - 1) == 0 and H >= 16 and 16 <= D <= 128, (
+        f"q heads {H} and dim {D} must be powers of two, heads >= 16 and 16 <= dim <= 128 "
+        "(one fp32 scale per key)")
+    assert weights.shape == (T, H) and weights.stride(1) == 1, (
+        f"weights must be [T={T}, H={H}] contiguous per row, got {tuple(weights.shape)}")
+    check_page_table(page_table)
+    check_int_vector(q_req, "q_req", T)
+    check_int_vector(q_len, "q_len", T)
+    keys, scales = indexer_views(cache, page_size, D)                     # [P, S, D], [P, S, 1]
+    if max_len is None:
+        max_len = int(q_len.max()) if T else 0                            # one host sync
+    block_n = block_n or min(64, page_size)
+    assert block_n >= 16 and page_size % block_n == 0 and block_n & (block_n - 1) == 0, (
+        f"block_n {block_n} must be a power of two >= 16 dividing page_size {page_size}")
+    n_per_prog = n_per_prog or block_n * 8
+    assert n_per_prog % block_n == 0, f"n_per_prog {n_per_prog} must be a multiple of block_n {block_n}"
+    if out is None:
+        out = torch.empty(T, max_len, dtype=torch.float32, device=q.device)
+    assert out.shape == (T, max_len) and out.dtype == torch.float32 and out.stride(1) == 1, (
+        f"out must be fp32 [{T}, {max_len}] contiguous per row, got {out.dtype} {tuple(out.shape)}")
+    if T == 0 or max_len == 0:
+        return out
+    grid = (T, triton.cdiv(max_len, n_per_prog))
+    _indexer_scores_kernel[grid](
+        q, weights, keys, scales, page_table, q_req, q_len, out,
+        max_len,
+        q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),
+        scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
+        H=H, D=D, PAGE_SIZE=page_size, BLOCK_N=block_n, N_PER_PROG=n_per_prog, DOT_F32=dot_in_fp32(q),
+    )
+    return out
+
+
+def select_topk(scores: torch.Tensor, q_len: torch.Tensor, topk: int = DEFAULT_TOPK
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k key positions per row of scores (torch.topk): (indices int32 [T, k], counts int32 [T])."""
+    assert topk > 0, f"topk must be positive, got {topk}"
+    T, n = scores.shape
+    check_int_vector(q_len, "q_len", T)
+    counts = torch.clamp(q_len, max=topk)                                  # [T]
+    cols = torch.arange(topk, device=scores.device)                       # [k]
+    idx = cols.expand(T, topk).to(torch.int32).clone()                   # short rows: all their keys
+    k_eff = min(topk, n)
+    if k_eff > 0:
+        # Rows with more than k keys hold only finite scores in their top k, so order is free.
+        top = torch.topk(scores, k_eff, dim=1, sorted=False).indices.int()  # [T, k_eff]
+        long_rows = (q_len > topk)[:, None]
+        idx[:, :k_eff] = torch.where(long_rows, top, idx[:, :k_eff])
+    idx.masked_fill_(cols[None, :] >= counts[:, None], 0)
+    return idx, counts
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
+                 page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
+                 page_size: int, topk: int = DEFAULT_TOPK, max_len: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lightning indexer: the top-k cached key positions of each query, (indices [T, k], counts [T])."""
+    scores = indexer_scores(q, weights, cache, page_table, q_req, q_len, page_size, max_len)
+    return select_topk(scores, q_len, topk)

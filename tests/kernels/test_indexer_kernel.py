@@ -1,0 +1,110 @@
+"""Lightning indexer scores (Triton) and top-k vs the float64 torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvproof.kernels._common import decode_queries, prefill_queries
+from kvproof.kernels.indexer import (indexer_scores, indexer_scores_ref, indexer_topk, select_topk)
+
+from kernel_testing import DEVICE, build_indexer_cache
+
+
+def _queries(T: int, H: int, D: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randn(T, H, D, generator=gen).to(torch.bfloat16).to(DEVICE)          # [T, H, D]
+    w = (torch.rand(T, H, generator=gen) / H ** 0.5).to(DEVICE)                   # [T, H]
+    return q, w
+
+
+def _assert_scores_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert not torch.isnan(got).any(), "NaN in scores: an unwritten element or a poisoned key was read"
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), fin), "-inf mask differs from the reference"
+    tol = 1e-4 * float(want[fin].abs().max()) if fin.any() else 0.0
+    torch.testing.assert_close(got[fin].double(), want[fin], rtol=1e-4, atol=tol)
+
+
+def _assert_topk_valid(idx, counts, q_len, ref_scores, topk) -> None:
+    assert idx.dtype == torch.int32 and counts.dtype == torch.int32
+    assert torch.equal(counts, torch.clamp(q_len, max=topk))
+    for t in range(idx.shape[0]):
+        c, n = int(counts[t]), int(q_len[t])
+        sel = idx[t, :c].long()
+        assert torch.all(idx[t, c:] == 0), "padding beyond counts must be 0"
+        assert sel.unique().numel() == c and (c == 0 or int(sel.max()) < n), f"row {t}: bad indices"
+        if c:
+            kth = torch.topk(ref_scores[t, :n], c).values[-1]
+            slack = 1e-4 * float(ref_scores[t, :n].abs().max())
+            assert float(ref_scores[t, sel].min()) >= float(kth) - slack, f"row {t}: not the top {c}"
+
+
+@pytest.mark.parametrize("H,D", [(16, 32), (32, 128)])
+@pytest.mark.parametrize("lens", [[1, 37, 0, 16], [70]])
+def test_decode_scores_and_topk(H, D, lens, gen):
+    page_size, topk = 16, 20
+    cache, table, seq_lens = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), H, D, gen)
+    max_len = max(lens)
+    out = torch.full((len(lens), max_len), float("nan"), device=DEVICE)     # poison
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, out=out, n_per_prog=32)
+    want = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, max_len)
+    _assert_scores_close(got, want)
+    idx, counts = select_topk(got, q_len, topk)
+    _assert_topk_valid(idx, counts, q_len, want, topk)
+
+
+def test_prefill_causal(gen):
+    page_size, H, D, topk = 16, 16, 32, 8
+    prefix, extend = [0, 21, 5], [3, 6, 1]
+    lens = [p + e for p, e in zip(prefix, extend)]
+    cache, table, _ = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = prefill_queries(torch.tensor(prefix, dtype=torch.int32, device=DEVICE),
+                                   torch.tensor(extend, dtype=torch.int32, device=DEVICE))
+    assert q_len.tolist() == [1, 2, 3, 22, 23, 24, 25, 26, 27, 6]
+    q, w = _queries(q_req.shape[0], H, D, gen)
+    idx, counts = indexer_topk(q, w, cache, table, q_req, q_len, page_size, topk=topk)
+    want = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, max(lens))
+    _assert_topk_valid(idx, counts, q_len, want, topk)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size)
+    _assert_scores_close(got, want)
+
+
+def test_topk_larger_than_context_and_empty_rows():
+    scores = torch.tensor([[3.0, 1.0, 2.0, float("-inf")], [float("-inf")] * 4, [0.5, 4.0, 1.0, 2.0]])
+    q_len = torch.tensor([3, 0, 4], dtype=torch.int32)
+    idx, counts = select_topk(scores, q_len, topk=6)
+    assert counts.tolist() == [3, 0, 4]
+    assert idx.tolist() == [[0, 1, 2, 0, 0, 0], [0] * 6, [0, 1, 2, 3, 0, 0]]
+    idx, counts = select_topk(scores, q_len, topk=2)
+    assert counts.tolist() == [2, 0, 2]
+    assert sorted(idx[0].tolist()) == [0, 2] and sorted(idx[2].tolist()) == [1, 3]
+
+
+def test_bad_arguments_are_named(gen):
+    cache, table, seq_lens = build_indexer_cache([5], 16, 32, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(1, 16, 32, gen)
+    with pytest.raises(AssertionError, match="weights"):
+        indexer_scores(q, w[:, :8], cache, table, q_req, q_len, 16)
+    with pytest.raises(AssertionError, match="q_len"):
+        indexer_scores(q, w, cache, table, q_req, q_len.long(), 16)
+    with pytest.raises(AssertionError, match="indexer cache"):
+        indexer_scores(q, w, cache[:, :-4], table, q_req, q_len, 16)
+    with pytest.raises(AssertionError, match="heads"):
+        indexer_scores(q[:, :12], w[:, :12], cache, table, q_req, q_len, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for production shapes")
+def test_production_shape_decode():
+    gen = torch.Generator().manual_seed(11)
+    lens = [8192, 3000, 1, 20_000]
+    cache, table, seq_lens = build_indexer_cache(lens, 64, 128, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), 32, 128, gen)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, 64)
+    want = indexer_scores_ref(q, w, cache, table, q_req, q_len, 64, max(lens))
+    _assert_scores_close(got, want)
+    idx, counts = select_topk(got, q_len, 2048)
+    _assert_topk_valid(idx, counts, q_len, want, 2048)
