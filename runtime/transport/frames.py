@@ -1,0 +1,91 @@
+"""Wire format of the TCP transport: a fixed binary header, then an optional payload.
+
+Header (little endian, 76 bytes):
+    magic 4s "KVTP" | version u8 | type u8 | flags u16 | wr_id u64 | region u32 |
+    offset u64 | length u64 | imm u32 | ntag u8 | pad 3 | tag 4 x i64
+
+WRITE carries `length` payload bytes destined for (region, offset); ACK reports
+that write wr_id landed; NAK reports that it was rejected, with a UTF-8 reason
+of `length` bytes; CLOSE announces an orderly close.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from .base import TAG_MAX_LEN, Tag, TransportError
+
+MAGIC = b"KVTP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQIQQIB3x4q")
+FLAG_IMM = 0x1
+KNOWN_FLAGS = FLAG_IMM
+MAX_REASON = 64 * 1024  # a NAK reason longer than this is a malformed frame
+
+
+class FrameType(enum.IntEnum):
+    WRITE = 1
+    ACK = 2
+    NAK = 3
+    CLOSE = 4
+
+
+class FrameError(TransportError):
+    """A received frame is malformed; `field` names the offending header field."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        super().__init__(f"malformed frame: {field}={value!r}, expected {expected}")
+        self.field = field
+        self.value = value
+
+
+@dataclass(frozen=True)
+class Header:
+    """A decoded frame header."""
+
+    type: FrameType
+    wr_id: int
+    region: int = 0
+    offset: int = 0
+    length: int = 0
+    imm: int | None = None
+    tag: Tag = ()
+
+
+def encode_header(h: Header) -> bytes:
+    """Pack a header into its 76-byte wire form."""
+    tag = tuple(h.tag) + (0,) * (TAG_MAX_LEN - len(h.tag))
+    flags = FLAG_IMM if h.imm is not None else 0
+    return HEADER.pack(
+        MAGIC, VERSION, int(h.type), flags, h.wr_id, h.region, h.offset, h.length,
+        h.imm or 0, len(h.tag), *tag,
+    )
+
+
+def decode_header(raw: bytes | bytearray | memoryview) -> Header:
+    """Unpack and validate a header; raises FrameError naming the bad field."""
+    if len(raw) != HEADER.size:
+        raise FrameError("header", f"{len(raw)} bytes", f"{HEADER.size} bytes")
+    magic, version, ftype, flags, wr_id, region, offset, length, imm, ntag, *tag = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise FrameError("magic", bytes(magic), repr(MAGIC))
+    if version != VERSION:
+        raise FrameError("version", version, str(VERSION))
+    try:
+        ftype = FrameType(ftype)
+    except ValueError:
+        raise FrameError("type", ftype, "one of " + ", ".join(f"{t.value} ({t.name})" for t in FrameType)) from None
+    if flags & ~KNOWN_FLAGS:
+        raise FrameError("flags", hex(flags), f"a subset of {hex(KNOWN_FLAGS)}")
+    if ntag > TAG_MAX_LEN:
+        raise FrameError("ntag", ntag, f"<= {TAG_MAX_LEN}")
+    if ftype is FrameType.NAK and length > MAX_REASON:
+        raise FrameError("length", length, f"<= {MAX_REASON} for a NAK reason")
+    if ftype in (FrameType.ACK, FrameType.CLOSE) and length != 0:
+        raise FrameError("length", length, f"0 for a {ftype.name} frame")
+    return Header(
+        type=ftype, wr_id=wr_id, region=region, offset=offset, length=length,
+        imm=imm if flags & FLAG_IMM else None, tag=tuple(tag[:ntag]),
+    )

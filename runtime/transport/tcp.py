@@ -1,0 +1,331 @@
+"""The TCP transport: one-sided writes over a loopback socket, the embedded default.
+
+Two threads per connection. The receive thread reads frames and copies each
+WRITE payload straight into the destination region (recv_into, no staging
+buffer), calls on_land, then queues an ACK. It checks only that the region
+exists and the bytes fit, as a NIC checks an rkey and bounds; it never looks at
+protocol state. The wire thread sends queued frames in order of their due time,
+so a write delayed by fault injection goes on the wire, and lands, after
+writes and control messages sent later. The receive thread never sends itself:
+it only queues, so two peers writing at each other cannot deadlock on full
+socket buffers.
+
+An ERROR completion means "not known to have landed": a write whose ACK was
+lost with the connection may still have landed. Only close_and_drain at the
+receiver guarantees that nothing lands any more.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from typing import Any
+
+from .base import (
+    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
+    TransportError, as_bytes_view, check_bounds, check_imm, check_tag,
+)
+from .faults import FaultConfig, FaultInjector
+from .frames import HEADER, MAX_REASON, FrameError, FrameType, Header, decode_header, encode_header
+
+Address = tuple[str, int]
+_U32, _U64 = 2**32, 2**64
+
+
+class TcpListener:
+    """A listening socket that accepts TcpTransport connections."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 16) -> None:
+        self._sock = socket.create_server((host, port), backlog=backlog)
+
+    @property
+    def address(self) -> Address:
+        """The (host, port) peers connect to."""
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def accept_socket(self, timeout: float | None = 5.0) -> socket.socket:
+        """Accept one connection and return its blocking socket."""
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except socket.timeout:
+            raise TimeoutError(f"no peer connected to {self.address} within timeout={timeout} s") from None
+        conn.settimeout(None)
+        return conn
+
+    def accept(self, timeout: float | None = 5.0, **kw: Any) -> "TcpTransport":
+        """Accept one connection and wrap it; kw go to TcpTransport."""
+        return TcpTransport(self.accept_socket(timeout), **kw)
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._sock.close()
+
+    def __enter__(self) -> "TcpListener":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TcpTransport(Transport):
+    """One endpoint of a TCP connection carrying one-sided writes."""
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        faults: FaultConfig | None = None,
+        on_land: LandHook | None = None,
+        label: str = "",
+    ) -> None:
+        super().__init__(on_land)
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"sock type {sock.type!r}, expected a connected SOCK_STREAM socket")
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ACKs are tiny; don't let Nagle hold them
+        self._sock = sock
+        self.label = label or f"tcp{sock.fileno()}"
+        self._faults = FaultInjector(faults) if faults is not None and faults.active else None
+        self._lock = threading.Condition()  # guards everything below and the wire heap
+        self._pending: dict[int, tuple[Tag, int]] = {}
+        self._wr_ids = itertools.count(1)
+        self._seq = itertools.count()
+        self._wire: list[tuple[float, int, Header, memoryview | None]] = []
+        self._finishing = False  # the wire thread sends remaining control frames, then stops
+        self._recv_thread = threading.Thread(target=self._recv_loop, name=f"{self.label}-recv", daemon=True)
+        self._wire_thread = threading.Thread(target=self._wire_loop, name=f"{self.label}-wire", daemon=True)
+        self._recv_thread.start()
+        self._wire_thread.start()
+
+    @classmethod
+    def connect(cls, address: Address, timeout: float = 5.0, **kw: Any) -> "TcpTransport":
+        """Connect to a TcpListener at address; kw go to TcpTransport."""
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.settimeout(None)
+        return cls(sock, **kw)
+
+    @classmethod
+    def pair(cls, **kw: Any) -> tuple["TcpTransport", "TcpTransport"]:
+        """Two connected endpoints over loopback TCP (for tests and benchmarks)."""
+        with TcpListener() as lst:
+            a = cls.connect(lst.address, **kw)
+            b = lst.accept(**kw)
+        return a, b
+
+    # -- posting ---------------------------------------------------------------
+    def post_write(
+        self,
+        src: Buffer,
+        region: int,
+        offset: int,
+        length: int | None = None,
+        *,
+        tag: Tag = (),
+        imm: int | None = None,
+    ) -> int:
+        """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id."""
+        mv = as_bytes_view(src, "src")
+        if length is None:
+            length = mv.nbytes
+        if not isinstance(length, int) or not 0 <= length <= mv.nbytes:
+            raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
+        if not isinstance(region, int) or not 0 <= region < _U32:
+            raise ValueError(f"region={region!r}, expected an int in [0, 2**32)")
+        if not isinstance(offset, int) or not 0 <= offset < _U64 - length:
+            raise ValueError(f"offset={offset!r}, expected an int >= 0")
+        tag, imm = check_tag(tag), check_imm(imm)
+        now = time.monotonic()
+        with self._lock:
+            self._check_postable()
+            wr_id = next(self._wr_ids)
+            self._pending[wr_id] = (tag, length)
+            due = self._faults.due_time(now) if self._faults else now
+            hdr = Header(FrameType.WRITE, wr_id, region, offset, length, imm, tag)
+            heapq.heappush(self._wire, (due, next(self._seq), hdr, mv[:length]))
+            self._lock.notify_all()
+        return wr_id
+
+    def outstanding(self) -> int:
+        """Number of posted writes without a completion yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def _queue_control(self, hdr: Header, payload: bytes | None = None) -> None:
+        # due 0.0: control frames overtake delayed writes, like a NIC's ACKs
+        with self._lock:
+            heapq.heappush(self._wire, (0.0, next(self._seq), hdr, memoryview(payload) if payload else None))
+            self._lock.notify_all()
+
+    # -- failure ---------------------------------------------------------------
+    def _die(self, reason: str) -> None:
+        """Mark the connection dead and fail every write without a completion."""
+        with self._lock:
+            if self._dead_reason is None:
+                self._dead_reason = reason
+            self._flush_pending(f"connection dead: {self._dead_reason}")
+            self._finishing = True
+            self._lock.notify_all()
+
+    def _flush_pending(self, why: str) -> None:
+        for wr_id, (tag, length) in sorted(self._pending.items()):
+            self._cq.put(Completion(wr_id, tag, length, Status.ERROR, why))
+        self._pending.clear()
+        # unsent writes will never go out; keep only control frames (a NAK or CLOSE)
+        self._wire = [item for item in self._wire if item[2].type is not FrameType.WRITE]
+        heapq.heapify(self._wire)
+
+    # -- wire thread -------------------------------------------------------------
+    def _wire_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if self._wire and (self._finishing or self._wire[0][0] <= time.monotonic()):
+                            break
+                        if self._finishing:
+                            return
+                        wait = self._wire[0][0] - time.monotonic() if self._wire else None
+                        self._lock.wait(wait)
+                    _, _, hdr, payload = heapq.heappop(self._wire)
+                    if hdr.type is FrameType.WRITE and self._faults and self._faults.drop_now():
+                        sent = self._faults._sent  # noqa: SLF001 - for the reason text only
+                        self._dead_reason = self._dead_reason or f"connection dropped by fault injection after {sent} writes"
+                        self._flush_pending(f"connection dead: {self._dead_reason}")
+                        self._finishing = True
+                        return
+                self._send(encode_header(hdr), payload)
+        except OSError as e:
+            if not self._closed:
+                self._die(f"send failed: {e!r}")
+        finally:
+            # wake the peer and our own receive thread; closing the fd is close_and_drain's job
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _send(self, header: bytes, payload: memoryview | None) -> None:
+        bufs = [memoryview(header)] + ([payload] if payload is not None and payload.nbytes else [])
+        while bufs:
+            n = self._sock.sendmsg(bufs)
+            while bufs and n >= bufs[0].nbytes:
+                n -= bufs[0].nbytes
+                bufs.pop(0)
+            if n:
+                bufs[0] = bufs[0][n:]
+
+    # -- receive thread ------------------------------------------------------------
+    def _recv_exact(self, mv: memoryview) -> bool:
+        """Fill mv from the socket; False on EOF."""
+        while mv.nbytes:
+            n = self._sock.recv_into(mv)
+            if n == 0:
+                return False
+            mv = mv[n:]
+        return True
+
+    def _recv_loop(self) -> None:
+        hbuf = memoryview(bytearray(HEADER.size))
+        try:
+            while not self._closed:
+                if not self._recv_exact(hbuf):
+                    self._die("peer closed the connection (EOF)")
+                    return
+                hdr = decode_header(hbuf)
+                if hdr.type is FrameType.WRITE:
+                    if not self._place(hdr):
+                        return
+                elif hdr.type is FrameType.ACK:
+                    self._complete(hdr.wr_id, None)
+                elif hdr.type is FrameType.NAK:
+                    reason = bytearray(hdr.length)
+                    self._recv_exact(memoryview(reason))
+                    text = reason.decode("utf-8", "replace")
+                    self._complete(hdr.wr_id, text)
+                    self._die(f"peer rejected write wr_id={hdr.wr_id}: {text}")
+                    return
+                else:  # CLOSE
+                    self._die("peer closed the connection")
+                    return
+        except TransportError as e:  # FrameError included: malformed traffic from the peer
+            self._reject(0, str(e))
+        except OSError as e:
+            if not self._closed:
+                self._die(f"receive failed: {e!r}")
+        except BaseException as e:  # noqa: BLE001 - a hook bug must not leave a silent half-dead connection
+            self._die(f"receive thread failed: {e!r}")
+
+    def _place(self, hdr: Header) -> bool:
+        """Copy one WRITE payload into its region; False if the frame was rejected."""
+        found = self._lookup(hdr.region)
+        if found is None:
+            known = sorted(r.id for r in self.regions())
+            self._reject(hdr.wr_id, str(FrameError("region", hdr.region, f"a registered region id {known}")))
+            return False
+        region, mem = found
+        try:
+            check_bounds(region, hdr.offset, hdr.length)
+        except ValueError as e:
+            field = "length" if hdr.offset <= region.length else "offset"
+            self._reject(hdr.wr_id, f"malformed frame: {field} out of bounds: {e}")
+            return False
+        # straight into registered memory, no protocol state consulted (as a NIC would)
+        if not self._recv_exact(mem[hdr.offset : hdr.offset + hdr.length]):
+            self._die(f"peer closed the connection (EOF) inside write wr_id={hdr.wr_id}")
+            return False
+        if self.on_land is not None:
+            self.on_land(hdr.tag, hdr.region, hdr.offset, hdr.length)
+        if hdr.imm is not None:
+            self._push_recv(RecvEvent(hdr.imm, hdr.length, hdr.region, hdr.offset, hdr.tag))
+        self._queue_control(Header(FrameType.ACK, hdr.wr_id))
+        return True
+
+    def _reject(self, wr_id: int, reason: str) -> None:
+        """Refuse malformed traffic: tell the peer why, then drop the connection."""
+        self._queue_control(Header(FrameType.NAK, wr_id, length=len(reason.encode()[:MAX_REASON])),
+                            reason.encode()[:MAX_REASON])
+        self._die(reason)
+
+    def _complete(self, wr_id: int, error: str | None) -> None:
+        with self._lock:
+            entry = self._pending.pop(wr_id, None)
+        if entry is None:
+            # after a local close or drop the pending set was flushed; late ACKs are expected then
+            if error is None and not self._closed and self._dead_reason is None:
+                raise FrameError("wr_id", wr_id, "the id of a write awaiting completion")
+            return
+        tag, length = entry
+        self._cq.put(Completion(wr_id, tag, length, Status.ERROR if error else Status.OK, error))
+
+    # -- close -----------------------------------------------------------------
+    def close_and_drain(self, timeout: float = 5.0) -> None:
+        """Close; on return the receive thread is joined and the socket closed, so nothing lands here."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._flush_pending("transport closed before the write completed")
+            alive = self._dead_reason is None and not self._finishing
+            self._finishing = True
+            self._lock.notify_all()
+        if alive:
+            self._queue_control(Header(FrameType.CLOSE, 0))  # lets the peer report an orderly close
+        self._wire_thread.join(timeout / 2)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout / 2
+        for t in (self._wire_thread, self._recv_thread):
+            if t is not threading.current_thread():  # called from on_land: the loop stops on _closed
+                t.join(max(0.0, deadline - time.monotonic()))
+                if t.is_alive():
+                    raise TransportError(f"{self.label}: thread {t.name} did not stop within {timeout} s")
+        self._sock.close()

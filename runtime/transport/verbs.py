@@ -1,0 +1,385 @@
+"""RDMA RC transport through pyverbs (rdma-core's Python bindings), the production path.
+
+pyverbs is imported lazily: without it, or without an RDMA device, constructing
+a VerbsTransport raises TransportUnavailable saying how to get one. The
+connection is bootstrapped over a TCP socket that stays open: it carries the
+queue-pair handshake, region announcements (id, address, rkey, length) and an
+orderly close, and its EOF is how peer death is noticed besides QP errors.
+
+Differences from the TCP transport, all forced by the hardware:
+- the NIC places bytes without software, so there is no on_land hook; a
+  WRITE_WITH_IMM produces a RecvEvent (imm, length) at the receiver;
+- a write's source must lie inside memory registered here (it needs an lkey),
+  so register the buffers you write from as well as those you write into;
+- the tag stays at the sender (it comes back in the completion).
+
+Memory windows (optional hardware fence): `bind_window` exposes a sub-range of
+a region under its own rkey and `invalidate_window` revokes it with a local
+invalidate. After a decode worker invalidates the window of a reclaimed slot,
+a late write aimed at it fails with a remote access error at the writer (whose
+QP then enters the error state) instead of landing in the next request's KV.
+It turns a protocol bug into a loud failure; it is not a substitute for the
+safe-to-recycle handshake.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .base import (
+    Buffer, Completion, LandHook, Region, RecvEvent, Status, Tag, Transport,
+    TransportError, TransportUnavailable, as_bytes_view, check_bounds, check_imm, check_tag,
+)
+
+HOWTO = (
+    "pyverbs (rdma-core's Python bindings) is not importable. On Debian/Ubuntu: "
+    "`apt-get install python3-pyverbs`, then make it visible to the venv, e.g. "
+    "`ln -s /usr/lib/python3/dist-packages/pyverbs .venv/lib/python3.X/site-packages/` "
+    "(the Python minor version must match the system one); or build rdma-core "
+    "(https://github.com/linux-rdma/rdma-core, `./build.sh`, then add build/python to PYTHONPATH). "
+    "See docs/transports.md."
+)
+_MTU = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}  # enum ibv_mtu
+
+
+@dataclass(frozen=True)
+class VerbsConfig:
+    """Device and queue-pair settings."""
+
+    device: str | None = None  # None: the first device listed
+    port: int = 1
+    gid_index: int | None = None  # None: InfiniBand (LID routing); RoCE needs a GID index (often 1 or 3)
+    path_mtu: int = 1024
+    max_send_wr: int = 1024
+    max_recv_wr: int = 256
+    cq_depth: int = 4096
+    timeout: int = 14  # local ACK timeout exponent (4.096 us * 2**timeout)
+    retry_cnt: int = 7
+    rnr_retry: int = 7
+
+    def __post_init__(self) -> None:
+        if self.path_mtu not in _MTU:
+            raise ValueError(f"path_mtu={self.path_mtu}, expected one of {sorted(_MTU)}")
+
+
+def _pyverbs() -> Any:
+    """Import pyverbs or raise TransportUnavailable with instructions."""
+    try:
+        import pyverbs.device  # noqa: F401
+        import pyverbs.enums  # noqa: F401
+        import pyverbs.pyverbs_error  # noqa: F401
+    except ImportError as e:
+        raise TransportUnavailable(f"{HOWTO} (import error: {e})") from e
+    return sys.modules["pyverbs"]
+
+
+def rdma_devices() -> list[str]:
+    """Names of the RDMA devices present; raises TransportUnavailable if none."""
+    pv = _pyverbs()
+    try:
+        devs = pv.device.get_device_list()
+    except pv.pyverbs_error.PyverbsRDMAError as e:
+        raise TransportUnavailable(f"no RDMA device found: get_device_list() failed ({e}); "
+                                   "is an RDMA NIC present and its kernel driver (ib_uverbs) loaded?") from e
+    names = [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devs]
+    if not names:
+        raise TransportUnavailable("no RDMA device found: get_device_list() returned no devices "
+                                   "(check `ibv_devices`; for a software device try `rdma link add rxe0 type rxe netdev eth0`)")
+    return names
+
+
+def _address_of(mv: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_ubyte.from_buffer(mv))
+
+
+class VerbsTransport(Transport):
+    """One endpoint of an RDMA RC connection."""
+
+    name = "verbs"
+
+    def __init__(self, bootstrap: socket.socket, *, config: VerbsConfig = VerbsConfig(),
+                 on_land: LandHook | None = None) -> None:
+        pv = _pyverbs()
+        names = rdma_devices()
+        if on_land is not None:
+            raise TransportError("verbs: on_land cannot be observed (the NIC places bytes without software); "
+                                 "use WRITE_WITH_IMM and poll_recv()")
+        super().__init__(None)
+        from pyverbs.cq import CQ
+        from pyverbs.device import Context
+        from pyverbs.pd import PD
+        from pyverbs.qp import QP, QPCap, QPInitAttr
+
+        e = pv.enums
+        self._e, self.config = e, config
+        dev = config.device or names[0]
+        if dev not in names:
+            raise TransportUnavailable(f"device={dev!r} not found, expected one of {names}")
+        self._ctx = Context(name=dev)
+        self._pd = PD(self._ctx)
+        self._send_cq = CQ(self._ctx, config.cq_depth, None, None, 0)
+        self._recv_cq = CQ(self._ctx, config.cq_depth, None, None, 0)
+        cap = QPCap(max_send_wr=config.max_send_wr, max_recv_wr=config.max_recv_wr, max_send_sge=1, max_recv_sge=1)
+        self._qp = QP(self._pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self._send_cq, rcq=self._recv_cq, cap=cap))
+        self._mrs: dict[int, Any] = {}  # region id -> MR
+        self._windows: dict[int, Any] = {}  # window id -> MW
+        self._remote: dict[int, tuple[int, int, int]] = {}  # peer region id -> (addr, rkey, length)
+        self._pending: dict[int, tuple[Tag, int]] = {}
+        self._lock = threading.Lock()
+        self._remote_cv = threading.Condition(self._lock)
+        self._wr_ids = itertools.count(1)
+        self._boot = bootstrap
+        self._boot_rx = bootstrap.makefile("rb")
+        self._boot_lock = threading.Lock()
+        self._connect_qp()
+        for _ in range(config.max_recv_wr):
+            self._post_recv()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, name=f"verbs-{n}", daemon=True)
+                         for n, f in (("poll", self._poll_loop), ("boot", self._boot_loop))]
+        for t in self._threads:
+            t.start()
+
+    @classmethod
+    def connect(cls, address: tuple[str, int], timeout: float = 10.0, **kw: Any) -> "VerbsTransport":
+        """Bootstrap over TCP to a peer accepting at address."""
+        _pyverbs(), rdma_devices()  # fail fast, before touching the network
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.settimeout(None)
+        return cls(sock, **kw)
+
+    # -- bootstrap -----------------------------------------------------------------
+    def _send_boot(self, msg: dict) -> None:
+        with self._boot_lock:
+            self._boot.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _recv_boot(self) -> dict | None:
+        line = self._boot_rx.readline()
+        return json.loads(line) if line else None
+
+    def _connect_qp(self) -> None:
+        from pyverbs.addr import AHAttr, GlobalRoute
+        from pyverbs.qp import QPAttr
+
+        e, c = self._e, self.config
+        port = self._ctx.query_port(c.port)
+        gid = str(self._ctx.query_gid(c.port, c.gid_index)) if c.gid_index is not None else None
+        psn = random.getrandbits(24)
+        self._send_boot({"op": "hello", "qpn": self._qp.qp_num, "psn": psn, "lid": port.lid, "gid": gid})
+        peer = self._recv_boot()
+        if peer is None or peer.get("op") != "hello":
+            raise TransportError(f"verbs bootstrap: expected a hello message from the peer, got {peer!r}")
+        attr = QPAttr(qp_state=e.IBV_QPS_INIT)
+        attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
+        attr.port_num = c.port
+        self._qp.to_init(attr)
+        attr = QPAttr(qp_state=e.IBV_QPS_RTR)
+        attr.path_mtu, attr.dest_qp_num, attr.rq_psn = _MTU[c.path_mtu], peer["qpn"], peer["psn"]
+        attr.max_dest_rd_atomic, attr.min_rnr_timer = 1, 12
+        if peer["gid"] is not None:
+            from pyverbs.addr import GID
+            gr = GlobalRoute(dgid=GID(peer["gid"]), sgid_index=c.gid_index)
+            attr.ah_attr = AHAttr(port_num=c.port, is_global=1, grh=gr, dlid=peer["lid"])
+        else:
+            attr.ah_attr = AHAttr(port_num=c.port, dlid=peer["lid"])
+        self._qp.to_rtr(attr)
+        attr.qp_state, attr.sq_psn = e.IBV_QPS_RTS, psn
+        attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic = c.timeout, c.retry_cnt, c.rnr_retry, 1
+        self._qp.to_rts(attr)
+
+    def _boot_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                msg = self._recv_boot()
+                if msg is None or msg.get("op") == "close":
+                    self._die("peer closed the connection" + (" (EOF)" if msg is None else ""))
+                    return
+                with self._remote_cv:
+                    if msg["op"] == "region":
+                        self._remote[msg["id"]] = (msg["addr"], msg["rkey"], msg["length"])
+                    elif msg["op"] == "deregister":
+                        self._remote.pop(msg["id"], None)
+                    self._remote_cv.notify_all()
+        except (OSError, ValueError, KeyError) as exc:
+            if not self._closed:
+                self._die(f"bootstrap channel failed: {exc!r}")
+
+    def wait_remote_region(self, region: int, timeout: float = 5.0) -> None:
+        """Block until the peer has announced region (registration is asynchronous)."""
+        with self._remote_cv:
+            if not self._remote_cv.wait_for(lambda: region in self._remote, timeout):
+                raise TimeoutError(f"peer did not announce region={region} within {timeout} s")
+
+    # -- memory ----------------------------------------------------------------------
+    def register(self, buf: Buffer, region_id: int | None = None) -> Region:
+        """Register memory with the NIC (as a write source and destination) and announce it."""
+        from pyverbs.mr import MR
+
+        e = self._e
+        region = super().register(buf, region_id)
+        _, mv = self._lookup(region.id)  # type: ignore[misc]
+        addr = _address_of(mv)
+        access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_MW_BIND
+        self._mrs[region.id] = MR(self._pd, region.length, access, address=addr)
+        self._send_boot({"op": "region", "id": region.id, "addr": addr,
+                         "rkey": self._mrs[region.id].rkey, "length": region.length})
+        return region
+
+    def deregister(self, region_id: int) -> None:
+        """Withdraw a region: the peer forgets it and the NIC rejects writes to it."""
+        super().deregister(region_id)
+        self._send_boot({"op": "deregister", "id": region_id})
+        self._mrs.pop(region_id).close()
+
+    def bind_window(self, region_id: int, offset: int, length: int, window_id: int) -> None:
+        """Expose [offset, offset+length) of a region to the peer as region window_id (type-2 MW)."""
+        from pyverbs.mr import MW, MWBindInfo
+        from pyverbs.wr import SendWR
+
+        e = self._e
+        region, mv = self._lookup(region_id) or (None, None)
+        if region is None:
+            raise KeyError(f"region_id={region_id} is not registered here")
+        check_bounds(region, offset, length)
+        mw = MW(self._pd, e.IBV_MW_TYPE_2)
+        wr = SendWR(wr_id=0, opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
+        addr = _address_of(mv) + offset
+        wr.set_bind_wr(mw, MWBindInfo(self._mrs[region_id], addr, length, e.IBV_ACCESS_REMOTE_WRITE))
+        self._qp.post_send(wr)
+        self._windows[window_id] = mw
+        self._send_boot({"op": "region", "id": window_id, "addr": addr, "rkey": mw.rkey, "length": length})
+
+    def invalidate_window(self, window_id: int) -> None:
+        """Revoke a window's rkey: later writes through it fail at the writer instead of landing."""
+        from pyverbs.wr import SendWR
+
+        mw = self._windows.pop(window_id)
+        wr = SendWR(wr_id=0, opcode=self._e.IBV_WR_LOCAL_INV, send_flags=self._e.IBV_SEND_SIGNALED)
+        wr.rkey = mw.rkey  # invalidate_rkey of the work request
+        self._qp.post_send(wr)
+        self._send_boot({"op": "deregister", "id": window_id})
+
+    def _source(self, mv: memoryview) -> tuple[int, int]:
+        """(address, lkey) of a source inside a locally registered region."""
+        addr = _address_of(mv) if not mv.readonly else None
+        if addr is not None:
+            for rid, mr in self._mrs.items():
+                base = _address_of(self._lookup(rid)[1])  # type: ignore[index]
+                if base <= addr and addr + mv.nbytes <= base + mr.length:
+                    return addr, mr.lkey
+        raise ValueError("src is not inside a region registered on this endpoint; "
+                         "verbs writes need a registered source (call register() on it)")
+
+    # -- writes ----------------------------------------------------------------------
+    def post_write(self, src: Buffer, region: int, offset: int, length: int | None = None, *,
+                   tag: Tag = (), imm: int | None = None) -> int:
+        """Post an RDMA WRITE (WRITE_WITH_IMM if imm is given); returns its wr_id."""
+        from pyverbs.wr import SGE, SendWR
+
+        e = self._e
+        mv = as_bytes_view(src, "src")
+        length = mv.nbytes if length is None else length
+        if not isinstance(length, int) or not 0 <= length <= mv.nbytes:
+            raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
+        tag, imm = check_tag(tag), check_imm(imm)
+        addr, lkey = self._source(mv)
+        with self._lock:
+            self._check_postable()
+            if region not in self._remote:
+                raise ValueError(f"region={region} is not announced by the peer (known: {sorted(self._remote)})")
+            raddr, rkey, rlen = self._remote[region]
+            check_bounds(Region(region, rlen), offset, length)
+            wr_id = next(self._wr_ids)
+            op = e.IBV_WR_RDMA_WRITE if imm is None else e.IBV_WR_RDMA_WRITE_WITH_IMM
+            wr = SendWR(wr_id=wr_id, opcode=op, num_sge=1, sg=[SGE(addr, length, lkey)],
+                        send_flags=e.IBV_SEND_SIGNALED, imm_data=socket.htonl(imm or 0))
+            wr.set_wr_rdma(rkey, raddr + offset)
+            self._pending[wr_id] = (tag, length)
+            self._qp.post_send(wr)
+        return wr_id
+
+    def outstanding(self) -> int:
+        """Number of posted writes without a completion yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def _post_recv(self) -> None:
+        from pyverbs.wr import RecvWR
+
+        self._qp.post_recv(RecvWR(wr_id=0, num_sge=0))  # WRITE_WITH_IMM consumes a receive WR
+
+    def _poll_loop(self) -> None:
+        e = self._e
+        while not self._stop.is_set():
+            busy = False
+            n, wcs = self._send_cq.poll(num_entries=64)
+            for wc in wcs[:n]:
+                busy = True
+                with self._lock:
+                    entry = self._pending.pop(wc.wr_id, None)
+                if entry is None:  # bind / invalidate completions
+                    if wc.status != e.IBV_WC_SUCCESS:
+                        self._die(f"memory-window operation failed: wc status {wc.status}")
+                    continue
+                ok = wc.status == e.IBV_WC_SUCCESS
+                err = None if ok else f"wc status {wc.status} (vendor_err {wc.vendor_err})"
+                self._cq.put(Completion(wc.wr_id, entry[0], entry[1], Status.OK if ok else Status.ERROR, err))
+                if not ok:
+                    self._die(f"write wr_id={wc.wr_id} failed: {err}; the QP is in the error state")
+            n, wcs = self._recv_cq.poll(num_entries=64)
+            for wc in wcs[:n]:
+                busy = True
+                if wc.status == e.IBV_WC_SUCCESS and wc.opcode == e.IBV_WC_RECV_RDMA_WITH_IMM:
+                    self._push_recv(RecvEvent(socket.ntohl(wc.imm_data), wc.byte_len))
+                    self._post_recv()
+            if not busy:
+                time.sleep(0.0002)  # busy-polling a CQ from Python would starve other threads
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            if self._dead_reason is None:
+                self._dead_reason = reason
+            pending, self._pending = self._pending, {}
+        for wr_id, (tag, length) in sorted(pending.items()):
+            self._cq.put(Completion(wr_id, tag, length, Status.ERROR, f"connection dead: {reason}"))
+
+    def close_and_drain(self, timeout: float = 5.0) -> None:
+        """Close; on return the QP is in the error state and every MR deregistered, so nothing lands here."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self._send_boot({"op": "close"})
+        except OSError:
+            pass
+        from pyverbs.qp import QPAttr
+
+        # QP -> ERR stops the responder: no inbound RDMA is accepted after this returns
+        self._qp.modify(QPAttr(qp_state=self._e.IBV_QPS_ERR), self._e.IBV_QP_STATE)
+        for mw in list(self._windows.values()):
+            mw.close()
+        self._windows.clear()
+        for mr in list(self._mrs.values()):
+            mr.close()  # deregistration: the NIC no longer translates the rkey
+        self._mrs.clear()
+        self._stop.set()
+        try:
+            self._boot.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        for t in self._threads:
+            t.join(timeout)
+        self._die("transport closed")
+        self._qp.close()
+        self._boot.close()
+

@@ -1,0 +1,1 @@
+"""Transport and control-channel tests."""
