@@ -33,3 +33,15 @@ def build_indexer_cache(lens: list[int], page_size: int, dim: int, gen: torch.Ge
     for r, n in enumerate(lens):
         write_indexer_keys(cache, table, r, torch.randn(n, dim, generator=gen).to(DEVICE), page_size)
     return cache, table, seq_lens
+
+
+def build_kv_cache(lens: list[int], page_size: int, dl: int, dr: int, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer of bf16 latent KV [P, S, dl + dr]: random rows for valid tokens, NaN elsewhere."""
+    table, seq_lens, num_pages = random_page_table(lens, page_size, gen)
+    kv = torch.full((num_pages, page_size, dl + dr), float("nan"), dtype=torch.bfloat16)
+    for r, n in enumerate(lens):
+        pos = torch.arange(n)
+        kv[table[r, pos // page_size].long().cpu(), pos % page_size] = torch.randn(
+            n, dl + dr, generator=gen).to(torch.bfloat16)
+    return kv.to(DEVICE), table, seq_lens

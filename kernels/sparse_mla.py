@@ -1,0 +1,188 @@
+"""MLA attention in the weight-absorbed form over a paged latent KV cache, sparse and dense.
+
+Each query t (request q_req[t]) attends, with all H heads, to a set of cached tokens:
+  sparse: positions indices[t, :counts[t]] chosen by the indexer (see indexer.py);
+  dense:  positions 0 .. q_len[t]-1 (short contexts, causal prefill with q_len = pos + 1).
+Queries are already absorbed into latent space: q_nope [T, H, 512], q_pe [T, H, 64].
+The cache row of a token is [latent c (512) | rope r (64)] in bf16 (kv_bf16 layout):
+  s = (q_nope . c + q_pe . r) * sm_scale,  p = softmax(s) in fp32,  out = sum p * c.
+Output [T, H, 512] bf16 in latent space (the caller applies W_UV), plus the natural-log
+sum-exp [T, H] fp32 for merging partial attentions. A query with no tokens gets out = 0
+and lse = -inf.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KV_LATENT_DIM, check_int_vector, check_page_table, dot_in_fp32
+
+# ---------------------------------------------------------------------------------
+# torch reference (float64)
+# ---------------------------------------------------------------------------------
+
+
+def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                      page_table: torch.Tensor, q_req: torch.Tensor, counts: torch.Tensor,
+                      sm_scale: float, indices: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (out [T, H, DL] float64, lse [T, H] float64); dense when indices is None."""
+    T, H, DL = q_nope.shape
+    S = kv.shape[1]
+    out = torch.zeros(T, H, DL, dtype=torch.float64, device=q_nope.device)
+    lse = torch.full((T, H), float("-inf"), dtype=torch.float64, device=q_nope.device)
+    for t in range(T):
+        c = int(counts[t])
+        if c == 0:
+            continue
+        pos = indices[t, :c].long() if indices is not None else torch.arange(c, device=kv.device)
+        rows = kv[page_table[int(q_req[t]), pos // S].long(), pos % S].double()   # [c, DL + DR]
+        s = (q_nope[t].double() @ rows[:, :DL].T + q_pe[t].double() @ rows[:, DL:].T) * sm_scale  # [H, c]
+        lse[t] = torch.logsumexp(s, dim=-1)
+        out[t] = torch.softmax(s, dim=-1) @ rows[:, :DL]
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mla_attn_kernel(
+    # pointers
+    qn_ptr, qp_ptr, kv_ptr, table_ptr, q_req_ptr, idx_ptr, count_ptr, out_ptr, lse_ptr,
+    # sizes / scalars
+    H, sm_scale,
+    # strides (elements)
+    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvt, stride_tr,
+    stride_it, stride_ot, stride_oh, stride_lt,
+    # constexpr
+    DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One program: one query, BLOCK_H heads, online softmax over its tokens BLOCK_N at a time."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
+    offs_l = tl.arange(0, DL)
+    offs_r = tl.arange(0, DR)
+    qn = tl.load(qn_ptr + t * stride_qnt + offs_h[:, None] * stride_qnh + offs_l[None, :],
+                 mask=hmask[:, None], other=0.0)                                      # [BH, DL]
+    qp = tl.load(qp_ptr + t * stride_qpt + offs_h[:, None] * stride_qph + offs_r[None, :],
+                 mask=hmask[:, None], other=0.0)                                      # [BH, DR]
+    if DOT_F32:
+        qn = qn.to(tl.float32)
+        qp = qp.to(tl.float32)
+    req = tl.load(q_req_ptr + t).to(tl.int64)
+    count = tl.load(count_ptr + t)
+    m = tl.full([BLOCK_H], -1.0e30, tl.float32)     # finite: no inf - inf when a row is empty
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, DL], tl.float32)
+    qk_scale = sm_scale * LOG2E
+    for n0 in range(0, count, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < count
+        if SPARSE:
+            pos = tl.load(idx_ptr + t * stride_it + offs_n, mask=valid, other=0)
+        else:
+            pos = offs_n
+        page = tl.load(table_ptr + req * stride_tr + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        row = kv_ptr + page * stride_kvp + (pos % PAGE_SIZE).to(tl.int64) * stride_kvt   # [BN]
+        c = tl.load(row[:, None] + offs_l[None, :], mask=valid[:, None], other=0.0)     # [BN, DL]
+        r = tl.load(row[:, None] + DL + offs_r[None, :], mask=valid[:, None], other=0.0)  # [BN, DR]
+        if DOT_F32:
+            s = tl.dot(qn, tl.trans(c.to(tl.float32))) + tl.dot(qp, tl.trans(r.to(tl.float32)))
+        else:
+            s = tl.dot(qn, tl.trans(c)) + tl.dot(qp, tl.trans(r))                      # [BH, BN] fp32
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                                               # [BH, BN]
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        p = p.to(c.dtype)                                 # bf16 P @ V as in flash attention
+        if DOT_F32:
+            pv = tl.dot(p.to(tl.float32), c.to(tl.float32))
+        else:
+            pv = tl.dot(p, c)
+        acc = acc * alpha[:, None] + pv                                               # [BH, DL]
+        m = m_new
+    nonempty = l_sum > 0
+    out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_l[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l_sum, 1.0))) / LOG2E, float("-inf"))
+    tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=hmask)
+
+
+# ---------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------
+
+
+def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
+                q_req: torch.Tensor, counts: torch.Tensor, sm_scale: float,
+                indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    assert q_nope.dim() == 3 and q_nope.stride(2) == 1, (
+        f"q_nope must be [T, H, latent] contiguous in latent, got {tuple(q_nope.shape)}")
+    T, H, DL = q_nope.shape
+    assert q_pe.dim() == 3 and q_pe.shape[:2] == (T, H) and q_pe.stride(2) == 1, (
+        f"q_pe must be [T={T}, H={H}, rope] contiguous in rope, got {tuple(q_pe.shape)}")
+    DR = q_pe.shape[2]
+    assert q_pe.dtype == q_nope.dtype == kv.dtype, (
+        f"q_nope, q_pe and kv must share a dtype, got {q_nope.dtype}, {q_pe.dtype}, {kv.dtype}")
+    assert kv.dim() == 3 and kv.shape[2] == DL + DR and kv.stride(2) == 1, (
+        f"kv must be one layer [pages, page_size, {DL}+{DR}] contiguous per token, got {tuple(kv.shape)}")
+    for d, name in ((DL, "latent dim"), (DR, "rope dim")):
+        assert d >= 16 and d & (d - 1) == 0, f"{name} {d} must be a power of two >= 16"
+    check_page_table(page_table)
+    check_int_vector(q_req, "q_req", T)
+    check_int_vector(counts, "counts" if indices is not None else "q_len", T)
+    if indices is not None:
+        assert indices.dim() == 2 and indices.shape[0] == T and indices.dtype == torch.int32 \
+            and indices.stride(1) == 1, (
+                f"indices must be int32 [T={T}, k] contiguous per row, got {indices.dtype} "
+                f"{tuple(indices.shape)}")
+    assert math.isfinite(sm_scale) and sm_scale > 0, f"sm_scale must be a positive number, got {sm_scale}"
+    if out is None:
+        out = torch.empty(T, H, DL, dtype=q_nope.dtype, device=q_nope.device)
+    assert out.shape == (T, H, DL) and out.stride(2) == 1, (
+        f"out must be [T={T}, H={H}, {DL}] contiguous in latent, got {tuple(out.shape)}")
+    lse = torch.empty(T, H, dtype=torch.float32, device=q_nope.device)
+    if T == 0 or H == 0:
+        return out, lse
+    BLOCK_H = 16                                   # tl.dot needs M >= 16; smaller H is masked
+    block_n = block_n or 32
+    idx = indices if indices is not None else counts     # unread placeholder when dense
+    grid = (T, triton.cdiv(H, BLOCK_H))
+    _mla_attn_kernel[grid](
+        q_nope, q_pe, kv, page_table, q_req, idx, counts, out, lse,
+        H, sm_scale,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
+        page_table.stride(0), idx.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        DL=DL, DR=DR, PAGE_SIZE=kv.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=block_n,
+        SPARSE=indices is not None, DOT_F32=dot_in_fp32(q_nope),
+        num_warps=8 if DL >= KV_LATENT_DIM else 4,
+    )
+    return out, lse
+
+
+def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                         page_table: torch.Tensor, q_req: torch.Tensor, indices: torch.Tensor,
+                         counts: torch.Tensor, sm_scale: float, out: torch.Tensor | None = None,
+                         block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its indexer-selected tokens: (out [T, H, DL], lse [T, H])."""
+    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n)
+
+
+def dense_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                        page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
+                        sm_scale: float, out: torch.Tensor | None = None,
+                        block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its first q_len cached tokens: (out [T, H, DL], lse [T, H])."""
+    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n)

@@ -1,0 +1,113 @@
+"""Sparse and dense MLA attention (Triton) vs the float64 torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvproof.kernels._common import decode_queries, prefill_queries
+from kvproof.kernels.sparse_mla import dense_mla_attention, mla_attention_ref, sparse_mla_attention
+
+from kernel_testing import DEVICE, build_kv_cache
+
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)      # bf16 output and bf16 P in P @ V
+LSE_TOL = dict(rtol=1e-4, atol=1e-3)       # fp32 statistics
+
+
+def _q(T: int, H: int, dl: int, dr: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    qn = torch.randn(T, H, dl, generator=gen).to(torch.bfloat16).to(DEVICE)      # [T, H, DL]
+    qp = torch.randn(T, H, dr, generator=gen).to(torch.bfloat16).to(DEVICE)      # [T, H, DR]
+    return qn, qp
+
+
+def _random_indices(q_len: torch.Tensor, topk: int, pad_with: torch.Tensor, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct random positions per row; the padding points at poisoned (NaN) cache slots."""
+    T = q_len.shape[0]
+    counts = torch.clamp(q_len, max=topk)
+    idx = pad_with[:, None].expand(T, topk).clone().int()
+    for t in range(T):
+        c = int(counts[t])
+        idx[t, :c] = torch.randperm(int(q_len[t]), generator=gen)[:c].int()
+    return idx.to(DEVICE), counts
+
+
+def _check(out, lse, want_out, want_lse) -> None:
+    assert not torch.isnan(out).any(), "NaN in out: unwritten output or a poisoned token was read"
+    torch.testing.assert_close(out.double(), want_out, **BF16_TOL)
+    torch.testing.assert_close(lse.double(), want_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("H,dl,dr", [(20, 64, 16), (16, 512, 64)])
+def test_sparse_decode(H, dl, dr, gen):
+    page_size, topk = 16, 24
+    lens = [37, 1, 0, 20, 45]                       # partial last pages: slot `len` is NaN
+    kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    idx, counts = _random_indices(q_len, topk, pad_with=q_len, gen=gen)
+    idx[2] = 0                                      # empty request: nothing valid at all
+    qn, qp = _q(len(lens), H, dl, dr, gen)
+    scale = (dl + dr) ** -0.5
+    out = torch.full((len(lens), H, dl), float("nan"), dtype=torch.bfloat16, device=DEVICE)  # poison
+    got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, scale, out=out, block_n=16)
+    assert got.data_ptr() == out.data_ptr()
+    want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, scale, indices=idx)
+    _check(got, lse, want, want_lse)
+    assert torch.all(got[2] == 0) and torch.all(torch.isneginf(lse[2])), "empty query: out 0, lse -inf"
+
+
+def test_dense_prefill_causal(gen):
+    page_size, H, dl, dr = 16, 16, 64, 16
+    prefix, extend = [0, 30], [3, 4]
+    lens = [p + e for p, e in zip(prefix, extend)]
+    kv, table, _ = build_kv_cache(lens, page_size, dl, dr, gen)
+    q_req, q_len = prefill_queries(torch.tensor(prefix, dtype=torch.int32, device=DEVICE),
+                                   torch.tensor(extend, dtype=torch.int32, device=DEVICE))
+    qn, qp = _q(q_req.shape[0], H, dl, dr, gen)
+    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16)
+    want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
+    _check(got, lse, want, want_lse)
+
+
+def test_sparse_with_all_tokens_equals_dense(gen):
+    page_size, H, dl, dr = 16, 16, 64, 16
+    lens = [19, 33]
+    kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    qn, qp = _q(2, H, dl, dr, gen)
+    idx = torch.zeros(2, 40, dtype=torch.int32, device=DEVICE)
+    for t, n in enumerate(lens):
+        idx[t, :n] = torch.randperm(n, generator=gen).int()   # order must not matter
+    dense, dlse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.125)
+    sparse, slse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, q_len, 0.125)
+    torch.testing.assert_close(sparse, dense, **BF16_TOL)
+    torch.testing.assert_close(slse, dlse, **LSE_TOL)
+
+
+def test_bad_arguments_are_named(gen):
+    kv, table, seq_lens = build_kv_cache([5], 16, 64, 16, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    qn, qp = _q(1, 16, 64, 16, gen)
+    with pytest.raises(AssertionError, match="q_pe"):
+        dense_mla_attention(qn, qp[:, :8], kv, table, q_req, q_len, 0.1)
+    with pytest.raises(AssertionError, match="kv must be one layer"):
+        dense_mla_attention(qn, qp, kv[..., :70], table, q_req, q_len, 0.1)
+    with pytest.raises(AssertionError, match="indices"):
+        sparse_mla_attention(qn, qp, kv, table, q_req, q_len[:, None].long(), q_len, 0.1)
+    with pytest.raises(AssertionError, match="sm_scale"):
+        dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.0)
+    with pytest.raises(AssertionError, match="share a dtype"):
+        dense_mla_attention(qn.float(), qp, kv, table, q_req, q_len, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for production shapes")
+def test_production_shape_sparse_decode():
+    gen = torch.Generator().manual_seed(5)
+    lens = [9000, 2048, 3, 5000]
+    kv, table, seq_lens = build_kv_cache(lens, 64, 512, 64, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    idx, counts = _random_indices(q_len, 2048, pad_with=torch.zeros_like(q_len), gen=gen)
+    qn, qp = _q(len(lens), 64, 512, 64, gen)
+    got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, 192 ** -0.5)
+    want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, 192 ** -0.5, indices=idx)
+    _check(got, lse, want, want_lse)
