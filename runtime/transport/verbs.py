@@ -380,6 +380,6 @@ class VerbsTransport(Transport):
         for t in self._threads:
             t.join(timeout)
         self._die("transport closed")
-        self._qp.close()
+        self._ctx.close()  # closes the QP, CQs, PD and anything left registered under it
         self._boot.close()
 
