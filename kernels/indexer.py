@@ -63,44 +63,56 @@ def indexer_topk_ref(scores: torch.Tensor, q_len: torch.Tensor, topk: int
 @triton.jit
 def _indexer_scores_kernel(
     # pointers
-    q_ptr, w_ptr, k_ptr, ks_ptr, table_ptr, q_req_ptr, q_len_ptr, out_ptr,
+    q_ptr, w_ptr, k_ptr, ks_ptr, table_ptr, q_req_ptr, q_len_ptr, tile_start_ptr, tile_rows_ptr, out_ptr,
     # sizes
     max_len,
     # strides (elements)
     stride_qt, stride_qh, stride_wt, stride_kp, stride_kt, stride_sp, stride_st,
     stride_tr, stride_ot,
     # constexpr
-    H: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """One program scores N_PER_PROG consecutive keys for one query (BLOCK_N keys, one page, at a time)."""
-    t = tl.program_id(0)
+    """One program scores N_PER_PROG keys for a tile of up to BLOCK_M queries of one request.
+
+    The tile's BLOCK_M * H (query, head) rows share every key block, so one key load
+    feeds an [BLOCK_M * H, BLOCK_N] tensor-core product (decode uses BLOCK_M = 1).
+    """
     start = tl.program_id(1) * N_PER_PROG
-    req = tl.load(q_req_ptr + t).to(tl.int64)
-    qlen = tl.load(q_len_ptr + t)
-    offs_h = tl.arange(0, H)
+    t0 = tl.load(tile_start_ptr + tl.program_id(0)).to(tl.int64)
+    rows = tl.load(tile_rows_ptr + tl.program_id(0))
+    req = tl.load(q_req_ptr + t0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < rows
+    qlen = tl.load(q_len_ptr + t0 + offs_m, mask=row_ok, other=0)                 # [BM]
+    qlen_max = tl.max(qlen, axis=0)
+    offs_r = tl.arange(0, BLOCK_M * H)                                             # row = m * H + h
+    t_r = t0 + offs_r // H
+    ok_r = (offs_r // H) < rows
     offs_d = tl.arange(0, D)
-    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :])  # [H, D]
-    w = tl.load(w_ptr + t.to(tl.int64) * stride_wt + offs_h).to(tl.float32)                          # [H]
+    q = tl.load(q_ptr + t_r[:, None] * stride_qt + (offs_r % H)[:, None] * stride_qh + offs_d[None, :],
+                mask=ok_r[:, None], other=0.0)                                     # [BM*H, D]
+    w = tl.load(w_ptr + t_r * stride_wt + offs_r % H, mask=ok_r, other=0.0).to(tl.float32)  # [BM*H]
+    if DOT_F32:
+        q = q.to(tl.float32)
     for i in range(N_PER_PROG // BLOCK_N):
         n0 = start + i * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        scores = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        if n0 < qlen:
+        scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        if n0 < qlen_max:
             # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
             page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
             slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
-            valid = offs_n < qlen
+            key_ok = offs_n < qlen_max
             k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
-                        mask=valid[:, None], other=0.0)                                   # [BLOCK_N, D] fp8
-            ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=valid, other=0.0)  # [BLOCK_N]
-            if DOT_F32:
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))                    # [H, BLOCK_N]
-            else:
-                s = tl.dot(q, tl.trans(k.to(q.dtype)))                                       # [H, BLOCK_N] fp32
-            s = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0) * ks                          # [BLOCK_N]
-            scores = tl.where(valid, s, float("-inf"))
-        tl.store(out_ptr + t.to(tl.int64) * stride_ot + offs_n, scores, mask=offs_n < max_len)
+                        mask=key_ok[:, None], other=0.0)                          # [BN, D] fp8
+            ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=key_ok, other=0.0)  # [BN]
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                # [BM*H, BN] fp32
+            s = tl.maximum(s, 0.0) * w[:, None]
+            s = tl.sum(tl.reshape(s, [BLOCK_M, H, BLOCK_N]), axis=1) * ks[None, :]  # [BM, BN]
+            scores = tl.where(offs_n[None, :] < qlen[:, None], s, float("-inf"))
+        tl.store(out_ptr + (t0 + offs_m)[:, None] * stride_ot + offs_n[None, :], scores,
+                 mask=row_ok[:, None] & (offs_n < max_len)[None, :])
 
 
 # ---------------------------------------------------------------------------------
@@ -111,8 +123,14 @@ def _indexer_scores_kernel(
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
                    page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                    page_size: int, max_len: int | None = None, out: torch.Tensor | None = None,
-                   block_n: int | None = None, n_per_prog: int | None = None) -> torch.Tensor:
-    """Indexer scores fp32 [T, max_len] of each query over its request's cached keys."""
+                   block_n: int | None = None, n_per_prog: int | None = None,
+                   block_m: int | None = None) -> torch.Tensor:
+    """Indexer scores fp32 [T, max_len] of each query over its request's cached keys.
+
+    block_m queries of one request share each key load (prefill); None picks 4 when most
+    neighbouring queries share a request, else 1. Host syncs: max_len=None, block_m=None,
+    block_m > 1 (tile list); decode callers pass max_len and block_m=1 to avoid them.
+    """
     assert q.dim() == 3 and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (
         f"q must be [T, H, D] bf16/fp16/fp32, got {q.dtype} {tuple(q.shape)}")
     T, H, D = q.shape
@@ -139,15 +157,35 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         f"out must be fp32 [{T}, {max_len}] contiguous per row, got {out.dtype} {tuple(out.shape)}")
     if T == 0 or max_len == 0:
         return out
-    grid = (T, triton.cdiv(max_len, n_per_prog))
+    if block_m is None:
+        block_m = 1 if T == 1 else (4 if (q_req[1:] == q_req[:-1]).float().mean() >= 0.5 else 1)
+    tile_start, tile_rows = query_tiles(q_req, block_m)
+    grid = (tile_start.shape[0], triton.cdiv(max_len, n_per_prog))
     _indexer_scores_kernel[grid](
-        q, weights, keys, scales, page_table, q_req, q_len, out,
+        q, weights, keys, scales, page_table, q_req, q_len, tile_start, tile_rows, out,
         max_len,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),
         scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
-        H=H, D=D, PAGE_SIZE=page_size, BLOCK_N=block_n, N_PER_PROG=n_per_prog, DOT_F32=dot_in_fp32(q),
+        H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog, DOT_F32=dot_in_fp32(q),
     )
     return out
+
+
+def query_tiles(q_req: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of at most block_m consecutive queries of one request: (first row, rows) int32 [NT]."""
+    assert block_m >= 1 and block_m & (block_m - 1) == 0, f"block_m must be a power of two, got {block_m}"
+    T, dev = q_req.shape[0], q_req.device
+    if block_m == 1:
+        return torch.arange(T, dtype=torch.int32, device=dev), torch.ones(T, dtype=torch.int32, device=dev)
+    change = torch.ones(T, dtype=torch.bool, device=dev)
+    change[1:] = q_req[1:] != q_req[:-1]
+    run_start = torch.nonzero(change).flatten()                                    # [R]
+    run_len = torch.diff(run_start, append=torch.tensor([T], device=dev))
+    n_tiles = (run_len + block_m - 1) // block_m
+    run = torch.repeat_interleave(torch.arange(run_start.shape[0], device=dev), n_tiles)  # [NT]
+    j = torch.arange(run.shape[0], device=dev) - (torch.cumsum(n_tiles, 0) - n_tiles)[run]
+    start = run_start[run] + j * block_m
+    return start.int(), torch.clamp(run_len[run] - j * block_m, max=block_m).int()
 
 
 def select_topk(scores: torch.Tensor, q_len: torch.Tensor, topk: int = DEFAULT_TOPK

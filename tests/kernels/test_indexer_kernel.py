@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kvproof.kernels._common import decode_queries, prefill_queries
-from kvproof.kernels.indexer import (indexer_scores, indexer_scores_ref, indexer_topk, select_topk)
+from kvproof.kernels.indexer import (indexer_scores, indexer_scores_ref, indexer_topk, query_tiles,
+                                     select_topk)
 
 from kernel_testing import DEVICE, build_indexer_cache
 
@@ -54,7 +55,8 @@ def test_decode_scores_and_topk(H, D, lens, gen):
     _assert_topk_valid(idx, counts, q_len, want, topk)
 
 
-def test_prefill_causal(gen):
+@pytest.mark.parametrize("block_m", [None, 1, 2, 4])
+def test_prefill_causal(block_m, gen):
     page_size, H, D, topk = 16, 16, 32, 8
     prefix, extend = [0, 21, 5], [3, 6, 1]
     lens = [p + e for p, e in zip(prefix, extend)]
@@ -66,8 +68,17 @@ def test_prefill_causal(gen):
     idx, counts = indexer_topk(q, w, cache, table, q_req, q_len, page_size, topk=topk)
     want = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, max(lens))
     _assert_topk_valid(idx, counts, q_len, want, topk)
-    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size)
+    out = torch.full((q_req.shape[0], max(lens)), float("nan"), device=DEVICE)     # poison
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, out=out, block_m=block_m, n_per_prog=16)
     _assert_scores_close(got, want)
+
+
+def test_query_tiles_split_runs_of_one_request():
+    q_req = torch.tensor([0, 0, 0, 0, 0, 2, 2, 1, 0], dtype=torch.int32, device=DEVICE)
+    start, rows = query_tiles(q_req, 4)
+    assert start.tolist() == [0, 4, 5, 7, 8] and rows.tolist() == [4, 1, 2, 1, 1]
+    start, rows = query_tiles(q_req, 1)
+    assert start.tolist() == list(range(9)) and rows.tolist() == [1] * 9
 
 
 def test_topk_larger_than_context_and_empty_rows():

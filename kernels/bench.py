@@ -1,0 +1,257 @@
+"""Benchmark of the DSA kernels against vectorised torch versions of the same ops.
+
+GPU: device-event timing, median of many runs after warm-up, inputs rotated so small
+working sets do not sit in L2; achieved GB/s and TFLOP/s are reported against the
+measured H100 ceilings. CPU: tiny shapes only, so the CLI works anywhere; kernels are
+timed only under the Triton interpreter (meaningless numbers, a smoke test) and the
+result says so. Run: `python -m kvproof.kernels.bench [--quick]`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ._common import indexer_fp8_layout, indexer_views, kv_bf16_layout
+from .indexer import _indexer_scores_kernel, indexer_scores, select_topk
+from .paged_copy import gather_pages, page_work_list, scatter_pages
+from .sparse_mla import dense_mla_attention, sparse_mla_attention
+
+H100_HBM_GBPS = 2950.0       # measured HBM3 ceiling, read + write
+H100_BF16_TFLOPS = 767.0     # measured dense bf16 tensor-core ceiling
+L2_BYTES = 50 << 20
+IDX_H, IDX_D, DL, DR, HEADS, PAGE = 32, 128, 512, 64, 64, 64
+
+# Shapes per mode. ctx: tokens per request; B: requests (decode queries).
+SHAPES = {
+    "cpu": dict(copy=[(2, 40, 2)], idx_decode=[(2, 150)], idx_prefill=[(8, 150)],
+                topk=[(2, 300, 16)], sparse=[(2, 300, 16)], dense=[(2, 100)], reps=2, warmup=1),
+    "quick": dict(copy=[(8, 16_384, 1)], idx_decode=[(64, 8_192), (64, 32_768)],
+                  idx_prefill=[(1_024, 32_768)], topk=[(64, 32_768, 2048)],
+                  sparse=[(64, 32_768, 2048)], dense=[(64, 2_048)], reps=10, warmup=3),
+    "full": dict(copy=[(8, 16_384, 1), (8, 16_384, 8), (32, 4_000, 78)],
+                 idx_decode=[(64, 8_192), (64, 32_768), (128, 32_768), (64, 131_072), (128, 131_072)],
+                 idx_prefill=[(2_048, 32_768), (4_096, 131_072)],
+                 topk=[(64, 32_768, 2048), (128, 131_072, 2048)],
+                 sparse=[(64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
+                 dense=[(64, 2_048), (64, 8_192)], reps=50, warmup=5),
+}
+
+
+def _median_ms(fn: Callable, inputs: list[tuple], device: str, warmup: int, reps: int) -> float:
+    """Median wall time of fn(*inputs[i % len]) in ms; device events on CUDA."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    if device == "cuda":
+        torch.cuda.synchronize()
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for i, (a, b) in enumerate(ev):
+            a.record()
+            fn(*inputs[i % len(inputs)])
+            b.record()
+        torch.cuda.synchronize()
+        return statistics.median(a.elapsed_time(b) for a, b in ev)
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rotations(working_set: int, device: str) -> int:
+    """Copies of the inputs needed so consecutive runs do not hit in L2."""
+    return 1 if device != "cuda" else max(1, min(8, math.ceil(4 * L2_BYTES / max(working_set, 1))))
+
+
+def _row(name: str, shape: dict, ms: float | None, nbytes: float, flops: float,
+         torch_ms: float | None) -> dict:
+    row = dict(kernel=name, shape=shape, ms=ms, torch_ms=torch_ms, bytes=int(nbytes), flops=int(flops))
+    if ms:
+        row["gbps"] = nbytes / ms / 1e6
+        row["tflops"] = flops / ms / 1e9
+        row["pct_hbm_ceiling"] = 100 * row["gbps"] / H100_HBM_GBPS
+        row["pct_bf16_ceiling"] = 100 * row["tflops"] / H100_BF16_TFLOPS
+    if ms and torch_ms:
+        row["speedup_vs_torch"] = torch_ms / ms
+    return row
+
+
+def _table(B: int, ctx: int, dev: str, spare: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Random distinct pages for B requests of ctx tokens (last page partial when ctx % PAGE)."""
+    per = math.ceil(ctx / PAGE)
+    num_pages = B * per + spare
+    table = torch.randperm(num_pages, device=dev)[: B * per].view(B, per).int()
+    return table, torch.full((B,), ctx, dtype=torch.int32, device=dev), num_pages
+
+
+# ---- vectorised torch versions of the same ops (the speed baselines) -------------------
+
+
+def _torch_gather(u8: torch.Tensor, layout, tok_flat: torch.Tensor, layers: range) -> torch.Tensor:
+    S, parts = layout.page_size, []
+    for i, w in enumerate(layout.plane_bytes):
+        off = layout.plane_offset(i)
+        plane = u8[layers.start: layers.stop, :, off: off + S * w].unflatten(-1, (S, w)).flatten(1, 2)
+        parts.append(plane[:, tok_flat])                                           # [nL, T, w]
+    return torch.cat(parts, -1)
+
+
+def _tok_flat(table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(int(lens.max()), device=table.device)
+    flat = table[:, pos // PAGE].long() * PAGE + pos % PAGE                        # [B, max_len]
+    return flat[pos[None, :] < lens[:, None].long()]
+
+
+def _torch_indexer(q, w, cache, table, q_len, max_len) -> torch.Tensor:
+    keys, scales = indexer_views(cache, PAGE, IDX_D)
+    pos = torch.arange(max_len, device=q.device)
+    pages = table[:, pos // PAGE].long()                                           # [B, N]
+    k = keys[pages, pos % PAGE].to(torch.bfloat16)                                # [B, N, D]
+    s = torch.einsum("bhd,bnd->bhn", q, k).float().relu_()                        # [B, H, N]
+    s = torch.einsum("bhn,bh->bn", s, w) * scales[pages, pos % PAGE, 0]
+    return s.masked_fill_(pos[None, :] >= q_len[:, None], float("-inf"))
+
+
+def _torch_mla(qn, qp, kv, table, pos, scale) -> torch.Tensor:
+    rows = kv[table.gather(1, pos // PAGE).long(), pos % PAGE]                    # [B, K, DL + DR]
+    s = (torch.einsum("bhd,bkd->bhk", qn, rows[..., :DL]) +
+         torch.einsum("bhd,bkd->bhk", qp, rows[..., DL:])).float() * scale
+    return torch.einsum("bhk,bkd->bhd", torch.softmax(s, -1).to(rows.dtype), rows[..., :DL])
+
+
+# ---- cases -----------------------------------------------------------------------------
+
+
+def _bench_copy(spec, dev, run_kernels, timer) -> list[dict]:
+    rows = []
+    for B, ctx, n_layers in spec["copy"]:
+        for layout in (kv_bf16_layout(PAGE), indexer_fp8_layout(PAGE)):
+            table, lens, num_pages = _table(B, ctx, dev)
+            pool = torch.randint(0, 256, (n_layers, num_pages, layout.page_bytes), dtype=torch.uint8, device=dev)
+            work = page_work_list(table, lens, PAGE, num_pages)
+            buf = torch.empty(n_layers, B * ctx, layout.token_bytes, dtype=torch.uint8, device=dev)
+            moved = 2.0 * buf.numel()
+            flat = _tok_flat(table, lens)
+            shape = dict(layout=layout.name, requests=B, ctx=ctx, layers=n_layers)
+            t_torch = timer(lambda: _torch_gather(pool, layout, flat, range(n_layers)), [()])
+            g = s = None
+            if run_kernels:
+                g = timer(lambda: gather_pages(pool, layout, table, lens, out=buf, work=work), [()])
+                s = timer(lambda: scatter_pages(buf, pool, layout, table, lens, work=work), [()])
+            rows.append(_row("paged_copy.gather", shape, g, moved, 0, t_torch))
+            rows.append(_row("paged_copy.scatter", shape, s, moved, 0, None))
+            del pool, buf
+    return rows
+
+
+def _bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
+    rows = []
+    layout = indexer_fp8_layout(PAGE)
+    for mode in ("idx_decode", "idx_prefill"):
+        for T, ctx in spec[mode]:
+            B = T if mode == "idx_decode" else 1
+            table, lens, num_pages = _table(B, ctx, dev)
+            cache = torch.randint(0, 120, (num_pages, layout.page_bytes), dtype=torch.uint8, device=dev)
+            cache.view(torch.float32)[:, PAGE * IDX_D // 4:] = 0.01                # sane scales
+            if mode == "idx_decode":
+                q_req, q_len = torch.arange(B, dtype=torch.int32, device=dev), lens
+            else:                                  # the last T queries of one request, causal
+                q_req = torch.zeros(T, dtype=torch.int32, device=dev)
+                q_len = torch.arange(ctx - T + 1, ctx + 1, dtype=torch.int32, device=dev)
+            ws = T * IDX_H * IDX_D * 2 + T * 4 * IDX_H
+            n_rot = _rotations(ws + B * ctx * 132, dev)
+            ins = [((torch.randn(T, IDX_H, IDX_D, device=dev) / 8).to(torch.bfloat16),
+                    torch.rand(T, IDX_H, device=dev)) for _ in range(n_rot)]
+            out = torch.empty(T, ctx, dtype=torch.float32, device=dev)
+            keys = float(q_len.sum())
+            nbytes = keys * 132 + T * ctx * 4 + ws
+            flops = 2.0 * IDX_H * IDX_D * keys
+            shape = dict(queries=T, ctx=ctx, heads=IDX_H, dim=IDX_D)
+            t_torch = None
+            if mode == "idx_decode" and T * ctx * (IDX_H * 4 + IDX_D * 2) < (8 << 30 if dev == "cuda" else 1 << 28):
+                t_torch = timer(lambda q, w: _torch_indexer(q, w, cache, table, q_len, ctx), ins)
+            ms = None
+            if run_kernels:
+                ms = timer(lambda q, w: indexer_scores(q, w, cache, table, q_req, q_len, PAGE, ctx, out=out), ins)
+            rows.append(_row(f"indexer.scores.{mode.split('_')[1]}", shape, ms, nbytes, flops, t_torch))
+            del cache, out
+    for B, ctx, k in spec["topk"]:
+        scores = torch.randn(B, ctx, device=dev)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+        ms = timer(lambda: select_topk(scores, lens, k), [()])
+        rows.append(_row("indexer.topk(torch.topk)", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0, 0, None))
+    return rows
+
+
+def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
+    rows = []
+    scale = 192 ** -0.5
+    for name, cases in (("sparse", spec["sparse"]), ("dense", [(B, c, c) for B, c in spec["dense"]])):
+        for B, ctx, k in cases:
+            table, lens, num_pages = _table(B, ctx, dev)
+            kv = torch.randn(num_pages, PAGE, DL + DR, device=dev, dtype=torch.bfloat16)
+            H = HEADS if dev == "cuda" else 16
+            q_req = torch.arange(B, dtype=torch.int32, device=dev)
+            counts = torch.full((B,), k, dtype=torch.int32, device=dev)
+            ws = B * k * (DL + DR) * 2 + B * H * (DL + DR) * 2 * 2
+            n_rot = _rotations(ws, dev)
+            ins = []
+            for _ in range(n_rot):
+                pos = (torch.rand(B, ctx, device=dev).argsort(1)[:, :k] if name == "sparse"
+                       else torch.arange(k, device=dev).expand(B, k)).int().contiguous()
+                ins.append((torch.randn(B, H, DL, device=dev, dtype=torch.bfloat16),
+                            torch.randn(B, H, DR, device=dev, dtype=torch.bfloat16), pos))
+            nbytes = ws
+            flops = 2.0 * B * H * k * (DL + DR + DL)
+            shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k)
+            t_torch = timer(lambda qn, qp, pos: _torch_mla(qn, qp, kv, table, pos.long(), scale), ins)
+            ms = None
+            if run_kernels and name == "sparse":
+                ms = timer(lambda qn, qp, pos: sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale), ins)
+            elif run_kernels:
+                ms = timer(lambda qn, qp, pos: dense_mla_attention(qn, qp, kv, table, q_req, lens, scale), ins)
+            rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch))
+            del kv
+    return rows
+
+
+def bench_kernels(quick: bool = False, device: str | None = None) -> dict:
+    """Time every kernel and its torch counterpart; a JSON-able dict of rows and notes."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device in ("cuda", "cpu"), f"device must be 'cuda' or 'cpu', got {device!r}"
+    assert device == "cpu" or torch.cuda.is_available(), "device 'cuda' requested but CUDA is not available"
+    interpreted = type(_indexer_scores_kernel).__name__ == "InterpretedFunction"
+    run_kernels = device == "cuda" or interpreted
+    mode = "cpu" if device == "cpu" else ("quick" if quick else "full")
+    spec = SHAPES[mode]
+    notes = []
+    if device == "cpu":
+        notes.append("cpu: tiny shapes only; GB/s and TFLOP/s are not meaningful here and the "
+                     "ceilings are the H100's")
+        notes.append("kernels timed under the Triton interpreter (a smoke test, not a measurement)"
+                     if interpreted else "kernels not run: Triton needs CUDA or TRITON_INTERPRET=1; "
+                     "only the torch versions were timed")
+    torch.manual_seed(0)
+
+    def timer(fn, inputs):
+        return _median_ms(fn, inputs, device, spec["warmup"], spec["reps"])
+
+    rows = []
+    with torch.no_grad():
+        rows += _bench_copy(spec, device, run_kernels, timer)
+        rows += _bench_indexer(spec, device, run_kernels, timer)
+        rows += _bench_mla(spec, device, run_kernels, timer)
+    return dict(device=device, device_name="cpu" if device == "cpu" else torch.cuda.get_device_name(),
+                mode=mode, kernels_run=run_kernels, interpreter=interpreted,
+                ceilings=dict(hbm_gbps=H100_HBM_GBPS, bf16_tflops=H100_BF16_TFLOPS, gpu="H100 (measured)"),
+                rows=rows, notes=notes)
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench_kernels(quick="--quick" in sys.argv), indent=2))
