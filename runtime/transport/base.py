@@ -161,9 +161,9 @@ class CompletionQueue:
             self._cv.notify_all()
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> list[Completion]:
-        """Take up to max_n completions, waiting up to timeout seconds for the first."""
+        """Take up to max_n completions, waiting up to timeout seconds (None: no limit) for the first."""
         with self._cv:
-            if not self._done and timeout:
+            if not self._done and timeout != 0:  # None waits without limit
                 self._cv.wait_for(lambda: bool(self._done), timeout)
             n = len(self._done) if max_n is None else min(max_n, len(self._done))
             return [self._done.popleft() for _ in range(n)]
@@ -255,7 +255,7 @@ class Transport(ABC):
     def poll_recv(self, max_n: int | None = None, timeout: float | None = 0.0) -> list[RecvEvent]:
         """Take receiver-side notices of WRITE_WITH_IMM writes that landed here."""
         with self._recv_cv:
-            if not self._recv_q and timeout:
+            if not self._recv_q and timeout != 0:
                 self._recv_cv.wait_for(lambda: bool(self._recv_q), timeout)
             n = len(self._recv_q) if max_n is None else min(max_n, len(self._recv_q))
             return [self._recv_q.popleft() for _ in range(n)]
@@ -268,7 +268,7 @@ class Transport(ABC):
     # -- liveness -------------------------------------------------------------
     @property
     def is_dead(self) -> bool:
-        """Whether the connection failed (peer death, malformed traffic, drop) or was closed."""
+        """Whether the connection failed (peer death, malformed traffic, drop) or was closed locally."""
         return self._dead_reason is not None
 
     @property

@@ -202,6 +202,7 @@ class LoopbackTransport(Transport):
             if self._closed:
                 return
             self._closed = True
+            self._dead_reason = self._dead_reason or "closed locally (close_and_drain)"
             for wr_id in list(self._queue):
                 pw, _ = self._queue.pop(wr_id)
                 self._finish(pw, "transport closed before the write completed")

@@ -313,6 +313,7 @@ class TcpTransport(Transport):
             self._closed = True
             self._flush_pending("transport closed before the write completed")
             alive = self._dead_reason is None and not self._finishing
+            self._dead_reason = self._dead_reason or "closed locally (close_and_drain)"
             self._finishing = True
             self._lock.notify_all()
         if alive:
