@@ -1,0 +1,349 @@
+"""HiCache: a two-tier KV cache (device pool over a larger host pool) for a DSA-style model.
+
+Per layer, a page holds ``page_size`` tokens of KV (``kv_dim``) and of Indexer
+cache (``idx_dim``). A radix index over token pages finds prefix hits; the
+device tier evicts least-recently-used pages to the host (write-back, the host
+copy is kept after a swap-in so a second eviction is free); a batch whose
+prefix is partly on the host swaps it in layer by layer on a load stream with
+one event per layer for the Indexer cache and one for the KV.
+
+Every batch executes the plan of ``spec.hicache_plan`` (load + toy forward),
+and that plan is checked by ``spec.streams.check_plan`` before it runs, once
+per plan shape. The pre-fix ``prefix`` plan only runs with ``allow_races``.
+On CPU the plan runs on the stream emulator; with CUDA on streams and events.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kvproof.runtime.radix import RadixIndex, RadixNode
+from kvproof.runtime.stream_exec import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
+from kvproof.spec.streams import Plan, Violation, check_plan, trace_dumps
+
+
+class CacheFullError(RuntimeError):
+    """No page can be freed: every candidate is locked by the running batch."""
+
+
+class PlanRaceError(RuntimeError):
+    """The plan a batch would execute has a race; it is refused before it runs."""
+
+
+@dataclass(frozen=True)
+class HiCacheConfig:
+    """Shapes and policies of one HiCache instance."""
+
+    layers: int = 4
+    page_size: int = 4
+    kv_dim: int = 16
+    idx_dim: int = 8
+    device_pages: int = 16
+    host_pages: int = 64
+    topk: int = 8
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    variant: str = "fixed"
+    allow_races: bool = False          # needed to run the pre-fix plan (demonstrations only)
+    schedule: str = "random"           # CPU emulator policy: eager / random / adversarial
+    seed: int = 0
+    poison: float | None = None        # fill freed device pages with this value (a debugging aid)
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "page_size", "kv_dim", "idx_dim", "device_pages", "host_pages", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HiCacheConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"HiCacheConfig.variant {self.variant!r} is not one of {VARIANTS}")
+        if self.schedule not in POLICIES:
+            raise ValueError(f"HiCacheConfig.schedule {self.schedule!r} is not one of {POLICIES}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"HiCacheConfig.device {self.device!r}: expected 'cpu' or 'cuda[:n]'")
+
+
+class PagePool:
+    """Free list of page ids; refuses double frees."""
+
+    def __init__(self, n: int, tier: str) -> None:
+        self.tier, self.free, self.used = tier, list(range(n - 1, -1, -1)), set()
+
+    def can_allocate(self) -> bool:
+        """True when a page is free."""
+        return bool(self.free)
+
+    def allocate(self) -> int:
+        """Take a free page."""
+        p = self.free.pop()
+        self.used.add(p)
+        return p
+
+    def release(self, p: int) -> None:
+        """Return a page."""
+        assert p in self.used, f"{self.tier} page {p} released but not allocated"
+        self.used.remove(p)
+        self.free.append(p)
+
+
+@dataclass
+class BatchResult:
+    """One batch: prefix pages hit, pages swapped in, per-layer indexer scores, final hidden state."""
+
+    plan: Plan
+    prefix_pages: int
+    swapped: int
+    scores: list[torch.Tensor]       # per layer: [T] relu(idx_keys @ q[l])
+    hidden: torch.Tensor             # [kv_dim]
+    exec: ExecResult
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Coalesce (src, dst) page pairs into (src0, dst0, n) runs of consecutive pages."""
+    out: list[list[int]] = []
+    for s, d in pairs:
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1][2] += 1
+        else:
+            out.append([s, d, 1])
+    return [tuple(r) for r in out]  # type: ignore[misc]
+
+
+class HiCache:
+    """Two-tier paged KV + Indexer cache with a prefix index and checked layer-wise swap-in."""
+
+    def __init__(self, cfg: HiCacheConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise RuntimeError("HiCacheConfig.device is cuda but CUDA is not available")
+        L, P = cfg.layers, cfg.page_size
+        dev = dict(device=self.device, dtype=cfg.dtype)
+        host = dict(dtype=cfg.dtype, pin_memory=self.cuda)       # pinned: async H2D copies
+        self.dev_kv = torch.zeros(L, cfg.device_pages, P, cfg.kv_dim, **dev)    # [L, pages, P, D]
+        self.dev_idx = torch.zeros(L, cfg.device_pages, P, cfg.idx_dim, **dev)  # [L, pages, P, I]
+        self.host_kv = torch.zeros(L, cfg.host_pages, P, cfg.kv_dim, **host)
+        self.host_idx = torch.zeros(L, cfg.host_pages, P, cfg.idx_dim, **host)
+        self.index = RadixIndex(P)
+        self.dev_pool = PagePool(cfg.device_pages, "device")
+        self.host_pool = PagePool(cfg.host_pages, "host")
+        self._stats: Counter[str] = Counter()
+        self._verdicts: dict[Plan, tuple[Violation, ...]] = {}
+        self._executor = CudaExecutor(self.device) if self.cuda else None
+        self.last_trace: list[str] = []
+
+    # ------------------------------------------------------------ pages
+    def _alloc_device_page(self) -> int:
+        if not self.dev_pool.can_allocate():
+            self._evict_one()
+        return self.dev_pool.allocate()
+
+    def _alloc_host_page(self) -> int:
+        if not self.host_pool.can_allocate():
+            leaf = self.index.lru_host_leaf()
+            if leaf is None:
+                raise CacheFullError(f"host pool: all {self.cfg.host_pages} pages in use and none droppable")
+            self.host_pool.release(leaf.host_page)  # type: ignore[arg-type]
+            leaf.host_page = None
+            self.index.remove(leaf)
+            self._stats["dropped"] += 1
+        return self.host_pool.allocate()
+
+    def _evict_one(self) -> None:
+        node = self.index.lru_device()
+        if node is None:
+            raise CacheFullError(f"device pool: all {self.cfg.device_pages} pages are locked by the batch")
+        dp = node.device_page
+        assert dp is not None
+        if node.host_page is None:                           # write back; kept copies need no copy
+            node.host_page = self._alloc_host_page()
+            self.host_kv[:, node.host_page].copy_(self.dev_kv[:, dp])
+            self.host_idx[:, node.host_page].copy_(self.dev_idx[:, dp])
+        if self.cfg.poison is not None:
+            self.dev_kv[:, dp].fill_(self.cfg.poison)
+            self.dev_idx[:, dp].fill_(self.cfg.poison)
+        node.device_page = None
+        self.dev_pool.release(dp)
+        self._stats["evictions"] += 1
+
+    def evict(self, pages: int | None = None) -> int:
+        """Move up to ``pages`` (default: all unlocked) device pages to the host, LRU first."""
+        n = 0
+        while (pages is None or n < pages) and self.index.lru_device() is not None:
+            self._evict_one()
+            n += 1
+        return n
+
+    # ------------------------------------------------------------ API
+    def insert(self, tokens: Sequence[int], kv: torch.Tensor, idx: torch.Tensor) -> int:
+        """Cache the full pages of ``tokens`` (kv [L, T, D], idx [L, T, I]); returns pages added."""
+        L, P = self.cfg.layers, self.cfg.page_size
+        if kv.shape[0] != L or kv.shape[2] != self.cfg.kv_dim or idx.shape[0] != L or idx.shape[2] != self.cfg.idx_dim:
+            raise ValueError(f"insert: kv {tuple(kv.shape)} / idx {tuple(idx.shape)} do not match "
+                             f"[{L}, T, {self.cfg.kv_dim}] / [{L}, T, {self.cfg.idx_dim}]")
+        if kv.shape[1] < len(tokens) - len(tokens) % P or idx.shape[1] != kv.shape[1]:
+            raise ValueError(f"insert: {len(tokens)} tokens but kv has {kv.shape[1]}, idx {idx.shape[1]} positions")
+        path, new = self.index.insert(tokens)
+        for n in path:
+            n.locks += 1
+        try:
+            pos = {id(n): k for k, n in enumerate(path)}
+            for node in new:
+                k = pos[id(node)]
+                node.device_page = dp = self._alloc_device_page()
+                self.dev_kv[:, dp].copy_(kv[:, k * P:(k + 1) * P])
+                self.dev_idx[:, dp].copy_(idx[:, k * P:(k + 1) * P])
+        finally:
+            for n in path:
+                n.locks -= 1
+        self._stats["inserted"] += len(new)
+        return len(new)
+
+    def match(self, tokens: Sequence[int]) -> list[RadixNode]:
+        """The cached prefix of ``tokens`` (nodes on device or host)."""
+        return self.index.match(tokens)
+
+    def check(self, plan: Plan) -> tuple[Violation, ...]:
+        """The plan's races, checked once per plan shape (plans carry no page data)."""
+        if plan in self._verdicts:
+            self._stats["plan_cache_hits"] += 1
+        else:
+            self._verdicts[plan] = check_plan(plan)
+            self._stats["plans_checked"] += 1
+        return self._verdicts[plan]
+
+    def load(self, tokens: Sequence[int], q: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+             compute: bool = True, schedule: str | None = None) -> BatchResult:
+        """Swap the cached prefix of ``tokens`` in and run the toy forward (q [L, I], hidden [D])."""
+        cfg = self.cfg
+        nodes = self.index.match(tokens)
+        total = len(self.index.pages(tokens))
+        self._stats["hits"] += len(nodes)
+        self._stats["misses"] += total - len(nodes)
+        plan = hicache_plan(cfg.layers, cfg.variant)
+        races = self.check(plan)
+        if races and not cfg.allow_races:
+            raise PlanRaceError(f"refusing plan {plan.name}: {races[0].message} "
+                                f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
+        for n in nodes:
+            n.locks += 1
+        try:
+            swaps = []
+            for n in nodes:
+                if n.device_page is None:
+                    n.device_page = self._alloc_device_page()
+                    swaps.append((n.host_page, n.device_page))
+            self._stats["swap_ins"] += len(swaps)
+            q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
+            h0 = hidden if hidden is not None else torch.ones(cfg.kv_dim)
+            impls, out = self._impls([n.device_page for n in nodes], swaps, q.to(self.device, cfg.dtype),
+                                     h0.to(self.device, cfg.dtype), compute)
+            res = self._execute(plan, impls, schedule or cfg.schedule)
+        finally:
+            for n in nodes:
+                n.locks -= 1
+        self._stats["batches"] += 1
+        self.last_trace = list(trace_dumps(plan, res.times))
+        return BatchResult(plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],
+                           out["hidden"][cfg.layers], res)
+
+    def gather(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached prefix's KV [L, T, D] and Indexer cache [L, T, I], swapped in if needed."""
+        self.load(tokens, compute=False)
+        pages = [n.device_page for n in self.index.match(tokens)]
+        L = self.cfg.layers
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return (self.dev_kv[:, pages].reshape(L, -1, self.cfg.kv_dim).clone(),
+                self.dev_idx[:, pages].reshape(L, -1, self.cfg.idx_dim).clone())
+
+    def stats(self) -> dict[str, int]:
+        """Counters: hits/misses (pages), evictions, swap_ins, dropped, batches, plan checks and cache hits."""
+        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted", "batches",
+                "plans_checked", "plan_cache_hits")
+        return {k: self._stats[k] for k in keys} | {
+            "device_pages_used": len(self.dev_pool.used), "host_pages_used": len(self.host_pool.used)}
+
+    # ------------------------------------------------------------ plan execution
+    def _execute(self, plan: Plan, impls: dict[str, OpImpl], schedule: str) -> ExecResult:
+        if self._executor is not None:
+            return self._executor.run(plan, impls)
+        if schedule == "sync":
+            return run_sync(plan, impls)
+        return emulate(plan, impls, schedule, self.cfg.seed + self._stats["batches"])
+
+    def _impls(self, dev_pages: list[int | None], swaps: list[tuple[int, int]], q: torch.Tensor,
+               h0: torch.Tensor, compute: bool) -> tuple[dict[str, OpImpl], dict]:
+        """Two-phase implementations of every op of the batch's plan (read at start, write at end)."""
+        cfg, emulated = self.cfg, not self.cuda
+        pages = torch.tensor(dev_pages, dtype=torch.long, device=self.device)
+        out: dict = {"scores": {}, "topk": {}, "hidden": {0: h0}}
+        impls: dict[str, OpImpl] = {}
+        src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
+        dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long, device=self.device)
+
+        def copy(host: torch.Tensor, dev: torch.Tensor, l: int) -> OpImpl:
+            def start():
+                if not swaps:
+                    return None
+                if emulated:                        # the data is read now, lands at the end
+                    snap = host[l].index_select(0, src_t)
+                    return lambda: dev[l].index_copy_(0, dst_t, snap)
+                for s, d, n in _runs(swaps):        # pinned host -> device, async on the load stream
+                    dev[l, d:d + n].copy_(host[l, s:s + n], non_blocking=True)
+                return None
+            return start
+
+        def indexer(l: int) -> OpImpl:
+            def start():
+                keys = self.dev_idx[l, pages].reshape(-1, cfg.idx_dim)          # [T, I]
+                s = torch.relu(keys @ q[l])                                      # [T]
+                top = s.topk(min(cfg.topk, s.numel())).indices
+                def commit() -> None:
+                    out["scores"][l], out["topk"][l] = s, top
+                return commit
+            return start
+
+        def attention(l: int) -> OpImpl:
+            def start():
+                h = out["hidden"][l]
+                kv = self.dev_kv[l, pages].reshape(-1, cfg.kv_dim)[out["topk"][l]]  # [k, D]
+                w = torch.softmax(kv @ h / math.sqrt(cfg.kv_dim), dim=0)             # [k]
+                h2 = h + w @ kv
+                def commit() -> None:
+                    out["hidden"][l + 1] = h2
+                return commit
+            return start
+
+        def noop():
+            return None
+
+        def keep(l: int) -> OpImpl:
+            def start():
+                out["hidden"][l + 1] = out["hidden"][l]
+                return None
+            return start
+
+        for l in range(cfg.layers):
+            impls[f"load_idx[{l}]"] = copy(self.host_idx, self.dev_idx, l)
+            impls[f"load_kv[{l}]"] = copy(self.host_kv, self.dev_kv, l)
+            impls[f"indexer[{l}]"] = indexer(l) if compute else noop
+            impls[f"attention[{l}]"] = attention(l) if compute else keep(l)
+        return impls, out
+
+
+def reference_forward(kv: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, hidden: torch.Tensor,
+                      topk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The toy forward on plain tensors (kv [L, T, D], idx [L, T, I]): per-layer scores, final hidden."""
+    scores, h = [], hidden
+    for l in range(kv.shape[0]):
+        s = torch.relu(idx[l] @ q[l])
+        top = s.topk(min(topk, s.numel())).indices
+        sel = kv[l][top]
+        h = h + torch.softmax(sel @ h / math.sqrt(kv.shape[2]), dim=0) @ sel
+        scores.append(s)
+    return scores, h

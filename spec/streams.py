@@ -1,0 +1,574 @@
+"""Stream ordering: in-order device streams, events, host syncs, and the races between them.
+
+A *plan* is what a host thread issues, in order: operations enqueued on streams
+(each reads and writes named buffer regions, e.g. ``dev.kv[3]``), event
+records, stream waits on events, and host synchronisations. The semantics
+follow CUDA: a stream runs its items one at a time in issue order; a record
+completes when everything before it on its stream has; a wait blocks its stream
+until the *latest record of that event issued before the wait* has completed
+(a wait on a never-recorded event is a no-op, as ``cudaStreamWaitEvent`` is);
+a host sync blocks further issue until its stream or event has completed.
+
+The same semantics are given twice and the tests check they agree:
+- as a state machine (host issue counter, per-stream program counter, one
+  in-flight flag per stream) with an enumerative successor function, so tiny
+  plans can be explored exhaustively and emulators can execute plans by firing
+  its transitions;
+- as a happens-before DAG over op start/end points; ``check_plan`` uses it.
+
+Properties (ids): ``no_read_before_ready`` (a read starts after the write that
+produced what it reads has ended), ``no_write_after_read`` (a write to a region
+starts after earlier reads of it ended: buffer reuse), ``no_unordered_writes``
+(two writes to a region are ordered). "Earlier" means earlier in issue order,
+which states what the program meant. Regions are atomic names: two different
+names never overlap. Modelled on CUDA stream/event semantics; the HiCache plans
+that use it are in ``spec/hicache_plan.py``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+PROPERTIES: tuple[str, ...] = ("no_read_before_ready", "no_write_after_read", "no_unordered_writes")
+OP_KINDS: tuple[str, ...] = ("copy", "compute")
+
+
+@dataclass(frozen=True)
+class Op:
+    """An asynchronous operation enqueued on ``stream``; reads and writes named regions."""
+
+    stream: str
+    name: str
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    kind: str = "compute"
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"op {self.name!r}: kind {self.kind!r} is not one of {OP_KINDS}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """Record ``event`` on ``stream``: it completes when all earlier work on the stream has."""
+
+    stream: str
+    event: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Make ``stream`` wait for the latest record of ``event`` issued before this wait."""
+
+    stream: str
+    event: str
+
+
+@dataclass(frozen=True)
+class HostSync:
+    """Block the host until ``stream`` (all work issued so far) or ``event`` has completed."""
+
+    stream: str | None = None
+    event: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.stream is None) == (self.event is None):
+            raise ValueError(f"HostSync needs exactly one of stream/event, got {self!r}")
+
+
+Instr = Union[Op, Record, Wait, HostSync]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A host program over streams: the instructions in issue order."""
+
+    name: str
+    streams: tuple[str, ...]
+    instrs: tuple[Instr, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.streams)) != len(self.streams):
+            raise ValueError(f"plan {self.name!r}: duplicate stream in {self.streams}")
+        names: set[str] = set()
+        for i, ins in enumerate(self.instrs):
+            s = ins.stream
+            if s is not None and s not in self.streams:
+                raise ValueError(f"plan {self.name!r}: instrs[{i}] uses unknown stream {s!r}; "
+                                 f"expected one of {list(self.streams)}")
+            if isinstance(ins, Op):
+                if ins.name in names:
+                    raise ValueError(f"plan {self.name!r}: instrs[{i}] repeats op name {ins.name!r}")
+                names.add(ins.name)
+
+    def op_index(self, name: str) -> int:
+        """Issue index of the op called ``name``."""
+        for i, ins in enumerate(self.instrs):
+            if isinstance(ins, Op) and ins.name == name:
+                return i
+        raise KeyError(f"plan {self.name!r} has no op {name!r}")
+
+
+def resolve_waits(plan: Plan) -> dict[int, int | None]:
+    """Map each wait / event sync to the record it waits for (latest earlier record), or None."""
+    latest: dict[str, int] = {}
+    out: dict[int, int | None] = {}
+    for i, ins in enumerate(plan.instrs):
+        if isinstance(ins, Record):
+            latest[ins.event] = i
+        elif isinstance(ins, Wait) or (isinstance(ins, HostSync) and ins.event is not None):
+            out[i] = latest.get(ins.event)
+    return out
+
+
+# ---------------------------------------------------------------- dependencies
+@dataclass(frozen=True)
+class Dependency:
+    """``before`` must end before ``after`` starts, because both touch ``region``."""
+
+    property: str
+    region: str
+    before: int
+    after: int
+
+
+def dependencies(plan: Plan) -> list[Dependency]:
+    """The orderings issue order asks for: RAW, WAR and WAW pairs per region."""
+    last_write: dict[str, int] = {}
+    reads_since: dict[str, list[int]] = {}
+    deps: list[Dependency] = []
+    for i, ins in enumerate(plan.instrs):
+        if not isinstance(ins, Op):
+            continue
+        for r in ins.reads:
+            w = last_write.get(r)
+            if w is not None and w != i:
+                deps.append(Dependency("no_read_before_ready", r, w, i))
+        for r in ins.writes:
+            deps += [Dependency("no_write_after_read", r, j, i) for j in reads_since.get(r, []) if j != i]
+            w = last_write.get(r)
+            if w is not None and w != i:
+                deps.append(Dependency("no_unordered_writes", r, w, i))
+        for r in ins.reads:
+            reads_since.setdefault(r, []).append(i)
+        for r in ins.writes:
+            last_write[r], reads_since[r] = i, []
+    return deps
+
+
+# ---------------------------------------------------------------- happens-before
+@dataclass(frozen=True)
+class HappensBefore:
+    """The happens-before DAG: nodes are (point, instr) with point start/end/done."""
+
+    plan: Plan
+    nodes: tuple[tuple[str, int], ...]
+    edges: tuple[tuple[int, int, str], ...]      # (u, v, why): why in op/stream/wait/sync
+    ancestors: tuple[int, ...]                   # bitset of strict ancestors per node
+
+    def node(self, point: str, instr: int) -> int:
+        """Index of a node."""
+        return self._index[(point, instr)]
+
+    @functools.cached_property
+    def _index(self) -> dict[tuple[str, int], int]:
+        return {k: n for n, k in enumerate(self.nodes)}
+
+    def first(self, i: int) -> int:
+        """Node at which instruction i begins."""
+        ix = self._index
+        return ix[("start", i)] if ("start", i) in ix else ix.get(("done", i), ix.get(("sync", i)))  # type: ignore
+
+    def last(self, i: int) -> int:
+        """Node at which instruction i has completed."""
+        ix = self._index
+        return ix[("end", i)] if ("end", i) in ix else ix.get(("done", i), ix.get(("sync", i)))  # type: ignore
+
+    def ordered(self, before: int, after: int) -> bool:
+        """True when instruction ``before`` ends before ``after`` starts in every execution."""
+        return bool(self.ancestors[self.first(after)] >> self.last(before) & 1)
+
+
+def happens_before(plan: Plan) -> HappensBefore:
+    """Build the happens-before DAG of a plan (nodes are created in a topological order)."""
+    nodes: list[tuple[str, int]] = []
+    edges: list[tuple[int, int, str]] = []
+    waits = resolve_waits(plan)
+    last_on: dict[str, int] = {}           # stream -> its last node so far
+    last_sync: int | None = None
+    last_node: dict[int, int] = {}
+    for i, ins in enumerate(plan.instrs):
+        if isinstance(ins, Op):
+            nodes += [("start", i), ("end", i)]
+            first, last = len(nodes) - 2, len(nodes) - 1
+            edges.append((first, last, "op"))
+        else:
+            nodes.append(("sync" if isinstance(ins, HostSync) else "done", i))
+            first = last = len(nodes) - 1
+        if isinstance(ins, HostSync):
+            target = last_on.get(ins.stream) if ins.stream is not None else \
+                (None if waits[i] is None else last_node[waits[i]])
+            if target is not None:
+                edges.append((target, first, "sync"))
+            if last_sync is not None:
+                edges.append((last_sync, first, "sync"))
+            last_sync = first
+        else:
+            if ins.stream in last_on:
+                edges.append((last_on[ins.stream], first, "stream"))
+            if last_sync is not None:
+                edges.append((last_sync, first, "sync"))
+            if isinstance(ins, Wait) and waits[i] is not None:
+                edges.append((last_node[waits[i]], first, "wait"))
+            last_on[ins.stream] = last
+        last_node[i] = last
+    preds: list[list[int]] = [[] for _ in nodes]
+    for u, v, _ in edges:
+        preds[v].append(u)
+    anc: list[int] = []
+    for v in range(len(nodes)):
+        a = 0
+        for u in preds[v]:
+            a |= anc[u] | (1 << u)
+        anc.append(a)
+    return HappensBefore(plan, tuple(nodes), tuple(edges), tuple(anc))
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A dependency the happens-before relation does not enforce."""
+
+    property: str
+    region: str
+    before: int
+    after: int
+    message: str
+
+
+def describe(plan: Plan, dep: Dependency) -> str:
+    """One sentence naming the two ops, their streams and the region."""
+    a, b = plan.instrs[dep.before], plan.instrs[dep.after]
+    assert isinstance(a, Op) and isinstance(b, Op)
+    what = {"no_read_before_ready": f"reads {dep.region} but may start before {a.name} ({a.stream}) "
+                                    f"that writes it has ended",
+            "no_write_after_read": f"writes {dep.region} but may start before {a.name} ({a.stream}) "
+                                   f"that reads it has ended",
+            "no_unordered_writes": f"writes {dep.region} unordered with {a.name} ({a.stream}) "
+                                   f"that also writes it"}[dep.property]
+    return f"{b.name} ({b.stream}) {what}"
+
+
+@functools.lru_cache(maxsize=256)
+def check_plan(plan: Plan) -> tuple[Violation, ...]:
+    """Every dependency of the plan that its happens-before relation leaves unordered."""
+    hb = happens_before(plan)
+    return tuple(Violation(d.property, d.region, d.before, d.after, describe(plan, d))
+                 for d in dependencies(plan) if not hb.ordered(d.before, d.after))
+
+
+# ---------------------------------------------------------------- state machine
+@dataclass(frozen=True)
+class State:
+    """Host issue counter; per stream: position in its item list and whether that op is running."""
+
+    host: int
+    pcs: tuple[int, ...]
+    running: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One step: kind in issue/sync (host) or start/end/record/wait (a stream), on instr ``instr``."""
+
+    kind: str
+    instr: int
+
+
+class Machine:
+    """The plan's semantics as a state machine with an enumerative successor function."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.lanes: list[list[int]] = [[i for i, ins in enumerate(plan.instrs)
+                                        if ins.stream == s and not isinstance(ins, HostSync)]
+                                       for s in plan.streams]
+        self.lane_of = {i: (k, p) for k, lane in enumerate(self.lanes) for p, i in enumerate(lane)}
+        self.waits = resolve_waits(plan)
+        self.deps_after: dict[int, list[Dependency]] = {}
+        for d in dependencies(plan):
+            self.deps_after.setdefault(d.after, []).append(d)
+
+    def initial(self) -> State:
+        """Nothing issued, every stream idle at its first item."""
+        n = len(self.plan.streams)
+        return State(0, (0,) * n, (False,) * n)
+
+    def done(self, st: State, i: int) -> bool:
+        """True when instruction i has completed in ``st``."""
+        k, p = self.lane_of[i]
+        return st.pcs[k] > p
+
+    def _stream_idle(self, st: State, stream: str, upto: int) -> bool:
+        k = self.plan.streams.index(stream)
+        return all(self.done(st, i) for i in self.lanes[k] if i < upto)
+
+    def enabled(self, st: State) -> list[Transition]:
+        """Transitions that can fire in ``st`` (host first, then streams in plan order)."""
+        out: list[Transition] = []
+        if st.host < len(self.plan.instrs):
+            ins = self.plan.instrs[st.host]
+            if not isinstance(ins, HostSync):
+                out.append(Transition("issue", st.host))
+            elif ins.stream is not None and self._stream_idle(st, ins.stream, st.host):
+                out.append(Transition("sync", st.host))
+            elif ins.event is not None and (self.waits[st.host] is None or self.done(st, self.waits[st.host])):
+                out.append(Transition("sync", st.host))
+        for k, lane in enumerate(self.lanes):
+            if st.pcs[k] >= len(lane) or lane[st.pcs[k]] >= st.host:
+                continue
+            i = lane[st.pcs[k]]
+            ins = self.plan.instrs[i]
+            if isinstance(ins, Op):
+                out.append(Transition("end" if st.running[k] else "start", i))
+            elif isinstance(ins, Record):
+                out.append(Transition("record", i))
+            elif self.waits[i] is None or self.done(st, self.waits[i]):
+                out.append(Transition("wait", i))
+        return out
+
+    def fire(self, st: State, t: Transition) -> State:
+        """The state after ``t`` (which must be enabled)."""
+        if t.kind in ("issue", "sync"):
+            return State(st.host + 1, st.pcs, st.running)
+        k, _ = self.lane_of[t.instr]
+        pcs, running = list(st.pcs), list(st.running)
+        if t.kind == "start":
+            running[k] = True
+        else:
+            running[k] = False
+            pcs[k] += 1
+        return State(st.host, tuple(pcs), tuple(running))
+
+    def successors(self, st: State) -> list[tuple[Transition, State]]:
+        """Every (transition, next state) pair from ``st``."""
+        return [(t, self.fire(st, t)) for t in self.enabled(st)]
+
+    def races_at(self, st: State, t: Transition) -> list[Dependency]:
+        """Dependencies broken if ``t`` fires now: an op starting before what it must follow ended."""
+        if t.kind != "start":
+            return []
+        return [d for d in self.deps_after.get(t.instr, []) if not self.done(st, d.before)]
+
+    def is_final(self, st: State) -> bool:
+        """Everything issued and completed."""
+        return st.host == len(self.plan.instrs) and all(p == len(l) for p, l in zip(st.pcs, self.lanes))
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """Result of exhaustive search: reachable states and the races some schedule exhibits."""
+
+    states: int
+    races: frozenset[tuple[str, int, int]]     # (property, before, after)
+    deadlocks: int
+    complete: bool
+
+
+def explore(plan: Plan, max_states: int = 200_000) -> Exploration:
+    """Breadth-first search of every interleaving of a (tiny) plan."""
+    m = Machine(plan)
+    seen = {m.initial()}
+    frontier = [m.initial()]
+    races: set[tuple[str, int, int]] = set()
+    deadlocks = 0
+    while frontier and len(seen) < max_states:
+        nxt: list[State] = []
+        for st in frontier:
+            succ = m.successors(st)
+            if not succ and not m.is_final(st):
+                deadlocks += 1
+            for t, s2 in succ:
+                races.update((d.property, d.before, d.after) for d in m.races_at(st, t))
+                if s2 not in seen:
+                    seen.add(s2)
+                    nxt.append(s2)
+        frontier = nxt
+    return Exploration(len(seen), frozenset(races), deadlocks, not frontier)
+
+
+# ---------------------------------------------------------------- JSON form
+class PlanFormatError(ValueError):
+    """A plan or trace file that does not parse; the message names line and field."""
+
+
+_TRACE_EXTRA = ("t", "t_start", "t_end", "seq", "note")
+
+
+def instr_to_json(ins: Instr) -> dict[str, Any]:
+    """Plain-JSON form of one instruction."""
+    if isinstance(ins, Op):
+        return {"op": ins.name, "stream": ins.stream, "kind": ins.kind,
+                "reads": list(ins.reads), "writes": list(ins.writes)}
+    if isinstance(ins, Record):
+        return {"record": ins.event, "stream": ins.stream}
+    if isinstance(ins, Wait):
+        return {"wait": ins.event, "stream": ins.stream}
+    return {"sync_stream": ins.stream} if ins.stream is not None else {"sync_event": ins.event}
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """Plain-JSON form of a plan."""
+    return {"kvproof_plan": 1, "name": plan.name, "streams": list(plan.streams),
+            "instrs": [instr_to_json(i) for i in plan.instrs]}
+
+
+def plan_dumps(plan: Plan) -> str:
+    """JSON text with one instruction per line (so errors can name lines)."""
+    head = json.dumps({k: v for k, v in plan_to_json(plan).items() if k != "instrs"})[:-1]
+    body = ",\n".join("  " + json.dumps(instr_to_json(i)) for i in plan.instrs)
+    return f'{head}, "instrs": [\n{body}\n]}}\n'
+
+
+def _str(obj: dict[str, Any], key: str, where: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or not v:
+        raise PlanFormatError(f"{where}: field {key!r}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _strs(obj: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    v = obj.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise PlanFormatError(f"{where}: field {key!r}: expected a list of region names, got {v!r}")
+    return tuple(v)
+
+
+def instr_from_json(obj: Any, where: str, trace: bool = False) -> Instr:
+    """Parse one instruction; errors name ``where`` (e.g. 'line 7' or 'instrs[5]')."""
+    if not isinstance(obj, dict):
+        raise PlanFormatError(f"{where}: expected an object, got {type(obj).__name__}")
+    tags = [k for k in ("op", "record", "wait", "sync_stream", "sync_event") if k in obj]
+    if len(tags) != 1:
+        raise PlanFormatError(f"{where}: expected exactly one of op/record/wait/sync_stream/sync_event, "
+                              f"got keys {sorted(obj)}")
+    allowed = {"op": {"op", "stream", "kind", "reads", "writes"}, "record": {"record", "stream"},
+               "wait": {"wait", "stream"}, "sync_stream": {"sync_stream"}, "sync_event": {"sync_event"}}[tags[0]]
+    extra = set(obj) - allowed - (set(_TRACE_EXTRA) if trace else set())
+    if extra:
+        raise PlanFormatError(f"{where}: unknown field(s) {sorted(extra)} for a {tags[0]!r} entry")
+    tag = tags[0]
+    if tag == "op":
+        kind = obj.get("kind", "compute")
+        if kind not in OP_KINDS:
+            raise PlanFormatError(f"{where}: field 'kind': expected one of {list(OP_KINDS)}, got {kind!r}")
+        return Op(_str(obj, "stream", where), _str(obj, "op", where), _strs(obj, "reads", where),
+                  _strs(obj, "writes", where), kind)
+    if tag in ("record", "wait"):
+        cls = Record if tag == "record" else Wait
+        return cls(_str(obj, "stream", where), _str(obj, tag, where))
+    if tag == "sync_stream":
+        return HostSync(stream=_str(obj, tag, where))
+    return HostSync(event=_str(obj, tag, where))
+
+
+def _item_lines(text: str, key: str) -> list[int]:
+    """1-based line of each element of the top-level array ``key`` (best effort, [] if unsure)."""
+    m = re.search(r'"%s"\s*:\s*\[' % re.escape(key), text)
+    if not m:
+        return []
+    dec, pos, lines = json.JSONDecoder(), m.end(), []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        try:
+            _, pos = dec.raw_decode(text, pos)
+        except ValueError:
+            return lines
+
+
+def _make_plan(name: str, streams: list[str] | None, instrs: list[Instr], where: str) -> Plan:
+    if streams is None:
+        streams = list(dict.fromkeys(i.stream for i in instrs if i.stream is not None))
+    try:
+        return Plan(name, tuple(streams), tuple(instrs))
+    except ValueError as e:
+        raise PlanFormatError(f"{where}: {e}") from None
+
+
+def plan_loads_lines(text: str, source: str = "<plan>") -> tuple[Plan, tuple[int, ...]]:
+    """Parse a plan (one JSON document) or a trace (JSON Lines); also the line of each instruction."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise PlanFormatError(f"{source}: empty file; expected a plan (JSON) or a trace (JSON Lines)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise PlanFormatError(f"{source} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+        return _trace_loads(text, source)
+    if not isinstance(doc, dict) or "instrs" not in doc:
+        if isinstance(doc, dict) and any(k in doc for k in ("op", "record", "wait", "kvproof_trace")):
+            return _trace_loads(text, source)
+        raise PlanFormatError(f"{source}: expected an object with 'instrs' (a plan) or JSON Lines (a trace)")
+    lines = _item_lines(text, "instrs")
+    name = doc.get("name", source)
+    if not isinstance(name, str):
+        raise PlanFormatError(f"{source}: name: expected a string, got {name!r}")
+    streams = doc.get("streams")
+    if streams is not None and (not isinstance(streams, list) or not all(isinstance(s, str) for s in streams)):
+        raise PlanFormatError(f"{source}: streams: expected a list of stream names, got {streams!r}")
+    raw = doc["instrs"]
+    if not isinstance(raw, list):
+        raise PlanFormatError(f"{source}: instrs: expected a list, got {type(raw).__name__}")
+    line = lambda k: f" line {lines[k]}" if k < len(lines) else ""  # noqa: E731
+    instrs = [instr_from_json(o, f"{source}{line(k)}: instrs[{k}]") for k, o in enumerate(raw)]
+    for k, ins in enumerate(instrs):
+        if streams is not None and ins.stream is not None and ins.stream not in streams:
+            raise PlanFormatError(f"{source}{line(k)}: instrs[{k}].stream: unknown stream {ins.stream!r}; "
+                                  f"expected one of {streams}")
+    plan = _make_plan(name, streams, instrs, source)
+    return plan, tuple(lines[k] if k < len(lines) else 0 for k in range(len(instrs)))
+
+
+def _trace_loads(text: str, source: str) -> tuple[Plan, tuple[int, ...]]:
+    name, streams, instrs, lines = source, None, [], []
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise PlanFormatError(f"{source} line {n} column {e.colno}: invalid JSON: {e.msg}") from None
+        if isinstance(obj, dict) and "kvproof_trace" in obj:
+            name = obj.get("name", source)
+            streams = obj.get("streams")
+            if streams is not None and not (isinstance(streams, list) and all(isinstance(s, str) for s in streams)):
+                raise PlanFormatError(f"{source} line {n}: streams: expected a list of names, got {streams!r}")
+            continue
+        ins = instr_from_json(obj, f"{source} line {n}", trace=True)
+        if streams is not None and ins.stream is not None and ins.stream not in streams:
+            raise PlanFormatError(f"{source} line {n}: stream: unknown stream {ins.stream!r}; expected one of {streams}")
+        instrs.append(ins)
+        lines.append(n)
+    return _make_plan(name, streams, instrs, source), tuple(lines)
+
+
+def plan_loads(text: str, source: str = "<plan>") -> Plan:
+    """Parse a plan (JSON) or a recorded trace (JSON Lines); PlanFormatError names line and field."""
+    return plan_loads_lines(text, source)[0]
+
+
+def trace_dumps(plan: Plan, times: dict[int, tuple[float, float]] | None = None) -> Iterator[str]:
+    """JSON Lines of a recorded trace: a header, then one issued instruction per line."""
+    yield json.dumps({"kvproof_trace": 1, "name": plan.name, "streams": list(plan.streams)})
+    for i, ins in enumerate(plan.instrs):
+        obj = instr_to_json(ins)
+        if times and i in times:
+            obj["t_start"], obj["t_end"] = times[i]
+        yield json.dumps(obj)
