@@ -33,12 +33,12 @@ SHAPES = {
                 topk=[(2, 300, 16)], sparse=[(2, 300, 16)], dense=[(2, 100)], reps=2, warmup=1),
     "quick": dict(copy=[(8, 16_384, 1)], idx_decode=[(64, 8_192), (64, 32_768)],
                   idx_prefill=[(1_024, 32_768)], topk=[(64, 32_768, 2048)],
-                  sparse=[(64, 32_768, 2048)], dense=[(64, 2_048)], reps=10, warmup=3),
+                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048)], dense=[(64, 2_048)], reps=10, warmup=3),
     "full": dict(copy=[(8, 16_384, 1), (8, 16_384, 8), (32, 4_000, 78)],
                  idx_decode=[(64, 8_192), (64, 32_768), (128, 32_768), (64, 131_072), (128, 131_072)],
                  idx_prefill=[(2_048, 32_768), (4_096, 131_072)],
                  topk=[(64, 32_768, 2048), (128, 131_072, 2048)],
-                 sparse=[(64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
+                 sparse=[(4, 32_768, 2048), (64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
                  dense=[(64, 2_048), (64, 8_192)], reps=50, warmup=5),
 }
 
@@ -209,13 +209,17 @@ def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
                             torch.randn(B, H, DR, device=dev, dtype=torch.bfloat16), pos))
             nbytes = ws
             flops = 2.0 * B * H * k * (DL + DR + DL)
-            shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k)
+            # flash-decoding splits so that small batches still fill ~2 waves of 132 SMs
+            splits = max(1, min(16, 264 // (B * math.ceil(H / 16))))
+            shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k, splits=splits)
             t_torch = timer(lambda qn, qp, pos: _torch_mla(qn, qp, kv, table, pos.long(), scale), ins)
             ms = None
             if run_kernels and name == "sparse":
-                ms = timer(lambda qn, qp, pos: sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale), ins)
+                ms = timer(lambda qn, qp, pos: sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale,
+                                                                    num_splits=splits), ins)
             elif run_kernels:
-                ms = timer(lambda qn, qp, pos: dense_mla_attention(qn, qp, kv, table, q_req, lens, scale), ins)
+                ms = timer(lambda qn, qp, pos: dense_mla_attention(qn, qp, kv, table, q_req, lens, scale,
+                                                                   num_splits=splits), ins)
             rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch))
             del kv
     return rows

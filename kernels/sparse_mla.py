@@ -59,12 +59,16 @@ def _mla_attn_kernel(
     H, sm_scale,
     # strides (elements)
     stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvt, stride_tr,
-    stride_it, stride_ot, stride_oh, stride_lt,
+    stride_it, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
     # constexpr
     DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """One program: one query, BLOCK_H heads, online softmax over its tokens BLOCK_N at a time."""
+    """One program: one query, BLOCK_H heads, one of NUM_SPLITS slices of its tokens, online softmax.
+
+    With NUM_SPLITS > 1 (few queries: flash-decoding) out/lse are fp32 partials per split,
+    merged by _mla_combine_kernel.
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -80,13 +84,17 @@ def _mla_attn_kernel(
         qp = qp.to(tl.float32)
     req = tl.load(q_req_ptr + t).to(tl.int64)
     count = tl.load(count_ptr + t)
+    split = tl.program_id(2)
+    chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, count)
     m = tl.full([BLOCK_H], -1.0e30, tl.float32)     # finite: no inf - inf when a row is empty
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DL], tl.float32)
     qk_scale = sm_scale * LOG2E
-    for n0 in range(0, count, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = offs_n < count
+        valid = offs_n < hi
         if SPARSE:
             pos = tl.load(idx_ptr + t * stride_it + offs_n, mask=valid, other=0)
         else:
@@ -113,10 +121,37 @@ def _mla_attn_kernel(
         m = m_new
     nonempty = l_sum > 0
     out = acc / tl.where(nonempty, l_sum, 1.0)[:, None]
-    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_l[None, :],
+    tl.store(out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + split * stride_os + offs_l[None, :],
              out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
     lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l_sum, 1.0))) / LOG2E, float("-inf"))
-    tl.store(lse_ptr + t * stride_lt + offs_h, lse, mask=hmask)
+    tl.store(lse_ptr + t * stride_lt + offs_h * stride_lh + split, lse, mask=hmask)
+
+
+@triton.jit
+def _mla_combine_kernel(
+    # pointers
+    part_ptr, plse_ptr, out_ptr, lse_ptr,
+    # strides (elements)
+    stride_pt, stride_ph, stride_ps, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+    # constexpr
+    DL: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program merges the split partials of one (query, head) by their log-sum-exp."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_l = tl.arange(0, DL)
+    smask = offs_s < NUM_SPLITS
+    lse_s = tl.load(plse_ptr + t * stride_qt + h * stride_qh + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m)                                                       # [BS], 0 for empty
+    total = tl.sum(w, axis=0)
+    part = tl.load(part_ptr + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_l[None, :],
+                   mask=smask[:, None], other=0.0)                              # [BS, DL]
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_l, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + t * stride_lt + h, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
 # ---------------------------------------------------------------------------------
@@ -126,8 +161,8 @@ def _mla_attn_kernel(
 
 def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
                 q_req: torch.Tensor, counts: torch.Tensor, sm_scale: float,
-                indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None,
+                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     assert q_nope.dim() == 3 and q_nope.stride(2) == 1, (
         f"q_nope must be [T, H, latent] contiguous in latent, got {tuple(q_nope.shape)}")
     T, H, DL = q_nope.shape
@@ -156,33 +191,51 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     lse = torch.empty(T, H, dtype=torch.float32, device=q_nope.device)
     if T == 0 or H == 0:
         return out, lse
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
     BLOCK_H = 16                                   # tl.dot needs M >= 16; smaller H is masked
     block_n = block_n or 32
     idx = indices if indices is not None else counts     # unread placeholder when dense
-    grid = (T, triton.cdiv(H, BLOCK_H))
+    if num_splits == 1:
+        part, plse = out, lse.unsqueeze(-1)                                      # written directly
+    else:
+        part = torch.empty(T, H, num_splits, DL, dtype=torch.float32, device=q_nope.device)
+        plse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q_nope.device)
+    grid = (T, triton.cdiv(H, BLOCK_H), num_splits)
     _mla_attn_kernel[grid](
-        q_nope, q_pe, kv, page_table, q_req, idx, counts, out, lse,
+        q_nope, q_pe, kv, page_table, q_req, idx, counts, part, plse,
         H, sm_scale,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
-        page_table.stride(0), idx.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        DL=DL, DR=DR, PAGE_SIZE=kv.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=block_n,
+        page_table.stride(0), idx.stride(0), part.stride(0), part.stride(1),
+        part.stride(2) if num_splits > 1 else 0, plse.stride(0), plse.stride(1),
+        DL=DL, DR=DR, PAGE_SIZE=kv.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         SPARSE=indices is not None, DOT_F32=dot_in_fp32(q_nope),
         num_warps=8 if DL >= KV_LATENT_DIM else 4,
     )
+    if num_splits > 1:
+        _mla_combine_kernel[(T, H)](
+            part, plse, out, lse,
+            part.stride(0), part.stride(1), part.stride(2), plse.stride(0), plse.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            DL=DL, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        )
     return out, lse
 
 
 def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                          page_table: torch.Tensor, q_req: torch.Tensor, indices: torch.Tensor,
                          counts: torch.Tensor, sm_scale: float, out: torch.Tensor | None = None,
-                         block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_n: int | None = None, num_splits: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its indexer-selected tokens: (out [T, H, DL], lse [T, H])."""
-    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n)
+    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n,
+                       num_splits)
 
 
 def dense_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                         page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                         sm_scale: float, out: torch.Tensor | None = None,
-                        block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_n: int | None = None, num_splits: int = 1
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its first q_len cached tokens: (out [T, H, DL], lse [T, H])."""
-    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n)
+    return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n,
+                       num_splits)

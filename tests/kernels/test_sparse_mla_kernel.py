@@ -37,8 +37,8 @@ def _check(out, lse, want_out, want_lse) -> None:
     torch.testing.assert_close(lse.double(), want_lse, **LSE_TOL)
 
 
-@pytest.mark.parametrize("H,dl,dr", [(20, 64, 16), (16, 512, 64)])
-def test_sparse_decode(H, dl, dr, gen):
+@pytest.mark.parametrize("H,dl,dr,splits", [(20, 64, 16, 1), (20, 64, 16, 3), (16, 512, 64, 1)])
+def test_sparse_decode(H, dl, dr, splits, gen):
     page_size, topk = 16, 24
     lens = [37, 1, 0, 20, 45]                       # partial last pages: slot `len` is NaN
     kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen)
@@ -48,14 +48,16 @@ def test_sparse_decode(H, dl, dr, gen):
     qn, qp = _q(len(lens), H, dl, dr, gen)
     scale = (dl + dr) ** -0.5
     out = torch.full((len(lens), H, dl), float("nan"), dtype=torch.bfloat16, device=DEVICE)  # poison
-    got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, scale, out=out, block_n=16)
+    got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, scale, out=out, block_n=16,
+                                    num_splits=splits)
     assert got.data_ptr() == out.data_ptr()
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, scale, indices=idx)
     _check(got, lse, want, want_lse)
     assert torch.all(got[2] == 0) and torch.all(torch.isneginf(lse[2])), "empty query: out 0, lse -inf"
 
 
-def test_dense_prefill_causal(gen):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_dense_prefill_causal(splits, gen):
     page_size, H, dl, dr = 16, 16, 64, 16
     prefix, extend = [0, 30], [3, 4]
     lens = [p + e for p, e in zip(prefix, extend)]
@@ -63,7 +65,7 @@ def test_dense_prefill_causal(gen):
     q_req, q_len = prefill_queries(torch.tensor(prefix, dtype=torch.int32, device=DEVICE),
                                    torch.tensor(extend, dtype=torch.int32, device=DEVICE))
     qn, qp = _q(q_req.shape[0], H, dl, dr, gen)
-    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16)
+    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16, num_splits=splits)
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
     _check(got, lse, want, want_lse)
 
@@ -95,6 +97,8 @@ def test_bad_arguments_are_named(gen):
         sparse_mla_attention(qn, qp, kv, table, q_req, q_len[:, None].long(), q_len, 0.1)
     with pytest.raises(AssertionError, match="sm_scale"):
         dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.0)
+    with pytest.raises(AssertionError, match="num_splits"):
+        dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, num_splits=0)
     with pytest.raises(AssertionError, match="share a dtype"):
         dense_mla_attention(qn.float(), qp, kv, table, q_req, q_len, 0.1)
 
