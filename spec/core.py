@@ -1,0 +1,298 @@
+"""The spec layer: typed finite state, actions with named guards, invariants.
+
+A protocol is a subclass of `Protocol` that declares its index sets, state
+variables, message channels, actions and invariants. Action bodies are written
+once in a restricted style (no Python `and`/`or`/`not`/`if` on state values;
+use `m.all`, `m.any`, `m.not_`, `m.ite`) so the same code evaluates three ways:
+concretely (the runtime), symbolically (Z3 terms, supplied by verify/), and
+enumeratively (successor generation for explicit-state search).
+
+Branching on the *variant* (a plain Python string) is allowed anywhere: it is
+fixed per instance, never part of the state.
+"""
+from __future__ import annotations
+
+import enum
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+
+class ProtocolViolation(Exception):
+    """A disabled action was fired: names the action, its parameters and the failing guard."""
+
+    def __init__(self, protocol: str, action: str, params: dict[str, Any], guard: str,
+                 detail: str = "") -> None:
+        self.protocol, self.action, self.params, self.guard = protocol, action, params, guard
+        ps = ", ".join(f"{k}={v}" for k, v in params.items())
+        msg = f"{protocol}: action {action}({ps}) is disabled: guard '{guard}' is false"
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+class SpecError(Exception):
+    """A protocol definition or instance parameter is malformed."""
+
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class Bool:
+    """A boolean variable."""
+
+    def default(self) -> bool:
+        """Initial value when none is given."""
+        return False
+
+
+@dataclass(frozen=True)
+class Nat:
+    """A natural number; `bound` names the instance parameter that caps it in explicit search."""
+
+    bound: str | None = None
+
+    def default(self) -> int:
+        """Initial value when none is given."""
+        return 0
+
+
+@dataclass(frozen=True)
+class EnumT:
+    """A value of an IntEnum (encoded as its integer in Z3)."""
+
+    enum: type[enum.IntEnum]
+
+    def default(self) -> int:
+        """Initial value when none is given: the first member."""
+        return next(iter(self.enum))
+
+
+ValueType = Bool | Nat | EnumT
+
+
+@dataclass(frozen=True)
+class Var:
+    """A state variable, optionally a family over index sets, owned by one actor."""
+
+    type: ValueType
+    index: tuple[str, ...] = ()
+    owner: str = "ghost"          # actor name, "net" (environment) or "ghost" (history)
+    init: Any = None
+    doc: str = ""
+
+    def initial(self) -> Any:
+        """The variable's initial value."""
+        return self.type.default() if self.init is None else self.init
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A message channel between actors; each message carries one epoch.
+
+    Semantics (for verification): messages are delayed arbitrarily, delivered
+    any number of times (duplicates), and an older message may arrive after a
+    newer one. Receivers must therefore check epochs; the verifier proves they do.
+    """
+
+    src: str
+    dst: str
+    index: tuple[str, ...]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    """An action parameter: an index (over an index set) or a data value (an epoch)."""
+
+    name: str
+    index: str | None = None       # index set name, or None for a data parameter
+    bound: str | None = None       # for data: instance parameter capping it in explicit search
+
+
+@dataclass(frozen=True)
+class ActionDef:
+    """An action: actor, parameters, optional channel it receives from, and its body."""
+
+    name: str
+    actor: str
+    params: tuple[Param, ...]
+    body: Callable[..., None]
+    receives: str | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class InvariantDef:
+    """A named safety property, quantified over the index parameters of its function."""
+
+    name: str
+    params: tuple[Param, ...]
+    body: Callable[..., Any]
+    strengthening: bool = False    # True: an auxiliary inductive invariant, not a user property
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class LivenessDef:
+    """A named 'leads-to' goal: from any state where `pending` holds, `done` eventually holds."""
+
+    name: str
+    params: tuple[Param, ...]
+    pending: Callable[..., Any]
+    done: Callable[..., Any]
+    doc: str = ""
+
+
+def action(actor: str, receives: str | None = None, **params: str) -> Callable:
+    """Declare an action; keyword params map a parameter name to an index set or 'data:BOUND'."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.__kv_action__ = (actor, receives, params)
+        return fn
+
+    return wrap
+
+
+def invariant(fn: Callable | None = None, *, strengthening: bool = False) -> Callable:
+    """Declare a safety property (parameters are index sets, from the signature's annotations)."""
+
+    def wrap(f: Callable) -> Callable:
+        f.__kv_invariant__ = strengthening
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def liveness(pending: str, done: str, **params: str) -> Callable:
+    """Declare a leads-to goal over two named predicate methods."""
+
+    def wrap(fn: Callable) -> Callable:
+        fn.__kv_liveness__ = (pending, done, params)
+        return fn
+
+    return wrap
+
+
+def _parse_params(spec: dict[str, str]) -> tuple[Param, ...]:
+    out = []
+    for name, kind in spec.items():
+        if kind.startswith("data"):
+            bound = kind.split(":", 1)[1] if ":" in kind else None
+            out.append(Param(name, None, bound))
+        else:
+            out.append(Param(name, kind, None))
+    return tuple(out)
+
+
+class Protocol:
+    """Base class of a protocol: subclasses declare the class attributes below."""
+
+    name: ClassVar[str] = ""
+    variants: ClassVar[tuple[str, ...]] = ()
+    indices: ClassVar[dict[str, str]] = {}      # index set -> size parameter name
+    bounds: ClassVar[dict[str, int]] = {}       # default instance parameters (sizes, search caps)
+    vars: ClassVar[dict[str, Var]] = {}
+    channels: ClassVar[dict[str, Channel]] = {}
+    actors: ClassVar[tuple[str, ...]] = ()
+    # filled by __init_subclass__
+    actions: ClassVar[dict[str, ActionDef]]
+    invariants: ClassVar[dict[str, InvariantDef]]
+    goals: ClassVar[dict[str, LivenessDef]]
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.actions, cls.invariants, cls.goals = {}, {}, {}
+        for attr, fn in list(vars(cls).items()):
+            if hasattr(fn, "__kv_action__"):
+                actor, receives, ps = fn.__kv_action__
+                if actor not in cls.actors and actor != "net":
+                    raise SpecError(f"{cls.__name__}.{attr}: unknown actor {actor!r}")
+                if receives is not None and receives not in cls.channels:
+                    raise SpecError(f"{cls.__name__}.{attr}: unknown channel {receives!r}")
+                cls.actions[attr] = ActionDef(attr, actor, _parse_params(ps), fn, receives,
+                                              (fn.__doc__ or "").strip())
+            elif hasattr(fn, "__kv_invariant__"):
+                sig = inspect.signature(fn, eval_str=True)
+                ps = {}
+                for n, p in list(sig.parameters.items())[2:]:      # skip (P, m)
+                    if not isinstance(p.annotation, str):
+                        raise SpecError(f"{cls.__name__}.{attr}: parameter {n} needs an index-set "
+                                        f"annotation such as {n}: \"slot\"")
+                    ps[n] = p.annotation
+                cls.invariants[attr] = InvariantDef(attr, _parse_params(ps), fn,
+                                                    fn.__kv_invariant__, (fn.__doc__ or "").strip())
+            elif hasattr(fn, "__kv_liveness__"):
+                pending, done, ps = fn.__kv_liveness__
+                cls.goals[attr] = LivenessDef(attr, _parse_params(ps), getattr(cls, pending),
+                                              getattr(cls, done), (fn.__doc__ or "").strip())
+
+    # ------------------------------------------------------------ layout
+
+    @classmethod
+    def all_vars(cls) -> dict[str, Var]:
+        """Declared variables plus the three generated per channel (has / latest epoch / older)."""
+        out = dict(cls.vars)
+        for c, ch in cls.channels.items():
+            out[f"{c}.has"] = Var(Bool(), ch.index, "net", doc=f"a '{c}' message was sent")
+            out[f"{c}.lat"] = Var(Nat(), ch.index, "net", doc=f"epoch of the newest '{c}' message")
+            out[f"{c}.old"] = Var(Bool(), ch.index, "net", doc=f"an older '{c}' message may still arrive")
+        return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each (variable, index tuple) lives in a flat state vector, for one parameter set."""
+
+    protocol: type[Protocol]
+    sizes: dict[str, int]
+    slots: dict[tuple[str, tuple[int, ...]], int] = field(default_factory=dict)
+    names: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    vars: dict[str, Var] = field(default_factory=dict)
+
+    @staticmethod
+    def build(protocol: type[Protocol], params: dict[str, int]) -> "Layout":
+        """Lay out every variable of `protocol` for index-set sizes taken from `params`."""
+        sizes = {}
+        for ix, pname in protocol.indices.items():
+            if pname not in params:
+                raise SpecError(f"{protocol.name}: missing instance parameter {pname!r}")
+            n = params[pname]
+            if not isinstance(n, int) or n < 1:
+                raise SpecError(f"{protocol.name}: parameter {pname}={n!r}; expected an int >= 1")
+            sizes[ix] = n
+        lay = Layout(protocol, sizes, vars=protocol.all_vars())
+        for vname, var in lay.vars.items():
+            for idx in itertools.product(*(range(sizes[i]) for i in var.index)):
+                lay.slots[(vname, idx)] = len(lay.names)
+                lay.names.append((vname, idx))
+        return lay
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def initial(self) -> tuple:
+        """The initial state vector."""
+        allv = self.protocol.all_vars()
+        return tuple(allv[v].initial() for v, _ in self.names)
+
+    def label(self, pos: int) -> str:
+        """Readable name of a state position, e.g. 'd_state[1]'."""
+        v, idx = self.names[pos]
+        return v + ("[" + ",".join(map(str, idx)) + "]" if idx else "")
+
+    def range(self, index: str) -> range:
+        """The values of one index set."""
+        return range(self.sizes[index])
+
+    def instances(self, params: tuple[Param, ...], data: dict[str, Iterator[int]] | None = None
+                  ) -> Iterator[dict[str, int]]:
+        """Every assignment of index parameters (data parameters from `data`, if given)."""
+        doms = []
+        for p in params:
+            if p.index is not None:
+                doms.append(list(self.range(p.index)))
+            else:
+                doms.append(list(data[p.name]) if data else [None])
+        for combo in itertools.product(*doms):
+            yield {p.name: v for p, v in zip(params, combo)}

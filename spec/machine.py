@@ -1,0 +1,362 @@
+"""Evaluating a protocol's actions: the view `m` that action bodies see, and the three ways to run it.
+
+* concrete: `Instance` holds the state of one protocol instance; `fire()` is the
+  only way to change it (the runtime's fast path), `enabled()` the query half.
+* enumerative: `successors()` yields every enabled action instance of a state.
+* symbolic: verify/ passes an `Ops` backend whose values are Z3 terms to `evaluate()`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Any, Iterator
+
+from kvproof.spec.core import (ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError)
+
+
+class Ops:
+    """Concrete operators; verify/ supplies a subclass whose values are Z3 terms."""
+
+    symbolic = False
+
+    def ite(self, c: Any, a: Any, b: Any) -> Any:
+        """If-then-else."""
+        return a if c else b
+
+    def all(self, xs: Any) -> Any:
+        """Conjunction."""
+        return all(xs)
+
+    def any(self, xs: Any) -> Any:
+        """Disjunction."""
+        return any(xs)
+
+    def not_(self, x: Any) -> Any:
+        """Negation."""
+        return not x
+
+    def implies(self, a: Any, b: Any) -> Any:
+        """Implication."""
+        return (not a) or b
+
+
+CONCRETE = Ops()
+
+
+class _GuardFailed(Exception):
+    def __init__(self, guard: str) -> None:
+        super().__init__(guard)
+        self.guard = guard
+
+
+@dataclass(frozen=True)
+class Emission:
+    """An I/O effect of a fired action: a message to send or a transfer to post."""
+
+    kind: str                 # "send" or an emit kind such as "post_write"
+    fields: dict[str, Any]
+
+
+class _Ref:
+    """A variable (family) as seen from an action body: m.var[i] reads, m.var[i] = x writes."""
+
+    __slots__ = ("_m", "_name")
+
+    def __init__(self, m: "View", name: str) -> None:
+        self._m, self._name = m, name
+
+    def __getitem__(self, idx: Any) -> Any:
+        return self._m._read(self._name, idx if isinstance(idx, tuple) else (idx,))
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        self._m._write(self._name, idx if isinstance(idx, tuple) else (idx,), value)
+
+
+class View:
+    """What an action body or invariant sees as `m`: reads the pre-state, buffers writes."""
+
+    def __init__(self, layout: Layout, state: Any, ops: Ops, variant: str,
+                 dropped: frozenset[str] = frozenset(), local: bool = False,
+                 track: set[str] | None = None) -> None:
+        self._layout, self._state, self.ops, self.variant = layout, state, ops, variant
+        self._dropped, self._local, self._track = dropped, local, track
+        self.writes: dict[int, Any] = {}
+        self.guards: list[tuple[str, str, Any]] = []        # (kind, name, condition) when symbolic
+        self.emissions: list[Emission] = []
+        self._vars = layout.vars
+
+    # state access ------------------------------------------------------
+    def __getattr__(self, name: str) -> _Ref:
+        if name.startswith("_") or name not in self._vars:
+            raise AttributeError(f"{self._layout.protocol.name}: no state variable {name!r}")
+        return _Ref(self, name)
+
+    def var(self, name: str) -> _Ref:
+        """Access a variable whose name is not an identifier (e.g. 'safe.has')."""
+        if name not in self._vars:
+            raise SpecError(f"{self._layout.protocol.name}: no state variable {name!r}")
+        return _Ref(self, name)
+
+    def _pos(self, name: str, idx: tuple) -> int:
+        try:
+            return self._layout.slots[(name, idx)]
+        except KeyError:
+            raise SpecError(f"{self._layout.protocol.name}: {name}{list(idx)} is out of range "
+                            f"(index sets {self._vars[name].index}, sizes {self._layout.sizes})") from None
+
+    def _read(self, name: str, idx: tuple) -> Any:
+        if self._track is not None:
+            self._track.add(name)
+        return self._state[self._pos(name, idx)]
+
+    def _write(self, name: str, idx: tuple, value: Any) -> None:
+        pos = self._pos(name, idx)
+        if pos in self.writes:
+            raise SpecError(f"{self._layout.protocol.name}: {name}{list(idx)} assigned twice in one action")
+        self.writes[pos] = value
+
+    # helpers -------------------------------------------------------------
+    def range(self, index: str) -> range:
+        """The values of an index set."""
+        return self._layout.range(index)
+
+    def ite(self, c: Any, a: Any, b: Any) -> Any:
+        """If-then-else that also works on symbolic values."""
+        return self.ops.ite(c, a, b)
+
+    def all(self, xs: Any) -> Any:
+        """Conjunction over an iterable."""
+        return self.ops.all(list(xs))
+
+    def any(self, xs: Any) -> Any:
+        """Disjunction over an iterable."""
+        return self.ops.any(list(xs))
+
+    def not_(self, x: Any) -> Any:
+        """Negation."""
+        return self.ops.not_(x)
+
+    def implies(self, a: Any, b: Any) -> Any:
+        """Implication."""
+        return self.ops.implies(a, b)
+
+    # guards and effects ---------------------------------------------------
+    def require(self, cond: Any, name: str) -> None:
+        """A guard the acting process evaluates on its own state."""
+        self._guard("local", name, cond)
+
+    def env(self, cond: Any, name: str) -> None:
+        """A guard the environment guarantees (message delivered, connection drained)."""
+        if not self._local:
+            self._guard("env", name, cond)
+
+    def _guard(self, kind: str, name: str, cond: Any) -> None:
+        if name in self._dropped:
+            return
+        if self.ops.symbolic:
+            self.guards.append((kind, name, cond))
+        elif not cond:
+            raise _GuardFailed(name)
+
+    def send(self, channel: str, idx: tuple, epoch: Any) -> None:
+        """Send a message tagged with `epoch` on `channel` at index `idx`."""
+        has, lat, old = (self.var(f"{channel}.{f}") for f in ("has", "lat", "old"))
+        prev_has, prev_lat, prev_old = has[idx], lat[idx], old[idx]
+        has[idx] = True
+        lat[idx] = epoch
+        old[idx] = self.ops.any([prev_old, self.ops.all([prev_has, prev_lat != epoch])])
+        self.emissions.append(Emission("send", {"channel": channel, "index": list(idx), "epoch": epoch}))
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Record an I/O effect (e.g. post a write) for the runtime to carry out."""
+        self.emissions.append(Emission(kind, fields))
+
+
+def _receive_guard(m: View, adef: ActionDef, args: dict[str, Any]) -> None:
+    ch = m._layout.protocol.channels[adef.receives]
+    by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
+    idx = tuple(by_index[i] for i in ch.index)
+    e = args["e"]
+    has, lat, old = (m.var(f"{adef.receives}.{f}")[idx] for f in ("has", "lat", "old"))
+    m.env(m.any([m.all([has, lat == e]), m.all([old, e < lat])]), f"{adef.receives}_delivered")
+
+
+def evaluate(layout: Layout, state: Any, adef: ActionDef, args: dict[str, Any], ops: Ops,
+             variant: str, dropped: frozenset[str] = frozenset(), local: bool = False,
+             track: set[str] | None = None) -> View:
+    """Run one action body against `state`; concretely raises _GuardFailed on a false guard."""
+    m = View(layout, state, ops, variant, dropped, local, track)
+    if adef.receives is not None:
+        _receive_guard(m, adef, args)
+    adef.body(layout.protocol, m, **args)
+    return m
+
+
+def holds(layout: Layout, state: Any, fn: Any, args: dict[str, Any], ops: Ops, variant: str) -> Any:
+    """Evaluate a predicate (invariant or liveness predicate) on a state."""
+    m = View(layout, state, ops, variant)
+    return fn(layout.protocol, m, **args)
+
+
+def data_domain(layout_params: dict[str, int], adef: ActionDef) -> dict[str, range]:
+    """Finite domains of an action's data parameters for explicit-state search."""
+    out = {}
+    for p in adef.params:
+        if p.index is None:
+            if p.bound is None or p.bound not in layout_params:
+                raise SpecError(f"{adef.name}: data parameter {p.name} needs a bound parameter")
+            out[p.name] = range(layout_params[p.bound] + 1)
+    return out
+
+
+def _candidate_args(layout: Layout, params: dict[str, int], state: tuple, adef: ActionDef
+                    ) -> Iterator[dict[str, Any]]:
+    """Argument tuples worth trying; for a receive, only epochs the channel can deliver."""
+    if adef.receives is None:
+        yield from layout.instances(adef.params, data_domain(params, adef))
+        return
+    ch = layout.protocol.channels[adef.receives]
+    idx_params = tuple(p for p in adef.params if p.index is not None)
+    for args in layout.instances(idx_params):
+        by_index = {p.index: args[p.name] for p in idx_params}
+        idx = tuple(by_index[i] for i in ch.index)
+        has = state[layout.slots[(f"{adef.receives}.has", idx)]]
+        lat = state[layout.slots[(f"{adef.receives}.lat", idx)]]
+        old = state[layout.slots[(f"{adef.receives}.old", idx)]]
+        for e in ([lat] if has else []) + (list(range(lat)) if old else []):
+            yield {**args, "e": e}
+
+
+def _within_bounds(layout: Layout, params: dict[str, int], writes: dict[int, Any]) -> bool:
+    allv = layout.vars
+    for pos, val in writes.items():
+        t = allv[layout.names[pos][0]].type
+        if isinstance(t, Nat) and t.bound is not None and val > params[t.bound]:
+            return False
+    return True
+
+
+def successors(layout: Layout, params: dict[str, int], state: tuple, variant: str,
+               dropped: frozenset[str] = frozenset()
+               ) -> Iterator[tuple[str, dict[str, Any], tuple]]:
+    """Every (action, args, next state) enabled in `state`, within the search bounds."""
+    for name, adef in layout.protocol.actions.items():
+        for args in _candidate_args(layout, params, state, adef):
+            try:
+                m = evaluate(layout, state, adef, args, CONCRETE, variant, dropped)
+            except _GuardFailed:
+                continue
+            if not _within_bounds(layout, params, m.writes):
+                continue
+            nxt = list(state)
+            for pos, val in m.writes.items():
+                nxt[pos] = val
+            yield name, args, tuple(nxt)
+
+
+class Instance:
+    """One live protocol instance: the runtime's slot table *is* this object."""
+
+    def __init__(self, protocol: type[Protocol], variant: str, params: dict[str, int],
+                 actor: str | None = None, trace: IO[str] | str | None = None) -> None:
+        if variant not in protocol.variants:
+            raise SpecError(f"{protocol.name}: unknown variant {variant!r}; "
+                            f"expected one of {', '.join(protocol.variants)}")
+        if actor is not None and actor not in protocol.actors:
+            raise SpecError(f"{protocol.name}: unknown actor {actor!r}; expected one of {protocol.actors}")
+        self.protocol, self.variant, self.params, self.actor = protocol, variant, dict(params), actor
+        self.layout = Layout.build(protocol, params)
+        self.state = list(self.layout.initial())
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._trace = open(trace, "a") if isinstance(trace, str) else trace
+        if self._trace is not None:
+            self._write_trace({"kind": "header", "protocol": protocol.name, "variant": variant,
+                               "params": self.params, "actor": actor})
+
+    def _adef(self, action: str) -> ActionDef:
+        try:
+            adef = self.protocol.actions[action]
+        except KeyError:
+            raise SpecError(f"{self.protocol.name}: unknown action {action!r}") from None
+        if self.actor is not None and adef.actor != self.actor:
+            raise SpecError(f"{self.protocol.name}: action {action} belongs to actor "
+                            f"{adef.actor!r}, not to this {self.actor!r} instance")
+        return adef
+
+    def _eval(self, adef: ActionDef, args: dict[str, Any]) -> View:
+        return evaluate(self.layout, self.state, adef, args, CONCRETE, self.variant,
+                        local=self.actor is not None)
+
+    def why_disabled(self, action: str, **args: Any) -> str | None:
+        """The first false guard of `action(args)`, or None when it is enabled."""
+        try:
+            self._eval(self._adef(action), args)
+        except _GuardFailed as g:
+            return g.guard
+        return None
+
+    def enabled(self, action: str, **args: Any) -> bool:
+        """Whether `action(args)` may fire now."""
+        return self.why_disabled(action, **args) is None
+
+    def fire(self, action: str, **args: Any) -> list[Emission]:
+        """Fire `action(args)`: apply its effect, trace it, return its I/O effects."""
+        adef = self._adef(action)
+        with self._lock:
+            try:
+                m = self._eval(adef, args)
+            except _GuardFailed as g:
+                raise ProtocolViolation(self.protocol.name, action, args, g.guard) from None
+            for pos, val in m.writes.items():
+                self.state[pos] = val
+            if self._trace is not None:
+                self._write_trace({"kind": "fire", "actor": adef.actor, "action": action,
+                                   "params": _jsonable(args)})
+        return m.emissions
+
+    def record(self, action: str, **args: Any) -> None:
+        """Trace an environment event this process observed (e.g. a write landing) without firing it."""
+        if action not in self.protocol.actions:
+            raise SpecError(f"{self.protocol.name}: unknown action {action!r}")
+        if self._trace is not None:
+            with self._lock:
+                self._write_trace({"kind": "fire", "actor": self.protocol.actions[action].actor,
+                                   "action": action, "params": _jsonable(args)})
+
+    def get(self, var: str, *idx: int) -> Any:
+        """Read one state value."""
+        return self.state[self.layout.slots[(var, tuple(idx))]]
+
+    def count(self, var: str, value: Any) -> int:
+        """How many positions of a family hold `value` (e.g. slots by state)."""
+        return sum(1 for (v, _), x in zip(self.layout.names, self.state) if v == var and x == value)
+
+    def violated_invariants(self) -> list[str]:
+        """Names (with indices) of the invariants the current state violates."""
+        out = []
+        for inv in self.protocol.invariants.values():
+            for args in self.layout.instances(inv.params):
+                if not holds(self.layout, self.state, inv.body, args, CONCRETE, self.variant):
+                    out.append(inv.name + str(tuple(args.values())))
+        return out
+
+    def _write_trace(self, rec: dict[str, Any]) -> None:
+        self._seq += 1
+        rec = {"seq": self._seq, "t_ns": time.monotonic_ns(), "pid": os.getpid(), **rec}
+        self._trace.write(json.dumps(rec) + "\n")
+        self._trace.flush()
+
+    def close(self) -> None:
+        """Close the trace file, if this instance opened one."""
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
+
+def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if isinstance(v, (bool, int)) and not isinstance(v, bool) else v
+            for k, v in args.items()}
