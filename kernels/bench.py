@@ -70,8 +70,9 @@ def _rotations(working_set: int, device: str) -> int:
 
 
 def _row(name: str, shape: dict, ms: float | None, nbytes: float, flops: float,
-         torch_ms: float | None) -> dict:
-    row = dict(kernel=name, shape=shape, ms=ms, torch_ms=torch_ms, bytes=int(nbytes), flops=int(flops))
+         torch_ms: float | None, diff: float | None = None) -> dict:
+    row = dict(kernel=name, shape=shape, ms=ms, torch_ms=torch_ms, bytes=int(nbytes), flops=int(flops),
+               max_abs_diff_vs_torch=diff)
     if ms:
         row["gbps"] = nbytes / ms / 1e6
         row["tflops"] = flops / ms / 1e9
@@ -93,19 +94,20 @@ def _table(B: int, ctx: int, dev: str, spare: int = 0) -> tuple[torch.Tensor, to
 # ---- vectorised torch versions of the same ops (the speed baselines) -------------------
 
 
-def _torch_gather(u8: torch.Tensor, layout, tok_flat: torch.Tensor, layers: range) -> torch.Tensor:
+def _torch_gather(u8: torch.Tensor, layout, tok: tuple[torch.Tensor, torch.Tensor],
+                  layers: range) -> torch.Tensor:
     S, parts = layout.page_size, []
     for i, w in enumerate(layout.plane_bytes):
         off = layout.plane_offset(i)
-        plane = u8[layers.start: layers.stop, :, off: off + S * w].unflatten(-1, (S, w)).flatten(1, 2)
-        parts.append(plane[:, tok_flat])                                           # [nL, T, w]
-    return torch.cat(parts, -1)
+        plane = u8[layers.start: layers.stop, :, off: off + S * w].unflatten(-1, (S, w))  # [nL, P, S, w]
+        parts.append(plane[:, tok[0], tok[1]])                                     # [nL, T, w]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
-def _tok_flat(table: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+def _tok_pages(table: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = torch.arange(int(lens.max()), device=table.device)
-    flat = table[:, pos // PAGE].long() * PAGE + pos % PAGE                        # [B, max_len]
-    return flat[pos[None, :] < lens[:, None].long()]
+    valid = pos[None, :] < lens[:, None].long()                                    # [B, max_len]
+    return table[:, pos // PAGE].long()[valid], (pos % PAGE).expand_as(valid)[valid]
 
 
 def _torch_indexer(q, w, cache, table, q_len, max_len) -> torch.Tensor:
@@ -137,14 +139,15 @@ def _bench_copy(spec, dev, run_kernels, timer) -> list[dict]:
             work = page_work_list(table, lens, PAGE, num_pages)
             buf = torch.empty(n_layers, B * ctx, layout.token_bytes, dtype=torch.uint8, device=dev)
             moved = 2.0 * buf.numel()
-            flat = _tok_flat(table, lens)
+            tok = _tok_pages(table, lens)
             shape = dict(layout=layout.name, requests=B, ctx=ctx, layers=n_layers)
-            t_torch = timer(lambda: _torch_gather(pool, layout, flat, range(n_layers)), [()])
-            g = s = None
+            t_torch = timer(lambda: _torch_gather(pool, layout, tok, range(n_layers)), [()])
+            g = s = diff = None
             if run_kernels:
                 g = timer(lambda: gather_pages(pool, layout, table, lens, out=buf, work=work), [()])
                 s = timer(lambda: scatter_pages(buf, pool, layout, table, lens, work=work), [()])
-            rows.append(_row("paged_copy.gather", shape, g, moved, 0, t_torch))
+                diff = 0.0 if torch.equal(buf, _torch_gather(pool, layout, tok, range(n_layers))) else float("inf")
+            rows.append(_row("paged_copy.gather", shape, g, moved, 0, t_torch, diff))
             rows.append(_row("paged_copy.scatter", shape, s, moved, 0, None))
             del pool, buf
     return rows
@@ -173,13 +176,19 @@ def _bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
             nbytes = keys * 132 + T * ctx * 4 + ws
             flops = 2.0 * IDX_H * IDX_D * keys
             shape = dict(queries=T, ctx=ctx, heads=IDX_H, dim=IDX_D)
-            t_torch = None
-            if mode == "idx_decode" and T * ctx * (IDX_H * 4 + IDX_D * 2) < (8 << 30 if dev == "cuda" else 1 << 28):
+            t_torch = ms = diff = None
+            with_torch = mode == "idx_decode" and T * ctx * (IDX_H * 4 + IDX_D * 2) < (8 << 30 if dev == "cuda" else 1 << 28)
+            if with_torch:
                 t_torch = timer(lambda q, w: _torch_indexer(q, w, cache, table, q_len, ctx), ins)
-            ms = None
             if run_kernels:
                 ms = timer(lambda q, w: indexer_scores(q, w, cache, table, q_req, q_len, PAGE, ctx, out=out), ins)
-            rows.append(_row(f"indexer.scores.{mode.split('_')[1]}", shape, ms, nbytes, flops, t_torch))
+            if run_kernels and with_torch:
+                got = indexer_scores(q_req=q_req, q_len=q_len, q=ins[0][0], weights=ins[0][1], cache=cache,
+                                     page_table=table, page_size=PAGE, max_len=ctx)
+                want = _torch_indexer(*ins[0], cache, table, q_len, ctx)
+                fin = torch.isfinite(want)
+                diff = float((got[fin] - want[fin]).abs().max()) if fin.any() else 0.0
+            rows.append(_row(f"indexer.scores.{mode.split('_')[1]}", shape, ms, nbytes, flops, t_torch, diff))
             del cache, out
     for B, ctx, k in spec["topk"]:
         scores = torch.randn(B, ctx, device=dev)
@@ -212,15 +221,20 @@ def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
             # flash-decoding splits so that small batches still fill ~2 waves of 132 SMs
             splits = max(1, min(16, 264 // (B * math.ceil(H / 16))))
             shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k, splits=splits)
-            t_torch = timer(lambda qn, qp, pos: _torch_mla(qn, qp, kv, table, pos.long(), scale), ins)
-            ms = None
-            if run_kernels and name == "sparse":
-                ms = timer(lambda qn, qp, pos: sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale,
-                                                                    num_splits=splits), ins)
-            elif run_kernels:
-                ms = timer(lambda qn, qp, pos: dense_mla_attention(qn, qp, kv, table, q_req, lens, scale,
-                                                                   num_splits=splits), ins)
-            rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch))
+            def torch_fn(qn, qp, pos):
+                return _torch_mla(qn, qp, kv, table, pos.long(), scale)
+
+            def kernel_fn(qn, qp, pos):
+                if name == "sparse":
+                    return sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale, num_splits=splits)[0]
+                return dense_mla_attention(qn, qp, kv, table, q_req, lens, scale, num_splits=splits)[0]
+
+            t_torch = timer(torch_fn, ins)
+            ms = diff = None
+            if run_kernels:
+                ms = timer(kernel_fn, ins)
+                diff = float((kernel_fn(*ins[0]).float() - torch_fn(*ins[0]).float()).abs().max())
+            rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch, diff))
             del kv
     return rows
 
