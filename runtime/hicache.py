@@ -101,15 +101,15 @@ class BatchResult:
     exec: ExecResult
 
 
-def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """Coalesce (src, dst) page pairs into (src0, dst0, n) runs of consecutive pages."""
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Coalesce page ids into (first, count) runs of consecutive pages."""
     out: list[list[int]] = []
-    for s, d in pairs:
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            out[-1][2] += 1
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
         else:
-            out.append([s, d, 1])
-    return [tuple(r) for r in out]  # type: ignore[misc]
+            out.append([p, 1])
+    return [(a, n) for a, n in out]
 
 
 class HiCache:
@@ -284,23 +284,31 @@ class HiCache:
         out: dict = {"scores": {}, "topk": {}, "hidden": {0: h0}}
         impls: dict[str, OpImpl] = {}
         src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
-        dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long, device=self.device)
+        dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long)
 
         def copy(host: torch.Tensor, dev: torch.Tensor, l: int) -> OpImpl:
             def start():
                 if not swaps:
                     return None
+                layer = dev[l]                      # one view per layer: what the indexer reads too
                 if emulated:                        # the data is read now, lands at the end
                     snap = host[l].index_select(0, src_t)
-                    return lambda: dev[l].index_copy_(0, dst_t, snap)
-                for s, d, n in _runs(swaps):        # pinned host -> device, async on the load stream
-                    dev[l, d:d + n].copy_(host[l, s:s + n], non_blocking=True)
+                    return lambda: layer.index_copy_(0, dst_t, snap)
+                # On the load stream: pinned host runs -> device staging (async), then scatter to pages.
+                # Both tensors are allocated on this stream and used only here (allocator-safe).
+                stage = torch.empty((len(swaps),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
+                k = 0
+                for s, n in _runs([s for s, _ in swaps]):
+                    stage[k:k + n].copy_(host[l, s:s + n], non_blocking=True)
+                    k += n
+                dst = torch.tensor([d for _, d in swaps], dtype=torch.long).to(layer.device, non_blocking=True)
+                layer.index_copy_(0, dst, stage)
                 return None
             return start
 
         def indexer(l: int) -> OpImpl:
             def start():
-                keys = self.dev_idx[l, pages].reshape(-1, cfg.idx_dim)          # [T, I]
+                keys = self.dev_idx[l].index_select(0, pages).reshape(-1, cfg.idx_dim)   # [T, I]
                 s = torch.relu(keys @ q[l])                                      # [T]
                 top = s.topk(min(cfg.topk, s.numel())).indices
                 def commit() -> None:
@@ -311,7 +319,7 @@ class HiCache:
         def attention(l: int) -> OpImpl:
             def start():
                 h = out["hidden"][l]
-                kv = self.dev_kv[l, pages].reshape(-1, cfg.kv_dim)[out["topk"][l]]  # [k, D]
+                kv = self.dev_kv[l].index_select(0, pages).reshape(-1, cfg.kv_dim)[out["topk"][l]]  # [k, D]
                 w = torch.softmax(kv @ h / math.sqrt(cfg.kv_dim), dim=0)             # [k]
                 h2 = h + w @ kv
                 def commit() -> None:
