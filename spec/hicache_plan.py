@@ -14,8 +14,10 @@ layer's input).
   #22811: Indexer-cache accessors skipped the per-layer ``wait_until(layer)``
   the KV accessors did), so the indexer can read a half-loaded Indexer cache.
 
-The plan for L layers is the concatenation of one per-layer *template*
-instantiated at l = 0..L-1; names in the template carry ``{l}`` or ``{l+1}``.
+A batch's plan is a prologue (the load stream waits for the forward stream's
+earlier work before it overwrites device pages: SGLang's
+``load_stream.wait_stream(current_stream)``) followed by one per-layer
+*template* instantiated at l = 0..L-1; names carry ``{l}`` or ``{l+1}``.
 That shape is what lets ``verify/race.py`` prove the fixed plan for every L.
 """
 from __future__ import annotations
@@ -75,15 +77,33 @@ def layer_block(layer: int, variant: str) -> tuple[Instr, ...]:
     return tuple(instantiate(i, layer) for i in layer_template(variant))
 
 
-def hicache_plan(layers: int, variant: str = "fixed") -> Plan:
-    """The swap-in + forward plan of one batch over ``layers`` layers."""
+# Before a batch overwrites device pages, the load stream waits for the forward stream's earlier
+# work: the previous batch may still be reading pages this batch reuses (write-after-read).
+PROLOGUE: tuple[Instr, ...] = (Record(FORWARD, "pages_free"), Wait(LOAD, "pages_free"))
+
+
+def hicache_plan(layers: int, variant: str = "fixed", batches: int = 1) -> Plan:
+    """The swap-in + forward plan of ``batches`` back-to-back batches over ``layers`` layers."""
     if not isinstance(layers, int) or layers < 1:
         raise ValueError(f"layers must be a positive int, got {layers!r}")
-    instrs = tuple(i for l in range(layers) for i in layer_block(l, variant))
-    return Plan(f"hicache/{variant}/L={layers}", STREAMS, instrs)
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be a positive int, got {batches!r}")
+    instrs: list[Instr] = []
+    for b in range(batches):
+        for ins in PROLOGUE + tuple(i for l in range(layers) for i in layer_block(l, variant)):
+            if batches > 1 and isinstance(ins, Op):    # op names are unique within a plan
+                ins = Op(ins.stream, f"{ins.name}@b{b}", ins.reads, ins.writes, ins.kind)
+            instrs.append(ins)
+    name = f"hicache/{variant}/L={layers}" + (f"/B={batches}" if batches > 1 else "")
+    return Plan(name, STREAMS, tuple(instrs))
 
 
-def drop_wait(plan: Plan, event_stem: str) -> Plan:
-    """The plan without the waits on events named ``event_stem[...]`` (guard-necessity analysis)."""
-    keep = tuple(i for i in plan.instrs if not (isinstance(i, Wait) and i.event.startswith(event_stem + "[")))
-    return Plan(f"{plan.name}-{event_stem}", plan.streams, keep)
+def event_stem(event: str) -> str:
+    """The event family: ``kv_ready[3]`` -> ``kv_ready``."""
+    return event.split("[", 1)[0]
+
+
+def drop_wait(plan: Plan, stem: str) -> Plan:
+    """The plan without its waits on the event family ``stem`` (guard-necessity analysis)."""
+    keep = tuple(i for i in plan.instrs if not (isinstance(i, Wait) and event_stem(i.event) == stem))
+    return Plan(f"{plan.name}-{stem}", plan.streams, keep)

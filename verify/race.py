@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 import z3
 
-from kvproof.spec.hicache_plan import offset_of
+from kvproof.spec.hicache_plan import drop_wait, event_stem, offset_of
 from kvproof.spec.streams import (HappensBefore, HostSync, Instr, Op, Plan, Record, Violation, Wait,
                                   check_plan, dependencies, happens_before, resolve_waits)
 from kvproof.verify.verdict import Step
@@ -182,8 +182,8 @@ def _names(ins: Instr) -> list[str]:
 
 
 def prove_template(template: tuple[Instr, ...], streams: tuple[str, ...], prop: str,
-                   instantiate_block: Any) -> ParametricResult:
-    """Prove that the plans block(0)..block(L-1) satisfy ``prop`` for every L >= 1.
+                   instantiate_block: Any, prologue: tuple[Instr, ...] = ()) -> ParametricResult:
+    """Prove that the plans prologue + block(0)..block(L-1) satisfy ``prop`` for every L >= 1.
 
     (1) Every name (region, event) carries a layer offset 0..D; Z3 shows that two
     blocks touching the same name are at most D apart (for symbolic l, l', L).
@@ -192,7 +192,10 @@ def prove_template(template: tuple[Instr, ...], streams: tuple[str, ...], prop: 
     any longer plan and contains every dependency between its blocks.
     (3) For each dependency of ``prop`` in the window, Z3 shows "after starts before
     before ends" is unsatisfiable under the window's stream/event constraints.
+    A prologue without ops and without the template's events only adds constraints.
     """
+    if any(isinstance(i, (Op, HostSync)) for i in prologue):
+        return ParametricResult(False, 0, 0, "prologue contains an op or a host sync")
     offsets = []
     for ins in template:
         if isinstance(ins, HostSync):
@@ -205,6 +208,9 @@ def prove_template(template: tuple[Instr, ...], streams: tuple[str, ...], prop: 
     recorded = [offset_of(i.event)[0] for i in template if isinstance(i, Record)]  # type: ignore[index]
     if len(recorded) != len(set(recorded)):
         return ParametricResult(False, 0, 0, "an event is recorded twice in one block")
+    stems = {offset_of(n)[0].split("[")[0] for i in template for n in _names(i)}  # type: ignore[index]
+    if any(isinstance(i, (Record, Wait)) and event_stem(i.event) in stems for i in prologue):
+        return ParametricResult(False, 0, 0, "the prologue uses an event of the template")
     span = max(o for _, o in offsets) - min(o for _, o in offsets)
     # (1) aliasing lemma: same stem, offsets a, b, layers l, l2 in [0, L) => |l - l2| <= span
     s = z3.Solver()
@@ -233,18 +239,14 @@ def prove_template(template: tuple[Instr, ...], streams: tuple[str, ...], prop: 
     return ParametricResult(True, len(deps), span,
                             f"Z3: layer template touches names at offsets within {span}; in the {span + 1}-layer "
                             f"window all {len(deps)} {prop} dependencies are ordered (race UNSAT), "
-                            f"so the plan is race-free for every L >= 1")
+                            f"so the one-batch plan (prologue + L layers) is race-free for every L >= 1")
 
 
 def waits_needed(plan: Plan) -> list[tuple[str, bool]]:
-    """Guard necessity: for each wait of ``plan``, whether dropping it alone creates a violation."""
-    out = []
-    base = check_plan(plan)
-    for i, ins in enumerate(plan.instrs):
-        if isinstance(ins, Wait):
-            cut = Plan(f"{plan.name}-w{i}", plan.streams, plan.instrs[:i] + plan.instrs[i + 1:])
-            out.append((f"wait {ins.event} on {ins.stream}", len(check_plan(cut)) > len(base)))
-    return out
+    """Guard necessity: for each event family waited on, whether dropping those waits creates races."""
+    base = len(check_plan(plan))
+    stems = dict.fromkeys(event_stem(i.event) for i in plan.instrs if isinstance(i, Wait))
+    return [(stem, len(check_plan(drop_wait(plan, stem))) > base) for stem in stems]
 
 
 def unresolved_waits(plan: Plan) -> list[int]:

@@ -29,7 +29,7 @@ def test_text(files: dict[str, str]) -> None:
     assert code == 0 and "no races" in out
     code, out = audit_streams(files["prefix_trace"])
     assert code == 1 and "2 race(s)" in out and "witness schedule" in out
-    assert f"{files['prefix_trace']}:6" in out          # line of indexer[0] in the trace (header is line 1)
+    assert f"{files['prefix_trace']}:8" in out          # line of indexer[0] in the trace (header is line 1)
 
 
 def test_json(files: dict[str, str]) -> None:
@@ -37,7 +37,7 @@ def test_json(files: dict[str, str]) -> None:
     doc = json.loads(out)
     assert code == 1 and not doc["ok"] and len(doc["races"]) == 2
     r = doc["races"][0]
-    assert r["after"]["op"] == "indexer[0]" and r["before"]["op"] == "load_idx[0]" and r["line"] == 6
+    assert r["after"]["op"] == "indexer[0]" and r["before"]["op"] == "load_idx[0]" and r["line"] == 8
     assert r["schedule"] and "timeline" in r
 
 
@@ -51,7 +51,7 @@ def test_sarif(files: dict[str, str]) -> None:
     assert len(run["results"]) == 2
     res = run["results"][0]
     assert res["ruleId"] == "no_read_before_ready" and res["level"] == "error"
-    assert res["locations"][0]["physicalLocation"]["region"]["startLine"] == 6
+    assert res["locations"][0]["physicalLocation"]["region"]["startLine"] == 8
     assert json.loads(audit_streams(files["fixed"], "sarif")[1])["runs"][0]["results"] == []
 
 

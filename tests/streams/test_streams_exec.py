@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from conftest import tiny_plans
+from stream_plans import tiny_plans
 from kvproof.runtime.stream_exec import emulate, run_sync
 from kvproof.spec.hicache_plan import hicache_plan
 from kvproof.spec.streams import Op, Plan, check_plan

@@ -121,7 +121,7 @@ def test_last_trace_parses_as_a_plan() -> None:
     c.insert(*_seq(0, P, 0))
     c.load(list(range(P)))
     plan = plan_loads("\n".join(c.last_trace))
-    assert plan.name == "hicache/fixed/L=3" and len(plan.instrs) == 8 * L
+    assert plan.name == "hicache/fixed/L=3" and len(plan.instrs) == 2 + 8 * L
 
 
 def test_config_errors_name_the_field() -> None:

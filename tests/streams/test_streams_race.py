@@ -8,7 +8,7 @@ import networkx as nx
 import pytest
 from hypothesis import given, settings
 
-from conftest import tiny_plans
+from stream_plans import tiny_plans
 from kvproof.spec.hicache_plan import STREAMS, VARIANTS, hicache_plan, layer_block, layer_template
 from kvproof.spec.streams import PROPERTIES, Op, Plan, check_plan, happens_before
 from kvproof.verify import registry
@@ -71,7 +71,8 @@ def test_parametric_proof(prop: str) -> None:
 
 
 def test_every_wait_of_the_fixed_plan_is_needed() -> None:
-    assert all(needed for _, needed in waits_needed(hicache_plan(3, "fixed")))
+    res = waits_needed(hicache_plan(3, "fixed", batches=2))
+    assert [w for w, _ in res] == ["pages_free", "idx_ready", "kv_ready"] and all(n for _, n in res)
 
 
 def test_prove_checks_have_expected_outcomes_fast() -> None:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 
-from conftest import tiny_plans
+from stream_plans import tiny_plans
 from kvproof.spec.hicache_plan import VARIANTS, drop_wait, hicache_plan
 from kvproof.spec.streams import (HostSync, Op, Plan, PlanFormatError, Record, Wait, check_plan, explore,
                                   plan_dumps, plan_loads, plan_loads_lines, trace_dumps)
@@ -57,7 +57,7 @@ def test_plan_validation() -> None:
 
 # Pinned reachable-state counts: an unintended change to the semantics fails loudly.
 @pytest.mark.parametrize("layers, variant, states", [
-    (1, "fixed", 93), (1, "prefix", 88), (2, "fixed", 593), (2, "prefix", 506)])
+    (1, "fixed", 114), (1, "prefix", 113), (2, "fixed", 630), (2, "prefix", 559)])
 def test_pinned_state_counts(layers: int, variant: str, states: int) -> None:
     ex = explore(hicache_plan(layers, variant))
     assert ex.complete and ex.deadlocks == 0
@@ -75,6 +75,13 @@ def test_hicache_fixed_clean_prefix_races_every_layer(layers: int) -> None:
 def test_dropping_the_kv_wait_races_attention() -> None:
     bad = check_plan(drop_wait(hicache_plan(2, "fixed"), "kv_ready"))
     assert {v.region for v in bad} == {"dev.kv[0]", "dev.kv[1]"}
+
+
+def test_page_reuse_across_batches_needs_the_prologue_wait() -> None:
+    assert check_plan(hicache_plan(3, "fixed", batches=2)) == ()
+    bad = check_plan(drop_wait(hicache_plan(3, "fixed", batches=2), "pages_free"))
+    assert {v.property for v in bad} == {"no_write_after_read"}
+    assert any("load_idx[0]@b1" in v.message and "indexer[0]@b0" in v.message for v in bad)
 
 
 def test_cuda_wait_semantics() -> None:

@@ -1,4 +1,4 @@
-"""Shared helpers for the stream-ordering tests: tiny random plans for Hypothesis."""
+"""Tiny random plans for Hypothesis (a plain module: a second conftest.py could shadow it)."""
 from __future__ import annotations
 
 from hypothesis import strategies as st
