@@ -4,16 +4,17 @@ Header (little endian, 76 bytes):
     magic 4s "KVTP" | version u8 | type u8 | flags u16 | wr_id u64 | region u32 |
     offset u64 | length u64 | imm u32 | ntag u8 | pad 3 | tag 4 x i64
 
-WRITE carries `length` payload bytes destined for (region, offset); ACK reports
-that write wr_id landed; NAK reports that it was rejected, with a UTF-8 reason
-of `length` bytes; CLOSE announces an orderly close.
+WRITE carries `length` payload bytes destined for (region, offset); ACK carries
+`length` / 8 little-endian u64 wr_ids of writes that landed (batched: one ACK
+frame per burst, not per write); NAK reports that write wr_id was rejected,
+with a UTF-8 reason of `length` bytes; CLOSE announces an orderly close.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .base import TAG_MAX_LEN, Tag, TransportError
 
@@ -23,6 +24,7 @@ HEADER = struct.Struct("<4sBBHQIQQIB3x4q")
 FLAG_IMM = 0x1
 KNOWN_FLAGS = FLAG_IMM
 MAX_REASON = 64 * 1024  # a NAK reason longer than this is a malformed frame
+MAX_ACKS = 4096  # wr_ids per ACK frame
 
 
 class FrameType(enum.IntEnum):
@@ -41,9 +43,8 @@ class FrameError(TransportError):
         self.value = value
 
 
-@dataclass(frozen=True)
-class Header:
-    """A decoded frame header."""
+class Header(NamedTuple):
+    """A decoded frame header (a NamedTuple: it is built twice per write on the hot path)."""
 
     type: FrameType
     wr_id: int
@@ -83,9 +84,22 @@ def decode_header(raw: bytes | bytearray | memoryview) -> Header:
         raise FrameError("ntag", ntag, f"<= {TAG_MAX_LEN}")
     if ftype is FrameType.NAK and length > MAX_REASON:
         raise FrameError("length", length, f"<= {MAX_REASON} for a NAK reason")
-    if ftype in (FrameType.ACK, FrameType.CLOSE) and length != 0:
-        raise FrameError("length", length, f"0 for a {ftype.name} frame")
+    if ftype is FrameType.ACK and (length % 8 or not 0 < length <= 8 * MAX_ACKS):
+        raise FrameError("length", length, f"a multiple of 8 in [8, {8 * MAX_ACKS}] for an ACK frame")
+    if ftype is FrameType.CLOSE and length != 0:
+        raise FrameError("length", length, "0 for a CLOSE frame")
     return Header(
         type=ftype, wr_id=wr_id, region=region, offset=offset, length=length,
         imm=imm if flags & FLAG_IMM else None, tag=tuple(tag[:ntag]),
     )
+
+
+def encode_acks(wr_ids: list[int]) -> tuple[bytes, bytes]:
+    """Header and payload of one ACK frame for up to MAX_ACKS landed writes."""
+    assert 0 < len(wr_ids) <= MAX_ACKS, len(wr_ids)
+    return encode_header(Header(FrameType.ACK, 0, length=8 * len(wr_ids))), struct.pack(f"<{len(wr_ids)}Q", *wr_ids)
+
+
+def decode_acks(payload: bytes | bytearray) -> tuple[int, ...]:
+    """The wr_ids of an ACK payload."""
+    return struct.unpack(f"<{len(payload) // 8}Q", payload)

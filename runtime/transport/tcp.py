@@ -19,20 +19,64 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import select
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .base import (
     Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
     TransportError, as_bytes_view, check_bounds, check_imm, check_tag,
 )
 from .faults import FaultConfig, FaultInjector
-from .frames import HEADER, MAX_REASON, FrameError, FrameType, Header, decode_header, encode_header
+from .frames import (
+    HEADER, MAX_ACKS, MAX_REASON, FrameError, FrameType, Header, decode_acks, decode_header, encode_acks,
+    encode_header,
+)
 
 Address = tuple[str, int]
 _U32, _U64 = 2**32, 2**64
+_BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
+_ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
+
+
+class _Reader:
+    """Reads a socket through a small buffer, so a burst of ACKs costs one syscall, while the
+    bulk of a large payload is received straight into its destination, never staged."""
+
+    def __init__(self, sock: socket.socket, before_recv: Callable[[], None], size: int = 4096) -> None:
+        self._sock, self._buf, self._before_recv = sock, memoryview(bytearray(size)), before_recv
+        self._lo = self._hi = 0
+        self._direct = size // 4  # reads at least this large bypass the buffer
+
+    def buffered(self) -> bool:
+        """Whether bytes are waiting in the buffer."""
+        return self._hi > self._lo
+
+    def read_into(self, dst: memoryview) -> bool:
+        """Fill dst exactly; False on EOF."""
+        k = min(self._hi - self._lo, dst.nbytes)
+        if k:
+            dst[:k] = self._buf[self._lo : self._lo + k]
+            self._lo += k
+            dst = dst[k:]
+        while dst.nbytes:  # the buffer is empty here
+            self._before_recv()
+            if dst.nbytes >= self._direct:
+                n = self._sock.recv_into(dst)
+                if n == 0:
+                    return False
+                dst = dst[n:]
+                continue
+            n = self._sock.recv_into(self._buf)
+            if n == 0:
+                return False
+            k = min(n, dst.nbytes)
+            dst[:k] = self._buf[:k]
+            self._lo, self._hi = k, n
+            dst = dst[k:]
+        return True
 
 
 class TcpListener:
@@ -91,6 +135,7 @@ class TcpTransport(Transport):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ACKs are tiny; don't let Nagle hold them
         self._sock = sock
+        self._reader = _Reader(sock, self._before_recv)
         self.label = label or f"tcp{sock.fileno()}"
         self._faults = FaultInjector(faults) if faults is not None and faults.active else None
         self._lock = threading.Condition()  # guards everything below and the wire heap
@@ -98,6 +143,9 @@ class TcpTransport(Transport):
         self._wr_ids = itertools.count(1)
         self._seq = itertools.count()
         self._wire: list[tuple[float, int, Header, memoryview | None]] = []
+        self._acks: list[int] = []  # landed writes to acknowledge, sent batched ahead of everything else
+        self._ack_since = 0.0
+        self._acks_held = False  # ACKs queued without waking the wire thread (more frames were readable)
         self._finishing = False  # the wire thread sends remaining control frames, then stops
         self._recv_thread = threading.Thread(target=self._recv_loop, name=f"{self.label}-recv", daemon=True)
         self._wire_thread = threading.Thread(target=self._wire_loop, name=f"{self.label}-wire", daemon=True)
@@ -187,20 +235,22 @@ class TcpTransport(Transport):
             while True:
                 with self._lock:
                     while True:
-                        if self._wire and (self._finishing or self._wire[0][0] <= time.monotonic()):
+                        if self._acks or (self._wire and (self._finishing or self._wire[0][0] <= time.monotonic())):
                             break
                         if self._finishing:
                             return
                         wait = self._wire[0][0] - time.monotonic() if self._wire else None
                         self._lock.wait(wait)
-                    _, _, hdr, payload = heapq.heappop(self._wire)
-                    if hdr.type is FrameType.WRITE and self._faults and self._faults.drop_now():
-                        sent = self._faults._sent  # noqa: SLF001 - for the reason text only
-                        self._dead_reason = self._dead_reason or f"connection dropped by fault injection after {sent} writes"
+                    bufs, drop = self._take_ready()
+                self._send(bufs)
+                if drop:
+                    with self._lock:
+                        sent = self._faults._sent if self._faults else 0  # noqa: SLF001 - reason text only
+                        self._dead_reason = self._dead_reason or (
+                            f"connection dropped by fault injection after {sent} writes")
                         self._flush_pending(f"connection dead: {self._dead_reason}")
                         self._finishing = True
-                        return
-                self._send(encode_header(hdr), payload)
+                    return
         except OSError as e:
             if not self._closed:
                 self._die(f"send failed: {e!r}")
@@ -211,25 +261,39 @@ class TcpTransport(Transport):
             except OSError:
                 pass
 
-    def _send(self, header: bytes, payload: memoryview | None) -> None:
-        bufs = [memoryview(header)] + ([payload] if payload is not None and payload.nbytes else [])
+    def _take_ready(self) -> tuple[list[memoryview], bool]:
+        """Pop the frames that are due, as one batch to save syscalls; True if a fault drops the connection."""
+        bufs: list[memoryview] = []
+        now, nbytes = time.monotonic(), 0
+        if self._acks:
+            bufs += map(memoryview, encode_acks(self._acks[:MAX_ACKS]))
+            del self._acks[:MAX_ACKS]
+        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < _BATCH_BUFS \
+                and nbytes < _BATCH_BYTES:
+            _, _, hdr, payload = heapq.heappop(self._wire)
+            if hdr.type is FrameType.WRITE and self._faults and self._faults.drop_now():
+                return bufs, True  # what was taken before the drop point still goes out
+            bufs.append(memoryview(encode_header(hdr)))
+            if payload is not None and payload.nbytes:
+                bufs.append(payload)
+                nbytes += payload.nbytes
+        return bufs, False
+
+    def _send(self, bufs: list[memoryview]) -> None:
         while bufs:
             n = self._sock.sendmsg(bufs)
-            while bufs and n >= bufs[0].nbytes:
-                n -= bufs[0].nbytes
-                bufs.pop(0)
+            i = 0
+            while i < len(bufs) and n >= bufs[i].nbytes:
+                n -= bufs[i].nbytes
+                i += 1
+            bufs = bufs[i:]
             if n:
                 bufs[0] = bufs[0][n:]
 
     # -- receive thread ------------------------------------------------------------
     def _recv_exact(self, mv: memoryview) -> bool:
         """Fill mv from the socket; False on EOF."""
-        while mv.nbytes:
-            n = self._sock.recv_into(mv)
-            if n == 0:
-                return False
-            mv = mv[n:]
-        return True
+        return self._reader.read_into(mv)
 
     def _recv_loop(self) -> None:
         hbuf = memoryview(bytearray(HEADER.size))
@@ -243,7 +307,12 @@ class TcpTransport(Transport):
                     if not self._place(hdr):
                         return
                 elif hdr.type is FrameType.ACK:
-                    self._complete(hdr.wr_id, None)
+                    ids = bytearray(hdr.length)
+                    if not self._recv_exact(memoryview(ids)):
+                        self._die("peer closed the connection (EOF) inside an ACK frame")
+                        return
+                    for wr_id in decode_acks(ids):
+                        self._complete(wr_id, None)
                 elif hdr.type is FrameType.NAK:
                     reason = bytearray(hdr.length)
                     self._recv_exact(memoryview(reason))
@@ -284,8 +353,31 @@ class TcpTransport(Transport):
             self.on_land(hdr.tag, hdr.region, hdr.offset, hdr.length)
         if hdr.imm is not None:
             self._push_recv(RecvEvent(hdr.imm, hdr.length, hdr.region, hdr.offset, hdr.tag))
-        self._queue_control(Header(FrameType.ACK, hdr.wr_id))
+        with self._lock:
+            self._acks.append(hdr.wr_id)
+            self._acks_held = self._more_coming(len(self._acks))
+            if not self._acks_held:
+                self._lock.notify_all()
         return True
+
+    def _more_coming(self, n_acks: int) -> bool:
+        """Whether to hold ACKs back because the next frame is already readable (saves a wake-up per write)."""
+        now = time.monotonic()
+        if n_acks == 1:
+            self._ack_since = now
+        if n_acks >= _ACK_BATCH or now - self._ack_since > _ACK_HOLD_S:
+            return False
+        return self._reader.buffered() or self._readable()
+
+    def _readable(self) -> bool:
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def _before_recv(self) -> None:
+        """Called by the reader before a socket read: held ACKs go out before the thread could block."""
+        if self._acks_held and not self._readable():
+            with self._lock:
+                self._acks_held = False
+                self._lock.notify_all()
 
     def _reject(self, wr_id: int, reason: str) -> None:
         """Refuse malformed traffic: tell the peer why, then drop the connection."""

@@ -137,7 +137,8 @@ def _frame(**over) -> bytes:
     (dict(offset=200), "offset"),
     (dict(offset=120, length=16), "length"),
     (dict(length=2**40), "length"),
-    (dict(type=2, length=4), "length"),  # an ACK carries no payload
+    (dict(type=2, length=4), "length"),  # an ACK carries whole u64 wr_ids
+    (dict(type=4, length=8), "length"),  # a CLOSE carries nothing
 ])
 def test_malformed_frame_names_field_and_corrupts_nothing(raw_peer, over, field):
     raw, t, buf, _ = raw_peer
@@ -161,7 +162,7 @@ def test_eof_inside_payload_stays_inside_region(raw_peer):
 
 def test_unknown_ack_is_a_protocol_error(raw_peer):
     raw, t, _, _ = raw_peer
-    raw.sendall(_frame(type=2, length=0, wr_id=42))
+    raw.sendall(_frame(type=2, length=8) + struct.pack("<Q", 42))
     wait_until(lambda: t.is_dead, what="receiver rejects the ACK")
     assert "wr_id=42" in t.dead_reason
 
