@@ -21,6 +21,7 @@ from ._common import indexer_fp8_layout, indexer_views, kv_bf16_layout
 from .indexer import _indexer_scores_kernel, indexer_scores, select_topk
 from .paged_copy import gather_pages, page_work_list, scatter_pages
 from .sparse_mla import dense_mla_attention, sparse_mla_attention
+from .topk import radix_topk
 
 H100_HBM_GBPS = 2950.0       # measured HBM3 ceiling, read + write
 H100_BF16_TFLOPS = 767.0     # measured dense bf16 tensor-core ceiling
@@ -193,8 +194,16 @@ def _bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
     for B, ctx, k in spec["topk"]:
         scores = torch.randn(B, ctx, device=dev)
         lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
-        ms = timer(lambda: select_topk(scores, lens, k), [()])
-        rows.append(_row("indexer.topk(torch.topk)", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0, 0, None))
+        t_torch = timer(lambda: select_topk(scores, lens, k), [()])
+        rows.append(_row("indexer.topk.torch", dict(rows=B, ctx=ctx, k=k), t_torch, B * ctx * 4.0, 0, None))
+        ms = diff = None
+        if run_kernels:
+            ms = timer(lambda: radix_topk(scores, lens, k), [()])
+            same = torch.equal(radix_topk(scores, lens, k)[0].sort(1).values,
+                               select_topk(scores, lens, k)[0].sort(1).values)
+            diff = 0.0 if same else float("inf")
+        rows.append(_row("indexer.topk.triton_radix", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0 * 5, 0,
+                         t_torch, diff))
     return rows
 
 

@@ -6,8 +6,8 @@ score[t, s] = k_scale[s] * sum_h w[t, h] * relu(q[t, h] . k_fp8[s])   for s < q_
 One query row t belongs to request q_req[t] (a page-table row) and sees its first
 q_len[t] cached keys: decode is one query per request with q_len = seq_len; causal
 prefill is many queries with q_len = position + 1 (see `_common.prefill_queries`).
-The scores are computed by a Triton kernel; the top-k selection uses torch.topk
-(a Triton top-k is not written yet). Top-k convention, no sentinels: `indices`
+The scores are computed by a Triton kernel; the top-k selection uses torch.topk by
+default, or the Triton radix-select kernel of topk.py with method="triton". Top-k convention, no sentinels: `indices`
 int32 [T, k] and `counts` int32 [T]; indices[t, :counts[t]] are distinct valid
 key positions (order unspecified), indices[t, counts[t]:] are 0 and must be
 ignored; counts[t] = min(k, q_len[t]).
@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._common import (DEFAULT_TOPK, check_int_vector, check_page_table, dequantize_fp8, dot_in_fp32,
                        indexer_views)
+from .topk import radix_topk
 
 # ---------------------------------------------------------------------------------
 # torch reference (float64)
@@ -190,7 +191,10 @@ def query_tiles(q_req: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.
 
 def select_topk(scores: torch.Tensor, q_len: torch.Tensor, topk: int = DEFAULT_TOPK
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k key positions per row of scores (torch.topk): (indices int32 [T, k], counts int32 [T])."""
+    """Top-k key positions per row of scores (torch.topk): (indices int32 [T, k], counts int32 [T]).
+
+    Expects scores as indexer_scores writes them: -inf at positions >= q_len.
+    """
     assert topk > 0, f"topk must be positive, got {topk}"
     T, n = scores.shape
     check_int_vector(q_len, "q_len", T)
@@ -209,8 +213,14 @@ def select_topk(scores: torch.Tensor, q_len: torch.Tensor, topk: int = DEFAULT_T
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
                  page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
-                 page_size: int, topk: int = DEFAULT_TOPK, max_len: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lightning indexer: the top-k cached key positions of each query, (indices [T, k], counts [T])."""
+                 page_size: int, topk: int = DEFAULT_TOPK, max_len: int | None = None,
+                 method: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lightning indexer: the top-k cached key positions of each query, (indices [T, k], counts [T]).
+
+    method "torch" selects with torch.topk, "triton" with the radix-select kernel (topk.py).
+    """
+    assert method in ("torch", "triton"), f"method must be 'torch' or 'triton', got {method!r}"
     scores = indexer_scores(q, weights, cache, page_table, q_req, q_len, page_size, max_len)
+    if method == "triton":
+        return radix_topk(scores, q_len, topk)
     return select_topk(scores, q_len, topk)

@@ -55,8 +55,8 @@ def test_decode_scores_and_topk(H, D, lens, gen):
     _assert_topk_valid(idx, counts, q_len, want, topk)
 
 
-@pytest.mark.parametrize("block_m", [None, 1, 2, 4])
-def test_prefill_causal(block_m, gen):
+@pytest.mark.parametrize("block_m,method", [(None, "torch"), (1, "triton"), (2, "torch"), (4, "triton")])
+def test_prefill_causal(block_m, method, gen):
     page_size, H, D, topk = 16, 16, 32, 8
     prefix, extend = [0, 21, 5], [3, 6, 1]
     lens = [p + e for p, e in zip(prefix, extend)]
@@ -65,7 +65,7 @@ def test_prefill_causal(block_m, gen):
                                    torch.tensor(extend, dtype=torch.int32, device=DEVICE))
     assert q_len.tolist() == [1, 2, 3, 22, 23, 24, 25, 26, 27, 6]
     q, w = _queries(q_req.shape[0], H, D, gen)
-    idx, counts = indexer_topk(q, w, cache, table, q_req, q_len, page_size, topk=topk)
+    idx, counts = indexer_topk(q, w, cache, table, q_req, q_len, page_size, topk=topk, method=method)
     want = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, max(lens))
     _assert_topk_valid(idx, counts, q_len, want, topk)
     out = torch.full((q_req.shape[0], max(lens)), float("nan"), device=DEVICE)     # poison

@@ -1,0 +1,123 @@
+"""Top-k of each row of indexer scores in Triton, by radix select over order-preserving keys.
+
+Each fp32 score maps to a uint32 key whose unsigned order is the float order. Four
+passes of 8-bit histograms over the row's first q_len[t] scores find the k-th largest
+key T; a last pass writes every position with key > T, then positions with key == T
+in ascending order until k are taken (deterministic ties). Same convention as
+indexer.select_topk: indices int32 [T, k] with counts int32 [T] = min(k, q_len);
+indices[t, counts[t]:] are 0. Rows with q_len <= k take positions 0 .. q_len-1 in order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_int_vector
+
+# ---------------------------------------------------------------------------------
+# torch reference
+# ---------------------------------------------------------------------------------
+
+
+def topk_ref(scores: torch.Tensor, q_len: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: torch.topk over each row's valid prefix, zero padding, counts = min(k, q_len)."""
+    T = scores.shape[0]
+    idx = torch.zeros(T, k, dtype=torch.int32, device=scores.device)
+    counts = torch.clamp(q_len, max=k).int()
+    for t in range(T):
+        n, c = int(q_len[t]), int(counts[t])
+        idx[t, :c] = torch.arange(n).int() if n <= k else torch.topk(scores[t, :n], c).indices.int()
+    return idx, counts
+
+
+# ---------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sortable_key(x):
+    """fp32 -> uint32 whose unsigned order is the float order."""
+    u = x.to(tl.uint32, bitcast=True)
+    return tl.where((u >> 31) != 0, ~u, u | 0x80000000)
+
+
+@triton.jit
+def _radix_topk_kernel(
+    # pointers
+    scores_ptr, q_len_ptr, idx_ptr, count_ptr,
+    # strides (elements)
+    stride_st, stride_it,
+    # constexpr
+    K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program selects the top K positions of one row."""
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.load(q_len_ptr + t)
+    row = scores_ptr + t * stride_st
+    out = idx_ptr + t * stride_it
+    tl.store(count_ptr + t, tl.minimum(n, K))
+    offs = tl.arange(0, BLOCK)
+    if n <= K:
+        for s0 in range(0, K, BLOCK):
+            o = s0 + offs
+            tl.store(out + o, tl.where(o < n, o, 0), mask=o < K)
+    else:
+        bins = tl.arange(0, 256)
+        prefix = (n * 0).to(tl.uint32)          # bits of the k-th key found so far
+        k_rem = n * 0 + K                       # how many of the k are still to place at `prefix`
+        for p in tl.static_range(4):
+            SHIFT: tl.constexpr = 24 - 8 * p
+            hist = tl.zeros([256], tl.int32)
+            for s0 in range(0, n, BLOCK):
+                o = s0 + offs
+                key = _sortable_key(tl.load(row + o, mask=o < n, other=0.0))
+                match = o < n
+                if p > 0:
+                    match = match & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+                digit = tl.where(match, (key >> SHIFT) & 0xFF, 0).to(tl.int32)
+                # Non-matching lanes were counted in bin 0: take them back out.
+                miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
+                hist += tl.histogram(digit, 256) - tl.where(bins == 0, miss, 0)
+            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist          # count in bins >= b
+            b = tl.max(tl.where(suffix >= k_rem, bins, 0), axis=0)
+            k_rem -= tl.sum(tl.where(bins > b, hist, 0), axis=0)
+            prefix = prefix | (b.to(tl.uint32) << SHIFT)
+        n_gt = K - k_rem
+        gt_base = n * 0
+        eq_base = n * 0
+        for s0 in range(0, n, BLOCK):
+            o = s0 + offs
+            key = _sortable_key(tl.load(row + o, mask=o < n, other=0.0))
+            gt = (o < n) & (key > prefix)
+            eq = (o < n) & (key == prefix)
+            g_pos = gt_base + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+            e_pos = eq_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            tl.store(out + g_pos, o, mask=gt)
+            tl.store(out + n_gt + e_pos, o, mask=eq & (e_pos < k_rem))
+            gt_base += tl.sum(gt.to(tl.int32), axis=0)
+            eq_base += tl.sum(eq.to(tl.int32), axis=0)
+
+
+# ---------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------
+
+
+def radix_topk(scores: torch.Tensor, q_len: torch.Tensor, k: int, block: int = 1024,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k positions of each row's first q_len scores: (indices int32 [T, k], counts int32 [T])."""
+    assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(1) == 1, (
+        f"scores must be fp32 [T, N] contiguous per row, got {scores.dtype} {tuple(scores.shape)}")
+    T = scores.shape[0]
+    check_int_vector(q_len, "q_len", T)
+    assert k > 0, f"k must be positive, got {k}"
+    assert block >= 256 and block & (block - 1) == 0, f"block must be a power of two >= 256, got {block}"
+    idx = torch.empty(T, k, dtype=torch.int32, device=scores.device) if out is None else out
+    assert idx.shape == (T, k) and idx.dtype == torch.int32 and idx.stride(1) == 1, (
+        f"out must be int32 [{T}, {k}] contiguous per row, got {idx.dtype} {tuple(idx.shape)}")
+    counts = torch.empty(T, dtype=torch.int32, device=scores.device)
+    if T:
+        _radix_topk_kernel[(T,)](scores, q_len, idx, counts, scores.stride(0), idx.stride(0), K=k, BLOCK=block)
+    return idx, counts

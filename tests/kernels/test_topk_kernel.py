@@ -1,0 +1,75 @@
+"""Radix top-k (Triton) vs a stable torch sort: ties, signs, short and empty rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvproof.kernels.indexer import select_topk
+from kvproof.kernels.topk import radix_topk, topk_ref
+
+from kernel_testing import DEVICE
+
+
+def _expected_sets(scores: torch.Tensor, q_len: torch.Tensor, k: int) -> list[set[int]]:
+    """Top k by value, ties broken by the lower position (a stable descending sort)."""
+    out = []
+    for t in range(scores.shape[0]):
+        n = int(q_len[t])
+        order = torch.sort(-scores[t, :n].double(), stable=True).indices
+        out.append(set(order[: min(k, n)].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_radix_topk_matches_stable_sort(k, gen):
+    T, N = 6, 300
+    ties = torch.randint(-3, 4, (T, N), generator=gen).float()             # heavy ties
+    fine = torch.randn(T, N, generator=gen) * 1e3
+    scores = torch.where(torch.arange(T)[:, None] % 2 == 0, ties, fine)
+    scores[1, :5] = torch.tensor([float("inf"), -0.0, 0.0, -float("inf"), 1e-40])
+    q_len = torch.tensor([300, 257, 0, 1, 40, 41], dtype=torch.int32)
+    scores, q_len = scores.to(DEVICE), q_len.to(DEVICE)
+    poison = torch.full((T, k), 0x7FFF_FFFF, dtype=torch.int32, device=DEVICE)
+    got, counts = radix_topk(scores, q_len, k, block=256, out=poison)
+    assert got.data_ptr() == poison.data_ptr()
+    assert counts.tolist() == torch.clamp(q_len, max=k).tolist()
+    for t, want in enumerate(_expected_sets(scores, q_len, k)):
+        c = int(counts[t])
+        assert set(got[t, :c].tolist()) == want, f"row {t}"
+        assert torch.all(got[t, c:] == 0), f"row {t}: padding must be 0"
+
+
+def test_radix_topk_agrees_with_torch_topk(gen):
+    scores = torch.randn(4, 1000, generator=gen).to(DEVICE)
+    q_len = torch.tensor([1000, 999, 600, 3], dtype=torch.int32, device=DEVICE)
+    got, counts = radix_topk(scores, q_len, 64)
+    want, want_counts = topk_ref(scores, q_len, 64)
+    assert torch.equal(counts, want_counts)
+    for t in range(4):
+        assert set(got[t].tolist()) == set(want[t].tolist())
+    beyond = torch.arange(1000, device=DEVICE)[None, :] >= q_len[:, None]
+    sel, _ = select_topk(scores.masked_fill(beyond, float("-inf")), q_len, 64)   # its precondition
+    for t in range(4):
+        assert set(sel[t].tolist()) == set(want[t].tolist())
+
+
+def test_bad_arguments_are_named():
+    s = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(AssertionError, match="scores"):
+        radix_topk(s.double(), torch.zeros(2, dtype=torch.int32, device=DEVICE), 4)
+    with pytest.raises(AssertionError, match="q_len"):
+        radix_topk(s, torch.zeros(3, dtype=torch.int32, device=DEVICE), 4)
+    with pytest.raises(AssertionError, match="block"):
+        radix_topk(s, torch.zeros(2, dtype=torch.int32, device=DEVICE), 4, block=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for production shapes")
+def test_production_shape_topk():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    scores = torch.randn(64, 131_072, device="cuda", generator=gen)
+    q_len = torch.randint(1, 131_072, (64,), device="cuda", generator=gen).int()
+    got, counts = radix_topk(scores, q_len, 2048)
+    want, want_counts = topk_ref(scores, q_len, 2048)
+    assert torch.equal(counts, want_counts)
+    assert torch.equal(got.sort(1).values, want.sort(1).values)
