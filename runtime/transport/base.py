@@ -114,7 +114,7 @@ def as_bytes_view(buf: Buffer, what: str = "buffer") -> memoryview:
             raise ValueError(f"{what}: tensor on device {buf.device}, expected a CPU tensor")
         if not buf.is_contiguous():
             raise ValueError(f"{what}: tensor with strides {buf.stride()} is not contiguous")
-        flat = buf.reshape(-1).view(torch.uint8)
+        flat = buf.detach().reshape(-1).view(torch.uint8)
         return memoryview(flat.numpy()).cast("B")
     if isinstance(buf, (bytes, bytearray, memoryview)):
         mv = memoryview(buf)
