@@ -53,6 +53,7 @@ class HiCacheConfig:
     schedule: str = "random"           # CPU emulator policy: eager / random / adversarial
     seed: int = 0
     poison: float | None = None        # fill freed device pages with this value (a debugging aid)
+    record_times: bool = False         # CUDA: time every op with events (syncs per batch) for the trace
 
     def __post_init__(self) -> None:
         for name in ("layers", "page_size", "kv_dim", "idx_dim", "device_pages", "host_pages", "topk"):
@@ -197,9 +198,17 @@ class HiCache:
                 node.device_page = dp = self._alloc_device_page()
                 self.dev_kv[:, dp].copy_(kv[:, k * P:(k + 1) * P])
                 self.dev_idx[:, dp].copy_(idx[:, k * P:(k + 1) * P])
-        finally:
+        except CacheFullError:
             for n in path:
                 n.locks -= 1
+            for node in reversed(new):                      # new nodes form a chain: drop it leaf first
+                if node.device_page is not None:
+                    self.dev_pool.release(node.device_page)
+                    node.device_page = None
+                self.index.remove(node)
+            raise
+        for n in path:
+            n.locks -= 1
         self._stats["inserted"] += len(new)
         return len(new)
 
@@ -231,11 +240,13 @@ class HiCache:
                                 f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
         for n in nodes:
             n.locks += 1
+        swapped: list[RadixNode] = []
         try:
             swaps = []
             for n in nodes:
                 if n.device_page is None:
                     n.device_page = self._alloc_device_page()
+                    swapped.append(n)
                     swaps.append((n.host_page, n.device_page))
             self._stats["swap_ins"] += len(swaps)
             q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
@@ -243,6 +254,11 @@ class HiCache:
             impls, out = self._impls([n.device_page for n in nodes], swaps, q.to(self.device, cfg.dtype),
                                      h0.to(self.device, cfg.dtype), compute)
             res = self._execute(plan, impls, schedule or cfg.schedule)
+        except BaseException:
+            for n in swapped:                       # pages never loaded must not look resident
+                self.dev_pool.release(n.device_page)  # type: ignore[arg-type]
+                n.device_page = None
+            raise
         finally:
             for n in nodes:
                 n.locks -= 1
@@ -271,7 +287,7 @@ class HiCache:
     # ------------------------------------------------------------ plan execution
     def _execute(self, plan: Plan, impls: dict[str, OpImpl], schedule: str) -> ExecResult:
         if self._executor is not None:
-            return self._executor.run(plan, impls)
+            return self._executor.run(plan, impls, timing=self.cfg.record_times)
         if schedule == "sync":
             return run_sync(plan, impls)
         return emulate(plan, impls, schedule, self.cfg.seed + self._stats["batches"])

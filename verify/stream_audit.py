@@ -32,11 +32,36 @@ def audit_streams(path: str, fmt: str = "text") -> tuple[int, str]:
         return EXIT_BAD_INPUT, f"error: {e}"
     reports = audit_plan(plan)
     code = EXIT_RACES if reports else EXIT_OK
+    times = recorded_times(text, lines)
     if fmt == "json":
-        return code, json.dumps(_json(path, plan, lines, reports), indent=2)
+        return code, json.dumps(_json(path, plan, lines, reports, times), indent=2)
     if fmt == "sarif":
         return code, json.dumps(_sarif(path, plan, lines, reports), indent=2)
-    return code, _text(path, plan, lines, reports)
+    return code, _text(path, plan, lines, reports, times)
+
+
+def recorded_times(text: str, lines: tuple[int, ...]) -> dict[int, tuple[float, float]]:
+    """(t_start, t_end) per instruction of a recorded trace, where the trace has them."""
+    rows, out = text.splitlines(), {}
+    for i, n in enumerate(lines):
+        if n < 1:
+            continue
+        try:
+            obj = json.loads(rows[n - 1])
+        except ValueError:            # a one-document plan: its lines are not whole objects
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("t_start"), (int, float)) \
+                and isinstance(obj.get("t_end"), (int, float)):
+            out[i] = (float(obj["t_start"]), float(obj["t_end"]))
+    return out
+
+
+def observed(r: RaceReport, times: dict[int, tuple[float, float]]) -> bool | None:
+    """Whether the recording shows the race happening (the later op started before the other ended)."""
+    v = r.violation
+    if v.before not in times or v.after not in times:
+        return None
+    return times[v.after][0] < times[v.before][1]
 
 
 def _summary(plan: Plan) -> str:
@@ -44,7 +69,8 @@ def _summary(plan: Plan) -> str:
     return f"{plan.name}: {len(plan.instrs)} instructions, {ops} ops on {len(plan.streams)} streams"
 
 
-def _text(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceReport]) -> str:
+def _text(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceReport],
+          times: dict[int, tuple[float, float]]) -> str:
     out = [_summary(plan)]
     for i in unresolved_waits(plan):
         out.append(f"warning: {path}:{lines[i]}: waits on an event never recorded before it (a no-op)")
@@ -54,18 +80,24 @@ def _text(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceRepor
     out.append(f"{len(reports)} race(s):")
     for k, r in enumerate(reports, 1):
         v = r.violation
-        out += [f"", f"[{k}] {v.property} at {path}:{lines[v.after]}", f"    {v.message}",
-                "    witness schedule (Z3):"]
+        seen = observed(r, times)
+        out += [f"", f"[{k}] {v.property} at {path}:{lines[v.after]}", f"    {v.message}"]
+        if seen is not None:
+            out.append("    the recording shows it happening" if seen else
+                       "    not seen in this recording (latent: another schedule exhibits it)")
+        out.append("    witness schedule (Z3):")
         out += ["      " + ln for ln in r.timeline().splitlines()]
     return "\n".join(out)
 
 
-def _json(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceReport]) -> dict[str, Any]:
+def _json(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceReport],
+          times: dict[int, tuple[float, float]]) -> dict[str, Any]:
     races = []
     for r in reports:
         j = r.to_json()
         j["line"] = lines[r.violation.after]
         j["before"]["line"] = lines[r.violation.before]
+        j["observed"] = observed(r, times)
         races.append(j)
     return {"file": path, "plan": plan.name, "streams": list(plan.streams), "instructions": len(plan.instrs),
             "ok": not reports, "unresolved_waits": [lines[i] for i in unresolved_waits(plan)], "races": races}

@@ -72,3 +72,15 @@ def test_unresolved_wait_is_warned(tmp_path: Path) -> None:
                  '{"record": "e", "stream": "a"}\n{"op": "r", "stream": "b", "reads": ["x"]}\n')
     code, out = audit_streams(str(p))
     assert code == 1 and f"{p}:2: waits on an event never recorded" in out
+
+
+def test_recorded_times_say_whether_the_race_happened(tmp_path: Path) -> None:
+    plan = hicache_plan(1, "prefix")
+    i_read, i_write = plan.op_index("indexer[0]"), plan.op_index("load_idx[0]")
+    for times, seen, words in [({i_write: (0, 5), i_read: (1, 2)}, True, "shows it happening"),
+                               ({i_write: (0, 1), i_read: (2, 3)}, False, "latent")]:
+        p = tmp_path / f"t{seen}.jsonl"
+        p.write_text("\n".join(trace_dumps(plan, times)) + "\n")
+        code, out = audit_streams(str(p), "json")
+        assert code == 1 and json.loads(out)["races"][0]["observed"] is seen
+        assert words in audit_streams(str(p))[1]

@@ -75,6 +75,28 @@ def test_batch_larger_than_device_pool() -> None:
         c.insert(*_seq(0, 3 * P, 0))
 
 
+def test_failed_insert_and_load_roll_back() -> None:
+    c = HiCache(_cfg(device_pages=3))
+    a = _seq(0, 3 * P, 1)
+    c.insert(*a)
+    c.evict()
+    b = _seq(500, 2 * P, 2)
+    c.insert(*b)
+    for n in c.match(b[0]):
+        n.locks += 1                             # as if another batch were using b's pages
+    with pytest.raises(CacheFullError):
+        c.load(a[0])
+    assert all(n.device_page is None for n in c.match(a[0]))
+    assert len(c.dev_pool.used) == 2
+    with pytest.raises(CacheFullError):
+        c.insert(*_seq(900, 2 * P, 3))
+    assert c.match(list(range(900, 900 + 2 * P))) == [] and len(c.dev_pool.used) == 2
+    for n in c.match(b[0]):
+        n.locks -= 1
+    kv, idx = c.gather(a[0])
+    assert torch.equal(kv, a[1]) and torch.equal(idx, a[2])
+
+
 def test_plan_checked_once_per_shape() -> None:
     c = HiCache(_cfg())
     toks, kv, idx = _seq(0, 2 * P, 6)
