@@ -133,9 +133,9 @@ class HiCache:
         self.dev_pool = PagePool(cfg.device_pages, "device")
         self.host_pool = PagePool(cfg.host_pages, "host")
         self._stats: Counter[str] = Counter()
-        self._verdicts: dict[Plan, tuple[Violation, ...]] = {}
+        self._verdicts: dict[str, tuple[Plan, tuple[Violation, ...]]] = {}
         self._executor = CudaExecutor(self.device) if self.cuda else None
-        self.last_trace: list[str] = []
+        self._last: tuple[Plan, dict[int, tuple[float, float]]] | None = None
 
     # ------------------------------------------------------------ pages
     def _alloc_device_page(self) -> int:
@@ -218,12 +218,14 @@ class HiCache:
 
     def check(self, plan: Plan) -> tuple[Violation, ...]:
         """The plan's races, checked once per plan shape (plans carry no page data)."""
-        if plan in self._verdicts:
+        hit = self._verdicts.get(plan.name)
+        # hicache_plan returns one shared object per shape, so `is` keeps hashing off the hot path
+        if hit is not None and (hit[0] is plan or hit[0] == plan):
             self._stats["plan_cache_hits"] += 1
-        else:
-            self._verdicts[plan] = check_plan(plan)
-            self._stats["plans_checked"] += 1
-        return self._verdicts[plan]
+            return hit[1]
+        self._verdicts[plan.name] = (plan, check_plan(plan))
+        self._stats["plans_checked"] += 1
+        return self._verdicts[plan.name][1]
 
     def load(self, tokens: Sequence[int], q: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
              compute: bool = True, schedule: str | None = None) -> BatchResult:
@@ -263,7 +265,7 @@ class HiCache:
             for n in nodes:
                 n.locks -= 1
         self._stats["batches"] += 1
-        self.last_trace = list(trace_dumps(plan, res.times))
+        self._last = (plan, res.times)
         return BatchResult(plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],
                            out["hidden"][cfg.layers], res)
 
@@ -276,6 +278,11 @@ class HiCache:
             torch.cuda.synchronize(self.device)
         return (self.dev_kv[:, pages].reshape(L, -1, self.cfg.kv_dim).clone(),
                 self.dev_idx[:, pages].reshape(L, -1, self.cfg.idx_dim).clone())
+
+    @property
+    def last_trace(self) -> list[str]:
+        """JSON Lines trace of the last batch's plan (auditable with `kvproof audit --streams`)."""
+        return [] if self._last is None else list(trace_dumps(*self._last))
 
     def stats(self) -> dict[str, int]:
         """Counters: hits/misses (pages), evictions, swap_ins, dropped, batches, plan checks and cache hits."""

@@ -22,6 +22,7 @@ That shape is what lets ``verify/race.py`` prove the fixed plan for every L.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from kvproof.spec.streams import Instr, Op, Plan, Record, Wait
@@ -82,6 +83,7 @@ def layer_block(layer: int, variant: str) -> tuple[Instr, ...]:
 PROLOGUE: tuple[Instr, ...] = (Record(FORWARD, "pages_free"), Wait(LOAD, "pages_free"))
 
 
+@functools.lru_cache(maxsize=64)
 def hicache_plan(layers: int, variant: str = "fixed", batches: int = 1) -> Plan:
     """The swap-in + forward plan of ``batches`` back-to-back batches over ``layers`` layers."""
     if not isinstance(layers, int) or layers < 1:

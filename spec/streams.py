@@ -162,34 +162,26 @@ def dependencies(plan: Plan) -> list[Dependency]:
 # ---------------------------------------------------------------- happens-before
 @dataclass(frozen=True)
 class HappensBefore:
-    """The happens-before DAG: nodes are (point, instr) with point start/end/done."""
+    """The happens-before DAG: nodes are (point, instr), point start/end (ops), done, or sync."""
 
     plan: Plan
     nodes: tuple[tuple[str, int], ...]
     edges: tuple[tuple[int, int, str], ...]      # (u, v, why): why in op/stream/wait/sync
     ancestors: tuple[int, ...]                   # bitset of strict ancestors per node
-
-    def node(self, point: str, instr: int) -> int:
-        """Index of a node."""
-        return self._index[(point, instr)]
-
-    @functools.cached_property
-    def _index(self) -> dict[tuple[str, int], int]:
-        return {k: n for n, k in enumerate(self.nodes)}
+    firsts: tuple[int, ...]                      # per instruction: the node where it begins
+    lasts: tuple[int, ...]                       # per instruction: the node where it has completed
 
     def first(self, i: int) -> int:
         """Node at which instruction i begins."""
-        ix = self._index
-        return ix[("start", i)] if ("start", i) in ix else ix.get(("done", i), ix.get(("sync", i)))  # type: ignore
+        return self.firsts[i]
 
     def last(self, i: int) -> int:
         """Node at which instruction i has completed."""
-        ix = self._index
-        return ix[("end", i)] if ("end", i) in ix else ix.get(("done", i), ix.get(("sync", i)))  # type: ignore
+        return self.lasts[i]
 
     def ordered(self, before: int, after: int) -> bool:
         """True when instruction ``before`` ends before ``after`` starts in every execution."""
-        return bool(self.ancestors[self.first(after)] >> self.last(before) & 1)
+        return bool(self.ancestors[self.firsts[after]] >> self.lasts[before] & 1)
 
 
 def happens_before(plan: Plan) -> HappensBefore:
@@ -200,6 +192,7 @@ def happens_before(plan: Plan) -> HappensBefore:
     last_on: dict[str, int] = {}           # stream -> its last node so far
     last_sync: int | None = None
     last_node: dict[int, int] = {}
+    firsts: list[int] = []
     for i, ins in enumerate(plan.instrs):
         if isinstance(ins, Op):
             nodes += [("start", i), ("end", i)]
@@ -225,6 +218,7 @@ def happens_before(plan: Plan) -> HappensBefore:
                 edges.append((last_node[waits[i]], first, "wait"))
             last_on[ins.stream] = last
         last_node[i] = last
+        firsts.append(first)
     preds: list[list[int]] = [[] for _ in nodes]
     for u, v, _ in edges:
         preds[v].append(u)
@@ -234,7 +228,8 @@ def happens_before(plan: Plan) -> HappensBefore:
         for u in preds[v]:
             a |= anc[u] | (1 << u)
         anc.append(a)
-    return HappensBefore(plan, tuple(nodes), tuple(edges), tuple(anc))
+    lasts = tuple(last_node[i] for i in range(len(plan.instrs)))
+    return HappensBefore(plan, tuple(nodes), tuple(edges), tuple(anc), tuple(firsts), lasts)
 
 
 @dataclass(frozen=True)
