@@ -155,27 +155,46 @@ class HiCache:
         return self.host_pool.allocate()
 
     def _evict_one(self) -> None:
-        node = self.index.lru_device()
-        if node is None:
-            raise CacheFullError(f"device pool: all {self.cfg.device_pages} pages are locked by the batch")
+        """Free one device page: write it back to the host, or drop it if the host is full and it is a leaf."""
+        for node in self.index.device_candidates():
+            dp = node.device_page
+            assert dp is not None
+            if node.host_page is None:                       # write back; kept copies need no copy
+                try:
+                    hp = self._alloc_host_page()
+                except CacheFullError:
+                    if node.children:                        # dropping it would orphan its subtree
+                        continue
+                    self._release_device(node)
+                    self.index.remove(node)
+                    self._stats["dropped"] += 1
+                    return
+                node.host_page = hp
+                self.host_kv[:, hp].copy_(self.dev_kv[:, dp])
+                self.host_idx[:, hp].copy_(self.dev_idx[:, dp])
+            self._release_device(node)
+            self._stats["evictions"] += 1
+            return
+        raise CacheFullError(f"device pool: all {self.cfg.device_pages} pages are locked by the batch "
+                             f"or cannot be written back")
+
+    def _release_device(self, node: RadixNode) -> None:
         dp = node.device_page
         assert dp is not None
-        if node.host_page is None:                           # write back; kept copies need no copy
-            node.host_page = self._alloc_host_page()
-            self.host_kv[:, node.host_page].copy_(self.dev_kv[:, dp])
-            self.host_idx[:, node.host_page].copy_(self.dev_idx[:, dp])
         if self.cfg.poison is not None:
             self.dev_kv[:, dp].fill_(self.cfg.poison)
             self.dev_idx[:, dp].fill_(self.cfg.poison)
         node.device_page = None
         self.dev_pool.release(dp)
-        self._stats["evictions"] += 1
 
     def evict(self, pages: int | None = None) -> int:
         """Move up to ``pages`` (default: all unlocked) device pages to the host, LRU first."""
         n = 0
         while (pages is None or n < pages) and self.index.lru_device() is not None:
-            self._evict_one()
+            try:
+                self._evict_one()
+            except CacheFullError:                   # nothing more can leave the device
+                break
             n += 1
         return n
 

@@ -78,10 +78,15 @@ class RadixIndex:
             yield n
             stack.extend(n.children.values())
 
+    def device_candidates(self) -> list[RadixNode]:
+        """Unlocked nodes holding a device page, least recently used first (leaves before parents)."""
+        cands = [n for n in self.nodes() if n.device_page is not None and n.locks == 0]
+        return sorted(cands, key=lambda n: (n.last_use, bool(n.children)))
+
     def lru_device(self) -> RadixNode | None:
         """Least recently used unlocked node that holds a device page."""
-        cands = [n for n in self.nodes() if n.device_page is not None and n.locks == 0]
-        return min(cands, key=lambda n: n.last_use, default=None)
+        cands = self.device_candidates()
+        return cands[0] if cands else None
 
     def lru_host_leaf(self) -> RadixNode | None:
         """Least recently used unlocked leaf whose KV lives only on the host (safe to drop)."""
