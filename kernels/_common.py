@@ -101,6 +101,29 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (qb * scale[..., None].float()).reshape(q.shape)
 
 
+def kv_fp8_token_bytes(dl: int = KV_LATENT_DIM, dr: int = KV_ROPE_DIM) -> int:
+    """Bytes per token of the fp8 KV layout: dl fp8 | dl/128 fp32 scales | dr bf16."""
+    assert dl % FP8_BLOCK == 0, f"fp8 KV latent dim must be a multiple of {FP8_BLOCK}, got {dl}"
+    return dl + 4 * (dl // FP8_BLOCK) + 2 * dr
+
+
+def quantize_kv_fp8(c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Pack latent c [..., dl] (fp8 + per-128 scales) and rope r [..., dr] (bf16) into uint8 rows."""
+    q, scale = quantize_fp8(c)                                                # [..., dl], [..., dl/128]
+    parts = [q.view(torch.uint8), scale.float().contiguous().view(torch.uint8),
+             r.to(torch.bfloat16).contiguous().view(torch.uint8)]
+    return torch.cat(parts, dim=-1)                                           # [..., token_bytes]
+
+
+def dequantize_kv_fp8(rows: torch.Tensor, dl: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of quantize_kv_fp8: (c fp32 [..., dl], r fp32 [..., dr])."""
+    nb = dl // FP8_BLOCK
+    q = rows[..., :dl].contiguous().view(FP8_DTYPE)
+    scale = rows[..., dl: dl + 4 * nb].contiguous().view(torch.float32)
+    r = rows[..., dl + 4 * nb:].contiguous().view(torch.bfloat16)
+    return dequantize_fp8(q, scale), r.float()
+
+
 # ---------------------------------------------------------------------------------
 # Views into paged pools
 # ---------------------------------------------------------------------------------

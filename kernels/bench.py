@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ._common import indexer_fp8_layout, indexer_views, kv_bf16_layout
+from ._common import dequantize_kv_fp8, indexer_fp8_layout, indexer_views, kv_bf16_layout, quantize_kv_fp8
 from .indexer import _indexer_scores_kernel, indexer_scores, select_topk
 from .paged_copy import gather_pages, page_work_list, scatter_pages
 from .sparse_mla import dense_mla_attention, sparse_mla_attention
@@ -31,15 +31,18 @@ IDX_H, IDX_D, DL, DR, HEADS, PAGE = 32, 128, 512, 64, 64, 64
 # Shapes per mode. ctx: tokens per request; B: requests (decode queries).
 SHAPES = {
     "cpu": dict(copy=[(2, 40, 2)], idx_decode=[(2, 150)], idx_prefill=[(8, 150)],
-                topk=[(2, 300, 16)], sparse=[(2, 300, 16)], dense=[(2, 100)], reps=2, warmup=1),
+                topk=[(2, 300, 16)], sparse=[(2, 300, 16)], sparse_fp8=[(2, 300, 16)], dense=[(2, 100)],
+                reps=2, warmup=1),
     "quick": dict(copy=[(8, 16_384, 1)], idx_decode=[(64, 8_192), (64, 32_768)],
                   idx_prefill=[(1_024, 32_768)], topk=[(64, 32_768, 2048)],
-                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048)], dense=[(64, 2_048)], reps=10, warmup=3),
+                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048)], sparse_fp8=[(64, 32_768, 2048)],
+                  dense=[(64, 2_048)], reps=10, warmup=3),
     "full": dict(copy=[(8, 16_384, 1), (8, 16_384, 8), (32, 4_000, 78)],
                  idx_decode=[(64, 8_192), (64, 32_768), (128, 32_768), (64, 131_072), (128, 131_072)],
                  idx_prefill=[(2_048, 32_768), (4_096, 131_072)],
                  topk=[(64, 32_768, 2048), (128, 131_072, 2048)],
                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
+                 sparse_fp8=[(64, 32_768, 2048), (128, 32_768, 2048)],
                  dense=[(64, 2_048), (64, 8_192)], reps=50, warmup=5),
 }
 
@@ -123,6 +126,8 @@ def _torch_indexer(q, w, cache, table, q_len, max_len) -> torch.Tensor:
 
 def _torch_mla(qn, qp, kv, table, pos, scale) -> torch.Tensor:
     rows = kv[table.gather(1, pos // PAGE).long(), pos % PAGE]                    # [B, K, DL + DR]
+    if rows.dtype == torch.uint8:                                                 # fp8 layout rows
+        rows = torch.cat(dequantize_kv_fp8(rows, DL), dim=-1).to(qn.dtype)
     s = (torch.einsum("bhd,bkd->bhk", qn, rows[..., :DL]) +
          torch.einsum("bhd,bkd->bhk", qp, rows[..., DL:])).float() * scale
     return torch.einsum("bhk,bkd->bhd", torch.softmax(s, -1).to(rows.dtype), rows[..., :DL])
@@ -210,18 +215,22 @@ def _bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
 def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
     rows = []
     scale = 192 ** -0.5
-    for name, cases in (("sparse", spec["sparse"]), ("dense", [(B, c, c) for B, c in spec["dense"]])):
+    cases_by_kind = (("sparse", spec["sparse"]), ("sparse_fp8", spec["sparse_fp8"]),
+                     ("dense", [(B, c, c) for B, c in spec["dense"]]))
+    for name, cases in cases_by_kind:
         for B, ctx, k in cases:
             table, lens, num_pages = _table(B, ctx, dev)
             kv = torch.randn(num_pages, PAGE, DL + DR, device=dev, dtype=torch.bfloat16)
+            if name == "sparse_fp8":
+                kv = quantize_kv_fp8(kv[..., :DL], kv[..., DL:])                 # [P, S, 656] uint8
             H = HEADS if dev == "cuda" else 16
             q_req = torch.arange(B, dtype=torch.int32, device=dev)
             counts = torch.full((B,), k, dtype=torch.int32, device=dev)
-            ws = B * k * (DL + DR) * 2 + B * H * (DL + DR) * 2 * 2
+            ws = B * k * kv.shape[-1] * kv.element_size() + B * H * (DL + DR) * 2 * 2
             n_rot = _rotations(ws, dev)
             ins = []
             for _ in range(n_rot):
-                pos = (torch.rand(B, ctx, device=dev).argsort(1)[:, :k] if name == "sparse"
+                pos = (torch.rand(B, ctx, device=dev).argsort(1)[:, :k] if name.startswith("sparse")
                        else torch.arange(k, device=dev).expand(B, k)).int().contiguous()
                 ins.append((torch.randn(B, H, DL, device=dev, dtype=torch.bfloat16),
                             torch.randn(B, H, DR, device=dev, dtype=torch.bfloat16), pos))
@@ -234,7 +243,7 @@ def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
                 return _torch_mla(qn, qp, kv, table, pos.long(), scale)
 
             def kernel_fn(qn, qp, pos):
-                if name == "sparse":
+                if name.startswith("sparse"):
                     return sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale, num_splits=splits)[0]
                 return dense_mla_attention(qn, qp, kv, table, q_req, lens, scale, num_splits=splits)[0]
 

@@ -4,7 +4,8 @@ Each query t (request q_req[t]) attends, with all H heads, to a set of cached to
   sparse: positions indices[t, :counts[t]] chosen by the indexer (see indexer.py);
   dense:  positions 0 .. q_len[t]-1 (short contexts, causal prefill with q_len = pos + 1).
 Queries are already absorbed into latent space: q_nope [T, H, 512], q_pe [T, H, 64].
-The cache row of a token is [latent c (512) | rope r (64)] in bf16 (kv_bf16 layout):
+The cache row of a token is [latent c (512) | rope r (64)] in bf16 (kv_bf16 layout), or
+uint8 [512 fp8 | 4 fp32 scales | 64 bf16] (kv_fp8 layout, 656 B; c is dequantised to bf16):
   s = (q_nope . c + q_pe . r) * sm_scale,  p = softmax(s) in fp32,  out = sum p * c.
 Output [T, H, 512] bf16 in latent space (the caller applies W_UV), plus the natural-log
 sum-exp [T, H] fp32 for merging partial attentions. A query with no tokens gets out = 0
@@ -18,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KV_LATENT_DIM, check_int_vector, check_page_table, dot_in_fp32
+from ._common import (FP8_BLOCK, KV_LATENT_DIM, check_int_vector, check_page_table, dequantize_kv_fp8,
+                      dot_in_fp32, kv_fp8_token_bytes)
 
 # ---------------------------------------------------------------------------------
 # torch reference (float64)
@@ -32,6 +34,9 @@ def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
     """Reference (out [T, H, DL] float64, lse [T, H] float64); dense when indices is None."""
     T, H, DL = q_nope.shape
     S = kv.shape[1]
+    if kv.dtype == torch.uint8:                                 # fp8 layout: dequantise once
+        c, r = dequantize_kv_fp8(kv, DL)
+        kv = torch.cat([c, r], dim=-1)                          # [P, S, DL + DR] fp32
     out = torch.zeros(T, H, DL, dtype=torch.float64, device=q_nope.device)
     lse = torch.full((T, H), float("-inf"), dtype=torch.float64, device=q_nope.device)
     for t in range(T):
@@ -54,15 +59,16 @@ def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
 @triton.jit
 def _mla_attn_kernel(
     # pointers
-    qn_ptr, qp_ptr, kv_ptr, table_ptr, q_req_ptr, idx_ptr, count_ptr, out_ptr, lse_ptr,
+    qn_ptr, qp_ptr, c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, idx_ptr, count_ptr, out_ptr, lse_ptr,
     # sizes / scalars
     H, sm_scale,
-    # strides (elements)
-    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_kvp, stride_kvt, stride_tr,
-    stride_it, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    # strides (elements of each pointer's own type)
+    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_cp, stride_ct, stride_rp, stride_rt,
+    stride_sp, stride_st, stride_tr, stride_it, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
     # constexpr
     DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPARSE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPARSE: tl.constexpr, KV_FP8: tl.constexpr,
+    QBLOCK: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One program: one query, BLOCK_H heads, one of NUM_SPLITS slices of its tokens, online softmax.
 
@@ -100,9 +106,19 @@ def _mla_attn_kernel(
         else:
             pos = offs_n
         page = tl.load(table_ptr + req * stride_tr + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        row = kv_ptr + page * stride_kvp + (pos % PAGE_SIZE).to(tl.int64) * stride_kvt   # [BN]
-        c = tl.load(row[:, None] + offs_l[None, :], mask=valid[:, None], other=0.0)     # [BN, DL]
-        r = tl.load(row[:, None] + DL + offs_r[None, :], mask=valid[:, None], other=0.0)  # [BN, DR]
+        slot = (pos % PAGE_SIZE).to(tl.int64)
+        c = tl.load((c_ptr + page * stride_cp + slot * stride_ct)[:, None] + offs_l[None, :],
+                    mask=valid[:, None], other=0.0)                                   # [BN, DL]
+        r = tl.load((r_ptr + page * stride_rp + slot * stride_rt)[:, None] + offs_r[None, :],
+                    mask=valid[:, None], other=0.0)                                   # [BN, DR] bf16
+        if KV_FP8:
+            offs_b = tl.arange(0, DL // QBLOCK)
+            sc = tl.load((sc_ptr + page * stride_sp + slot * stride_st)[:, None] + offs_b[None, :],
+                         mask=valid[:, None], other=0.0)                              # [BN, DL/QBLOCK]
+            c = tl.reshape(tl.reshape(c.to(tl.float32), [BLOCK_N, DL // QBLOCK, QBLOCK]) * sc[:, :, None],
+                           [BLOCK_N, DL])                                             # [BN, DL] fp32
+            if not DOT_F32:
+                c = c.to(r.dtype)             # bf16 for the tensor cores (the interpreter stays fp32)
         if DOT_F32:
             s = tl.dot(qn, tl.trans(c.to(tl.float32))) + tl.dot(qp, tl.trans(r.to(tl.float32)))
         else:
@@ -169,10 +185,18 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     assert q_pe.dim() == 3 and q_pe.shape[:2] == (T, H) and q_pe.stride(2) == 1, (
         f"q_pe must be [T={T}, H={H}, rope] contiguous in rope, got {tuple(q_pe.shape)}")
     DR = q_pe.shape[2]
-    assert q_pe.dtype == q_nope.dtype == kv.dtype, (
-        f"q_nope, q_pe and kv must share a dtype, got {q_nope.dtype}, {q_pe.dtype}, {kv.dtype}")
-    assert kv.dim() == 3 and kv.shape[2] == DL + DR and kv.stride(2) == 1, (
-        f"kv must be one layer [pages, page_size, {DL}+{DR}] contiguous per token, got {tuple(kv.shape)}")
+    kv_fp8 = kv.dtype == torch.uint8
+    if kv_fp8:
+        assert q_pe.dtype == q_nope.dtype == torch.bfloat16, (
+            f"with an fp8 kv cache q_nope and q_pe must be bf16, got {q_nope.dtype}, {q_pe.dtype}")
+        width = kv_fp8_token_bytes(DL, DR)
+    else:
+        assert q_pe.dtype == q_nope.dtype == kv.dtype, (
+            f"q_nope, q_pe and kv must share a dtype, got {q_nope.dtype}, {q_pe.dtype}, {kv.dtype}")
+        width = DL + DR
+    assert kv.dim() == 3 and kv.shape[2] == width and kv.is_contiguous(), (
+        f"kv must be one contiguous layer [pages, page_size, {width}] ({'fp8' if kv_fp8 else 'bf16'} "
+        f"layout), got {kv.dtype} {tuple(kv.shape)}")
     for d, name in ((DL, "latent dim"), (DR, "rope dim")):
         assert d >= 16 and d & (d - 1) == 0, f"{name} {d} must be a power of two >= 16"
     check_page_table(page_table)
@@ -200,15 +224,23 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     else:
         part = torch.empty(T, H, num_splits, DL, dtype=torch.float32, device=q_nope.device)
         plse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q_nope.device)
+    if kv_fp8:      # typed views of the same bytes: latent fp8, scales fp32, rope bf16
+        nb = DL // FP8_BLOCK
+        c = kv.view(torch.float8_e4m3fn)
+        sc = kv.view(torch.float32)[..., DL // 4:]
+        r = kv.view(torch.bfloat16)[..., (DL + 4 * nb) // 2:]
+    else:
+        c, r, sc = kv, kv[..., DL:], kv
     grid = (T, triton.cdiv(H, BLOCK_H), num_splits)
     _mla_attn_kernel[grid](
-        q_nope, q_pe, kv, page_table, q_req, idx, counts, part, plse,
+        q_nope, q_pe, c, r, sc, page_table, q_req, idx, counts, part, plse,
         H, sm_scale,
-        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), c.stride(0), c.stride(1),
+        r.stride(0), r.stride(1), sc.stride(0), sc.stride(1),
         page_table.stride(0), idx.stride(0), part.stride(0), part.stride(1),
         part.stride(2) if num_splits > 1 else 0, plse.stride(0), plse.stride(1),
         DL=DL, DR=DR, PAGE_SIZE=kv.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        SPARSE=indices is not None, DOT_F32=dot_in_fp32(q_nope),
+        SPARSE=indices is not None, KV_FP8=kv_fp8, QBLOCK=FP8_BLOCK, DOT_F32=dot_in_fp32(q_nope),
         num_warps=8 if DL >= KV_LATENT_DIM else 4,
     )
     if num_splits > 1:

@@ -35,13 +35,19 @@ def build_indexer_cache(lens: list[int], page_size: int, dim: int, gen: torch.Ge
     return cache, table, seq_lens
 
 
-def build_kv_cache(lens: list[int], page_size: int, dl: int, dr: int, gen: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer of bf16 latent KV [P, S, dl + dr]: random rows for valid tokens, NaN elsewhere."""
+def build_kv_cache(lens: list[int], page_size: int, dl: int, dr: int, gen: torch.Generator,
+                   fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer of latent KV, bf16 [P, S, dl + dr] or fp8-layout uint8 rows; NaN where unwritten."""
+    from kvproof.kernels._common import kv_fp8_token_bytes, quantize_kv_fp8
+
     table, seq_lens, num_pages = random_page_table(lens, page_size, gen)
-    kv = torch.full((num_pages, page_size, dl + dr), float("nan"), dtype=torch.bfloat16)
+    if fp8:      # 0xFF is NaN as fp8, as fp32 scale and as bf16
+        kv = torch.full((num_pages, page_size, kv_fp8_token_bytes(dl, dr)), 0xFF, dtype=torch.uint8)
+    else:
+        kv = torch.full((num_pages, page_size, dl + dr), float("nan"), dtype=torch.bfloat16)
     for r, n in enumerate(lens):
         pos = torch.arange(n)
-        kv[table[r, pos // page_size].long().cpu(), pos % page_size] = torch.randn(
-            n, dl + dr, generator=gen).to(torch.bfloat16)
+        rows = torch.randn(n, dl + dr, generator=gen)
+        rows = quantize_kv_fp8(rows[:, :dl], rows[:, dl:]) if fp8 else rows.to(torch.bfloat16)
+        kv[table[r, pos // page_size].long().cpu(), pos % page_size] = rows
     return kv.to(DEVICE), table, seq_lens
