@@ -167,3 +167,16 @@ def test_bench_quick_runs_on_cpu() -> None:
     if not torch.cuda.is_available():
         assert r["device"] == "cpu" and r["hidden_fraction"] == 0.0
     assert r["swap_in_gbps"] > 0 and r["plain_copy_gbps"] > 0 and r["plan_checks"] == 1
+
+
+def test_direct_copy_path_used_on_cuda_is_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA copy code (pinned runs -> staging -> index_copy_), run eagerly on CPU tensors."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    c = HiCache(_cfg(device_pages=6, schedule="eager"))
+    a, b = _seq(0, 6 * P, 1), _seq(100, 4 * P, 2)
+    c.insert(*a)
+    c.evict()
+    c.insert(*b)                                 # scramble which device pages are free
+    monkeypatch.setattr(c, "cuda", True)
+    kv, idx = c.gather(a[0])
+    assert torch.equal(kv, a[1]) and torch.equal(idx, a[2])
