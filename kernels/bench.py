@@ -183,7 +183,8 @@ def _bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
             flops = 2.0 * IDX_H * IDX_D * keys
             shape = dict(queries=T, ctx=ctx, heads=IDX_H, dim=IDX_D)
             t_torch = ms = diff = None
-            with_torch = mode == "idx_decode" and T * ctx * (IDX_H * 4 + IDX_D * 2) < (8 << 30 if dev == "cuda" else 1 << 28)
+            torch_bytes = T * ctx * (IDX_H * 4 + IDX_D * 2)              # its [B, H, N] and [B, N, D]
+            with_torch = mode == "idx_decode" and torch_bytes < (8 << 30 if dev == "cuda" else 1 << 28)
             if with_torch:
                 t_torch = timer(lambda q, w: _torch_indexer(q, w, cache, table, q_len, ctx), ins)
             if run_kernels:

@@ -7,10 +7,11 @@ One query row t belongs to request q_req[t] (a page-table row) and sees its firs
 q_len[t] cached keys: decode is one query per request with q_len = seq_len; causal
 prefill is many queries with q_len = position + 1 (see `_common.prefill_queries`).
 The scores are computed by a Triton kernel; the top-k selection uses torch.topk by
-default, or the Triton radix-select kernel of topk.py with method="triton". Top-k convention, no sentinels: `indices`
-int32 [T, k] and `counts` int32 [T]; indices[t, :counts[t]] are distinct valid
-key positions (order unspecified), indices[t, counts[t]:] are 0 and must be
-ignored; counts[t] = min(k, q_len[t]).
+default, or the Triton radix-select kernel of topk.py with method="triton".
+
+Top-k convention, no sentinels: `indices` int32 [T, k] and `counts` int32 [T];
+indices[t, :counts[t]] are distinct valid key positions (order unspecified),
+indices[t, counts[t]:] are 0 and must be ignored; counts[t] = min(k, q_len[t]).
 """
 from __future__ import annotations
 
@@ -167,7 +168,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         max_len,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),
         scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
-        H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog, DOT_F32=dot_in_fp32(q),
+        H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog,
+        DOT_F32=dot_in_fp32(q),
     )
     return out
 

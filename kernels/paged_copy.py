@@ -113,23 +113,30 @@ _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8)
 
 def page_work_list(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    num_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per copied page: (page id, valid tokens, first packed row), each int32 [N]; syncs once."""
+    """Per copied page: (page id, valid tokens, first packed row), each int32 [N].
+
+    Reads a few scalars back to the host (two syncs with num_pages, one without): build it
+    once per page table and pass it as `work=` to every layer range and direction.
+    """
     check_page_table(page_table)
     check_int_vector(seq_lens, "seq_lens", page_table.shape[0])
     dev = page_table.device
     lens = seq_lens.long()
-    assert lens.numel() == 0 or int(lens.min()) >= 0, f"seq_lens must be >= 0, got {seq_lens.tolist()}"
     n_pages = (lens + page_size - 1) // page_size                                   # [R]
-    if n_pages.numel():
-        worst = int(n_pages.max())
+    if lens.numel():
+        shortest, worst, total = torch.stack([lens.min(), n_pages.max(), n_pages.sum()]).tolist()
+        assert shortest >= 0, f"seq_lens must be >= 0, got {seq_lens.tolist()}"
         assert worst <= page_table.shape[1], (
             f"seq_lens needs {worst} pages but page_table has {page_table.shape[1]} columns")
-    req = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), n_pages)   # [N]
+    else:
+        total = 0
+    req = torch.repeat_interleave(torch.arange(lens.shape[0], device=dev), n_pages,
+                                  output_size=total)                                # [N]
     first = torch.cumsum(n_pages, 0) - n_pages
     j = torch.arange(req.shape[0], device=dev) - first[req]
     page_ids = page_table[req, j]
     if num_pages is not None and page_ids.numel():
-        lo, hi = int(page_ids.min()), int(page_ids.max())
+        lo, hi = torch.stack([page_ids.min(), page_ids.max()]).tolist()
         assert 0 <= lo and hi < num_pages, (
             f"page_table holds page ids in [{lo}, {hi}], pool has pages [0, {num_pages})")
     ntok = torch.clamp(lens[req] - j * page_size, max=page_size)

@@ -40,12 +40,12 @@ def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
     out = torch.zeros(T, H, DL, dtype=torch.float64, device=q_nope.device)
     lse = torch.full((T, H), float("-inf"), dtype=torch.float64, device=q_nope.device)
     for t in range(T):
-        c = int(counts[t])
-        if c == 0:
+        n = int(counts[t])
+        if n == 0:
             continue
-        pos = indices[t, :c].long() if indices is not None else torch.arange(c, device=kv.device)
-        rows = kv[page_table[int(q_req[t]), pos // S].long(), pos % S].double()   # [c, DL + DR]
-        s = (q_nope[t].double() @ rows[:, :DL].T + q_pe[t].double() @ rows[:, DL:].T) * sm_scale  # [H, c]
+        pos = indices[t, :n].long() if indices is not None else torch.arange(n, device=kv.device)
+        rows = kv[page_table[int(q_req[t]), pos // S].long(), pos % S].double()   # [n, DL + DR]
+        s = (q_nope[t].double() @ rows[:, :DL].T + q_pe[t].double() @ rows[:, DL:].T) * sm_scale  # [H, n]
         lse[t] = torch.logsumexp(s, dim=-1)
         out[t] = torch.softmax(s, dim=-1) @ rows[:, :DL]
     return out, lse
@@ -167,7 +167,8 @@ def _mla_combine_kernel(
                    mask=smask[:, None], other=0.0)                              # [BS, DL]
     out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_l, out.to(out_ptr.dtype.element_ty))
-    tl.store(lse_ptr + t * stride_lt + h, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+    lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + t * stride_lt + h, lse)
 
 
 # ---------------------------------------------------------------------------------
