@@ -487,19 +487,36 @@ def _item_lines(text: str, key: str) -> list[int]:
             return lines
 
 
-def _make_plan(name: str, streams: list[str] | None, instrs: list[Instr], where: str) -> Plan:
+def _checked_plan(name: str, streams: list[str] | None, instrs: list[Instr], wheres: list[str]) -> Plan:
+    """Build the plan, naming the line of an unknown stream or a repeated op name."""
+    seen: dict[str, str] = {}
+    for ins, where in zip(instrs, wheres):
+        if streams is not None and ins.stream is not None and ins.stream not in streams:
+            field = "stream" if not isinstance(ins, HostSync) else "sync_stream"
+            raise PlanFormatError(f"{where}: field {field!r}: unknown stream {ins.stream!r}; expected one of {streams}")
+        if isinstance(ins, Op):
+            if ins.name in seen:
+                raise PlanFormatError(f"{where}: op name {ins.name!r} repeats the op at {seen[ins.name]}")
+            seen[ins.name] = where
     if streams is None:
         streams = list(dict.fromkeys(i.stream for i in instrs if i.stream is not None))
-    try:
-        return Plan(name, tuple(streams), tuple(instrs))
-    except ValueError as e:
-        raise PlanFormatError(f"{where}: {e}") from None
+    return Plan(name, tuple(streams), tuple(instrs))
+
+
+def _header(obj: dict[str, Any], where: str, version_key: str) -> tuple[str | None, list[str] | None]:
+    if obj.get(version_key, 1) != 1:
+        raise PlanFormatError(f"{where}: field {version_key!r}: expected version 1, got {obj[version_key]!r}")
+    name, streams = obj.get("name"), obj.get("streams")
+    if name is not None and not isinstance(name, str):
+        raise PlanFormatError(f"{where}: field 'name': expected a string, got {name!r}")
+    if streams is not None and not (isinstance(streams, list) and all(isinstance(x, str) and x for x in streams)):
+        raise PlanFormatError(f"{where}: field 'streams': expected a list of stream names, got {streams!r}")
+    return name, streams
 
 
 def plan_loads_lines(text: str, source: str = "<plan>") -> tuple[Plan, tuple[int, ...]]:
     """Parse a plan (one JSON document) or a trace (JSON Lines); also the line of each instruction."""
-    stripped = text.lstrip()
-    if not stripped:
+    if not text.strip():
         raise PlanFormatError(f"{source}: empty file; expected a plan (JSON) or a trace (JSON Lines)")
     try:
         doc = json.loads(text)
@@ -507,32 +524,24 @@ def plan_loads_lines(text: str, source: str = "<plan>") -> tuple[Plan, tuple[int
         if e.msg != "Extra data":
             raise PlanFormatError(f"{source} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
         return _trace_loads(text, source)
+    if isinstance(doc, dict) and "instrs" not in doc and any(
+            k in doc for k in ("op", "record", "wait", "sync_stream", "sync_event", "kvproof_trace")):
+        return _trace_loads(text, source)
     if not isinstance(doc, dict) or "instrs" not in doc:
-        if isinstance(doc, dict) and any(k in doc for k in ("op", "record", "wait", "kvproof_trace")):
-            return _trace_loads(text, source)
         raise PlanFormatError(f"{source}: expected an object with 'instrs' (a plan) or JSON Lines (a trace)")
-    lines = _item_lines(text, "instrs")
-    name = doc.get("name", source)
-    if not isinstance(name, str):
-        raise PlanFormatError(f"{source}: name: expected a string, got {name!r}")
-    streams = doc.get("streams")
-    if streams is not None and (not isinstance(streams, list) or not all(isinstance(s, str) for s in streams)):
-        raise PlanFormatError(f"{source}: streams: expected a list of stream names, got {streams!r}")
+    name, streams = _header(doc, source, "kvproof_plan")
     raw = doc["instrs"]
     if not isinstance(raw, list):
-        raise PlanFormatError(f"{source}: instrs: expected a list, got {type(raw).__name__}")
-    line = lambda k: f" line {lines[k]}" if k < len(lines) else ""  # noqa: E731
-    instrs = [instr_from_json(o, f"{source}{line(k)}: instrs[{k}]") for k, o in enumerate(raw)]
-    for k, ins in enumerate(instrs):
-        if streams is not None and ins.stream is not None and ins.stream not in streams:
-            raise PlanFormatError(f"{source}{line(k)}: instrs[{k}].stream: unknown stream {ins.stream!r}; "
-                                  f"expected one of {streams}")
-    plan = _make_plan(name, streams, instrs, source)
-    return plan, tuple(lines[k] if k < len(lines) else 0 for k in range(len(instrs)))
+        raise PlanFormatError(f"{source}: field 'instrs': expected a list, got {type(raw).__name__}")
+    found = _item_lines(text, "instrs")
+    lines = [found[k] if k < len(found) else 0 for k in range(len(raw))]
+    wheres = [f"{source}{f' line {n}' if n else ''}: instrs[{k}]" for k, n in enumerate(lines)]
+    instrs = [instr_from_json(o, w) for o, w in zip(raw, wheres)]
+    return _checked_plan(name or source, streams, instrs, wheres), tuple(lines)
 
 
 def _trace_loads(text: str, source: str) -> tuple[Plan, tuple[int, ...]]:
-    name, streams, instrs, lines = source, None, [], []
+    name, streams, instrs, lines, wheres = None, None, [], [], []
     for n, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
@@ -541,17 +550,15 @@ def _trace_loads(text: str, source: str) -> tuple[Plan, tuple[int, ...]]:
         except json.JSONDecodeError as e:
             raise PlanFormatError(f"{source} line {n} column {e.colno}: invalid JSON: {e.msg}") from None
         if isinstance(obj, dict) and "kvproof_trace" in obj:
-            name = obj.get("name", source)
-            streams = obj.get("streams")
-            if streams is not None and not (isinstance(streams, list) and all(isinstance(s, str) for s in streams)):
-                raise PlanFormatError(f"{source} line {n}: streams: expected a list of names, got {streams!r}")
+            if instrs or name is not None:
+                raise PlanFormatError(f"{source} line {n}: the trace header must be the first line")
+            name, streams = _header(obj, f"{source} line {n}", "kvproof_trace")
+            name = name or source
             continue
-        ins = instr_from_json(obj, f"{source} line {n}", trace=True)
-        if streams is not None and ins.stream is not None and ins.stream not in streams:
-            raise PlanFormatError(f"{source} line {n}: stream: unknown stream {ins.stream!r}; expected one of {streams}")
-        instrs.append(ins)
+        wheres.append(f"{source} line {n}")
+        instrs.append(instr_from_json(obj, wheres[-1], trace=True))
         lines.append(n)
-    return _make_plan(name, streams, instrs, source), tuple(lines)
+    return _checked_plan(name or source, streams, instrs, wheres), tuple(lines)
 
 
 def plan_loads(text: str, source: str = "<plan>") -> Plan:

@@ -30,15 +30,19 @@ def test_json_lines_are_reported() -> None:
     ("", "empty file"),
     ('{"instrs": [\n{"op": "a", "stream": "s"},\n{"op": "b" "stream": "s"}]}', "line 3 column"),
     ('{"streams": ["s"], "instrs": [\n{"op": "a", "stream": "s"},\n{"op": "b", "stream": "t"}]}',
-     "line 3: instrs[1].stream: unknown stream 't'"),
+     "line 3: instrs[1]: field 'stream': unknown stream 't'"),
     ('{"instrs": [\n{"op": "a", "stream": "s", "reads": "x"}]}', "line 2: instrs[0]: field 'reads'"),
     ('{"instrs": [\n{"op": "a", "stream": "s", "kind": "dma"}]}', "field 'kind'"),
     ('{"instrs": [\n{"op": "a", "stream": "s", "colour": 1}]}', "unknown field(s) ['colour']"),
     ('{"instrs": [\n{"op": "a", "wait": "e", "stream": "s"}]}', "exactly one of"),
-    ('{"instrs": [\n{"op": "a", "stream": "s"},\n{"op": "a", "stream": "s"}]}', "repeats op name 'a'"),
+    ('{"instrs": [\n{"op": "a", "stream": "s"},\n{"op": "a", "stream": "s"}]}', "op name 'a' repeats the op at p.json line 2: instrs[0]"),
     ('{"op": "a", "stream": "s"}\n{"op": "b", "stream": 3}\n', "line 2: field 'stream'"),
     ('{"op": "a", "stream": "s"}\n{"op": "b", "stream": "s"\n', "line 2 column"),
     ('[1, 2]', "expected an object with 'instrs'"),
+    ('{"kvproof_plan": 2, "instrs": []}', "field 'kvproof_plan': expected version 1"),
+    ('{"op": "a", "stream": "s"}\n{"kvproof_trace": 1}\n', "line 2: the trace header must be the first line"),
+    ('{"op": "a", "stream": "s"}\n{"op": "a", "stream": "s"}\n', "line 2: op name 'a' repeats the op at p.json line 1"),
+    ('{"kvproof_trace": 1, "streams": ["s"]}\n{"sync_stream": "t"}\n', "line 2: field 'sync_stream': unknown stream"),
 ])
 def test_malformed_input_names_line_and_field(text: str, needle: str) -> None:
     with pytest.raises(PlanFormatError) as e:
