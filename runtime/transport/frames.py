@@ -13,8 +13,9 @@ with a UTF-8 reason of `length` bytes; CLOSE announces an orderly close.
 from __future__ import annotations
 
 import enum
+import socket
 import struct
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .base import TAG_MAX_LEN, Tag, TransportError
 
@@ -103,3 +104,41 @@ def encode_acks(wr_ids: list[int]) -> tuple[bytes, bytes]:
 def decode_acks(payload: bytes | bytearray) -> tuple[int, ...]:
     """The wr_ids of an ACK payload."""
     return struct.unpack(f"<{len(payload) // 8}Q", payload)
+
+
+class SocketReader:
+    """Reads a socket through a small buffer, so a burst of ACKs costs one syscall, while the
+    bulk of a large payload is received straight into its destination, never staged."""
+
+    def __init__(self, sock: socket.socket, before_recv: Callable[[], None], size: int = 4096) -> None:
+        self._sock, self._buf, self._before_recv = sock, memoryview(bytearray(size)), before_recv
+        self._lo = self._hi = 0
+        self._direct = size // 4  # reads at least this large bypass the buffer
+
+    def buffered(self) -> bool:
+        """Whether bytes are waiting in the buffer."""
+        return self._hi > self._lo
+
+    def read_into(self, dst: memoryview) -> bool:
+        """Fill dst exactly; False on EOF."""
+        k = min(self._hi - self._lo, dst.nbytes)
+        if k:
+            dst[:k] = self._buf[self._lo : self._lo + k]
+            self._lo += k
+            dst = dst[k:]
+        while dst.nbytes:  # the buffer is empty here
+            self._before_recv()
+            if dst.nbytes >= self._direct:
+                n = self._sock.recv_into(dst)
+                if n == 0:
+                    return False
+                dst = dst[n:]
+                continue
+            n = self._sock.recv_into(self._buf)
+            if n == 0:
+                return False
+            k = min(n, dst.nbytes)
+            dst[:k] = self._buf[:k]
+            self._lo, self._hi = k, n
+            dst = dst[k:]
+        return True

@@ -1,8 +1,9 @@
 """The TCP transport: one-sided writes over a loopback socket, the embedded default.
 
 Two threads per connection. The receive thread reads frames and copies each
-WRITE payload straight into the destination region (recv_into, no staging
-buffer), calls on_land, then queues an ACK. It checks only that the region
+WRITE payload into the destination region (the bulk by recv_into straight into
+it; only bytes that arrived with the header pass through a 4 KiB buffer), calls
+on_land, then queues an ACK. It checks only that the region
 exists and the bytes fit, as a NIC checks an rkey and bounds; it never looks at
 protocol state. The wire thread sends queued frames in order of their due time,
 so a write delayed by fault injection goes on the wire, and lands, after
@@ -23,7 +24,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from .base import (
     Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
@@ -31,52 +32,14 @@ from .base import (
 )
 from .faults import FaultConfig, FaultInjector
 from .frames import (
-    HEADER, MAX_ACKS, MAX_REASON, FrameError, FrameType, Header, decode_acks, decode_header, encode_acks,
-    encode_header,
+    HEADER, MAX_ACKS, MAX_REASON, FrameError, FrameType, Header, SocketReader, decode_acks, decode_header,
+    encode_acks, encode_header,
 )
 
 Address = tuple[str, int]
 _U32, _U64 = 2**32, 2**64
 _BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
 _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
-
-
-class _Reader:
-    """Reads a socket through a small buffer, so a burst of ACKs costs one syscall, while the
-    bulk of a large payload is received straight into its destination, never staged."""
-
-    def __init__(self, sock: socket.socket, before_recv: Callable[[], None], size: int = 4096) -> None:
-        self._sock, self._buf, self._before_recv = sock, memoryview(bytearray(size)), before_recv
-        self._lo = self._hi = 0
-        self._direct = size // 4  # reads at least this large bypass the buffer
-
-    def buffered(self) -> bool:
-        """Whether bytes are waiting in the buffer."""
-        return self._hi > self._lo
-
-    def read_into(self, dst: memoryview) -> bool:
-        """Fill dst exactly; False on EOF."""
-        k = min(self._hi - self._lo, dst.nbytes)
-        if k:
-            dst[:k] = self._buf[self._lo : self._lo + k]
-            self._lo += k
-            dst = dst[k:]
-        while dst.nbytes:  # the buffer is empty here
-            self._before_recv()
-            if dst.nbytes >= self._direct:
-                n = self._sock.recv_into(dst)
-                if n == 0:
-                    return False
-                dst = dst[n:]
-                continue
-            n = self._sock.recv_into(self._buf)
-            if n == 0:
-                return False
-            k = min(n, dst.nbytes)
-            dst[:k] = self._buf[:k]
-            self._lo, self._hi = k, n
-            dst = dst[k:]
-        return True
 
 
 class TcpListener:
@@ -135,7 +98,7 @@ class TcpTransport(Transport):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ACKs are tiny; don't let Nagle hold them
         self._sock = sock
-        self._reader = _Reader(sock, self._before_recv)
+        self._reader = SocketReader(sock, self._before_recv)
         self.label = label or f"tcp{sock.fileno()}"
         self._faults = FaultInjector(faults) if faults is not None and faults.active else None
         self._lock = threading.Condition()  # guards everything below and the wire heap
@@ -404,12 +367,11 @@ class TcpTransport(Transport):
                 return
             self._closed = True
             self._flush_pending("transport closed before the write completed")
-            alive = self._dead_reason is None and not self._finishing
+            if self._dead_reason is None and not self._finishing:
+                self._queue_control(Header(FrameType.CLOSE, 0))  # lets the peer report an orderly close
             self._dead_reason = self._dead_reason or "closed locally (close_and_drain)"
             self._finishing = True
             self._lock.notify_all()
-        if alive:
-            self._queue_control(Header(FrameType.CLOSE, 0))  # lets the peer report an orderly close
         self._wire_thread.join(timeout / 2)
         try:
             self._sock.shutdown(socket.SHUT_RDWR)

@@ -143,8 +143,8 @@ def test_abrupt_socket_close_is_eof():
     chan = lst.accept(on_dead=dead.append)
     lst.close()
     peer.close()
-    wait_until(lambda: chan.is_dead, what="EOF detection")
-    assert dead == ["peer closed the channel (EOF)"]
+    wait_until(lambda: bool(dead), what="on_dead callback")
+    assert dead == ["peer closed the channel (EOF)"] and chan.is_dead
     chan.close()
 
 
