@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Union
 
+from kvproof.spec.core import ProtocolViolation
+
 PROPERTIES: tuple[str, ...] = ("no_read_before_ready", "no_write_after_read", "no_unordered_writes")
 OP_KINDS: tuple[str, ...] = ("copy", "compute")
 
@@ -334,8 +336,11 @@ class Machine:
                 out.append(Transition("wait", i))
         return out
 
-    def fire(self, st: State, t: Transition) -> State:
-        """The state after ``t`` (which must be enabled)."""
+    def fire(self, st: State, t: Transition, check: bool = True) -> State:
+        """The state after ``t``; ProtocolViolation (naming the failing guard) if ``t`` is disabled."""
+        if check and t not in self.enabled(st):
+            raise ProtocolViolation(self.plan.name, t.kind, {"instr": t.instr, "what": _label(self.plan, t.instr)},
+                                    self._guard(st, t))
         if t.kind in ("issue", "sync"):
             return State(st.host + 1, st.pcs, st.running)
         k, _ = self.lane_of[t.instr]
@@ -347,9 +352,23 @@ class Machine:
             pcs[k] += 1
         return State(st.host, tuple(pcs), tuple(running))
 
+    def _guard(self, st: State, t: Transition) -> str:
+        if not 0 <= t.instr < len(self.plan.instrs):
+            return f"instruction {t.instr} exists"
+        if t.kind in ("issue", "sync"):
+            return "host issues in order" if t.instr != st.host else "sync target has completed"
+        if t.instr not in self.lane_of:
+            return f"instruction {t.instr} is a {t.kind!r} on a stream"
+        k, p = self.lane_of[t.instr]
+        if t.instr >= st.host:
+            return "host has issued it"
+        if st.pcs[k] != p:
+            return "stream runs its items in order"
+        return {"start": "op not yet started", "end": "op is running"}.get(t.kind, "awaited event has completed")
+
     def successors(self, st: State) -> list[tuple[Transition, State]]:
         """Every (transition, next state) pair from ``st``."""
-        return [(t, self.fire(st, t)) for t in self.enabled(st)]
+        return [(t, self.fire(st, t, check=False)) for t in self.enabled(st)]
 
     def races_at(self, st: State, t: Transition) -> list[Dependency]:
         """Dependencies broken if ``t`` fires now: an op starting before what it must follow ended."""
@@ -360,6 +379,11 @@ class Machine:
     def is_final(self, st: State) -> bool:
         """Everything issued and completed."""
         return st.host == len(self.plan.instrs) and all(p == len(l) for p, l in zip(st.pcs, self.lanes))
+
+
+def _label(plan: Plan, i: int) -> str:
+    ins = plan.instrs[i] if 0 <= i < len(plan.instrs) else None
+    return getattr(ins, "name", None) or getattr(ins, "event", None) or repr(ins)
 
 
 @dataclass(frozen=True)

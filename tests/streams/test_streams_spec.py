@@ -9,7 +9,8 @@ from hypothesis import given, settings
 
 from stream_plans import tiny_plans
 from kvproof.spec.hicache_plan import VARIANTS, drop_wait, hicache_plan
-from kvproof.spec.streams import (HostSync, Op, Plan, PlanFormatError, Record, Wait, check_plan, explore,
+from kvproof.spec.core import ProtocolViolation
+from kvproof.spec.streams import (HostSync, Machine, Op, Transition, Plan, PlanFormatError, Record, Wait, check_plan, explore,
                                   plan_dumps, plan_loads, plan_loads_lines, trace_dumps)
 
 
@@ -48,6 +49,21 @@ def test_malformed_input_names_line_and_field(text: str, needle: str) -> None:
     with pytest.raises(PlanFormatError) as e:
         plan_loads(text, source="p.json")
     assert needle in str(e.value) and "p.json" in str(e.value)
+
+
+def test_firing_a_disabled_transition_names_the_guard() -> None:
+    m = Machine(hicache_plan(1, "fixed"))
+    st = m.initial()
+    with pytest.raises(ProtocolViolation, match="host has issued it"):
+        m.fire(st, Transition("start", m.plan.op_index("load_idx[0]")))
+    st = m.fire(st, Transition("issue", 0))
+    with pytest.raises(ProtocolViolation, match="host issues in order"):
+        m.fire(st, Transition("issue", 5))
+    while st.host < len(m.plan.instrs):
+        st = m.fire(st, Transition("issue", st.host))
+    with pytest.raises(ProtocolViolation, match="awaited event has completed"):
+        m.fire(st, Transition("wait", next(i for i, x in enumerate(m.plan.instrs) if isinstance(x, Wait)
+                                           and x.event == "idx_ready[0]")))
 
 
 def test_plan_validation() -> None:
