@@ -58,3 +58,28 @@ def test_radix_topk_takes_the_k_largest(rows, k, data):
             kth = torch.topk(scores[t, :n], c).values[-1]
             assert bool(torch.all(scores[t, sel] >= kth))
             assert int((scores[t, :n] > kth).sum()) <= c
+
+
+def test_empty_batches_launch_nothing_and_return_empty(gen):
+    from kvproof.kernels._common import kv_bf16_layout
+    from kvproof.kernels.indexer import indexer_topk
+    from kvproof.kernels.sparse_mla import sparse_mla_attention
+
+    from kernel_testing import build_indexer_cache, build_kv_cache
+
+    layout = kv_bf16_layout(4)
+    table, seq_lens, num_pages = random_page_table([0, 0], 4, gen)
+    pool = torch.zeros(2, num_pages, layout.page_bytes, dtype=torch.uint8, device=DEVICE)
+    assert gather_pages(pool, layout, table, seq_lens).shape == (2, 0, layout.token_bytes)
+    none = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    cache, table, _ = build_indexer_cache([3], 16, 32, gen)
+    q = torch.zeros(0, 16, 32, dtype=torch.bfloat16, device=DEVICE)
+    idx, counts = indexer_topk(q, torch.zeros(0, 16, device=DEVICE), cache, table, none, none, 16, topk=4)
+    assert idx.shape == (0, 4) and counts.shape == (0,)
+    kv, table, _ = build_kv_cache([3], 16, 64, 16, gen)
+    out, lse = sparse_mla_attention(torch.zeros(0, 16, 64, dtype=torch.bfloat16, device=DEVICE),
+                                    torch.zeros(0, 16, 16, dtype=torch.bfloat16, device=DEVICE), kv, table,
+                                    none, torch.zeros(0, 4, dtype=torch.int32, device=DEVICE), none, 0.1)
+    assert out.shape == (0, 16, 64) and lse.shape == (0, 16)
+    idx, counts = radix_topk(torch.zeros(0, 8, device=DEVICE), none, 3)
+    assert idx.shape == (0, 3)
