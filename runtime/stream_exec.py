@@ -126,7 +126,9 @@ class CudaExecutor:
                 continue
             s = self._stream(ins.stream)
             if isinstance(ins, Record):
-                self.events.setdefault(ins.event, torch.cuda.Event()).record(s)
+                if ins.event not in self.events:
+                    self.events[ins.event] = torch.cuda.Event()
+                self.events[ins.event].record(s)      # re-recording: later waits see the latest
             elif isinstance(ins, Wait):
                 if ins.event in self.events:     # CUDA: waiting on a never-recorded event is a no-op
                     s.wait_event(self.events[ins.event])
