@@ -32,18 +32,18 @@ IDX_H, IDX_D, DL, DR, HEADS, PAGE = 32, 128, 512, 64, 64, 64
 SHAPES = {
     "cpu": dict(copy=[(2, 40, 2)], idx_decode=[(2, 150)], idx_prefill=[(8, 150)],
                 topk=[(2, 300, 16)], sparse=[(2, 300, 16)], sparse_fp8=[(2, 300, 16)], dense=[(2, 100)],
-                reps=2, warmup=1),
+                mla_block_h=[16], reps=2, warmup=1),
     "quick": dict(copy=[(8, 16_384, 1)], idx_decode=[(64, 8_192), (64, 32_768)],
                   idx_prefill=[(1_024, 32_768)], topk=[(64, 32_768, 2048)],
                   sparse=[(4, 32_768, 2048), (64, 32_768, 2048)], sparse_fp8=[(64, 32_768, 2048)],
-                  dense=[(64, 2_048)], reps=10, warmup=3),
+                  dense=[(64, 2_048)], mla_block_h=[16, 32], reps=10, warmup=3),
     "full": dict(copy=[(8, 16_384, 1), (8, 16_384, 8), (32, 4_000, 78)],
                  idx_decode=[(64, 8_192), (64, 32_768), (128, 32_768), (64, 131_072), (128, 131_072)],
                  idx_prefill=[(2_048, 32_768), (4_096, 131_072)],
                  topk=[(64, 32_768, 2048), (128, 131_072, 2048)],
                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
                  sparse_fp8=[(64, 32_768, 2048), (128, 32_768, 2048)],
-                 dense=[(64, 2_048), (64, 8_192)], reps=50, warmup=5),
+                 dense=[(64, 2_048), (64, 8_192)], mla_block_h=[16, 32, 64], reps=50, warmup=5),
 }
 
 
@@ -239,21 +239,26 @@ def _bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
             flops = 2.0 * B * H * k * (DL + DR + DL)
             # flash-decoding splits so that small batches still fill ~2 waves of 132 SMs
             splits = max(1, min(16, 264 // (B * math.ceil(H / 16))))
-            shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k, splits=splits)
+
             def torch_fn(qn, qp, pos):
                 return _torch_mla(qn, qp, kv, table, pos.long(), scale)
 
-            def kernel_fn(qn, qp, pos):
+            def kernel_fn(qn, qp, pos, block_h=16):
                 if name.startswith("sparse"):
-                    return sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale, num_splits=splits)[0]
-                return dense_mla_attention(qn, qp, kv, table, q_req, lens, scale, num_splits=splits)[0]
+                    return sparse_mla_attention(qn, qp, kv, table, q_req, pos, counts, scale,
+                                                num_splits=splits, block_h=block_h)[0]
+                return dense_mla_attention(qn, qp, kv, table, q_req, lens, scale, num_splits=splits,
+                                           block_h=block_h)[0]
 
             t_torch = timer(torch_fn, ins)
-            ms = diff = None
-            if run_kernels:
-                ms = timer(kernel_fn, ins)
-                diff = float((kernel_fn(*ins[0]).float() - torch_fn(*ins[0]).float()).abs().max())
-            rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch, diff))
+            # heads per program is untuned: the plain sparse rows sweep it
+            for block_h in spec["mla_block_h"] if name == "sparse" else (16,):
+                ms = diff = None
+                if run_kernels:
+                    ms = timer(lambda qn, qp, pos: kernel_fn(qn, qp, pos, block_h), ins)
+                    diff = float((kernel_fn(*ins[0], block_h).float() - torch_fn(*ins[0]).float()).abs().max())
+                shape = dict(batch=B, heads=H, ctx=ctx, tokens_attended=k, splits=splits, block_h=block_h)
+                rows.append(_row(f"mla.{name}.decode", shape, ms, nbytes, flops, t_torch, diff))
             del kv
     return rows
 

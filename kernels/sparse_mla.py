@@ -179,7 +179,7 @@ def _mla_combine_kernel(
 def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
                 q_req: torch.Tensor, counts: torch.Tensor, sm_scale: float,
                 indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None,
-                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                num_splits: int, block_h: int) -> tuple[torch.Tensor, torch.Tensor]:
     assert q_nope.dim() == 3 and q_nope.stride(2) == 1, (
         f"q_nope must be [T, H, latent] contiguous in latent, got {tuple(q_nope.shape)}")
     T, H, DL = q_nope.shape
@@ -209,6 +209,13 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
                 f"indices must be int32 [T={T}, k] contiguous per row, got {indices.dtype} "
                 f"{tuple(indices.shape)}")
     assert math.isfinite(sm_scale) and sm_scale > 0, f"sm_scale must be a positive number, got {sm_scale}"
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    # Heads per program: tl.dot needs M >= 16 (smaller H is masked); more heads per program
+    # read each KV row fewer times but hold a [block_h, DL] fp32 accumulator.
+    assert block_h in (16, 32, 64), f"block_h must be 16, 32 or 64, got {block_h}"
+    BLOCK_H = block_h
+    block_n = block_n or 32
+    assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
     if out is None:
         out = torch.empty(T, H, DL, dtype=q_nope.dtype, device=q_nope.device)
     assert out.shape == (T, H, DL) and out.stride(2) == 1, (
@@ -216,9 +223,6 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     lse = torch.empty(T, H, dtype=torch.float32, device=q_nope.device)
     if T == 0 or H == 0:
         return out, lse
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
-    BLOCK_H = 16                                   # tl.dot needs M >= 16; smaller H is masked
-    block_n = block_n or 32
     idx = indices if indices is not None else counts     # unread placeholder when dense
     if num_splits == 1:
         part, plse = out, lse.unsqueeze(-1)                                      # written directly
@@ -257,18 +261,18 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
 def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                          page_table: torch.Tensor, q_req: torch.Tensor, indices: torch.Tensor,
                          counts: torch.Tensor, sm_scale: float, out: torch.Tensor | None = None,
-                         block_n: int | None = None, num_splits: int = 1
+                         block_n: int | None = None, num_splits: int = 1, block_h: int = 16
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its indexer-selected tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n,
-                       num_splits)
+                       num_splits, block_h)
 
 
 def dense_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                         page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                         sm_scale: float, out: torch.Tensor | None = None,
-                        block_n: int | None = None, num_splits: int = 1
+                        block_n: int | None = None, num_splits: int = 1, block_h: int = 16
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its first q_len cached tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n,
-                       num_splits)
+                       num_splits, block_h)

@@ -61,8 +61,8 @@ def test_sparse_decode(H, dl, dr, splits, fp8, gen):
     assert torch.all(got[2] == 0) and torch.all(torch.isneginf(lse[2])), "empty query: out 0, lse -inf"
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_dense_prefill_causal(splits, gen):
+@pytest.mark.parametrize("splits,block_h", [(1, 16), (2, 32)])
+def test_dense_prefill_causal(splits, block_h, gen):
     page_size, H, dl, dr = 16, 16, 64, 16
     prefix, extend = [0, 30], [3, 4]
     lens = [p + e for p, e in zip(prefix, extend)]
@@ -70,7 +70,8 @@ def test_dense_prefill_causal(splits, gen):
     q_req, q_len = prefill_queries(torch.tensor(prefix, dtype=torch.int32, device=DEVICE),
                                    torch.tensor(extend, dtype=torch.int32, device=DEVICE))
     qn, qp = _q(q_req.shape[0], H, dl, dr, gen)
-    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16, num_splits=splits)
+    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16, num_splits=splits,
+                                   block_h=block_h)
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
     _check(got, lse, want, want_lse)
 
@@ -105,6 +106,8 @@ def test_bad_arguments_are_named(gen):
         sparse_mla_attention(qn, qp, kv, table, q_req, q_len[:, None].long(), q_len, 0.1)
     with pytest.raises(AssertionError, match="sm_scale"):
         dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.0)
+    with pytest.raises(AssertionError, match="block_h"):
+        dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_h=8)
     with pytest.raises(AssertionError, match="num_splits"):
         dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, num_splits=0)
     with pytest.raises(AssertionError, match="share a dtype"):
