@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from .base import (
-    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
-    TransportError, as_bytes_view, check_bounds, check_imm, check_tag,
+    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportError, as_bytes_view,
+    check_bounds, check_imm, check_tag,
 )
 from .faults import FaultConfig, FaultInjector
 from .frames import (

@@ -49,6 +49,7 @@ HOWTO = (
     "See docs/transports.md."
 )
 _MTU = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}  # enum ibv_mtu
+_CTL_BIT = 1 << 63  # marks the wr_id of a memory-window work request
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class VerbsTransport(Transport):
         cap = QPCap(max_send_wr=config.max_send_wr, max_recv_wr=config.max_recv_wr, max_send_sge=1, max_recv_sge=1)
         self._qp = QP(self._pd, QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self._send_cq, rcq=self._recv_cq, cap=cap))
         self._mrs: dict[int, Any] = {}  # region id -> MR
-        self._windows: dict[int, Any] = {}  # window id -> MW
+        self._windows: dict[int, tuple[Any, int]] = {}  # window id -> (MW, rkey)
+        self._ctl: dict[int, tuple[threading.Event, list[int]]] = {}  # memory-window WRs in flight
         self._remote: dict[int, tuple[int, int, int]] = {}  # peer region id -> (addr, rkey, length)
         self._pending: dict[int, tuple[Tag, int]] = {}
         self._lock = threading.Lock()
@@ -141,6 +143,9 @@ class VerbsTransport(Transport):
         self._boot_rx = bootstrap.makefile("rb")
         self._boot_lock = threading.Lock()
         self._connect_qp()
+        from pyverbs.mr import MR
+
+        self._recv_mr = MR(self._pd, 64, e.IBV_ACCESS_LOCAL_WRITE)
         for _ in range(config.max_recv_wr):
             self._post_recv()
         self._stop = threading.Event()
@@ -250,23 +255,43 @@ class VerbsTransport(Transport):
         if region is None:
             raise KeyError(f"region_id={region_id} is not registered here")
         check_bounds(region, offset, length)
+        if window_id in self._windows:
+            raise ValueError(f"window_id={window_id} is already bound; invalidate it first")
         mw = MW(self._pd, e.IBV_MW_TYPE_2)
-        wr = SendWR(wr_id=0, opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
+        wr = SendWR(opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
         addr = _address_of(mv) + offset
         wr.set_bind_wr(mw, MWBindInfo(self._mrs[region_id], addr, length, e.IBV_ACCESS_REMOTE_WRITE))
-        self._qp.post_send(wr)
-        self._windows[window_id] = mw
-        self._send_boot({"op": "region", "id": window_id, "addr": addr, "rkey": mw.rkey, "length": length})
+        rkey = wr.rkey  # set_bind_wr derives the window's next rkey; the peer must use this one
+        self._post_and_wait(wr, f"bind window {window_id}")
+        self._windows[window_id] = (mw, rkey)
+        # announced only once the bind completed, so the peer never writes through an unbound rkey
+        self._send_boot({"op": "region", "id": window_id, "addr": addr, "rkey": rkey, "length": length})
 
     def invalidate_window(self, window_id: int) -> None:
         """Revoke a window's rkey: later writes through it fail at the writer instead of landing."""
         from pyverbs.wr import SendWR
 
-        mw = self._windows.pop(window_id)
-        wr = SendWR(wr_id=0, opcode=self._e.IBV_WR_LOCAL_INV, send_flags=self._e.IBV_SEND_SIGNALED)
-        wr.rkey = mw.rkey  # invalidate_rkey of the work request
-        self._qp.post_send(wr)
+        if window_id not in self._windows:
+            raise KeyError(f"window_id={window_id} is not bound here (bound: {sorted(self._windows)})")
+        mw, rkey = self._windows.pop(window_id)
+        # invalidate_rkey shares a union with imm_data in ibv_send_wr; pyverbs exposes only the latter
+        wr = SendWR(opcode=self._e.IBV_WR_LOCAL_INV, imm_data=rkey, send_flags=self._e.IBV_SEND_SIGNALED)
+        self._post_and_wait(wr, f"invalidate window {window_id}")  # on return the fence is in place
         self._send_boot({"op": "deregister", "id": window_id})
+        mw.close()
+
+    def _post_and_wait(self, wr: Any, what: str, timeout: float = 5.0) -> None:
+        """Post a memory-window work request and wait for its completion."""
+        done = threading.Event()
+        with self._lock:
+            wr.wr_id = next(self._wr_ids) | _CTL_BIT
+            self._ctl[wr.wr_id] = (done, [])
+        self._qp.post_send(wr)
+        if not done.wait(timeout):
+            raise TransportError(f"verbs: {what} did not complete within {timeout} s")
+        status = self._ctl.pop(wr.wr_id)[1]
+        if status != [self._e.IBV_WC_SUCCESS]:
+            raise TransportError(f"verbs: {what} failed with wc status {status}")
 
     def _source(self, mv: memoryview) -> tuple[int, int]:
         """(address, lkey) of a source inside a locally registered region."""
@@ -313,9 +338,11 @@ class VerbsTransport(Transport):
             return len(self._pending)
 
     def _post_recv(self) -> None:
-        from pyverbs.wr import RecvWR
+        from pyverbs.wr import SGE, RecvWR
 
-        self._qp.post_recv(RecvWR(wr_id=0, num_sge=0))  # WRITE_WITH_IMM consumes a receive WR
+        # WRITE_WITH_IMM consumes a receive WR; its buffer stays untouched but pyverbs demands one SGE
+        sge = SGE(self._recv_mr.buf, self._recv_mr.length, self._recv_mr.lkey)
+        self._qp.post_recv(RecvWR(wr_id=0, num_sge=1, sg=[sge]))
 
     def _poll_loop(self) -> None:
         e = self._e
@@ -324,11 +351,15 @@ class VerbsTransport(Transport):
             n, wcs = self._send_cq.poll(num_entries=64)
             for wc in wcs[:n]:
                 busy = True
+                if wc.wr_id & _CTL_BIT:  # a memory-window bind or invalidate
+                    done, status = self._ctl.get(wc.wr_id, (None, []))
+                    status.append(wc.status)
+                    if done is not None:
+                        done.set()
+                    continue
                 with self._lock:
                     entry = self._pending.pop(wc.wr_id, None)
-                if entry is None:  # bind / invalidate completions
-                    if wc.status != e.IBV_WC_SUCCESS:
-                        self._die(f"memory-window operation failed: wc status {wc.status}")
+                if entry is None:
                     continue
                 ok = wc.status == e.IBV_WC_SUCCESS
                 err = None if ok else f"wc status {wc.status} (vendor_err {wc.vendor_err})"
@@ -366,7 +397,7 @@ class VerbsTransport(Transport):
 
         # QP -> ERR stops the responder: no inbound RDMA is accepted after this returns
         self._qp.modify(QPAttr(qp_state=self._e.IBV_QPS_ERR), self._e.IBV_QP_STATE)
-        for mw in list(self._windows.values()):
+        for mw, _ in list(self._windows.values()):
             mw.close()
         self._windows.clear()
         for mr in list(self._mrs.values()):

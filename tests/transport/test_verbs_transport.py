@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import types
 
 import pytest
 
-from kvproof.runtime.transport import TransportUnavailable, make_transport
-from kvproof.runtime.transport import verbs
+from kvproof.runtime.transport import (
+    Status, TransportClosed, TransportError, TransportUnavailable, make_transport, verbs,
+)
 from kvproof.runtime.transport.tcp import TcpListener
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,3 +113,92 @@ def test_rdma_write_with_imm_lands_on_real_hardware():
     finally:
         a.close_and_drain()
         b.close_and_drain()
+
+
+# -- the verbs code path on the software NIC of fake_pyverbs ----------------------------
+
+@pytest.fixture
+def fake_pair(monkeypatch):
+    """Two VerbsTransports bootstrapped over TCP, running on the fake NIC."""
+    from . import fake_pyverbs
+
+    fabric = fake_pyverbs.install(monkeypatch)
+    with TcpListener() as lst:
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.setdefault("b", verbs.VerbsTransport(lst.accept_socket(10))))
+        th.start()
+        a = make_transport("verbs", connect=lst.address)
+        th.join(10)
+    b = box["b"]
+    yield a, b, fabric
+    a.close_and_drain()
+    b.close_and_drain()
+
+
+def test_fake_nic_write_with_imm_lands_and_completes(fake_pair):
+    import torch
+
+    a, b, _ = fake_pair
+    src = torch.arange(64, dtype=torch.uint8)
+    dst = torch.zeros(128, dtype=torch.uint8)
+    a.register(src)
+    b.register(dst, region_id=7)
+    a.wait_remote_region(7)
+    wr = a.post_write(src, 7, 32, tag=(1, 2, 3), imm=0xABCD)
+    (c,) = a.poll(timeout=5)
+    assert (c.wr_id, c.tag, c.ok) == (wr, (1, 2, 3), True)
+    assert torch.equal(dst[32:96], src) and not dst[:32].any() and not dst[96:].any()
+    (ev,) = b.poll_recv(timeout=5)
+    assert (ev.imm, ev.length) == (0xABCD, 64)
+
+
+def test_fake_nic_argument_errors(fake_pair):
+    a, b, _ = fake_pair
+    src = bytearray(16)
+    a.register(src)
+    b.register(bytearray(8), region_id=1)
+    a.wait_remote_region(1)
+    with pytest.raises(ValueError, match="region=5 is not announced by the peer"):
+        a.post_write(src, 5, 0)
+    with pytest.raises(ValueError, match="beyond region 1 of 8 bytes"):
+        a.post_write(src, 1, 0)
+    with pytest.raises(ValueError, match="not inside a region registered"):
+        a.post_write(bytearray(4), 1, 0)
+    with pytest.raises(TransportError, match="on_land cannot be observed"):
+        verbs.VerbsTransport(socket.socket(), on_land=lambda *x: None)
+
+
+def test_fake_nic_invalidated_window_fences_a_late_write(fake_pair):
+    a, b, _ = fake_pair
+    src = bytearray(b"late-kv!")
+    a.register(src)
+    pool = bytearray(64)
+    b.register(pool, region_id=0)
+    b.bind_window(0, 16, 8, window_id=100)  # slot 2 of the pool, exposed on its own
+    a.wait_remote_region(100)
+    a.post_write(src, 100, 0)
+    assert a.poll(timeout=5)[0].ok and pool[16:24] == b"late-kv!"
+    pool[16:24] = bytes(8)
+    stale_view = a._remote[100]  # what a writer that missed the withdrawal still believes
+    b.invalidate_window(100)  # the slot is reclaimed: the fence is up when this returns
+    wait_until(lambda: 100 not in a._remote, what="window withdrawal reaching the writer")
+    a._remote[100] = stale_view
+    a.post_write(src, 100, 0)
+    (c,) = a.poll(timeout=5)
+    assert c.status is Status.ERROR and pool == bytearray(64), "the late write must not land"
+    wait_until(lambda: a.is_dead, what="the writer's QP error")
+
+
+def test_fake_nic_peer_close_is_detected_and_nothing_lands_after_drain(fake_pair):
+    a, b, _ = fake_pair
+    src = bytearray(b"x" * 8)
+    a.register(src)
+    dst = bytearray(8)
+    b.register(dst, region_id=0)
+    a.wait_remote_region(0)
+    b.close_and_drain()
+    wait_until(lambda: a.is_dead, what="bootstrap EOF or close message")
+    assert "peer closed" in a.dead_reason
+    with pytest.raises(TransportClosed):
+        a.post_write(src, 0, 0)
+    assert dst == bytearray(8)
