@@ -117,6 +117,7 @@ class VerbsTransport(Transport):
         super().__init__(None)
         from pyverbs.cq import CQ
         from pyverbs.device import Context
+        from pyverbs.mr import MR
         from pyverbs.pd import PD
         from pyverbs.qp import QP, QPCap, QPInitAttr
 
@@ -142,12 +143,8 @@ class VerbsTransport(Transport):
         self._boot = bootstrap
         self._boot_rx = bootstrap.makefile("rb")
         self._boot_lock = threading.Lock()
+        self._recv_mr = MR(self._pd, 64, e.IBV_ACCESS_LOCAL_WRITE)  # the SGE receive WRs must carry
         self._connect_qp()
-        from pyverbs.mr import MR
-
-        self._recv_mr = MR(self._pd, 64, e.IBV_ACCESS_LOCAL_WRITE)
-        for _ in range(config.max_recv_wr):
-            self._post_recv()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, name=f"verbs-{n}", daemon=True)
                          for n, f in (("poll", self._poll_loop), ("boot", self._boot_loop))]
@@ -187,6 +184,8 @@ class VerbsTransport(Transport):
         attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
         attr.port_num = c.port
         self._qp.to_init(attr)
+        for _ in range(c.max_recv_wr):  # before RTR: a WRITE_WITH_IMM must never find the queue empty
+            self._post_recv()
         attr = QPAttr(qp_state=e.IBV_QPS_RTR)
         attr.path_mtu, attr.dest_qp_num, attr.rq_psn = _MTU[c.path_mtu], peer["qpn"], peer["psn"]
         attr.max_dest_rd_atomic, attr.min_rnr_timer = 1, 12
