@@ -134,6 +134,20 @@ def writable_view(buf: Buffer, what: str = "region") -> memoryview:
     return mv
 
 
+def check_write_args(src: Buffer, region: int, offset: int, length: int | None) -> tuple[memoryview, int]:
+    """Validate post_write arguments; returns the source view and the byte count."""
+    mv = as_bytes_view(src, "src")
+    if length is None:
+        length = mv.nbytes
+    if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= mv.nbytes:
+        raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
+    if not isinstance(region, int) or not 0 <= region < 2**32:
+        raise ValueError(f"region={region!r}, expected an int in [0, 2**32)")
+    if not isinstance(offset, int) or not 0 <= offset < 2**64 - length:
+        raise ValueError(f"offset={offset!r}, expected an int >= 0")
+    return mv, length
+
+
 def check_bounds(region: Region, offset: int, length: int) -> None:
     """Raise if [offset, offset+length) does not fit inside the region."""
     if not isinstance(offset, int) or offset < 0:

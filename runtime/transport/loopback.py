@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .base import (
     Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
-    TransportError, as_bytes_view, check_bounds, check_imm, check_tag,
+    TransportError, check_bounds, check_imm, check_tag, check_write_args,
 )
 
 
@@ -72,11 +72,7 @@ class LoopbackTransport(Transport):
         imm: int | None = None,
     ) -> int:
         """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id."""
-        mv = as_bytes_view(src, "src")
-        if length is None:
-            length = mv.nbytes
-        if not isinstance(length, int) or not 0 <= length <= mv.nbytes:
-            raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
+        mv, length = check_write_args(src, region, offset, length)
         tag, imm = check_tag(tag), check_imm(imm)
         with self._lock:
             self._check_postable()

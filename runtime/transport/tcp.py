@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from .base import (
-    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportError, as_bytes_view,
-    check_bounds, check_imm, check_tag,
+    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportError, check_bounds, check_imm,
+    check_tag, check_write_args,
 )
 from .faults import FaultConfig, FaultInjector
 from .frames import (
@@ -37,7 +37,6 @@ from .frames import (
 )
 
 Address = tuple[str, int]
-_U32, _U64 = 2**32, 2**64
 _BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
 _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
 
@@ -142,15 +141,7 @@ class TcpTransport(Transport):
         imm: int | None = None,
     ) -> int:
         """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id."""
-        mv = as_bytes_view(src, "src")
-        if length is None:
-            length = mv.nbytes
-        if not isinstance(length, int) or not 0 <= length <= mv.nbytes:
-            raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
-        if not isinstance(region, int) or not 0 <= region < _U32:
-            raise ValueError(f"region={region!r}, expected an int in [0, 2**32)")
-        if not isinstance(offset, int) or not 0 <= offset < _U64 - length:
-            raise ValueError(f"offset={offset!r}, expected an int >= 0")
+        mv, length = check_write_args(src, region, offset, length)
         tag, imm = check_tag(tag), check_imm(imm)
         now = time.monotonic()
         with self._lock:

@@ -37,7 +37,7 @@ from typing import Any
 
 from .base import (
     Buffer, Completion, LandHook, Region, RecvEvent, Status, Tag, Transport,
-    TransportError, TransportUnavailable, as_bytes_view, check_bounds, check_imm, check_tag,
+    TransportError, TransportUnavailable, check_bounds, check_imm, check_tag, check_write_args,
 )
 
 HOWTO = (
@@ -310,10 +310,7 @@ class VerbsTransport(Transport):
         from pyverbs.wr import SGE, SendWR
 
         e = self._e
-        mv = as_bytes_view(src, "src")
-        length = mv.nbytes if length is None else length
-        if not isinstance(length, int) or not 0 <= length <= mv.nbytes:
-            raise ValueError(f"length={length!r}, expected an int in [0, {mv.nbytes}] (the size of src)")
+        mv, length = check_write_args(src, region, offset, length)
         tag, imm = check_tag(tag), check_imm(imm)
         addr, lkey = self._source(mv)
         with self._lock:

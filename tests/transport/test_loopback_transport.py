@@ -164,3 +164,14 @@ class LoopbackModel(RuleBasedStateMachine):
 
 TestLoopbackModel = LoopbackModel.TestCase
 TestLoopbackModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_post_write_argument_errors_are_raised_at_post_time():
+    a, b = loopback_pair(controllable=True)
+    with pytest.raises(ValueError, match="offset=-1"):
+        a.post_write(b"x", 0, -1)
+    with pytest.raises(ValueError, match="region=None"):
+        a.post_write(b"x", None, 0)
+    with pytest.raises(ValueError, match="length=2"):
+        a.post_write(b"x", 0, 0, 2)
+    assert a.pending() == [] and not a.is_dead
