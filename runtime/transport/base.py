@@ -217,7 +217,11 @@ class Transport(ABC):
         return region
 
     def deregister(self, region_id: int) -> None:
-        """Stop accepting writes into a region; later writes to it fail."""
+        """Refuse later writes into a region (they fail and break the connection).
+
+        A write already being copied when this is called may still finish; only
+        close_and_drain guarantees that nothing lands any more.
+        """
         with self._region_lock:
             if self._regions.pop(region_id, None) is None:
                 raise KeyError(f"region_id={region_id} is not registered here")
