@@ -227,6 +227,11 @@ class Protocol:
                 cls.goals[attr] = LivenessDef(attr, _parse_params(ps), getattr(cls, pending),
                                               getattr(cls, done), (fn.__doc__ or "").strip())
 
+    @classmethod
+    def quiescent(cls, m: Any) -> Any:
+        """States where having nothing left to do is fine (not a deadlock); default: none."""
+        return False
+
     # ------------------------------------------------------------ layout
 
     @classmethod

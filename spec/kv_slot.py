@@ -209,7 +209,7 @@ class KVSlot(Protocol):
         """Every chunk posted has completed: report the transfer done."""
         m.env(m.not_(m.dead[w]), "rank_alive")
         m.require(m.p_state[s, w] == PState.SENDING, "sending")
-        m.require(m.completed[s, w] == m.posted[s, w], "all_started_writes_completed")
+        m.require(m.completed[s, w] == m.posted[s, w], "done_only_when_all_landed")
         m.p_state[s, w] = PState.DONE
         m.send("done", (s, w), m.p_epoch[s, w])
 
@@ -364,6 +364,11 @@ class KVSlot(Protocol):
         """An abort for the current epoch exists only once decode terminated the request."""
         return m.implies(m.all([m.var("abort.has")[s, w], m.var("abort.lat")[s, w] == m.epoch[s]]),
                          m.any([m.d_state[s] == DState.ABORTING, m.d_state[s] == DState.FREE]))
+
+    @classmethod
+    def quiescent(cls, m):
+        """Nothing left to do is fine once every slot is back in the free pool."""
+        return m.all(m.d_state[s] == DState.FREE for s in m.range("slot"))
 
     # ------------------------------------------------------------ liveness
     def _aborting(P, m, s):

@@ -1,0 +1,148 @@
+"""Explicit-state search: the reachable graph (networkx), invariants, deadlocks, fair liveness."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from kvproof.spec.core import Layout, Protocol
+from kvproof.spec.machine import CONCRETE, holds, successors
+
+
+@dataclass
+class Exploration:
+    """The reachable state graph of one instance, with what the search found."""
+
+    protocol: type[Protocol]
+    variant: str
+    params: dict[str, int]
+    layout: Layout
+    graph: nx.DiGraph
+    initial: tuple
+    seconds: float
+    symmetric: bool
+    violations: dict[str, tuple] = field(default_factory=dict)   # property -> first violating state
+    deadlocks: list[tuple] = field(default_factory=list)
+
+    @property
+    def states(self) -> int:
+        """Number of reachable (canonical) states."""
+        return self.graph.number_of_nodes()
+
+    @property
+    def edges(self) -> int:
+        """Number of transitions between them."""
+        return self.graph.number_of_edges()
+
+    def path_to(self, target: tuple) -> list[tuple[str, dict[str, Any], tuple]]:
+        """Shortest (action, args, state) path from the initial state to `target`."""
+        nodes = nx.shortest_path(self.graph, self.initial, target)
+        return [(self.graph.edges[a, b]["action"], self.graph.edges[a, b]["args"], b)
+                for a, b in zip(nodes, nodes[1:])]
+
+
+def _slot_canonical(layout: Layout, index: str) -> Any:
+    """A function mapping a state to its representative under permutation of `index` values."""
+    n = layout.sizes[index]
+    groups = [[pos for pos, (v, idx) in enumerate(layout.names)
+               if index in layout.vars[v].index and idx[layout.vars[v].index.index(index)] == i]
+              for i in range(n)]
+    if n == 1 or any(len(g) != len(groups[0]) for g in groups):
+        return lambda st: st
+
+    def canon(st: tuple) -> tuple:
+        blocks = sorted(tuple(st[p] for p in g) for g in groups)
+        out = list(st)
+        for g, blk in zip(groups, blocks):
+            for p, v in zip(g, blk):
+                out[p] = v
+        return tuple(out)
+    return canon
+
+
+def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
+            dropped: frozenset[str] = frozenset(), symmetry: str | None = None,
+            max_states: int = 2_000_000) -> Exploration:
+    """Breadth-first search of every state reachable within the instance's bounds."""
+    full = {**protocol.bounds, **params}
+    layout = Layout.build(protocol, full)
+    canon = _slot_canonical(layout, symmetry) if symmetry else (lambda st: st)
+    t0 = time.perf_counter()
+    init = canon(layout.initial())
+    g = nx.DiGraph()
+    g.add_node(init)
+    frontier = [init]
+    invs = [(name, inv, list(layout.instances(inv.params))) for name, inv in protocol.invariants.items()
+            if not inv.strengthening]
+    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None)
+    while frontier:
+        nxt_frontier = []
+        for st in frontier:
+            for name, inst_args in invs_failing(layout, st, invs, variant):
+                ex.violations.setdefault(name, st)
+            succ = False
+            for action, args, nxt in successors(layout, full, st, variant, dropped):
+                succ = True
+                nxt = canon(nxt)
+                if nxt not in g:
+                    g.add_node(nxt)
+                    nxt_frontier.append(nxt)
+                    if g.number_of_nodes() > max_states:
+                        raise RuntimeError(f"more than {max_states} states; lower the bounds {full}")
+                if not g.has_edge(st, nxt):
+                    g.add_edge(st, nxt, action=action, args=args)
+            if not succ and not protocol.quiescent(_view(layout, st, variant)):
+                ex.deadlocks.append(st)
+        frontier = nxt_frontier
+    ex.seconds = time.perf_counter() - t0
+    return ex
+
+
+def _view(layout: Layout, st: tuple, variant: str) -> Any:
+    from kvproof.spec.machine import View
+    return View(layout, st, CONCRETE, variant)
+
+
+def invs_failing(layout: Layout, st: tuple, invs: list, variant: str) -> list[tuple[str, dict]]:
+    """(property, args) pairs of the invariants `st` violates."""
+    out = []
+    for name, inv, instances in invs:
+        for args in instances:
+            if not holds(layout, st, inv.body, args, CONCRETE, variant):
+                out.append((name, args))
+    return out
+
+
+def fair_liveness_violations(ex: Exploration, goal: str) -> list[dict[str, Any]]:
+    """Cycles (SCCs) in which a goal stays pending forever although every action that is
+    enabled in the cycle could be taken inside it (strong fairness), plus pending dead ends."""
+    ldef = ex.protocol.goals[goal]
+    out = []
+    for args in ex.layout.instances(ldef.params):
+        pend = [n for n in ex.graph if holds(ex.layout, n, ldef.pending, args, CONCRETE, ex.variant)
+                and not holds(ex.layout, n, ldef.done, args, CONCRETE, ex.variant)]
+        sub = ex.graph.subgraph(pend)
+        for comp in nx.strongly_connected_components(sub):
+            if len(comp) == 1:
+                (n,) = comp
+                if ex.graph.out_degree(n) == 0:
+                    out.append({"args": args, "kind": "dead end", "state": n})
+                    continue
+                if not sub.has_edge(n, n):
+                    continue
+            inside = {(d["action"], tuple(sorted(d["args"].items())))
+                      for a, b, d in sub.subgraph(comp).edges(data=True)}
+            enabled = {(d["action"], tuple(sorted(d["args"].items())))
+                       for a in comp for _, b, d in ex.graph.out_edges(a, data=True)}
+            if enabled <= inside:       # nothing enabled is forced to leave: a fair cycle
+                out.append({"args": args, "kind": "fair cycle", "state": next(iter(comp)),
+                            "size": len(comp)})
+    return out
+
+
+def render_state(layout: Layout, st: tuple) -> dict[str, Any]:
+    """A state as {label: value} with enum names."""
+    return {layout.label(p): (v.name if isinstance(v, enum.Enum) else v) for p, v in enumerate(st)}

@@ -1,0 +1,61 @@
+"""Guard-necessity analysis: drop each guard of a protocol in turn and see which property fails."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvproof.spec.core import Layout, Protocol
+from kvproof.verify.bmc import Counterexample, bmc, induction
+from kvproof.verify.symbolic import Z3, Encoding
+
+
+@dataclass
+class GuardResult:
+    """What happens to the properties without one guard."""
+
+    guard: str
+    kind: str                        # "local" or "env"
+    actions: list[str]
+    broken: str | None               # first property that fails, or None
+    counterexample: Counterexample | None
+    still_inductive: bool            # the invariants remain inductive without the guard
+    depth: int                       # BMC bound searched
+    seconds: float
+
+    @property
+    def needed(self) -> bool:
+        """True when dropping the guard breaks a safety property."""
+        return self.broken is not None
+
+
+def guards_of(protocol: type[Protocol], variant: str, params: dict[str, int]) -> dict[str, tuple[str, list[str]]]:
+    """Every named guard of a variant: name -> (kind, actions using it)."""
+    enc = Encoding(protocol, variant, params)
+    out: dict[str, tuple[str, list[str]]] = {}
+    for inst in enc.instances:
+        _, m = enc.step(inst, 0)
+        for kind, name, _ in m.guards:
+            k, acts = out.setdefault(name, (kind, []))
+            if inst.adef.name not in acts:
+                acts.append(inst.adef.name)
+    return out
+
+
+def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
+              depth: int = 12, only: list[str] | None = None) -> list[GuardResult]:
+    """Drop each guard (or those in `only`) and report the property that then fails."""
+    props = [n for n, i in protocol.invariants.items() if not i.strengthening]
+    allprops = list(protocol.invariants)
+    out = []
+    for name, (kind, actions) in guards_of(protocol, variant, params).items():
+        if only is not None and name not in only:
+            continue
+        if name.endswith("_delivered"):
+            continue        # channel semantics, not a protocol decision
+        t0 = time.perf_counter()
+        dropped = frozenset({name})
+        ind = induction(protocol, variant, params, allprops, 1, dropped)
+        cex = None if ind.proven else bmc(protocol, variant, params, props, depth, dropped)
+        out.append(GuardResult(name, kind, actions, cex.property if cex else None, cex,
+                               ind.proven, depth, time.perf_counter() - t0))
+    return out
