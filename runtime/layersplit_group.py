@@ -1,0 +1,67 @@
+"""Run a LayerSplit group: one process per rank on ``torch.distributed`` (gloo on CPU, NCCL on CUDA).
+
+``run_group`` spawns the ranks, each builds its ``LayerSplitPool`` share,
+computes its shard of the queries (context parallelism: rows ``rank::ranks``)
+and reports outputs and memory; ``run_unsplit`` is the one-rank reference.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kvproof.runtime.layersplit import LayerSplitConfig, LayerSplitPool, make_queries
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, ranks: int, port: int, cfg: LayerSplitConfig, count: int, outdir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)                       # ranks share the machine's cores
+    cuda = cfg.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+        cfg = LayerSplitConfig(**{**cfg.__dict__, "device": f"cuda:{rank}"})
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=ranks, timeout=timedelta(seconds=60))
+    try:
+        pool = LayerSplitPool(cfg, rank, ranks)
+        out = pool.forward(make_queries(cfg, count).shard(rank, ranks))
+        torch.save({"out": out.cpu(), "memory": pool.memory()}, Path(outdir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(cfg: LayerSplitConfig, ranks: int, count: int) -> dict[str, Any]:
+    """Run ``ranks`` processes; the outputs of all queries reassembled ([L, T, H, latent]) and per-rank memory."""
+    if not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a positive int, got {ranks!r}")
+    if cfg.device.startswith("cuda") and torch.cuda.device_count() < ranks:
+        raise RuntimeError(f"{ranks} ranks need {ranks} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(ranks, free_port(), cfg, count, d), nprocs=ranks, join=True,
+                           start_method="spawn")
+        parts = [torch.load(Path(d) / f"rank{r}.pt") for r in range(ranks)]
+    first = parts[0]["out"]
+    out = torch.empty(first.shape[0], count, *first.shape[2:], dtype=first.dtype)
+    for r, p in enumerate(parts):
+        out[:, r::ranks] = p["out"]
+    return {"out": out, "memory": [p["memory"] for p in parts]}
+
+
+def run_unsplit(cfg: LayerSplitConfig, count: int) -> dict[str, Any]:
+    """The unsplit pool (every layer local) on the same queries, in this process."""
+    pool = LayerSplitPool(cfg)
+    return {"out": pool.forward(make_queries(cfg, count)).cpu(), "memory": [pool.memory()]}

@@ -1,0 +1,132 @@
+"""The LayerSplit plan: ownership, shape, fixed race-free, prefix refuted, the window proof's lemmas."""
+from __future__ import annotations
+
+import pytest
+
+from kvproof.spec.layersplit_plan import (DELIVERY, OWNERSHIPS, VARIANTS, LayerSplitShape, delivery_errors,
+                                          layersplit_plan, owned_layers, owner_of, rank_plan)
+from kvproof.spec.streams import Op, Plan, Wait, check_plan, dependencies, explore
+from kvproof.verify.checks_layersplit import sweep_shapes, window_of, window_proof, windows
+from kvproof.verify.race import schedule_errors, witness_schedule
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("ranks,layers", [(1, 5), (3, 8), (4, 78), (8, 78), (8, 96), (8, 5)])
+def test_contiguous_ownership_first_ranks_one_extra(ranks: int, layers: int) -> None:
+    counts = [len(owned_layers(r, ranks, layers)) for r in range(ranks)]
+    base, extra = divmod(layers, ranks)
+    assert counts == [base + 1] * extra + [base] * (ranks - extra)
+    flat = [l for r in range(ranks) for l in owned_layers(r, ranks, layers)]
+    assert flat == list(range(layers))                 # contiguous blocks, in rank order
+
+
+def test_round_robin_and_bad_inputs() -> None:
+    assert [owner_of(l, 3, 7, "round_robin") for l in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="layer 7 out of range"):
+        owner_of(7, 3, 7)
+    with pytest.raises(ValueError, match="ranks must be a positive int"):
+        LayerSplitShape(0, 4)
+    with pytest.raises(ValueError, match="unknown ownership 'striped'"):
+        LayerSplitShape(2, 4, ownership="striped")
+    with pytest.raises(ValueError, match="unknown LayerSplit variant"):
+        LayerSplitShape(2, 4, variant="broken")
+
+
+@pytest.mark.parametrize("ownership", OWNERSHIPS)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_fixed_is_race_free_and_delivers(ownership: str, ranks: int, depth: int) -> None:
+    for layers in range(1, 13):
+        shape = LayerSplitShape(ranks, layers, depth, ownership)
+        assert check_plan(layersplit_plan(shape)) == ()
+        assert delivery_errors(shape) == []
+
+
+def test_prefix_refuted_with_a_valid_witness() -> None:
+    plan = layersplit_plan(LayerSplitShape(2, 3, 2, "round_robin", "prefix"))
+    vs = check_plan(plan)
+    assert vs and {v.property for v in vs} == {"no_write_after_read"}
+    v = vs[0]
+    assert plan.instrs[v.after].name.startswith("recv_") and v.region.startswith("recv.")
+    sched = witness_schedule(plan, v)
+    assert schedule_errors(plan, sched) == []
+    a, b = sched.times[v.before], sched.times[v.after]
+    assert b[1] <= a[0]                                # the overwrite ends before the read starts
+
+
+def test_prefix_is_race_free_without_buffer_reuse() -> None:
+    # contiguous R=2, L=3: rank 1 receives layers 0 and 1 only -- no buffer is reused
+    assert check_plan(layersplit_plan(LayerSplitShape(2, 3, 2, "contiguous", "prefix"))) == ()
+
+
+def test_tiny_plan_exhaustive_search_agrees() -> None:
+    """The state machine's search and the HB check agree (rank 1 receives layers 0 and 1 into one buffer)."""
+    fixed = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "fixed"))
+    ex = explore(fixed)
+    assert ex.complete and ex.deadlocks == 0 and not ex.races
+    prefix = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "prefix"))
+    ex = explore(prefix, max_states=60_000)             # search partially: races show up early
+    found = {(v.property, v.before, v.after) for v in check_plan(prefix)}
+    assert ex.races and set(ex.races) <= found
+
+
+def test_delivery_catches_a_misrouted_receive() -> None:
+    shape = LayerSplitShape(2, 4, 2, "round_robin")
+    plan = layersplit_plan(shape)
+    bad = tuple(Op(i.stream, i.name, ("wire.kv[0]",), i.writes, i.kind) if isinstance(i, Op)
+                and i.name == "recv_kv[2]@r1" else i for i in plan.instrs)
+    errs = delivery_errors(shape, Plan("bad", plan.streams, bad))
+    assert errs and "attention[2]@r1" in errs[0] and "kv[0]@r0" in errs[0]
+
+
+def test_rank_plan_keeps_own_streams_and_drops_cross_rank_waits() -> None:
+    plan = layersplit_plan(LayerSplitShape(3, 6))
+    rp = rank_plan(plan, 1)
+    assert set(rp.streams) == {"comm@r1", "compute@r1"}
+    assert all(i.stream in rp.streams for i in rp.instrs)
+    assert not any(isinstance(i, Wait) and i.event.startswith("sent_") for i in rp.instrs)
+    assert check_plan(rp) == ()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_dependency_has_a_window(variant: str) -> None:
+    """Lemma 2 of the window proof, on every plan up to R=5, L=14, both ownerships."""
+    kinds = set()
+    for ownership in OWNERSHIPS:
+        for ranks in range(1, 6):
+            for layers in range(1, 15):
+                plan = layersplit_plan(LayerSplitShape(ranks, layers, 2, ownership, variant))
+                kinds |= {window_of(plan, d)[0] for d in dependencies(plan)}
+    assert kinds == {"same_stream", "one_layer", "buffer_reuse"}
+
+
+def test_window_proof() -> None:
+    assert len(windows("fixed")) > 10
+    for prop in ("no_read_before_ready", "no_write_after_read", "no_unordered_writes"):
+        assert window_proof("fixed", prop)[0]
+    ok, why = window_proof("prefix", "no_write_after_read")
+    assert not ok and "may overtake" in why
+
+
+def test_sweep_covers_every_rank_count_and_96_layers() -> None:
+    shapes = sweep_shapes("fixed")
+    assert {s.ranks for s in shapes} == set(range(1, 9))
+    assert any(s.layers == 96 and s.ownership == "round_robin" for s in shapes)
+    # round-robin plans are prefix-closed: the L=96 plan starts with every smaller plan
+    big = layersplit_plan(LayerSplitShape(3, 20, 2, "round_robin"))
+    for layers in (1, 7, 19):
+        small = layersplit_plan(LayerSplitShape(3, layers, 2, "round_robin"))
+        assert big.instrs[:len(small.instrs)] == small.instrs
+
+
+def test_registered_checks_have_the_expected_outcomes() -> None:
+    from kvproof.verify.registry import all_checks
+    checks = [c for c in all_checks() if c.protocol == "layersplit"]
+    assert {(c.variant, c.property) for c in checks} >= {(v, DELIVERY) for v in VARIANTS}
+    for c in checks:
+        v = c.run()
+        assert v.ok, (v.check_id, v.status, v.detail)
+        if v.status.value == "refuted":
+            assert v.counterexample and "RACE" in " ".join(s.note for s in v.counterexample)
+            assert "<-- writes recv." in v.witness["timeline"]

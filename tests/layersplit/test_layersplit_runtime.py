@@ -1,0 +1,75 @@
+"""LayerSplit on gloo: 2 and 4 ranks give the unsplit pool's results and hold ~1/R of its KV."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvproof.runtime.layersplit import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
+                                        make_queries)
+from kvproof.runtime.layersplit_group import run_group, run_unsplit
+
+CFG = LayerSplitConfig(layers=6, tokens=100, page_size=16, topk=24)
+QUERIES = 8
+
+
+@pytest.fixture(scope="module")
+def unsplit() -> dict:
+    return run_unsplit(CFG, QUERIES)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_group_matches_unsplit_and_splits_memory(unsplit: dict, ranks: int) -> None:
+    got = run_group(CFG, ranks, QUERIES)
+    out, ref = got["out"], unsplit["out"]
+    assert torch.isfinite(ref).all()
+    assert torch.equal(out, ref)                       # bit for bit: same data, same kernels
+    full = unsplit["memory"][0]
+    layer_kv, layer_idx = full["kv_bytes"] // CFG.layers, full["indexer_bytes"] // CFG.layers
+    assert sum(m["layers_owned"] for m in got["memory"]) == CFG.layers
+    for m in got["memory"]:
+        assert m["kv_bytes"] == m["layers_owned"] * layer_kv
+        assert m["kv_bytes"] <= math.ceil(CFG.layers / ranks) * layer_kv      # ~ 1/R of the unsplit KV
+        assert m["indexer_bytes"] == m["layers_owned"] * layer_idx
+        assert m["staging_bytes"] == CFG.depth * (layer_kv + layer_idx)        # the stated staging
+        assert m["unsplit_kv_bytes"] == full["kv_bytes"]
+
+
+@pytest.mark.timeout(30)
+def test_unsplit_pool_owns_everything_and_has_no_staging(unsplit: dict) -> None:
+    m = unsplit["memory"][0]
+    assert m["layers_owned"] == CFG.layers and m["staging_bytes"] == 0
+    assert unsplit["out"].shape == (CFG.layers, QUERIES, CFG.heads, CFG.kv_latent)
+
+
+@pytest.mark.timeout(30)
+def test_prefix_plan_is_refused_before_it_runs() -> None:
+    bad = LayerSplitConfig(layers=6, tokens=32, variant="prefix", ownership="round_robin")
+    with pytest.raises(PlanRaceError, match="refusing plan layersplit/prefix/R=2.*recv"):
+        checked_plan(bad.shape(2))
+    assert checked_plan(bad.shape(2), allow_races=True).name.startswith("layersplit/prefix")
+    checked_plan(bad.shape(1))                         # one rank: nothing to receive, nothing to race
+
+
+@pytest.mark.timeout(30)
+def test_pool_errors_name_the_bad_input() -> None:
+    with pytest.raises(ValueError, match="rank 2 must be in 0..ranks-1"):
+        LayerSplitPool(CFG, rank=2, ranks=2)
+    with pytest.raises(ValueError, match="LayerSplitConfig.tokens must be a positive int"):
+        LayerSplitConfig(layers=2, tokens=0)
+    with pytest.raises(ValueError, match="count must be in 1..100"):
+        make_queries(CFG, 101)
+    pool = LayerSplitPool(CFG)
+    with pytest.raises(KeyError, match="not on rank 0"):
+        pool.region("kv[0]@r1")
+    assert pool.region("kv[3]@r0") is pool.kv[3]
+
+
+@pytest.mark.timeout(30)
+def test_query_shards_reassemble() -> None:
+    q = make_queries(CFG, QUERIES)
+    parts = [q.shard(r, 3) for r in range(3)]
+    assert sum(p.q_len.shape[0] for p in parts) == QUERIES
+    assert torch.equal(parts[1].q_nope, q.q_nope[:, 1::3])
