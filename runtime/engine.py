@@ -1,0 +1,398 @@
+"""The engine interface the HTTP server talks to, and its single-process implementation.
+
+`Engine` is what a serving backend offers: `generate(request)` streams `TokenEvent`s,
+`abort(request_id)` terminates a request (client abort, disconnect), `stats()` feeds
+/metrics. `LocalEngine` runs the whole model in this process with continuous
+batching, chunked prefill, MTP speculative decoding and the anomaly monitor; it is
+also the reference that end-to-end integrity tests compare against. The PD engine
+(prefill and decode processes) implements the same interface.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+import torch
+
+from kvproof.runtime.model_cache import KVCache, PagePool
+from kvproof.runtime.model_config import ModelConfig, preset
+from kvproof.runtime.model_runner import ModelRunner
+from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
+from kvproof.runtime.scheduler import Scheduler, Sequence, SeqStatus
+from kvproof.runtime.tokenizer import ByteTokenizer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: greedy when temperature is 0; `seed` makes sampling reproducible."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r}; expected an integer >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature={self.temperature!r}; expected 0 <= temperature <= 100")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}; expected 0 < top_p <= 1")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request to generate from prompt token ids."""
+
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of a request; the last event has finished=True and a finish_reason."""
+
+    request_id: str
+    tokens: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None       # "stop", "length", "abort", "anomaly"
+    detail: str = ""                       # why it was aborted
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    accept_length: float = 0.0
+    accept_rate: float = 0.0
+
+
+class Engine(Protocol):
+    """What the HTTP server needs from a serving backend (LocalEngine, the PD engine)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: ByteTokenizer
+
+    async def start(self) -> None:
+        """Start serving (load the model, spawn workers)."""
+
+    async def stop(self) -> None:
+        """Stop serving; pending requests finish with reason 'abort'."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit a request and stream its tokens."""
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Terminate a request; False when it is unknown or already finished."""
+
+    def stats(self) -> dict:
+        """Counters and gauges for /metrics: name -> number, or 'name{label}' -> {label value: number}."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the single-process engine."""
+
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    checkpoint: str | None = None          # a checkpoint directory; None: seeded weights
+    backend: str = "torch"                 # attention: "torch" or "triton" (the project's kernels)
+    num_pages: int = 2048
+    max_batch: int = 256
+    max_prefill_tokens: int = 512
+    num_drafts: int = 2                    # MTP drafts per step; 0 disables speculative decoding
+    monitor: MonitorConfig = MonitorConfig()
+    device: str = "cpu"
+    threads: int | None = None             # torch threads of the engine loop (None: leave as is)
+
+
+class EngineCore:
+    """One step of the engine: schedule, run the model, deliver tokens, apply the monitor."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        from kvproof.runtime.checkpoint import load_model
+        self.cfg = cfg
+        self.model = load_model(cfg.checkpoint, cfg.model, cfg.device, cfg.backend)
+        mc = self.model.cfg
+        self.cache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=cfg.backend == "triton")
+        self.pool = PagePool(cfg.num_pages)
+        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts)
+        self.scheduler = Scheduler(self.pool, mc.page_size, cfg.max_batch, cfg.max_prefill_tokens,
+                                   1 + cfg.num_drafts)
+        self.seqs: dict[str, Sequence] = {}
+        self.sinks: dict[str, Callable[[TokenEvent], None]] = {}
+        self.corrupt_after_prefill: set[str] = set()     # fault injection (tests)
+        self.counters: dict[str, dict[str, float]] = {
+            "requests_finished_total{reason}": {}, "aborts_total{cause}": {},
+            "anomaly_aborts_total{rule}": {}, "steps_total{kind}": {"prefill": 0, "decode": 0}}
+        self.totals = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0,
+                       "spec_steps_total": 0, "spec_drafted_total": 0, "spec_accepted_total": 0}
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output one request may have."""
+        return min(self.model.cfg.max_seq_len, self.cfg.num_pages * self.model.cfg.page_size)
+
+    def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
+        """Queue a request; its events go to `sink` (called on the engine thread)."""
+        if req.request_id in self.seqs:
+            raise ValueError(f"request_id {req.request_id!r} is already running")
+        n = len(req.prompt_tokens)
+        if n == 0 or n + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
+                             f"1..{self.max_model_len} tokens")
+        mon = RequestMonitor(self.cfg.monitor) if self.cfg.num_drafts else None
+        seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
+        self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
+        self.scheduler.add(seq)
+        self.totals["requests_total"] += 1
+        self.totals["prompt_tokens_total"] += n
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Terminate a request now (engine thread only); False when unknown."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        _bump(self.counters["aborts_total{cause}"], cause)
+        self._finish(seq, "abort", detail=cause)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, detail: str = "") -> None:
+        self.scheduler.finish(seq)
+        del self.seqs[seq.request_id]
+        sink = self.sinks.pop(seq.request_id)
+        _bump(self.counters["requests_finished_total{reason}"], reason)
+        mon = seq.monitor
+        sink(TokenEvent(seq.request_id, tuple(seq.output[seq.sent:]), True, reason, detail,
+                        len(seq.prompt), len(seq.output), mon.accept_length if mon else 0.0,
+                        mon.accept_rate if mon else 0.0))
+
+    def _emit(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Append tokens up to a stop condition; True when the sequence finished."""
+        p = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        reason = None
+        for t in tokens:
+            seq.output.append(t)
+            self.totals["generation_tokens_total"] += 1
+            if (t == self.model.cfg.eos_id and not p.ignore_eos) or t in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason:
+                break
+        if reason:
+            self._finish(seq, reason)
+            return True
+        self.sinks[seq.request_id](TokenEvent(seq.request_id, tuple(seq.output[seq.sent:])))
+        seq.sent = len(seq.output)
+        return False
+
+    def step(self) -> bool:
+        """Run one scheduled batch; False when there was nothing to do."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        if batch.prefill:
+            self.counters["steps_total{kind}"]["prefill"] += 1
+            hidden = self.runner.prefill(batch.seqs, batch.chunks)              # [B, D]
+            for seq, h in zip(batch.seqs, hidden):
+                if seq.num_cached < seq.prefill_target:
+                    continue                                                    # more chunks to go
+                seq.hidden = h
+                self.scheduler.promote(seq)
+                if seq.request_id in self.corrupt_after_prefill:
+                    self.cache.corrupt(seq.pages, seq.num_cached, seed=hash(seq.request_id) & 0xFFFF)
+                if not seq.output:
+                    self._emit(seq, [self.runner.first_token(seq, h)])
+            return True
+        self.counters["steps_total{kind}"]["decode"] += 1
+        for seq, v in zip(batch.seqs, self.runner.decode(batch.seqs)):
+            if v.drafted:
+                self.totals["spec_steps_total"] += 1
+                self.totals["spec_drafted_total"] += v.drafted
+                self.totals["spec_accepted_total"] += v.accepted
+            if self._emit(seq, v.tokens):
+                continue
+            why = seq.monitor.step(v.accepted, v.drafted) if seq.monitor and v.drafted else None
+            if why is not None:
+                _bump(self.counters["anomaly_aborts_total{rule}"], why)
+                _bump(self.counters["aborts_total{cause}"], "anomaly")
+                self._finish(seq, "anomaly", detail=why)
+        return True
+
+    def stats(self) -> dict:
+        """Counters and gauges (see Engine.stats)."""
+        c = self.scheduler.counts()
+        t = self.totals
+        steps = t["spec_steps_total"]
+        out: dict = dict(t)
+        out.update({k: dict(v) for k, v in self.counters.items()})
+        out["queue_depth{queue}"] = {q: c[q] for q in ("waiting", "prefilling", "running")}
+        out["kv_pages{state}"] = {"free": c["pages_free"], "used": c["pages_total"] - c["pages_free"]}
+        out["preemptions_total"] = c["preemptions"]
+        out["spec_accept_length"] = (t["spec_accepted_total"] + steps) / steps if steps else 0.0
+        out["spec_accept_rate"] = t["spec_accepted_total"] / t["spec_drafted_total"] if steps else 0.0
+        out["cache_hit_rate"] = 0.0          # no prefix cache in the single-process engine
+        return out
+
+
+def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
+    d[key] = d.get(key, 0) + by
+
+
+class LocalEngine:
+    """EngineCore on a background thread, with an asyncio front (the Engine interface)."""
+
+    def __init__(self, cfg: EngineConfig | None = None, model_name: str | None = None) -> None:
+        self.cfg = cfg or EngineConfig()
+        self.model_name = model_name or f"kvproof-{self.cfg.model.name}"
+        self.tokenizer = ByteTokenizer()
+        self.core: EngineCore | None = None
+        self._inbox: list[tuple] = []
+        self._mu = threading.Lock()            # guards _inbox and _active only (never held during a step)
+        self._active: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._stats: dict = {}
+        self.error: BaseException | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output one request may have."""
+        assert self.core is not None, "LocalEngine.start() was not called"
+        return self.core.max_model_len
+
+    def start_sync(self) -> None:
+        """Build the model and start the engine thread (blocking)."""
+        if self.core is None:
+            self.core = EngineCore(self.cfg)
+            self._stats = self.core.stats()
+            self._thread = threading.Thread(target=self._loop, name="kvproof-engine", daemon=True)
+            self._thread.start()
+
+    async def start(self) -> None:
+        """Build the model and start the engine thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.start_sync)
+
+    def stop_sync(self) -> None:
+        """Abort everything pending and stop the engine thread (blocking)."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def stop(self) -> None:
+        """Abort everything pending and stop the engine thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
+
+    def submit(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
+        """Queue a request whose events go to `sink` (called on the engine thread); ValueError if invalid."""
+        n, limit = len(req.prompt_tokens), self.max_model_len
+        if n == 0 or n + req.params.max_tokens > limit:
+            raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} exceeds the "
+                             f"model's context of {limit} tokens")
+        vocab = self.core.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_tokens):
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        with self._mu:
+            if req.request_id in self._active:
+                raise ValueError(f"request_id {req.request_id!r} is already running")
+            self._active.add(req.request_id)
+
+            def done_sink(ev: TokenEvent) -> None:
+                if ev.finished:
+                    with self._mu:
+                        self._active.discard(ev.request_id)
+                sink(ev)
+            self._inbox.append(("add", req, done_sink))
+        self._wake.set()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit a request (ValueError now if invalid) and stream its tokens."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        return self._events(request.request_id, q)
+
+    async def _events(self, rid: str, q: "asyncio.Queue[TokenEvent]") -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while not finished:
+                ev = await q.get()
+                finished = ev.finished
+                yield ev
+        finally:
+            if not finished:                   # the consumer went away: free the request
+                self.abort(rid, "disconnect")
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Terminate a request; False when it is unknown or already finished."""
+        with self._mu:
+            if request_id not in self._active:
+                return False
+            self._inbox.append(("abort", request_id, cause))
+        self._wake.set()
+        return True
+
+    def inject_kv_corruption(self, request_id: str) -> None:
+        """Fault injection: flip bytes of this request's KV cache right after its prefill."""
+        with self._mu:
+            self._inbox.append(("corrupt", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        """The latest snapshot of the engine's counters and gauges."""
+        return self._stats
+
+    def _drain_inbox(self, core: EngineCore) -> None:
+        with self._mu:
+            items, self._inbox = self._inbox, []
+        for kind, a, b in items:
+            if kind == "add":
+                core.add(a, b)
+            elif kind == "abort":
+                core.abort(a, b)
+            else:
+                core.corrupt_after_prefill.add(a)
+
+    def _loop(self) -> None:
+        core = self.core
+        assert core is not None
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            while not self._stop:
+                self._wake.clear()
+                self._drain_inbox(core)
+                busy = core.step()
+                self._stats = core.stats()
+                if not busy:
+                    self._wake.wait(0.05)
+        except BaseException as e:             # surface model errors to every waiting request
+            self.error = e
+            raise
+        finally:
+            self._drain_inbox(core)
+            for rid in list(core.seqs):
+                core.abort(rid, "shutdown")
+            self._stats = core.stats()
+
+
+def generate_reference(cfg: EngineConfig, prompts: list[list[int]], params: SamplingParams
+                       ) -> list[list[int]]:
+    """Run each prompt alone, to completion, in a fresh single-threaded core: the reference outputs."""
+    core = EngineCore(cfg)
+    out = []
+    for i, p in enumerate(prompts):
+        events: list[TokenEvent] = []
+        core.add(GenerationRequest(f"ref-{i}", tuple(p), params), events.append)
+        while core.step():
+            pass
+        out.append([t for ev in events for t in ev.tokens])
+    return out

@@ -1,0 +1,114 @@
+"""The paged KV cache of the DSA decoder and the page pool that owns its pages.
+
+Per layer and page the cache holds, for each of `page_size` token positions, the
+compressed KV row `[latent c | RoPE key]` and the lightning-indexer key. With the
+Triton backend the indexer keys also live in the kernels' fp8 layout
+(`kernels/_common.indexer_fp8_layout`), which is what the indexer kernel reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvproof.runtime.model_config import ModelConfig
+
+
+class PagePool:
+    """Free list and reference counts of the cache pages (nano-vllm's block manager, paged)."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 1:
+            raise ValueError(f"num_pages={num_pages}; expected >= 1")
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))   # pop() hands out page 0 first
+        self._refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        """Pages not held by any sequence."""
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        """Whether `n` pages are free."""
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` free pages (refcount 1 each)."""
+        if n > len(self._free):
+            raise RuntimeError(f"page pool exhausted: asked for {n} pages, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        for p in out:
+            assert self._refs[p] == 0, f"page {p} on the free list has refcount {self._refs[p]}"
+            self._refs[p] = 1
+        return out
+
+    def free(self, pages: list[int]) -> None:
+        """Drop one reference of each page; pages reaching zero go back to the free list."""
+        for p in pages:
+            assert self._refs[p] > 0, f"page {p} freed with refcount {self._refs[p]}"
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+
+
+@dataclass
+class KVCache:
+    """Cache tensors of every layer: kv [L, P, S, kv_width], index keys [L, P, S, index_dim]."""
+
+    cfg: ModelConfig
+    num_pages: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fp8_indexer: bool = False          # also keep the indexer keys in the kernels' fp8 layout
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        shape = (c.n_layers, self.num_pages, c.page_size)
+        self.kv = torch.zeros(*shape, c.kv_width, dtype=c.torch_dtype, device=self.device)
+        self.ik = torch.zeros(*shape, c.index_dim, dtype=c.torch_dtype, device=self.device)
+        self.ik_fp8: torch.Tensor | None = None
+        if self.fp8_indexer:
+            from kvproof.kernels._common import indexer_fp8_layout
+            lay = indexer_fp8_layout(c.page_size, c.index_dim)
+            self.ik_fp8 = torch.zeros(c.n_layers, self.num_pages, lay.page_bytes, dtype=torch.uint8,
+                                      device=self.device)
+
+    @staticmethod
+    def pages_for_budget(cfg: ModelConfig, budget_bytes: int) -> int:
+        """How many pages fit in `budget_bytes`."""
+        return max(1, budget_bytes // (cfg.kv_bytes_per_token * cfg.page_size))
+
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, ik: torch.Tensor) -> None:
+        """Store kv [T, kv_width] and index keys [T, index_dim] at flat slots [T] (page * S + offset)."""
+        self.kv[layer].view(-1, self.cfg.kv_width)[slots] = kv.to(self.kv.dtype)
+        self.ik[layer].view(-1, self.cfg.index_dim)[slots] = ik.to(self.ik.dtype)
+        if self.ik_fp8 is not None:
+            from kvproof.kernels._common import indexer_views, quantize_fp8
+            keys, scales = indexer_views(self.ik_fp8[layer], self.cfg.page_size, self.cfg.index_dim)
+            q, s = quantize_fp8(ik)                                       # [T, D] fp8, [T, NB]
+            S = self.cfg.page_size
+            keys[slots // S, slots % S] = q
+            scales[slots // S, slots % S] = s
+
+    def corrupt(self, pages: list[int], n_tokens: int, seed: int = 0) -> int:
+        """Flip bytes in the first n_tokens of the given pages (fault injection); returns bytes flipped.
+
+        Flips the byte holding the high mantissa / low exponent bits of random elements, which
+        scales a value by up to 2^±15: the garbage stays finite, like foreign KV would.
+        """
+        g = torch.Generator().manual_seed(seed)
+        S, flipped = self.cfg.page_size, 0
+        esz = self.kv.element_size()
+        for i, p in enumerate(pages):
+            n = min(S, n_tokens - i * S)
+            if n <= 0:
+                break
+            for t in (self.kv, self.ik):
+                raw = t[:, p, :n].contiguous().view(torch.uint8)             # [L, n, W * esz]
+                sel = torch.rand(raw.shape[:-1] + (raw.shape[-1] // esz,), generator=g) < 0.5
+                byte = raw.view(*raw.shape[:-1], -1, esz)[..., esz - 2]       # high mantissa byte
+                byte ^= (sel.to(torch.uint8) * 0x5A)
+                flipped += int(sel.sum())
+                fixed = torch.nan_to_num(raw.view(t.dtype), nan=0.0, posinf=1e4, neginf=-1e4)
+                t[:, p, :n] = fixed
+        return flipped

@@ -1,0 +1,83 @@
+"""`kvproof serve`: arguments and entry point of the OpenAI-compatible server."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from kvproof.runtime.engine import EngineConfig, LocalEngine
+from kvproof.runtime.model_config import PRESETS, preset
+from kvproof.runtime.monitor import MonitorConfig
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` options to a parser."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--model", default="tiny", choices=sorted(PRESETS),
+                        help="model preset with seeded weights (default: tiny)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory (config.json + safetensors shards); overrides --model")
+    parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model'")
+    parser.add_argument("--engine", default="local", choices=("local", "pd"),
+                        help="local: one process (default); pd: prefill/decode workers (PD runtime)")
+    parser.add_argument("--backend", default="torch", choices=("torch", "triton"),
+                        help="attention: torch (CPU) or the project's Triton kernels")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--num-pages", type=int, default=2048, help="KV cache pages")
+    parser.add_argument("--max-batch", type=int, default=256, help="most sequences per step")
+    parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
+    parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
+    parser.add_argument("--no-monitor", action="store_true", help="do not abort on the anomaly rule")
+    parser.add_argument("--monitor-min-tokens", type=int, default=128)
+    parser.add_argument("--monitor-min-accept-length", type=float, default=1.4)
+    parser.add_argument("--monitor-max-accept-rate", type=float, default=0.96)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the engine")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the parsed arguments describe."""
+    mon = MonitorConfig(not args.no_monitor, args.monitor_min_tokens, args.monitor_min_accept_length,
+                        args.monitor_max_accept_rate)
+    return EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
+                        num_pages=args.num_pages, max_batch=args.max_batch,
+                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
+                        monitor=mon, device=args.device, threads=args.threads)
+
+
+def build_engine(args: argparse.Namespace) -> LocalEngine:
+    """The engine selected by --engine."""
+    if args.engine == "pd":
+        raise SystemExit("--engine pd: the PD-disaggregated engine is not wired in yet; use --engine local")
+    return LocalEngine(engine_config(args), model_name=args.served_model_name)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from kvproof.runtime.server import start_server
+    engine = build_engine(args)
+    runner, url = await start_server(engine, args.host, args.port)
+    print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}); "
+          f"Ctrl-C to stop", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await engine.stop()
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; returns the exit code."""
+    try:
+        engine_config(args)
+    except ValueError as e:
+        print(f"kvproof serve: {e}")
+        return 2
+    asyncio.run(_serve(args))
+    return 0

@@ -1,0 +1,58 @@
+"""Checks of the speculative-decoding anomaly monitor for `kvproof prove`.
+
+`fixed`: every property proven by 1-induction of their conjunction (unbounded: the
+counters are unbounded integers in Z3). `naive` (no min-tokens guard): the verifier
+refutes `never_aborts_before_min_tokens` with a shortest trace; the rest still hold.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+
+from kvproof.spec.spec_monitor import PROPERTIES, AcceptMonitor
+from kvproof.verify.bmc import bmc, induction
+from kvproof.verify.registry import Check, register
+from kvproof.verify.verdict import Status, Verdict
+
+PROTOCOL = "spec_monitor"
+BMC_DEPTH = 6
+PARAMS = {"min_tokens": AcceptMonitor.MIN_TOKENS,
+          "min_accept_length": f"{AcceptMonitor.LEN_NUM}/{AcceptMonitor.LEN_DEN}",
+          "max_accept_rate": f"{AcceptMonitor.RATE_NUM}/{AcceptMonitor.RATE_DEN}"}
+
+
+def _expected(variant: str, prop: str) -> Status:
+    return Status.REFUTED if (variant, prop) == ("naive", "never_aborts_before_min_tokens") else Status.PROVEN
+
+
+def _check(variant: str, prop: str) -> Verdict:
+    """BMC for a shortest counterexample, then 1-induction of the properties expected to hold."""
+    t0 = time.perf_counter()
+    expected = _expected(variant, prop)
+    cex = bmc(AcceptMonitor, variant, {}, [prop], BMC_DEPTH)
+    if cex is not None:
+        return Verdict(PROTOCOL, variant, prop, PARAMS, Status.REFUTED, expected,
+                       method=f"BMC (shortest counterexample, {len(cex.steps)} steps)",
+                       detail=f"{prop} fails after {len(cex.steps)} steps", counterexample=cex.steps,
+                       seconds=time.perf_counter() - t0)
+    held = [p for p in PROPERTIES if _expected(variant, p) == Status.PROVEN]
+    res = induction(AcceptMonitor, variant, {}, held, k=1)
+    if res.proven:
+        return Verdict(PROTOCOL, variant, prop, PARAMS, Status.PROVEN, expected,
+                       method="k-induction (k=1), unbounded counters",
+                       detail=f"inductive together with {', '.join(p for p in held if p != prop)}",
+                       seconds=time.perf_counter() - t0)
+    return Verdict(PROTOCOL, variant, prop, PARAMS, Status.UNKNOWN, expected,
+                   method=f"BMC to depth {BMC_DEPTH}; 1-induction failed",
+                   detail=f"no counterexample up to depth {BMC_DEPTH}; induction failed on {res.failed}",
+                   seconds=time.perf_counter() - t0)
+
+
+def _register() -> None:
+    for variant in AcceptMonitor.variants:
+        for prop in PROPERTIES:
+            register(Check(PROTOCOL, variant, prop, PARAMS, _expected(variant, prop),
+                           partial(_check, variant, prop)))
+
+
+_register()
