@@ -49,8 +49,12 @@ class DecodeWorker:
     """The decode process's slot table and scheduler: every state change is a fired spec action."""
 
     def __init__(self, cfg: PDConfig, pool: KVPool, send: SendFn, report: ReportFn,
-                 trace: IO[str] | str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 trace: IO[str] | str | None = None, clock: Callable[[], float] = time.monotonic,
+                 auto: bool = True) -> None:
+        # auto=False: each event handler fires only its own action and the caller fires the
+        # follow-ups (start_decode, finish, peer_dead, reclaim) one step at a time (model-based tests)
         self.cfg, self.pool, self._send, self._report, self.clock = cfg, pool, send, report, clock
+        self.auto = auto
         self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="decode", trace=trace)
         self.free: deque[int] = deque(range(cfg.slots))    # candidates; the spec decides
         self.waiting: deque[Request] = deque()
@@ -64,6 +68,7 @@ class DecodeWorker:
         self.stats: Counter[str] = Counter()
         self.bytes_landed = [0] * cfg.writers               # one counter per receive thread
         self.foreign_landings = [0] * cfg.writers
+        self.foreign_slots: set[int] = set()                # slots a write of another epoch landed in
 
     # ------------------------------------------------------------ client side
     def submit(self, rid: int, n_tokens: int) -> None:
@@ -99,17 +104,11 @@ class DecodeWorker:
         if isinstance(msg, (Done, Safe)) and msg.writer != rank:
             raise ValueError(f"{msg.TYPE} from rank {rank} names writer={msg.writer}")
         if isinstance(msg, Done):
-            if not self._try("on_done", s=msg.slot, w=msg.writer, e=msg.epoch):
-                return
-            s = msg.slot
-            if self.inst.enabled("start_decode", s=s):
-                self._fire("start_decode", s=s)
-                if self.cfg.decode_ms > 0:
-                    self._timer(self.cfg.decode_ms / 1000, "decoded", s, msg.epoch)
-                else:
-                    self._finish(s)
+            if self._try("on_done", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto \
+                    and self.inst.enabled("start_decode", s=msg.slot):
+                self.start_decode(msg.slot)
         elif isinstance(msg, Safe):
-            if self._try("on_safe", s=msg.slot, w=msg.writer, e=msg.epoch):
+            if self._try("on_safe", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto:
                 self._maybe_reclaim(msg.slot)
         else:
             raise ValueError(f"decode: unexpected {msg.TYPE} message from prefill rank {rank}")
@@ -121,6 +120,7 @@ class DecodeWorker:
         self.bytes_landed[w] += length
         if e != self.inst.get("epoch", s) or self.inst.get("d_state", s) == DState.FREE:
             self.foreign_landings[w] += 1
+            self.foreign_slots.add(s)
 
     def rank_dead(self, rank: int, reason: str) -> None:
         """Rank `rank`'s connection is closed AND drained by the caller: none of its writes can land."""
@@ -128,12 +128,60 @@ class DecodeWorker:
             return
         self.dead[rank] = reason
         self.inst.record("kill", w=rank)
+        if not self.auto:
+            return
         why = self._dead_reason()
         for req in [r for r in self.by_slot.values() if self.inst.get("d_state", r.slot) == DState.WAIT]:
             self._terminate(req, "abort", "failed", why)
         self._schedule()                                    # fails every waiting request
         for s in range(self.cfg.slots):
             self._peer_dead(s)
+
+    # ------------------------------------------------------------ single steps
+    def alloc(self, s: int, req: Request) -> None:
+        """Give free slot s to request req (a fresh epoch); Alloc goes to every rank."""
+        self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens})
+        req.slot, req.epoch = s, self.inst.get("epoch", s)
+        self.by_rid[req.rid] = req
+        self.by_slot[s] = req
+        self._timer(self.cfg.transfer_timeout_s, "timeout", s, req.epoch)
+
+    def start_decode(self, s: int) -> None:
+        """Every rank's KV landed: decode starts reading slot s (and finishes now or after decode_ms)."""
+        self._fire("start_decode", s=s)
+        if not self.auto:
+            return
+        if self.cfg.decode_ms > 0:
+            self._timer(self.cfg.decode_ms / 1000, "decoded", s, self.inst.get("epoch", s))
+        else:
+            self.finish(s)
+
+    def finish(self, s: int) -> None:
+        """Decode reads slot s (compares its KV bytes with the expected content) and frees it."""
+        req = self.by_slot[s]
+        bad = self.pool.bad_bytes(s, req.rid, req.n_tokens)  # decode reads the slot
+        self._fire("finish", s=s)
+        del self.by_slot[s]
+        self._result(req, "corrupt" if bad else "served", "foreign KV bytes in the slot" if bad else None, bad)
+        self._freed(s)
+
+    def timeout(self, s: int) -> None:
+        """The transfer into slot s took too long: terminate its request."""
+        self._terminate(self.by_slot[s], "timeout", "failed",
+                        f"transfer timeout: KV not complete after {self.cfg.transfer_timeout_s} s")
+
+    def peer_dead(self, s: int, w: int) -> None:
+        """Rank w (already declared dead and drained) can write nothing more into aborting slot s."""
+        if w not in self.dead:
+            raise ValueError(f"peer_dead: rank {w} was not declared dead (rank_dead) and drained")
+        self._fire("on_peer_dead", s=s, w=w)
+
+    def reclaim(self, s: int) -> None:
+        """Return aborted slot s to the free pool."""
+        self._fire("reclaim", s=s)
+        self.stats["slots_reclaimed"] += 1
+        self.reclaim_latency_s.append(self.clock() - self.aborted_at.pop(s))
+        self._freed(s)
 
     # ------------------------------------------------------------ timers
     def tick(self) -> float | None:
@@ -145,10 +193,9 @@ class DecodeWorker:
             if req is None or req.epoch != e:
                 continue                                    # that request is gone already
             if kind == "timeout" and self.inst.enabled("timeout", s=s):
-                self._terminate(req, "timeout", "failed",
-                                f"transfer timeout: KV not complete after {self.cfg.transfer_timeout_s} s")
+                self.timeout(s)
             elif kind == "decoded" and self.inst.get("d_state", s) == DState.READY:
-                self._finish(s)
+                self.finish(s)
         return max(0.0, self._timers[0][0] - now) if self._timers else None
 
     # ------------------------------------------------------------ queries
@@ -173,19 +220,7 @@ class DecodeWorker:
             s = self.free.pop()                             # most recently freed first (warm slot)
             if not self.inst.enabled("alloc", s=s):
                 continue                                    # stale candidate; the spec says no
-            req = self.waiting.popleft()
-            ems = self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens})
-            req.slot, req.epoch = s, self.inst.get("epoch", s)
-            self.by_slot[s] = req
-            self._timer(self.cfg.transfer_timeout_s, "timeout", s, req.epoch)
-            self.stats["alloc_messages"] += len(ems)
-
-    def _finish(self, s: int) -> None:
-        req = self.by_slot.pop(s)
-        bad = self.pool.bad_bytes(s, req.rid, req.n_tokens)  # decode reads the slot
-        self._fire("finish", s=s)
-        self._result(req, "corrupt" if bad else "served", "foreign KV bytes in the slot" if bad else None, bad)
-        self._freed(s)
+            self.alloc(s, self.waiting.popleft())
 
     def _terminate(self, req: Request, action: str, status: str, reason: str) -> None:
         s = req.slot
@@ -199,28 +234,27 @@ class DecodeWorker:
             self._freed(s)
         else:
             self.aborted_at[s] = self.clock()
-            self._peer_dead(s)
+            if self.auto:
+                self._peer_dead(s)
 
     def _peer_dead(self, s: int) -> None:
         if self.inst.get("d_state", s) != DState.ABORTING:
             return
         for w in self.dead:
             if not self.inst.get("safe_from", s, w):
-                self._fire("on_peer_dead", s=s, w=w)
+                self.peer_dead(s, w)
         self._maybe_reclaim(s)
 
     def _maybe_reclaim(self, s: int) -> None:
         if self.inst.enabled("reclaim", s=s):
-            self._fire("reclaim", s=s)
-            self.stats["slots_reclaimed"] += 1
-            self.reclaim_latency_s.append(self.clock() - self.aborted_at.pop(s))
-            self._freed(s)
+            self.reclaim(s)
 
     def _freed(self, s: int) -> None:
         """Keep the derived free deque in step with the spec after a firing that freed s."""
         assert self.inst.get("d_state", s) == DState.FREE, s
         self.free.append(s)
-        self._schedule()
+        if self.auto:
+            self._schedule()
 
     def _result(self, req: Request, status: str, reason: str | None, bad: int = 0) -> None:
         self.by_rid.pop(req.rid, None)

@@ -46,10 +46,12 @@ class PrefillRank:
     """Prefill rank `rank`: every transfer step is a fired spec action."""
 
     def __init__(self, cfg: PDConfig, rank: int, transport: Transport, send: Callable[[Message], None],
-                 trace: IO[str] | str | None = None) -> None:
+                 trace: IO[str] | str | None = None, auto: bool = True) -> None:
+        # auto=False: a completion fires only p_complete; the caller fires p_finish /
+        # p_answer_safe itself, one step at a time (model-based tests)
         if not 0 <= rank < cfg.writers:
             raise ValueError(f"rank={rank}, expected 0 <= rank < writers={cfg.writers}")
-        self.cfg, self.rank, self.transport, self._send = cfg, rank, transport, send
+        self.cfg, self.rank, self.transport, self._send, self.auto = cfg, rank, transport, send, auto
         self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="prefill", trace=trace)
         self.jobs: dict[int, Job] = {}                      # slot -> current epoch's job
         self._sources: dict[int, np.ndarray] = {}           # wr_id -> bytes, alive until completion
@@ -86,8 +88,10 @@ class PrefillRank:
         s, w, e = c.tag[0], c.tag[1], c.tag[2]
         self.stats["writes_completed"] += 1
         self._fire("p_complete", s=s, w=w, e=e)             # an older epoch's completion is a no-op
+        if not self.auto:
+            return
         if self.inst.enabled("p_answer_safe", s=s, w=w):
-            self._fire("p_answer_safe", s=s, w=w)
+            self.answer_safe(s)
         else:
             self._maybe_finish(s)
 
@@ -99,12 +103,27 @@ class PrefillRank:
                 break
             if job.next_layer >= self.cfg.layers or not self.inst.enabled("p_post", s=s, w=self.rank):
                 continue
-            for em in self._fire("p_post", s=s, w=self.rank):
-                self._post(job, em.fields)
-                posted += 1
-            job.next_layer += 1
+            self.post(s)
+            posted += 1
             self._maybe_finish(s)
         return posted
+
+    # ------------------------------------------------------------ single steps
+    def post(self, s: int) -> None:
+        """Compute slot s's next layer and post it as one write tagged (slot, writer, epoch, layer)."""
+        job = self.jobs[s]
+        for em in self._fire("p_post", s=s, w=self.rank):
+            self._post(job, em.fields)
+        job.next_layer += 1
+
+    def finish(self, s: int) -> None:
+        """Every posted layer of slot s completed: report Done."""
+        self._fire("p_finish", s=s, w=self.rank)
+        self.jobs.pop(s, None)
+
+    def answer_safe(self, s: int) -> None:
+        """The last write of an aborted transfer completed: answer Safe."""
+        self._fire("p_answer_safe", s=s, w=self.rank)
 
     def has_work(self) -> bool:
         """Whether some slot still has layers to post."""
@@ -127,8 +146,7 @@ class PrefillRank:
     def _maybe_finish(self, s: int) -> None:
         job = self.jobs.get(s)
         if job is not None and job.next_layer >= self.cfg.layers and self.inst.enabled("p_finish", s=s, w=self.rank):
-            self._fire("p_finish", s=s, w=self.rank)
-            del self.jobs[s]
+            self.finish(s)
 
     def _try(self, action: str, **args: int) -> bool:
         if not self.inst.enabled(action, **args):
