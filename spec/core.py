@@ -213,13 +213,13 @@ class Protocol:
                 cls.actions[attr] = ActionDef(attr, actor, _parse_params(ps), fn, receives,
                                               (fn.__doc__ or "").strip())
             elif hasattr(fn, "__kv_invariant__"):
-                sig = inspect.signature(fn, eval_str=True)
+                sig = inspect.signature(fn)
                 ps = {}
                 for n, p in list(sig.parameters.items())[2:]:      # skip (P, m)
                     if not isinstance(p.annotation, str):
                         raise SpecError(f"{cls.__name__}.{attr}: parameter {n} needs an index-set "
                                         f"annotation such as {n}: \"slot\"")
-                    ps[n] = p.annotation
+                    ps[n] = p.annotation.strip("'\"")   # "slot" or, stringified, "'slot'"
                 cls.invariants[attr] = InvariantDef(attr, _parse_params(ps), fn,
                                                     fn.__kv_invariant__, (fn.__doc__ or "").strip())
             elif hasattr(fn, "__kv_liveness__"):

@@ -1,0 +1,2 @@
+from kvproof.cli import main
+raise SystemExit(main())

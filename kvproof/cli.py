@@ -1,0 +1,114 @@
+"""The `kvproof` command line: prove, audit, guards, explore, stress, serve, loadgen, bench."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any, Callable
+
+
+def _lazy(module: str, fn: str) -> Callable[..., Any]:
+    """Import a sub-command's implementation only when it runs (keeps `kvproof prove` light)."""
+    def call(*a: Any, **kw: Any) -> Any:
+        return getattr(importlib.import_module(module), fn)(*a, **kw)
+    return call
+
+
+def _add_optional(sub: argparse._SubParsersAction, name: str, module: str, add_args: str,
+                  main: str, help: str) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    try:
+        getattr(importlib.import_module(module), add_args)(p)
+    except ImportError as e:      # a component that is not installed must not break the others
+        p.set_defaults(func=lambda a, e=e: _unavailable(name, e))
+        return
+    p.set_defaults(func=_lazy(module, main))
+
+
+def _unavailable(name: str, err: Exception) -> int:
+    print(f"kvproof {name}: unavailable here: {err}", file=sys.stderr)
+    return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    what = args.what
+    quick = args.quick
+    if what == "verify":
+        from kvproof.verify.bench import bench_verify
+        doc = bench_verify(quick=quick)
+    elif what == "kernels":
+        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
+    elif what == "hicache":
+        doc = _lazy("kvproof.runtime.hicache_bench", "bench_hicache")(quick=quick)
+    elif what == "transitions":
+        doc = _lazy("kvproof.runtime.bench_transitions", "bench_transitions")()
+    elif what == "transport":
+        doc = _lazy("kvproof.runtime.transport.bench", "bench_tcp")(
+            total_bytes=(64 << 20) if quick else (512 << 20), chunk=1 << 20)
+    elif what == "layersplit":
+        doc = _lazy("kvproof.runtime.layersplit_sim", "bench_layersplit")(simulate=args.simulate)
+    else:      # argparse restricts choices; this is a programming error
+        raise AssertionError(what)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        from rich.pretty import pprint
+        pprint(doc, expand_all=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    from kvproof.verify.audit_cli import add_audit_args, audit_main
+    from kvproof.verify.guards_cli import add_explore_args, add_guards_args, explore_main, guards_main
+    from kvproof.verify.prove import add_prove_args, prove_main
+
+    ap = argparse.ArgumentParser(prog="kvproof", description="A verified runtime for the KV-cache "
+                                 "lifecycle of disaggregated LLM serving.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prove", help="run every registered proof and refutation; exit 0 iff all as expected")
+    add_prove_args(p)
+    p.set_defaults(func=prove_main)
+
+    p = sub.add_parser("audit", help="validate a runtime trace against the spec (or audit a stream plan)")
+    add_audit_args(p)
+    p.set_defaults(func=audit_main)
+
+    p = sub.add_parser("guards", help="guard-necessity report: drop each guard, show what breaks")
+    add_guards_args(p)
+    p.set_defaults(func=guards_main)
+
+    p = sub.add_parser("explore", help="explicit-state search of a protocol: reachable states, deadlocks")
+    add_explore_args(p)
+    p.set_defaults(func=explore_main)
+
+    _add_optional(sub, "stress", "kvproof.runtime.stress_cli", "add_stress_args", "stress_main",
+                  "run the PD runtime under load with aborts and delays; count corrupted outputs")
+    _add_optional(sub, "serve", "kvproof.runtime.serve_cli", "add_serve_args", "serve_main",
+                  "serve the model over an OpenAI-compatible HTTP API")
+    _add_optional(sub, "loadgen", "kvproof.runtime.loadgen", "add_loadgen_args", "loadgen_main",
+                  "send a configurable load to a running server and report latency and throughput")
+
+    p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
+    p.set_defaults(func=_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kvproof` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("kvproof: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
