@@ -335,10 +335,13 @@ class Instance:
         """How many positions of a family hold `value` (e.g. slots by state)."""
         return sum(1 for (v, _), x in zip(self.layout.names, self.state) if v == var and x == value)
 
-    def violated_invariants(self) -> list[str]:
-        """Names (with indices) of the invariants the current state violates."""
+    def violated_invariants(self, strengthening: bool = False) -> list[str]:
+        """Names (with indices) of the properties the current state violates (and, if asked,
+        of the strengthening invariants, which only the verified variant must satisfy)."""
         out = []
         for inv in self.protocol.invariants.values():
+            if inv.strengthening and not strengthening:
+                continue
             for args in self.layout.instances(inv.params):
                 if not holds(self.layout, self.state, inv.body, args, CONCRETE, self.variant):
                     out.append(inv.name + str(tuple(args.values())))
