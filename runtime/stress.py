@@ -48,7 +48,7 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
     cfg = PDConfig(variant=protocol, slots=slots, writers=writers, layers=layers,  # type: ignore[arg-type]
                    tokens_per_slot=tokens, bytes_per_token=bytes_per_token, delay_ms=delay_ms,
                    transfer_timeout_s=transfer_timeout_s, seed=seed, trace_dir=trace_dir)
-    concurrency = concurrency or slots
+    concurrency = concurrency or slots + slots // 2     # a queue, so a freed slot is reused at once
     window = (abort_window_ms if abort_window_ms is not None else 4 * (delay_ms or 0.5) + 2.0) / 1000.0
     rng = random.Random(seed)
     counts: Counter[str] = Counter()

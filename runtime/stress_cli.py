@@ -32,7 +32,7 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--writers", type=int, default=2, help="prefill ranks (one process each)")
     parser.add_argument("--slots", type=int, default=16, help="decode KV slots")
-    parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: slots)")
+    parser.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: 1.5 x slots)")
     parser.add_argument("--layers", type=int, default=4, help="layers = chunks per rank per request")
     parser.add_argument("--tokens", type=int, default=64, help="max prompt tokens (slot size)")
     parser.add_argument("--bytes-per-token", type=int, default=256, help="KV bytes per token per layer")

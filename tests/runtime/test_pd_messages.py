@@ -1,0 +1,102 @@
+"""Control messages, the PD config and the KV pool's content function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvproof.runtime.kv_pool import KVPool, expected_kv, kv_chunk, offset
+from kvproof.runtime.pd_config import PDConfig
+from kvproof.runtime.pd_messages import (
+    MESSAGE_TYPES, Abort, Alloc, Cancel, Done, MessageError, Ready, Result, Safe, Shutdown, Stats, Submit,
+    decode_message, encode, from_emission,
+)
+from kvproof.spec.machine import Emission
+
+
+@pytest.mark.parametrize("msg", [
+    Alloc(3, 1, 7, 42, 16), Abort(0, 0, 1), Done(2, 1, 9), Safe(5, 0, 2), Submit(1, 8), Cancel(4), Shutdown(),
+    Result(1, "served", None, 3, 0.25), Result(2, "failed", "transfer timeout", None, 1.0, 0),
+    Ready([["127.0.0.1", 1]], [["127.0.0.1", 2]]), Stats({"served": 3}),
+])
+def test_round_trip(msg: object) -> None:
+    """encode then decode_message gives the same message back."""
+    assert decode_message(encode(msg)) == msg  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ([1, 2], "expected a JSON object"),
+    ({"slot": 1}, "type=None"),
+    ({"type": "bogus"}, "type='bogus'"),
+    ({"type": "done", "slot": 1, "writer": 0}, "missing fields ['epoch']"),
+    ({"type": "done", "slot": 1, "writer": 0, "epoch": 1, "extra": 2}, "unexpected fields ['extra']"),
+    ({"type": "done", "slot": -1, "writer": 0, "epoch": 1}, "'slot'=-1, expected an int >= 0"),
+    ({"type": "done", "slot": True, "writer": 0, "epoch": 1}, "'slot'=True, expected int"),
+    ({"type": "alloc", "slot": 0, "writer": 0, "epoch": 1, "rid": "x", "n_tokens": 1}, "'rid'='x'"),
+    ({"type": "submit", "rid": 1, "n_tokens": 1.5}, "'n_tokens'=1.5"),
+    ({"type": "result", "rid": 1, "status": "weird", "reason": None, "slot": None, "latency_s": 0.0}, "status"),
+    ({"type": "result", "rid": 1, "status": "served", "reason": 3, "slot": None, "latency_s": 0.0},
+     "expected str or null"),
+])
+def test_malformed_messages_are_named(raw: object, needle: str) -> None:
+    """Every malformed message raises MessageError naming the type and field."""
+    with pytest.raises(MessageError) as ei:
+        decode_message(raw)
+    assert needle in str(ei.value)
+
+
+def test_every_type_registered() -> None:
+    """The type tags are unique and include the four spec channels."""
+    assert {"alloc", "abort", "done", "safe"} <= set(MESSAGE_TYPES)
+
+
+def test_from_emission() -> None:
+    """A spec send emission becomes the matching message; anything else is refused."""
+    em = Emission("send", {"channel": "abort", "index": [2, 1], "epoch": 5})
+    assert from_emission(em) == Abort(2, 1, 5)
+    em = Emission("send", {"channel": "alloc", "index": [0, 0], "epoch": 1})
+    assert from_emission(em, rid=7, n_tokens=3) == Alloc(0, 0, 1, 7, 3)
+    with pytest.raises(MessageError, match="not a send"):
+        from_emission(Emission("post_write", {"slot": 0}))
+
+
+def test_config_validation_and_json() -> None:
+    """Bad values are named; to_json/from_json round-trip; unknown keys are refused."""
+    cfg = PDConfig(variant="prefix", slots=3, writers=2, bytes_per_token=32, delay_ms=None)
+    assert PDConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.faults(0) is None and PDConfig().faults(1).seed != PDConfig().faults(0).seed
+    with pytest.raises(ValueError, match="variant='other'"):
+        PDConfig(variant="other")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bytes_per_token=20"):
+        PDConfig(bytes_per_token=20)
+    with pytest.raises(ValueError, match="slots=0"):
+        PDConfig(slots=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        PDConfig.from_json('{"nope": 1}')
+    with pytest.raises(ValueError, match="malformed"):
+        PDConfig.from_json("{")
+
+
+def test_kv_content_detects_any_foreign_chunk() -> None:
+    """A slot filled with request A's KV verifies for A; one chunk of request B is detected."""
+    cfg = PDConfig(slots=2, writers=2, layers=3, tokens_per_slot=8, bytes_per_token=32)
+    pool = KVPool(cfg)
+    mem = pool.buffer
+
+    def fill(rid: int, w: int, layer: int, n: int) -> None:
+        data = kv_chunk(rid, w, layer, n, cfg.words_per_writer)
+        o = offset(cfg, 1, w, layer)
+        mem[o:o + data.nbytes] = data.tobytes()
+
+    for w in range(2):
+        for layer in range(3):
+            fill(10, w, layer, 5)
+    assert pool.bad_bytes(1, 10, 5) == 0
+    assert pool.bad_bytes(1, 11, 5) > 0
+    fill(11, 1, 2, 2)                          # a stale 2-token chunk of another request
+    assert pool.bad_bytes(1, 10, 5) > 0
+    assert np.array_equal(expected_kv(10, 5, cfg)[0, 0].reshape(-1), kv_chunk(10, 0, 0, 5, cfg.words_per_writer))
+    with pytest.raises(ValueError, match="layer=3"):
+        offset(cfg, 0, 0, 3)
+    with pytest.raises(ValueError, match="n_tokens=9"):
+        pool.bad_bytes(0, 1, 9)
