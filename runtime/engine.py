@@ -105,7 +105,8 @@ class EngineConfig:
     num_drafts: int = 2                    # MTP drafts per step; 0 disables speculative decoding
     monitor: MonitorConfig = MonitorConfig()
     device: str = "cpu"
-    threads: int | None = None             # torch threads of the engine loop (None: leave as is)
+    threads: int | None = 1                # torch intra-op threads (process-wide; None: leave as is).
+                                           # 1 suits the tiny model: more threads only add overhead
 
 
 class EngineCore:
@@ -114,6 +115,8 @@ class EngineCore:
     def __init__(self, cfg: EngineConfig) -> None:
         from kvproof.runtime.checkpoint import load_model
         self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.model = load_model(cfg.checkpoint, cfg.model, cfg.device, cfg.backend)
         mc = self.model.cfg
         self.cache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=cfg.backend == "triton")
@@ -133,7 +136,9 @@ class EngineCore:
     @property
     def max_model_len(self) -> int:
         """Longest prompt + output one request may have."""
-        return min(self.model.cfg.max_seq_len, self.cfg.num_pages * self.model.cfg.page_size)
+        # a decode step writes 1 + num_drafts positions past the last token
+        return min(self.model.cfg.max_seq_len,
+                   self.cfg.num_pages * self.model.cfg.page_size - 1 - self.cfg.num_drafts)
 
     def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
         """Queue a request; its events go to `sink` (called on the engine thread)."""
@@ -364,8 +369,6 @@ class LocalEngine:
     def _loop(self) -> None:
         core = self.core
         assert core is not None
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
         try:
             while not self._stop:
                 self._wake.clear()

@@ -139,8 +139,11 @@ class MLAttention(nn.Module):
             score += biw[..., h, None] * torch.relu(torch.einsum("bqd,bkd->bqk", biq[..., h, :], ik))
         score = score.masked_fill(~valid, float("-inf"))
         if K > c.index_topk:
-            # stable sort: ties go to the lower position, whatever the batch padding
-            order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., : c.index_topk]
+            # Identical keys (repeated tokens) tie; batch shape changes the rounding of such ties in
+            # the last bits. Snap scores to a 2^-24 grid, then a stable sort sends ties to the
+            # lower position, so the selection does not depend on the batch.
+            snapped = torch.round(score * 2.0 ** 24)
+            order = torch.sort(snapped, dim=-1, descending=True, stable=True).indices[..., : c.index_topk]
             keep = torch.zeros_like(valid).scatter_(-1, order, True)
             valid &= keep
         # absorbed MLA over the selected tokens

@@ -140,7 +140,9 @@ class Scheduler:
                 ready.append(seq)
         # a sequence preempted after it was placed in `ready` is dropped from it
         ready = [s for s in ready if s.status == SeqStatus.RUNNING]
-        return ScheduledBatch(False, ready, [self.lookahead] * len(ready)) if ready else None
+        if not ready:                     # everything was preempted: its pages are free for prefill
+            return self.schedule() if self.waiting else None
+        return ScheduledBatch(False, ready, [self.lookahead] * len(ready))
 
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and put it back at the head of the queue."""

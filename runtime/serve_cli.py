@@ -32,7 +32,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor-min-tokens", type=int, default=128)
     parser.add_argument("--monitor-min-accept-length", type=float, default=1.4)
     parser.add_argument("--monitor-max-accept-rate", type=float, default=0.96)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of the engine")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1, best for the tiny model; 0: torch's default)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -42,7 +43,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
                         num_pages=args.num_pages, max_batch=args.max_batch,
                         max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
-                        monitor=mon, device=args.device, threads=args.threads)
+                        monitor=mon, device=args.device, threads=args.threads or None)
 
 
 def build_engine(args: argparse.Namespace) -> LocalEngine:

@@ -1,0 +1,46 @@
+"""Speculative decoding with the MTP head is lossless: the same greedy tokens as plain decoding."""
+from __future__ import annotations
+
+from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.monitor import MonitorConfig
+from kvproof.runtime.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+PROMPTS = [TOK.encode(p) for p in ("def fib(n):", "x", "The quick brown fox jumps over " * 3,
+                                    "import torch\nclass Model(torch.nn.Module):\n", "0123456789")]
+GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
+
+
+def test_speculative_equals_plain_greedy() -> None:
+    plain = generate_reference(EngineConfig(num_drafts=0), PROMPTS, GREEDY)
+    for k in (1, 3):
+        assert generate_reference(EngineConfig(num_drafts=k), PROMPTS, GREEDY) == plain, f"num_drafts={k}"
+
+
+def _batched(cfg: EngineConfig, params: SamplingParams) -> tuple[list[list[int]], EngineCore]:
+    core = EngineCore(cfg)
+    events: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
+    for i, p in enumerate(PROMPTS):
+        core.add(GenerationRequest(str(i), tuple(p), params), events[i].append)
+    while core.step():
+        pass
+    return [[t for ev in events[i] for t in ev.tokens] for i in range(len(PROMPTS))], core
+
+
+def test_batched_with_preemption_and_chunked_prefill_equals_reference() -> None:
+    ref = generate_reference(EngineConfig(num_drafts=0), PROMPTS, GREEDY)
+    cfg = EngineConfig(num_pages=14, max_prefill_tokens=8, monitor=MonitorConfig(enabled=False))
+    out, core = _batched(cfg, GREEDY)
+    assert out == ref
+    assert core.scheduler.preemptions > 0, "the tiny pool must force preemptions"
+    assert core.pool.num_free == core.pool.num_pages, "every page returned"
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent() -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = generate_reference(EngineConfig(), PROMPTS, params)
+    batched, _ = _batched(EngineConfig(), params)
+    assert alone == batched
+    other = generate_reference(EngineConfig(), PROMPTS, SamplingParams(max_tokens=40, temperature=0.8, seed=99,
+                                                                       ignore_eos=True))
+    assert other != alone
