@@ -59,6 +59,7 @@ class LayerSplitConfig:
     ownership: str = "contiguous"
     variant: str = "fixed"
     allow_races: bool = False
+    kernels: str = "auto"             # "torch" references, "triton" kernels, "auto": Triton on CUDA only
     seed: int = 0
     device: str = "cpu"
 
@@ -68,6 +69,8 @@ class LayerSplitConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"LayerSplitConfig.{name} must be a positive int, got {v!r}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"LayerSplitConfig.kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
 
     @property
     def pages(self) -> int:
@@ -78,6 +81,11 @@ class LayerSplitConfig:
     def dtype(self) -> torch.dtype:
         """KV element type: bf16 on CUDA, fp32 on CPU (gloo and the references)."""
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+    @property
+    def triton(self) -> bool:
+        """Whether the attention path runs the Triton kernels (else the torch references)."""
+        return self.kernels == "triton" or (self.kernels == "auto" and self.device.startswith("cuda"))
 
     def shape(self, ranks: int) -> LayerSplitShape:
         """The plan shape for a group of ``ranks``."""
@@ -152,7 +160,7 @@ def layer_attention(cfg: LayerSplitConfig, idx: torch.Tensor, kv: torch.Tensor, 
     T = q.q_len.shape[0]
     q_req = torch.zeros(T, dtype=torch.int32, device=cfg.device)
     if topk is None:
-        if idx.is_cuda:
+        if cfg.triton:
             return indexer_topk(q.q_idx[layer].to(torch.bfloat16), q.w_idx[layer], idx, table, q_req, q.q_len,
                                 cfg.page_size, cfg.topk, max_len=cfg.tokens)
         scores = indexer_scores_ref(q.q_idx[layer], q.w_idx[layer], idx, table, q_req, q.q_len, cfg.page_size,
@@ -160,7 +168,7 @@ def layer_attention(cfg: LayerSplitConfig, idx: torch.Tensor, kv: torch.Tensor, 
         return indexer_topk_ref(scores, q.q_len, cfg.topk)
     indices, counts = topk
     scale = 1.0 / math.sqrt(cfg.kv_latent + cfg.kv_rope)
-    if kv.is_cuda:
+    if cfg.triton:
         return sparse_mla_attention(q.q_nope[layer], q.q_pe[layer], kv, table, q_req, indices, counts, scale)[0]
     return mla_attention_ref(q.q_nope[layer], q.q_pe[layer], kv, table, q_req, counts, scale, indices)[0]
 
@@ -241,10 +249,10 @@ class LayerSplitPool:
         return impls
 
     def forward(self, q: Queries) -> torch.Tensor:
-        """Attention outputs of every layer for these queries: [L, T, H, latent] (fp64 on CPU)."""
+        """Attention outputs of every layer for these queries: [L, T, H, latent] (fp64 from the references)."""
         T = q.q_len.shape[0]
         out = torch.empty(self.cfg.layers, T, self.cfg.heads, self.cfg.kv_latent,
-                          dtype=self.cfg.dtype if self.cfg.device.startswith("cuda") else torch.float64,
+                          dtype=self.cfg.dtype if self.cfg.triton else torch.float64,
                           device=self.cfg.device)
         works: list = []
         impls = self._impls(q, out, works)

@@ -163,14 +163,6 @@ def layersplit_plan(shape: LayerSplitShape) -> Plan:
     return Plan(name, streams, instrs)
 
 
-def rank_of_stream(stream: str) -> int:
-    """The rank a stream belongs to: ``comm@r3`` -> 3."""
-    head, sep, tail = stream.rpartition("@r")
-    if not sep or not tail.isdigit():
-        raise ValueError(f"stream {stream!r} is not a LayerSplit stream (expected '<name>@r<rank>')")
-    return int(tail)
-
-
 def rank_plan(plan: Plan, rank: int) -> Plan:
     """What one rank issues: its streams' instructions, without waits on other ranks' events.
 

@@ -73,3 +73,14 @@ def test_query_shards_reassemble() -> None:
     parts = [q.shard(r, 3) for r in range(3)]
     assert sum(p.q_len.shape[0] for p in parts) == QUERIES
     assert torch.equal(parts[1].q_nope, q.q_nope[:, 1::3])
+
+
+@pytest.mark.timeout(60)
+def test_triton_kernel_path_matches_the_references() -> None:
+    """The GPU code path (Triton kernels; the interpreter on CPU) agrees with the torch references."""
+    cfg = LayerSplitConfig(layers=2, tokens=64, page_size=16, idx_heads=16, idx_dim=32, topk=64)
+    tri = LayerSplitConfig(**{**cfg.__dict__, "kernels": "triton"})
+    q = make_queries(cfg, 4)
+    ref, got = LayerSplitPool(cfg).forward(q), LayerSplitPool(tri).forward(q)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
