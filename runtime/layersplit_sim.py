@@ -79,7 +79,8 @@ SOURCES: dict[str, str] = {
     "hbm_bytes": "H100 SXM: 80 GB HBM3",
     "weights_bytes": "assumption: GLM-5 ~744B parameters in FP8 spread over a 16-GPU EP prefill instance (~46.5 GB/GPU)",
     "reserve_bytes": "assumption: activations, CUDA graphs, NCCL buffers (SGLang mem_fraction_static ~0.88 leaves ~10 GB)",
-    "hbm_bw": "H100 SXM achievable HBM bandwidth ~2.95 TB/s (peak 3.35 TB/s); only used to sanity-check staging copies",
+    "hbm_bw": "H100 SXM achievable HBM bandwidth ~2.95 TB/s (peak 3.35 TB/s): the memory floor of the "
+              "sparse attention (top-k KV rows) and of the indexer (one cache read per 64-query tile)",
     "bcast_bw": "assumption: NCCL broadcast ~350 GB/s algorithm bandwidth on 8xH100 NVLink4 (450 GB/s per direction "
                 "per GPU peak; nccl-tests reach ~350-370 GB/s bus bandwidth)",
     "active_params": "assumption: GLM-5 ~40B active parameters per token (2 FLOP per parameter per token)",
@@ -134,19 +135,31 @@ def che_hit_fraction(p: SimParams, capacity: float, context: int) -> float:
     return sum(n * rate * (1 - math.exp(-rate * t)) for n, rate in classes) / requests
 
 
+QUERY_TILE = 64     # queries sharing one read of the Indexer cache in the indexer kernel
+
+
+def indexer_seconds(p: SimParams, queries: float, context: int) -> float:
+    """One GPU's lightning indexer for ``queries`` new tokens over ``context`` keys, one layer (roofline)."""
+    flops = queries * context * p.idx_heads * p.idx_dim * 2
+    reads = math.ceil(queries / QUERY_TILE) * context * p.idx_bytes
+    return max(flops / (p.peak_fp8 * p.mfu_indexer), reads / p.hbm_bw)
+
+
 def per_token_seconds(p: SimParams, context: int) -> float:
-    """Group compute seconds per uncached token: dense/MoE + sparse attention + indexer over the context."""
-    dense = 2 * p.active_params
-    attn = p.layers * p.topk * p.attn_heads * 2 * (p.kv_latent + p.kv_rope + p.kv_latent)
-    indexer = p.layers * context * p.idx_heads * p.idx_dim * 2
-    return (dense + attn) / (p.ranks * p.peak_bf16 * p.mfu) + indexer / (p.ranks * p.peak_fp8 * p.mfu_indexer)
+    """Group seconds per uncached token: dense/MoE + sparse attention + indexer over the context (roofline)."""
+    dense = 2 * p.active_params / (p.ranks * p.peak_bf16 * p.mfu)
+    attn_flops = p.layers * p.topk * p.attn_heads * 2 * (p.kv_latent + p.kv_rope + p.kv_latent)
+    attn_bytes = p.layers * p.topk * p.kv_bytes                  # the top-k KV rows each query gathers
+    attn = max(attn_flops / (p.ranks * p.peak_bf16 * p.mfu), attn_bytes / (p.ranks * p.hbm_bw))
+    indexer = p.layers * indexer_seconds(p, QUERY_TILE, context) / (QUERY_TILE * p.ranks)
+    return dense + attn + indexer
 
 
 def layer_comm(p: SimParams, context: int, new_tokens: float) -> dict[str, float]:
     """Per-layer seconds on one rank: KV and Indexer-cache broadcasts vs the indexer that hides the KV one."""
     kv = context * p.kv_bytes / p.bcast_bw
     idx = context * p.idx_bytes / p.bcast_bw
-    indexer = (new_tokens / p.ranks) * context * p.idx_heads * p.idx_dim * 2 / (p.peak_fp8 * p.mfu_indexer)
+    indexer = indexer_seconds(p, new_tokens / p.ranks, context)
     return {"kv_bcast_s": kv, "idx_bcast_s": idx, "indexer_s": indexer,
             "exposed_s": idx + max(0.0, kv - indexer), "hidden_fraction": min(1.0, indexer / kv) if kv else 1.0}
 
@@ -238,3 +251,15 @@ def sensitivity(name: str, values: tuple[float, ...], lengths: tuple[int, ...] =
         p = replace(SimParams(), **{name: v})
         out[v] = [r["gain"] for r in bench_layersplit(True, p, lengths)["rows"]]
     return out
+
+
+def table_markdown(result: dict[str, Any]) -> str:
+    """The rows of ``bench_layersplit`` as the Markdown table docs/layersplit.md shows."""
+    head = ("| context | hit rate off | hit rate on | req/s off | req/s on | gain | published | "
+            "exposed comm / request | KV broadcast hidden |\n|---|---|---|---|---|---|---|---|---|")
+    pub = lambda g: "" if g is None else f"{g * 100:+.0f} %"  # noqa: E731
+    rows = [f"| {r['context'] // 1000}k | {r['hit_rate_off']:.3f} | {r['hit_rate_on']:.3f} | "
+            f"{r['throughput_off_rps']:.3f} | {r['throughput_on_rps']:.3f} | {r['gain'] * 100:+.0f} % | "
+            f"{pub(r['published_gain'])} | {r['comm_exposed_ms']:.1f} ms | {r['kv_bcast_hidden_fraction']:.2f} |"
+            for r in result["rows"]]
+    return "\n".join([head, *rows])

@@ -61,3 +61,11 @@ def test_errors_and_sensitivity() -> None:
 def test_measure_mode_needs_cuda() -> None:
     with pytest.raises(RuntimeError, match="needs CUDA"):
         bench_layersplit(simulate=False)
+
+
+def test_docs_table_is_the_simulators_output() -> None:
+    from pathlib import Path
+
+    from kvproof.runtime.layersplit_sim import table_markdown
+    docs = Path(__file__).resolve().parents[2] / "docs" / "layersplit.md"
+    assert table_markdown(bench_layersplit(True)) in docs.read_text()
