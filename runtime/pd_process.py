@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 from kvproof.runtime.channel import Channel, ChannelClosed, ChannelConfig, ChannelListener
 from kvproof.runtime.decode_worker import DecodeWorker
@@ -46,8 +46,16 @@ def trace_path(cfg: PDConfig, name: str) -> str | None:
     """Where process `name` (decode, prefill-0, ...) writes its JSON Lines trace, if tracing."""
     if cfg.trace_dir is None:
         return None
-    os.makedirs(cfg.trace_dir, exist_ok=True)
     return os.path.join(cfg.trace_dir, f"{name}.jsonl")
+
+
+def open_trace(cfg: PDConfig, name: str) -> IO[str] | None:
+    """A fresh trace file for process `name` (an older one of the same name is replaced), or None."""
+    path = trace_path(cfg, name)
+    if path is None:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "w")
 
 
 def _log(who: str, text: str) -> None:
@@ -83,7 +91,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int]) -> int:
         except ChannelClosed as e:
             inbox.put(("rank_dead", w, f"control channel: {e}"))
 
-    worker = DecodeWorker(cfg, pool, send, lambda r: client.send(encode(r)), trace=trace_path(cfg, "decode"))
+    worker = DecodeWorker(cfg, pool, send, lambda r: client.send(encode(r)), trace=open_trace(cfg, "decode"))
     try:
         client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
         for w in range(cfg.writers):
@@ -193,7 +201,7 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
                          on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
     ch.send(encode(Hello(rank)))
     t = make_transport(cfg.transport, connect=data_addr, faults=cfg.faults(rank), label=f"{who}-data")
-    prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=trace_path(cfg, who))
+    prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who))
     stop = threading.Event()
 
     def poll_completions() -> None:

@@ -14,6 +14,7 @@ back in the free pool at the end.
 from __future__ import annotations
 
 import heapq
+import os
 import random
 import time
 from collections import Counter
@@ -125,10 +126,15 @@ def _report(cfg: PDConfig, stats: dict[str, Any], counts: Counter[str], reasons:
 
 
 def run_compare(**kw: Any) -> dict[str, Any]:
-    """Run prefix and fixed with the same seed and load; report both and the fixed/prefix throughput ratio."""
+    """Run prefix and fixed with the same seed and load; report both and the fixed/prefix throughput ratio.
+
+    With trace_dir, each run traces into its own sub-directory (trace_dir/prefix, trace_dir/fixed).
+    """
     kw.pop("protocol", None)
-    prefix = run_stress(protocol="prefix", **kw)
-    fixed = run_stress(protocol="fixed", **kw)
+    trace_dir = kw.pop("trace_dir", None)
+    sub = (lambda p: os.path.join(trace_dir, p)) if trace_dir else (lambda p: None)
+    prefix = run_stress(protocol="prefix", trace_dir=sub("prefix"), **kw)
+    fixed = run_stress(protocol="fixed", trace_dir=sub("fixed"), **kw)
     ratio = fixed["finished_per_s"] / prefix["finished_per_s"] if prefix["finished_per_s"] else None
     return {"prefix": prefix, "fixed": fixed,
             "throughput_ratio_fixed_over_prefix": round(ratio, 3) if ratio is not None else None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -37,7 +38,8 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max prompt tokens (slot size)")
     parser.add_argument("--bytes-per-token", type=int, default=256, help="KV bytes per token per layer")
     parser.add_argument("--transfer-timeout", type=float, default=5.0, help="decode-side transfer timeout, s")
-    parser.add_argument("--trace-dir", default=None, help="write one JSON Lines trace per process here")
+    parser.add_argument("--trace-dir", default=None,
+                        help="write one JSON Lines trace per process here (with --compare: DIR/prefix, DIR/fixed)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -84,7 +86,10 @@ def _with_progress(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, An
             def progress(done: int, total: int, counts: dict[str, int], task: Any = task) -> None:
                 bar.update(task, completed=done, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
-            out[proto] = run_stress(protocol=proto, progress=progress, **kw)
+            run_kw = dict(kw)
+            if args.compare and kw["trace_dir"]:
+                run_kw["trace_dir"] = os.path.join(kw["trace_dir"], proto)
+            out[proto] = run_stress(protocol=proto, progress=progress, **run_kw)
     if not args.compare:
         return out[args.protocol]
     ratio = out["fixed"]["finished_per_s"] / out["prefix"]["finished_per_s"] if out["prefix"]["finished_per_s"] else None
