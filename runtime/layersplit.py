@@ -12,7 +12,13 @@ the pool maps those names to its tensors, so what runs is the checked plan:
   ``compute`` is the current stream, with one event per record of the plan;
 - on CPU, collectives are asynchronous gloo works (their transfers overlap the
   host's compute), compute ops run in issue order on the host, a record on the
-  comm stream stands for the works issued so far and a wait on it waits them.
+  comm stream stands for the works issued so far and a wait on it waits them;
+- on CPU with ``schedule="comm_ahead"`` or ``"random"`` the rank fires the
+  transitions of ``spec.streams.Machine`` itself: ops are two-phase (a compute op
+  reads its inputs when it starts, a receive's data lands when it ends), so an
+  unordered read sees whatever the schedule put there -- ``comm_ahead`` is the
+  fast interconnect that prefetches as deep as the plan lets it, which is what
+  corrupts the ``prefix`` plan.
 
 The attention path is the DSA one of ``kernels/``: the indexer's top-k over the
 fp8 Indexer cache, then sparse MLA attention over the latent KV (torch references
@@ -23,8 +29,9 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,10 +39,13 @@ import torch.distributed as dist
 from kvproof.kernels._common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
-from kvproof.runtime.stream_exec import CudaExecutor
+from kvproof.runtime.stream_exec import Commit, CudaExecutor, OpImpl
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
-from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait, check_plan
+from kvproof.spec.streams import HostSync, Machine, Op, Plan, Record, Wait, check_plan
+
+
+SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")
 
 
 class PlanRaceError(RuntimeError):
@@ -60,6 +70,7 @@ class LayerSplitConfig:
     variant: str = "fixed"
     allow_races: bool = False
     kernels: str = "auto"             # "torch" references, "triton" kernels, "auto": Triton on CUDA only
+    schedule: str = "host"            # CPU: "host" (gloo overlap), "comm_ahead" / "random" (spec machine)
     seed: int = 0
     device: str = "cpu"
 
@@ -69,6 +80,8 @@ class LayerSplitConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"LayerSplitConfig.{name} must be a positive int, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"LayerSplitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"LayerSplitConfig.kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
 
@@ -222,10 +235,14 @@ class LayerSplitPool:
                 "unsplit_kv_bytes": self.cfg.layers * self._layer_kv_bytes,
                 "unsplit_indexer_bytes": self.cfg.layers * self._layer_idx_bytes}
 
-    def _impls(self, q: Queries, out: torch.Tensor, works: list) -> dict[str, Callable[[], None]]:
-        """One implementation per op of this rank's plan, reading and writing the op's regions."""
+    def _impls(self, q: Queries, out: torch.Tensor, works: list, staged: bool) -> dict[str, OpImpl]:
+        """Two-phase implementations of this rank's ops: a call starts the op, its commit ends it.
+
+        ``staged`` (the CPU emulator): a receive lands in a private buffer and is copied into the
+        receive buffer at its end, so the emulator decides when the write lands.
+        """
         topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        impls: dict[str, Callable[[], None]] = {}
+        impls: dict[str, OpImpl] = {}
         cuda = self.cfg.device.startswith("cuda")
         for ins in self.my_plan.instrs:
             if not isinstance(ins, Op):
@@ -233,18 +250,33 @@ class LayerSplitPool:
             l = int(ins.name.split("[", 1)[1].split("]", 1)[0])
             src = owner_of(l, self.ranks, self.cfg.layers, self.cfg.ownership)
             if ins.name.startswith(("send_", "recv_")):
-                t = self.region(ins.reads[0] if ins.name.startswith("send_") else ins.writes[0])
+                recv = ins.name.startswith("recv_")
+                t = self.region(ins.writes[0] if recv else ins.reads[0])
 
-                def bcast(t: torch.Tensor = t, src: int = src) -> None:
-                    w = dist.broadcast(t, src=src, group=self.group, async_op=True)
-                    w.wait() if cuda else works.append(w)     # CUDA: makes the comm stream wait for NCCL's
+                def bcast(t: torch.Tensor = t, src: int = src, recv: bool = recv) -> Commit | None:
+                    buf = torch.empty_like(t) if staged and recv else t
+                    w = dist.broadcast(buf, src=src, group=self.group, async_op=True)
+                    if cuda:
+                        w.wait()                 # makes the comm stream (current here) wait for NCCL's
+                    elif staged:
+                        def land() -> None:
+                            w.wait()
+                            if recv:
+                                t.copy_(buf)     # the receive's write lands when the emulator ends it
+                        return land
+                    else:
+                        works.append(w)
+                    return None
                 impls[ins.name] = bcast
             elif ins.name.startswith("indexer"):
-                impls[ins.name] = lambda r=ins.reads[0], l=l: topk.__setitem__(
-                    l, layer_attention(self.cfg, self.region(r), None, q, l))   # type: ignore[arg-type]
+                def index(r: str = ins.reads[0], l: int = l) -> Commit:
+                    res = layer_attention(self.cfg, self.region(r), None, q, l)   # type: ignore[arg-type]
+                    return lambda: topk.__setitem__(l, res)
+                impls[ins.name] = index
             else:
-                def attend(r: str = ins.reads[0], l: int = l) -> None:
-                    out[l].copy_(layer_attention(self.cfg, None, self.region(r), q, l, topk.pop(l)))  # type: ignore[arg-type]
+                def attend(r: str = ins.reads[0], l: int = l) -> Commit:
+                    res = layer_attention(self.cfg, None, self.region(r), q, l, topk.pop(l))  # type: ignore[arg-type]
+                    return lambda: out[l].copy_(res)
                 impls[ins.name] = attend
         return impls
 
@@ -255,22 +287,49 @@ class LayerSplitPool:
                           dtype=self.cfg.dtype if self.cfg.triton else torch.float64,
                           device=self.cfg.device)
         works: list = []
-        impls = self._impls(q, out, works)
+        impls = self._impls(q, out, works, staged=self.cfg.schedule != "host")
         if self.cfg.device.startswith("cuda"):
             ex = CudaExecutor(self.cfg.device, main=f"compute@r{self.rank}")
             ex.run(self.my_plan, impls)
             ex.synchronize()
-        else:
+        elif self.cfg.schedule == "host":
             self._run_cpu(impls, works)
+        else:
+            self._run_emulated(impls)
         return out
 
-    def _run_cpu(self, impls: dict[str, Callable[[], None]], works: list) -> None:
+    def _run_emulated(self, impls: dict[str, OpImpl]) -> None:
+        """Fire the spec machine's transitions on CPU: ``comm_ahead`` runs the comm stream as far
+        as its waits allow (a fast interconnect prefetching), ``random`` picks among enabled ones."""
+        m, rng = Machine(self.my_plan), random.Random(self.cfg.seed)
+        st, pending = m.initial(), {}
+        comm_stream = comm(self.rank)
+        while not m.is_final(st):
+            ts = m.enabled(st)
+            if not ts:
+                raise RuntimeError(f"plan {self.my_plan.name!r} deadlocked at {st}")
+            if self.cfg.schedule == "random":
+                t = rng.choice(ts)
+            else:       # host issues first, then the comm stream, then compute
+                t = min(ts, key=lambda x: 0 if x.kind in ("issue", "sync") else
+                        1 if self.my_plan.instrs[x.instr].stream == comm_stream else 2)
+            if t.kind == "start":
+                pending[t.instr] = impls[self.my_plan.instrs[t.instr].name]()   # type: ignore[union-attr]
+            elif t.kind == "end":
+                commit = pending.pop(t.instr)
+                if commit is not None:
+                    commit()
+            st = m.fire(st, t, check=False)
+
+    def _run_cpu(self, impls: dict[str, OpImpl], works: list) -> None:
         """Issue the rank's plan on CPU: async collectives on the comm stream, host-ordered compute."""
         events: dict[str, list] = {}
         mine = comm(self.rank)
         for ins in self.my_plan.instrs:
             if isinstance(ins, Op):
-                impls[ins.name]()
+                commit = impls[ins.name]()
+                if commit is not None:
+                    commit()
             elif isinstance(ins, Record):
                 # comm: the works issued so far on the stream; compute ran on the host, already complete
                 events[ins.event] = list(works) if ins.stream == mine else []

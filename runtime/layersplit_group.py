@@ -1,6 +1,6 @@
 """Run a LayerSplit group: one process per rank on ``torch.distributed`` (gloo on CPU, NCCL on CUDA).
 
-``run_group`` spawns the ranks, each builds its ``LayerSplitPool`` share,
+``run_group`` (``run_groups`` for several configurations in one launch) spawns the ranks, each builds its ``LayerSplitPool`` share,
 computes its shard of the queries (context parallelism: rows ``rank::ranks``)
 and reports outputs and memory; ``run_unsplit`` is the one-rank reference.
 """
@@ -11,7 +11,7 @@ import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,38 +27,50 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, ranks: int, port: int, cfg: LayerSplitConfig, count: int, outdir: str) -> None:
+def _worker(rank: int, ranks: int, port: int, cfgs: list[LayerSplitConfig], count: int, outdir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)                       # ranks share the machine's cores
-    cuda = cfg.device.startswith("cuda")
+    cuda = cfgs[0].device.startswith("cuda")
     if cuda:
         torch.cuda.set_device(rank)
-        cfg = LayerSplitConfig(**{**cfg.__dict__, "device": f"cuda:{rank}"})
+        cfgs = [LayerSplitConfig(**{**c.__dict__, "device": f"cuda:{rank}"}) for c in cfgs]
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=ranks, timeout=timedelta(seconds=60))
     try:
-        pool = LayerSplitPool(cfg, rank, ranks)
-        out = pool.forward(make_queries(cfg, count).shard(rank, ranks))
-        torch.save({"out": out.cpu(), "memory": pool.memory()}, Path(outdir) / f"rank{rank}.pt")
+        for k, cfg in enumerate(cfgs):
+            pool = LayerSplitPool(cfg, rank, ranks)
+            out = pool.forward(make_queries(cfg, count).shard(rank, ranks))
+            torch.save({"out": out.cpu(), "memory": pool.memory()}, Path(outdir) / f"cfg{k}-rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_group(cfg: LayerSplitConfig, ranks: int, count: int) -> dict[str, Any]:
-    """Run ``ranks`` processes; the outputs of all queries reassembled ([L, T, H, latent]) and per-rank memory."""
+def run_groups(cfgs: Sequence[LayerSplitConfig], ranks: int, count: int) -> list[dict[str, Any]]:
+    """Run several configurations, one after another, in one group of ``ranks`` spawned processes."""
     if not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be a positive int, got {ranks!r}")
-    if cfg.device.startswith("cuda") and torch.cuda.device_count() < ranks:
+    cfgs = list(cfgs)
+    if not cfgs or len({c.device.split(":")[0] for c in cfgs}) != 1:
+        raise ValueError(f"cfgs must be non-empty and on one device type, got {[c.device for c in cfgs]}")
+    if cfgs[0].device.startswith("cuda") and torch.cuda.device_count() < ranks:
         raise RuntimeError(f"{ranks} ranks need {ranks} GPUs, found {torch.cuda.device_count()}")
+    results = []
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(ranks, free_port(), cfg, count, d), nprocs=ranks, join=True,
+        mp.start_processes(_worker, args=(ranks, free_port(), cfgs, count, d), nprocs=ranks, join=True,
                            start_method="spawn")
-        parts = [torch.load(Path(d) / f"rank{r}.pt") for r in range(ranks)]
-    first = parts[0]["out"]
-    out = torch.empty(first.shape[0], count, *first.shape[2:], dtype=first.dtype)
-    for r, p in enumerate(parts):
-        out[:, r::ranks] = p["out"]
-    return {"out": out, "memory": [p["memory"] for p in parts]}
+        for k in range(len(cfgs)):
+            parts = [torch.load(Path(d) / f"cfg{k}-rank{r}.pt") for r in range(ranks)]
+            first = parts[0]["out"]
+            out = torch.empty(first.shape[0], count, *first.shape[2:], dtype=first.dtype)
+            for r, p in enumerate(parts):
+                out[:, r::ranks] = p["out"]
+            results.append({"out": out, "memory": [p["memory"] for p in parts]})
+    return results
+
+
+def run_group(cfg: LayerSplitConfig, ranks: int, count: int) -> dict[str, Any]:
+    """Run ``ranks`` processes; the outputs of all queries reassembled ([L, T, H, latent]) and per-rank memory."""
+    return run_groups([cfg], ranks, count)[0]
 
 
 def run_unsplit(cfg: LayerSplitConfig, count: int) -> dict[str, Any]:

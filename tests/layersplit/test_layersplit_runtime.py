@@ -8,7 +8,7 @@ import torch
 
 from kvproof.runtime.layersplit import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
                                         make_queries)
-from kvproof.runtime.layersplit_group import run_group, run_unsplit
+from kvproof.runtime.layersplit_group import run_group, run_groups, run_unsplit
 
 CFG = LayerSplitConfig(layers=6, tokens=100, page_size=16, topk=24)
 QUERIES = 8
@@ -57,6 +57,8 @@ def test_prefix_plan_is_refused_before_it_runs() -> None:
 def test_pool_errors_name_the_bad_input() -> None:
     with pytest.raises(ValueError, match="rank 2 must be in 0..ranks-1"):
         LayerSplitPool(CFG, rank=2, ranks=2)
+    with pytest.raises(ValueError, match="LayerSplitConfig.schedule must be one of"):
+        LayerSplitConfig(layers=2, tokens=4, schedule="fast")
     with pytest.raises(ValueError, match="LayerSplitConfig.tokens must be a positive int"):
         LayerSplitConfig(layers=2, tokens=0)
     with pytest.raises(ValueError, match="count must be in 1..100"):
@@ -84,3 +86,17 @@ def test_triton_kernel_path_matches_the_references() -> None:
     ref, got = LayerSplitPool(cfg).forward(q), LayerSplitPool(tri).forward(q)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_prefix_plan_visibly_corrupts_when_the_comm_stream_runs_ahead() -> None:
+    """Two-phase emulation on the spec machine: fixed stays exact under every schedule, prefix does not."""
+    base = LayerSplitConfig(layers=6, tokens=64, ownership="round_robin", topk=24, allow_races=True)
+    ref = run_unsplit(base, 4)["out"]
+    cfgs = [LayerSplitConfig(**{**base.__dict__, "variant": v, "schedule": s})
+            for v, s in (("fixed", "comm_ahead"), ("fixed", "random"), ("prefix", "comm_ahead"))]
+    fixed_ahead, fixed_random, prefix_ahead = (r["out"] for r in run_groups(cfgs, 2, 4))
+    assert torch.equal(fixed_ahead, ref) and torch.equal(fixed_random, ref)
+    bad = [l for l in range(base.layers) if not torch.equal(prefix_ahead[l], ref[l])]
+    # each receive of layer l + 2 lands in the buffer before attention[l] on the receiver reads it
+    assert bad == [0, 1, 2, 3]
