@@ -65,6 +65,7 @@ def test_tiny_plan_exhaustive_search_agrees() -> None:
     fixed = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "fixed"))
     ex = explore(fixed)
     assert ex.complete and ex.deadlocks == 0 and not ex.races
+    assert ex.states == 112_433          # pinned: an unintended change to the plan or the machine fails loudly
     prefix = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "prefix"))
     ex = explore(prefix, max_states=60_000)             # search partially: races show up early
     found = {(v.property, v.before, v.after) for v in check_plan(prefix)}
