@@ -40,7 +40,8 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
                concurrency: int | None = None, layers: int = 4, tokens: int = 64, bytes_per_token: int = 256,
                abort_window_ms: float | None = None, transfer_timeout_s: float = 5.0,
                trace_dir: str | None = None, kill_rank: int | None = None, kill_after: int | None = None,
-               timeout_s: float = 600.0, progress: Progress | None = None) -> dict[str, Any]:
+               timeout_s: float = 600.0, progress: Progress | None = None, keep_raw: bool = False
+               ) -> dict[str, Any]:
     """Run one stress experiment against a freshly launched deployment and return its report."""
     if not 0.0 <= abort_rate <= 1.0:
         raise ValueError(f"abort_rate={abort_rate!r}, expected a probability in [0, 1]")
@@ -93,8 +94,11 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
                 progress(done, requests, dict(counts))
         run_s = time.monotonic() - t0
         stats = cluster.shutdown()
-    return _report(cfg, stats, counts, reasons, bad_bytes, latencies, run_s, time.monotonic() - t_start,
-                   requests=requests, abort_rate=abort_rate, concurrency=concurrency, window_s=window)
+    rep = _report(cfg, stats, counts, reasons, bad_bytes, latencies, run_s, time.monotonic() - t_start,
+                  requests=requests, abort_rate=abort_rate, concurrency=concurrency, window_s=window)
+    if keep_raw:
+        rep["_raw"] = {"latency_s": latencies, "reclaim_s": stats.get("reclaim_latency_s", [])}
+    return rep
 
 
 def _report(cfg: PDConfig, stats: dict[str, Any], counts: Counter[str], reasons: Counter[str], bad_bytes: int,
@@ -125,16 +129,50 @@ def _report(cfg: PDConfig, stats: dict[str, Any], counts: Counter[str], reasons:
     }
 
 
-def run_compare(**kw: Any) -> dict[str, Any]:
-    """Run prefix and fixed with the same seed and load; report both and the fixed/prefix throughput ratio.
+_ADD = ("requests", "served", "corrupted", "aborted", "failed", "finished", "corrupted_bytes", "slots_reclaimed",
+        "bytes_transferred", "foreign_landings", "writes_posted", "transitions_fired", "run_s", "wall_s")
 
-    With trace_dir, each run traces into its own sub-directory (trace_dir/prefix, trace_dir/fixed).
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report for several runs of the same protocol (made with keep_raw=True): sums, rates, percentiles."""
+    out = dict(reports[0])
+    for key in _ADD:
+        out[key] = sum(r[key] for r in reports)
+    for key in ("failure_reasons", "ignored_messages"):
+        out[key] = dict(sum((Counter(r[key]) for r in reports), Counter()))
+    out["dead_ranks"] = {k: v for r in reports for k, v in r["dead_ranks"].items()}
+    out["slots_free_end"] = min(r["slots_free_end"] for r in reports)
+    out["all_slots_free"] = all(r["all_slots_free"] for r in reports)
+    out["seed"] = [r["seed"] for r in reports]
+    run_s = out["run_s"]
+    out["transfer_mb_s"] = round(out["bytes_transferred"] / run_s / 1e6, 3)
+    out["finished_per_s"] = round(out["finished"] / run_s, 1)
+    out["results_per_s"] = round((out["finished"] + out["aborted"] + out["failed"]) / run_s, 1)
+    out["request_latency_ms"] = _percentiles([x for r in reports for x in r["_raw"]["latency_s"]])
+    out["reclaim_latency_ms"] = _percentiles([x for r in reports for x in r["_raw"]["reclaim_s"]])
+    out["run_s"], out["wall_s"] = round(run_s, 3), round(out["wall_s"], 3)
+    out.pop("_raw")
+    return out
+
+
+def run_compare(**kw: Any) -> dict[str, Any]:
+    """Run prefix and fixed under the same load and report both plus the fixed/prefix throughput ratio.
+
+    The requests are split in two halves run in the order prefix, fixed, fixed, prefix (seeds seed
+    and seed+1 for both protocols), so slow drifts of a shared machine's load hit both alike.
+    With trace_dir each run traces into its own sub-directory, trace_dir/<protocol>-<half>.
     """
     kw.pop("protocol", None)
+    kw.pop("progress", None)
     trace_dir = kw.pop("trace_dir", None)
-    sub = (lambda p: os.path.join(trace_dir, p)) if trace_dir else (lambda p: None)
-    prefix = run_stress(protocol="prefix", trace_dir=sub("prefix"), **kw)
-    fixed = run_stress(protocol="fixed", trace_dir=sub("fixed"), **kw)
+    n, seed = kw.pop("requests", 5000), kw.pop("seed", 0)
+    halves = [(n // 2 or 1, seed), (n - n // 2 or 1, seed + 1)]
+    runs: dict[str, list[dict[str, Any]]] = {"prefix": [], "fixed": []}
+    for proto, half in (("prefix", 0), ("fixed", 0), ("fixed", 1), ("prefix", 1)):
+        sub = os.path.join(trace_dir, f"{proto}-{half}") if trace_dir else None
+        runs[proto].append(run_stress(protocol=proto, requests=halves[half][0], seed=halves[half][1],
+                                      trace_dir=sub, keep_raw=True, **kw))
+    prefix, fixed = merge_reports(runs["prefix"]), merge_reports(runs["fixed"])
     ratio = fixed["finished_per_s"] / prefix["finished_per_s"] if prefix["finished_per_s"] else None
-    return {"prefix": prefix, "fixed": fixed,
+    return {"prefix": prefix, "fixed": fixed, "schedule": "prefix, fixed, fixed, prefix (halves)",
             "throughput_ratio_fixed_over_prefix": round(ratio, 3) if ratio is not None else None}

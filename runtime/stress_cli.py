@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -25,7 +24,8 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("fixed", "prefix"), default="fixed",
                         help="KV slot protocol variant (prefix: the pre-fix, racy one)")
     parser.add_argument("--compare", action="store_true",
-                        help="run prefix then fixed with the same load and report both plus the throughput ratio")
+                        help="run both protocols (halves, order prefix fixed fixed prefix) and report both "
+                             "plus the fixed/prefix throughput ratio")
     parser.add_argument("--requests", type=int, default=5000, help="requests to send (default 5000)")
     parser.add_argument("--abort-rate", type=float, default=0.1, help="fraction of requests the client aborts")
     parser.add_argument("--delay-ms", type=float, default=2.0,
@@ -39,7 +39,7 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bytes-per-token", type=int, default=256, help="KV bytes per token per layer")
     parser.add_argument("--transfer-timeout", type=float, default=5.0, help="decode-side transfer timeout, s")
     parser.add_argument("--trace-dir", default=None,
-                        help="write one JSON Lines trace per process here (with --compare: DIR/prefix, DIR/fixed)")
+                        help="write one JSON Lines trace per process here (with --compare: DIR/<protocol>-<half>)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -76,24 +76,19 @@ def stress_main(args: argparse.Namespace) -> int:
 def _with_progress(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    protocols = ["prefix", "fixed"] if args.compare else [args.protocol]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[counts]}"), transient=False) as bar:
-        out = {}
-        for proto in protocols:
-            task = bar.add_task(f"stress {proto}", total=args.requests, counts="")
+        if args.compare:                                     # four half runs; one line for the whole
+            task = bar.add_task("stress prefix+fixed (4 half runs)", total=None, counts="")
+            out = run_compare(**kw)
+            bar.update(task, total=1, completed=1)
+            return out
+        task = bar.add_task(f"stress {args.protocol}", total=args.requests, counts="")
 
-            def progress(done: int, total: int, counts: dict[str, int], task: Any = task) -> None:
-                bar.update(task, completed=done, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        def progress(done: int, total: int, counts: dict[str, int]) -> None:
+            bar.update(task, completed=done, counts=" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
-            run_kw = dict(kw)
-            if args.compare and kw["trace_dir"]:
-                run_kw["trace_dir"] = os.path.join(kw["trace_dir"], proto)
-            out[proto] = run_stress(protocol=proto, progress=progress, **run_kw)
-    if not args.compare:
-        return out[args.protocol]
-    ratio = out["fixed"]["finished_per_s"] / out["prefix"]["finished_per_s"] if out["prefix"]["finished_per_s"] else None
-    return {**out, "throughput_ratio_fixed_over_prefix": round(ratio, 3) if ratio else None}
+        return run_stress(protocol=args.protocol, progress=progress, **kw)
 
 
 def _print_table(reports: list[dict[str, Any]], ratio: float | None) -> None:

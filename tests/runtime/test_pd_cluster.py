@@ -113,3 +113,16 @@ def test_stress_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
                 "transfer_mb_s", "reclaim_latency_ms", "wall_s"):
         assert key in out
     assert os.cpu_count()
+
+
+@pytest.mark.timeout(90)
+def test_compare_runs_both_protocols_in_halves() -> None:
+    """run_compare: prefix and fixed reports (two halves each, merged) and the throughput ratio."""
+    from kvproof.runtime.stress import run_compare
+
+    out = run_compare(requests=201, abort_rate=0.2, seed=5)
+    assert out["prefix"]["requests"] == out["fixed"]["requests"] == 201
+    assert out["fixed"]["corrupted"] == 0 and out["fixed"]["all_slots_free"]
+    assert out["prefix"]["seed"] == out["fixed"]["seed"] == [5, 6]
+    assert out["throughput_ratio_fixed_over_prefix"] > 0
+    assert out["fixed"]["reclaim_latency_ms"]["n"] == out["fixed"]["slots_reclaimed"]
