@@ -205,6 +205,7 @@ class EngineCore:
             self.counters["steps_total{kind}"]["prefill"] += 1
             hidden = self.runner.prefill(batch.seqs, batch.chunks)              # [B, D]
             for seq, h in zip(batch.seqs, hidden):
+                self.scheduler.prefilled(seq)
                 if seq.num_cached < seq.prefill_target:
                     continue                                                    # more chunks to go
                 seq.hidden = h
@@ -241,7 +242,9 @@ class EngineCore:
         out["preemptions_total"] = c["preemptions"]
         out["spec_accept_length"] = (t["spec_accepted_total"] + steps) / steps if steps else 0.0
         out["spec_accept_rate"] = t["spec_accepted_total"] / t["spec_drafted_total"] if steps else 0.0
-        out["cache_hit_rate"] = 0.0          # no prefix cache in the single-process engine
+        q = c["prefix_query_tokens"]
+        out["cache_hit_rate"] = c["prefix_hit_tokens"] / q if q else 0.0
+        out["prefix_cache_hit_tokens_total"] = c["prefix_hit_tokens"]
         return out
 
 

@@ -134,9 +134,7 @@ class MLAttention(nn.Module):
         valid &= kpos[None, None, :] < b.ctx_lens[:, None, None]
         # lightning indexer: score[b, q, k] = sum_h w[h] relu(iq[h] . ik[k])
         biq, biw = iq[b.q_index], iw[b.q_index]                                 # [B, Q, HI, DI], [B, Q, HI]
-        score = torch.zeros(valid.shape, dtype=kv.dtype, device=kv.device)
-        for h in range(c.index_heads):
-            score += biw[..., h, None] * torch.relu(torch.einsum("bqd,bkd->bqk", biq[..., h, :], ik))
+        score = torch.einsum("bqhk,bqh->bqk", torch.einsum("bqhd,bkd->bqhk", biq, ik).relu_(), biw)
         score = score.masked_fill(~valid, float("-inf"))
         if K > c.index_topk:
             # Identical keys (repeated tokens) tie; batch shape changes the rounding of such ties in

@@ -50,6 +50,8 @@ class Sequence:
     first_token_at: float | None = None
     preemptions: int = 0
     sent: int = 0                          # output tokens already delivered to the client
+    page_hashes: list[int] = field(default_factory=list)   # prefix hash of each full target page
+    published: int = 0                     # leading pages already in the prefix cache
 
     def __post_init__(self) -> None:
         assert self.prompt, f"request {self.request_id}: empty prompt"
@@ -92,6 +94,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.prefix_hit_tokens = 0             # prompt positions served from the prefix cache
+        self.prefix_query_tokens = 0           # prompt positions admitted
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -117,6 +121,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) + len(seqs) >= self.max_batch:
                 break
+            if not seq.pages:
+                self._match_prefix(seq)
             n = min(seq.prefill_target - seq.num_cached, budget)
             if not self._grow(seq, seq.num_cached + n):
                 break
@@ -144,11 +150,38 @@ class Scheduler:
             return self.schedule() if self.waiting else None
         return ScheduledBatch(False, ready, [self.lookahead] * len(ready))
 
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Share the cached pages of the longest cached prefix (always leaving one token to compute)."""
+        S, toks = self.page_size, seq.tokens
+        n_full = (seq.prefill_target - 1) // S
+        if len(seq.page_hashes) < n_full:
+            h = seq.page_hashes[-1] if seq.page_hashes else 0
+            for j in range(len(seq.page_hashes), n_full):
+                h = hash((h, tuple(toks[j * S:(j + 1) * S])))
+                seq.page_hashes.append(h)
+        for h in seq.page_hashes[:n_full]:
+            p = self.pool.lookup(h)
+            if p is None:
+                break
+            self.pool.share(p)
+            seq.pages.append(p)
+        seq.num_cached = seq.published = len(seq.pages)
+        seq.num_cached *= S
+        self.prefix_hit_tokens += seq.num_cached
+        self.prefix_query_tokens += seq.prefill_target
+
+    def prefilled(self, seq: Sequence) -> None:
+        """Publish the full prompt pages a prefill chunk completed."""
+        done = min(seq.num_cached, seq.prefill_target - 1) // self.page_size
+        for j in range(seq.published, min(done, len(seq.page_hashes))):
+            self.pool.publish(seq.pages[j], seq.page_hashes[j])
+        seq.published = max(seq.published, done)
+
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and put it back at the head of the queue."""
         self.running.remove(seq)
         self.pool.free(seq.pages)
-        seq.pages, seq.num_cached, seq.hidden = [], 0, None
+        seq.pages, seq.num_cached, seq.hidden, seq.published = [], 0, None, 0
         seq.status, seq.preemptions = SeqStatus.WAITING, seq.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -173,4 +206,5 @@ class Scheduler:
         prefilling = sum(1 for s in self.waiting if s.num_cached > 0)
         return {"waiting": len(self.waiting) - prefilling, "prefilling": prefilling,
                 "running": len(self.running), "pages_free": self.pool.num_free,
-                "pages_total": self.pool.num_pages, "preemptions": self.preemptions}
+                "pages_total": self.pool.num_pages, "preemptions": self.preemptions,
+                "prefix_hit_tokens": self.prefix_hit_tokens, "prefix_query_tokens": self.prefix_query_tokens}
