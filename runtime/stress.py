@@ -40,9 +40,13 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
                concurrency: int | None = None, layers: int = 4, tokens: int = 64, bytes_per_token: int = 256,
                abort_window_ms: float | None = None, transfer_timeout_s: float = 5.0,
                trace_dir: str | None = None, kill_rank: int | None = None, kill_after: int | None = None,
-               timeout_s: float = 600.0, progress: Progress | None = None, keep_raw: bool = False
-               ) -> dict[str, Any]:
-    """Run one stress experiment against a freshly launched deployment and return its report."""
+               timeout_s: float = 600.0, progress: Progress | None = None, keep_raw: bool = False,
+               socket_baseline: bool = False) -> dict[str, Any]:
+    """Run one stress experiment against a freshly launched deployment and return its report.
+
+    socket_baseline=True also measures a plain loopback socket copy (and the bare TCP transport)
+    of the same bytes in the same write size, right after the run, for comparison.
+    """
     if not 0.0 <= abort_rate <= 1.0:
         raise ValueError(f"abort_rate={abort_rate!r}, expected a probability in [0, 1]")
     if requests < 1:
@@ -96,9 +100,23 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
         stats = cluster.shutdown()
     rep = _report(cfg, stats, counts, reasons, bad_bytes, latencies, run_s, time.monotonic() - t_start,
                   requests=requests, abort_rate=abort_rate, concurrency=concurrency, window_s=window)
+    if socket_baseline and rep["writes_posted"]:
+        rep["socket_baseline"] = _socket_baseline(rep)
     if keep_raw:
         rep["_raw"] = {"latency_s": latencies, "reclaim_s": stats.get("reclaim_latency_s", [])}
     return rep
+
+
+def _socket_baseline(rep: dict[str, Any]) -> dict[str, Any]:
+    """Plain socket vs bare TcpTransport throughput for this run's bytes and mean write size."""
+    from kvproof.runtime.transport.bench import bench_tcp
+
+    chunk = max(64, rep["bytes_transferred"] // max(1, rep["writes_posted"]))
+    total = max(chunk, min(rep["bytes_transferred"], 64 << 20) // chunk * chunk)
+    b = bench_tcp(total, chunk, repeats=1)
+    stress_gbps = rep["transfer_mb_s"] / 1000.0
+    return {**b, "bytes": total, "chunk": chunk, "stress_transfer_gbps": stress_gbps,
+            "stress_over_plain_socket": round(stress_gbps / b["plain_socket_gbps"], 4)}
 
 
 def _report(cfg: PDConfig, stats: dict[str, Any], counts: Counter[str], reasons: Counter[str], bad_bytes: int,

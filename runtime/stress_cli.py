@@ -40,6 +40,8 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-timeout", type=float, default=5.0, help="decode-side transfer timeout, s")
     parser.add_argument("--trace-dir", default=None,
                         help="write one JSON Lines trace per process here (with --compare: DIR/<protocol>-<half>)")
+    parser.add_argument("--socket-baseline", action="store_true",
+                        help="also measure a plain loopback socket copy of the same bytes (and the bare transport)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -47,7 +49,8 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(requests=args.requests, abort_rate=args.abort_rate, delay_ms=args.delay_ms, seed=args.seed,
                 writers=args.writers, slots=args.slots, concurrency=args.concurrency, layers=args.layers,
                 tokens=args.tokens, bytes_per_token=args.bytes_per_token,
-                transfer_timeout_s=args.transfer_timeout, trace_dir=args.trace_dir)
+                transfer_timeout_s=args.transfer_timeout, trace_dir=args.trace_dir,
+                socket_baseline=args.socket_baseline)
 
 
 def _ok(report: dict[str, Any]) -> bool:
@@ -121,6 +124,12 @@ def _print_table(reports: list[dict[str, Any]], ratio: float | None) -> None:
     for r in reports:
         for reason, n in sorted(r["failure_reasons"].items()):
             console.print(f"[{r['protocol']}] failed x{n}: {reason}")
+    for r in reports:
+        b = r.get("socket_baseline")
+        if b:
+            console.print(f"[{r['protocol']}] same bytes in {b['chunk']} B writes: plain socket "
+                          f"{b['plain_socket_gbps']:.3f} GB/s, bare TCP transport {b['transport_gbps']:.3f} GB/s, "
+                          f"this stress run {b['stress_transfer_gbps']:.4f} GB/s (with injected delays)")
     if ratio is not None:
         console.print(f"throughput fixed / prefix: {ratio}")
 
