@@ -126,3 +126,16 @@ def test_compare_runs_both_protocols_in_halves() -> None:
     assert out["prefix"]["seed"] == out["fixed"]["seed"] == [5, 6]
     assert out["throughput_ratio_fixed_over_prefix"] > 0
     assert out["fixed"]["reclaim_latency_ms"]["n"] == out["fixed"]["slots_reclaimed"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("protocol", ["fixed", "prefix"])
+def test_transfer_timeouts_alone(protocol: str) -> None:
+    """Decode-side timeouts with slow writes and no client aborts: failed with the reason; only prefix corrupts."""
+    r = run_stress(protocol=protocol, requests=400, abort_rate=0.0, delay_ms=20.0, transfer_timeout_s=0.05, seed=4)
+    assert r["failed"] > 0 and all(k.startswith("transfer timeout") for k in r["failure_reasons"]), r
+    assert r["all_slots_free"] and r["slots_reclaimed"] == r["failed"]
+    if protocol == "fixed":
+        assert r["corrupted"] == 0 and r["foreign_landings"] == 0
+    else:
+        assert r["foreign_landings"] > 0      # the timeout path is itself a reuse window
