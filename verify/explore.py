@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import networkx as nx
 
 from kvproof.spec.core import Layout, Protocol
-from kvproof.spec.machine import CONCRETE, holds, successors
+from kvproof.spec.compiled import Compiled
+from kvproof.spec.machine import CONCRETE, holds
 
 
 @dataclass
@@ -53,10 +55,15 @@ def _slot_canonical(layout: Layout, index: str) -> Any:
     if n == 1 or any(len(g) != len(groups[0]) for g in groups):
         return lambda st: st
 
+    getters = [operator.itemgetter(*g) for g in groups]
+
     def canon(st: tuple) -> tuple:
-        blocks = sorted(tuple(st[p] for p in g) for g in groups)
+        blocks = [get(st) for get in getters]
+        ordered = sorted(blocks)
+        if ordered == blocks:
+            return st
         out = list(st)
-        for g, blk in zip(groups, blocks):
+        for g, blk in zip(groups, ordered):
             for p, v in zip(g, blk):
                 out[p] = v
         return tuple(out)
@@ -75,16 +82,16 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     g = nx.DiGraph()
     g.add_node(init)
     frontier = [init]
-    invs = [(name, inv, list(layout.instances(inv.params))) for name, inv in protocol.invariants.items()
-            if not inv.strengthening]
     ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None)
+    comp = Compiled(protocol, full, variant, dropped)
+    step = comp.successors
     while frontier:
         nxt_frontier = []
         for st in frontier:
-            for name, inst_args in invs_failing(layout, st, invs, variant):
+            for name, _ in comp.violated(st):
                 ex.violations.setdefault(name, st)
             succ = False
-            for action, args, nxt in successors(layout, full, st, variant, dropped):
+            for action, args, nxt in step(st):
                 succ = True
                 nxt = canon(nxt)
                 if nxt not in g:

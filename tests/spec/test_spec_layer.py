@@ -113,3 +113,17 @@ def test_layout_labels_and_initial_state():
     init = dict(zip(labels, lay.initial()))
     assert init["d_state[0]"] == DState.FREE and init["p_state[1,1]"] == PState.IDLE
     assert evaluate(lay, lay.initial(), KVSlot.actions["alloc"], {"s": 0}, CONCRETE, "fixed").writes
+
+
+@pytest.mark.parametrize("variant", ["fixed", "prefix"])
+def test_compiled_successors_equal_the_interpreted_ones(variant):
+    """The compiled fast path is the same definition: identical successors on every reachable state."""
+    from kvproof.spec.compiled import Compiled
+    params = {"slots": 2, "writers": 1, "max_epoch": 1, "max_chunks": 1}
+    full = {**KVSlot.bounds, **params}
+    comp = Compiled(KVSlot, full, variant)
+    ex = explore(KVSlot, variant, params)
+    for st in list(ex.graph.nodes)[::5]:
+        slow = sorted((a, tuple(sorted(x.items())), n) for a, x, n in successors(comp.layout, full, st, variant))
+        fast = sorted((a, tuple(sorted(x.items())), n) for a, x, n in comp.successors(st))
+        assert slow == fast

@@ -1,0 +1,196 @@
+"""Fast successor generation: each action instance, traced once, compiled to a Python function.
+
+The action body runs once per (action, index arguments) over expression
+objects instead of values (the same restricted style that makes Z3 evaluation
+possible), and the resulting guard and effect expressions are emitted as
+Python source over the state tuple. Explicit-state search then evaluates a few
+comparisons per action instead of re-running the body through the view.
+Behaviour is identical to `machine.successors` (a test checks it).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterator
+
+from kvproof.spec.core import ActionDef, Layout, Nat, Protocol
+from kvproof.spec.machine import Ops, _receive_guard, data_domain
+
+
+class Expr:
+    """A node of a traced expression; renders to Python source."""
+
+    __slots__ = ("src",)
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+
+    def _bin(self, op: str, other: Any) -> "Expr":
+        return Expr(f"({self.src} {op} {_src(other)})")
+
+    def _rbin(self, op: str, other: Any) -> "Expr":
+        return Expr(f"({_src(other)} {op} {self.src})")
+
+    def __eq__(self, o: Any) -> "Expr":  # type: ignore[override]
+        return self._bin("==", o)
+
+    def __ne__(self, o: Any) -> "Expr":  # type: ignore[override]
+        return self._bin("!=", o)
+
+    def __lt__(self, o: Any) -> "Expr":
+        return self._bin("<", o)
+
+    def __le__(self, o: Any) -> "Expr":
+        return self._bin("<=", o)
+
+    def __gt__(self, o: Any) -> "Expr":
+        return self._bin(">", o)
+
+    def __ge__(self, o: Any) -> "Expr":
+        return self._bin(">=", o)
+
+    def __add__(self, o: Any) -> "Expr":
+        return self._bin("+", o)
+
+    def __radd__(self, o: Any) -> "Expr":
+        return self._rbin("+", o)
+
+    def __sub__(self, o: Any) -> "Expr":
+        return self._bin("-", o)
+
+    def __rsub__(self, o: Any) -> "Expr":
+        return self._rbin("-", o)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        raise TypeError("state values cannot be used in Python 'if'/'and'/'or'/'not' inside an "
+                        "action; use m.ite / m.all / m.any / m.not_")
+
+
+_CONSTS: list[Any] = []
+
+
+def _src(v: Any) -> str:
+    if isinstance(v, Expr):
+        return v.src
+    if isinstance(v, bool) or v is None:
+        return repr(v)
+    if type(v) is int:
+        return repr(v)
+    _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
+    return f"C[{len(_CONSTS) - 1}]"
+
+
+class TraceOps(Ops):
+    """Operators that build expressions (guards are collected, not checked)."""
+
+    symbolic = True
+
+    def ite(self, c: Any, a: Any, b: Any) -> Any:
+        """Conditional expression."""
+        return Expr(f"({_src(a)} if {_src(c)} else {_src(b)})")
+
+    def all(self, xs: Any) -> Any:
+        """Conjunction."""
+        xs = list(xs)
+        return Expr("(" + " and ".join(_src(x) for x in xs) + ")") if xs else True
+
+    def any(self, xs: Any) -> Any:
+        """Disjunction."""
+        xs = list(xs)
+        return Expr("(" + " or ".join(_src(x) for x in xs) + ")") if xs else False
+
+    def not_(self, x: Any) -> Any:
+        """Negation."""
+        return Expr(f"(not {_src(x)})")
+
+    def implies(self, a: Any, b: Any) -> Any:
+        """Implication."""
+        return Expr(f"((not {_src(a)}) or {_src(b)})")
+
+
+TRACE = TraceOps()
+
+
+def _compile(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict[str, int], variant: str,
+             dropped: frozenset[str]) -> Callable[..., tuple | None]:
+    from kvproof.spec.machine import View
+    n = len(layout)
+    st = [Expr(f"st[{i}]") for i in range(n)]
+    data = [p.name for p in adef.params if p.index is None]
+    full = {**args, **{d: Expr(d) for d in data}}
+    m = View(layout, st, TRACE, variant, dropped)
+    if adef.receives is not None:
+        _receive_guard(m, adef, full)
+    adef.body(layout.protocol, m, **full)
+    guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
+    bounds = []
+    for pos, val in m.writes.items():
+        t = layout.vars[layout.names[pos][0]].type
+        if isinstance(t, Nat) and t.bound is not None:
+            bounds.append(f"n[{pos}] <= {params[t.bound]}")
+    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in m.writes.items())
+    src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
+           f"    if not ({guard}):\n        return None\n"
+           f"    n = list(st)\n{assigns or '    pass'}\n"
+           + (f"    if not ({' and '.join(bounds)}):\n        return None\n" if bounds else "")
+           + "    return tuple(n)\n")
+    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    exec(compile(src, f"<{adef.name}{tuple(args.values())}>", "exec"), ns)
+    return ns["f"]
+
+
+def _compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], variant: str) -> Callable:
+    from kvproof.spec.machine import View
+    st = [Expr(f"st[{i}]") for i in range(len(layout))]
+    body = _src(fn(layout.protocol, View(layout, st, TRACE, variant), **args))
+    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    exec(compile(f"def f(st, C=C):\n    return bool({body})\n", "<predicate>", "exec"), ns)
+    return ns["f"]
+
+
+class Compiled:
+    """All action instances of one (protocol, sizes, variant, dropped guards), compiled."""
+
+    def __init__(self, protocol: type[Protocol], params: dict[str, int], variant: str,
+                 dropped: frozenset[str] = frozenset()) -> None:
+        self.layout = Layout.build(protocol, params)
+        self.params = params
+        self.entries: list[tuple[str, dict[str, int], ActionDef, Callable, list[str]]] = []
+        for name, adef in protocol.actions.items():
+            idx_params = tuple(p for p in adef.params if p.index is not None)
+            for args in self.layout.instances(idx_params):
+                fn = _compile(self.layout, params, adef, args, variant, dropped)
+                data = [p.name for p in adef.params if p.index is None]
+                self.entries.append((name, args, adef, fn, data))
+        self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
+                           for name, inv in protocol.invariants.items() if not inv.strengthening
+                           for args in self.layout.instances(inv.params)]
+
+    def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
+        """(property, args) of the user properties `state` violates."""
+        return [(name, args) for name, args, f in self.invariants if not f(state)]
+
+    def successors(self, state: tuple) -> Iterator[tuple[str, dict[str, Any], tuple]]:
+        """Same as machine.successors, much faster."""
+        lay = self.layout
+        for name, args, adef, fn, data in self.entries:
+            if not data:
+                nxt = fn(state)
+                if nxt is not None:
+                    yield name, args, nxt
+                continue
+            if adef.receives is not None:
+                ch = lay.protocol.channels[adef.receives]
+                by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
+                idx = tuple(by_index[i] for i in ch.index)
+                has = state[lay.slots[(f"{adef.receives}.has", idx)]]
+                lat = state[lay.slots[(f"{adef.receives}.lat", idx)]]
+                old = state[lay.slots[(f"{adef.receives}.old", idx)]]
+                doms = [([lat] if has else []) + (list(range(lat)) if old else [])]
+            else:
+                doms = [list(data_domain(self.params, adef)[d]) for d in data]
+            for combo in itertools.product(*doms):
+                nxt = fn(state, *combo)
+                if nxt is not None:
+                    yield name, {**args, **dict(zip(data, combo))}, nxt
