@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Protocol
 
@@ -211,7 +212,7 @@ class EngineCore:
                 seq.hidden = h
                 self.scheduler.promote(seq)
                 if seq.request_id in self.corrupt_after_prefill:
-                    self.cache.corrupt(seq.pages, seq.num_cached, seed=hash(seq.request_id) & 0xFFFF)
+                    self.cache.corrupt(seq.pages, seq.num_cached, seed=zlib.crc32(seq.request_id.encode()))
                 if not seq.output:
                     self._emit(seq, [self.runner.first_token(seq, h)])
             return True

@@ -29,8 +29,8 @@ class PagePool:
         self.num_pages = num_pages
         self._free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
         self._refs = [0] * num_pages
-        self._hash_of: dict[int, int] = {}
-        self._by_hash: dict[int, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._by_hash: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -64,7 +64,7 @@ class PagePool:
             if self._refs[p] == 0:
                 self._free[p] = None
 
-    def lookup(self, h: int) -> int | None:
+    def lookup(self, h: bytes) -> int | None:
         """The page holding the prefix with hash `h`, if cached."""
         return self._by_hash.get(h)
 
@@ -74,7 +74,7 @@ class PagePool:
             del self._free[p]
         self._refs[p] += 1
 
-    def publish(self, p: int, h: int) -> None:
+    def publish(self, p: int, h: bytes) -> None:
         """Record that page `p` (held, full) holds the prefix with hash `h`."""
         assert self._refs[p] > 0, f"page {p} published while free"
         if h not in self._by_hash and p not in self._hash_of:

@@ -10,7 +10,9 @@ re-prefilled later (its output so far is kept and recomputed into the cache).
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,7 @@ class Sequence:
     first_token_at: float | None = None
     preemptions: int = 0
     sent: int = 0                          # output tokens already delivered to the client
-    page_hashes: list[int] = field(default_factory=list)   # prefix hash of each full target page
+    page_hashes: list[bytes] = field(default_factory=list)   # prefix hash of each full target page
     published: int = 0                     # leading pages already in the prefix cache
 
     def __post_init__(self) -> None:
@@ -155,9 +157,11 @@ class Scheduler:
         S, toks = self.page_size, seq.tokens
         n_full = (seq.prefill_target - 1) // S
         if len(seq.page_hashes) < n_full:
-            h = seq.page_hashes[-1] if seq.page_hashes else 0
+            # a cryptographic chain: a client must not be able to craft a colliding prefix
+            # (a collision would hand it another request's KV)
+            h = seq.page_hashes[-1] if seq.page_hashes else b""
             for j in range(len(seq.page_hashes), n_full):
-                h = hash((h, tuple(toks[j * S:(j + 1) * S])))
+                h = hashlib.blake2b(h + array("q", toks[j * S:(j + 1) * S]).tobytes(), digest_size=16).digest()
                 seq.page_hashes.append(h)
         for h in seq.page_hashes[:n_full]:
             p = self.pool.lookup(h)

@@ -175,3 +175,17 @@ def test_metrics_parse_and_add_up() -> None:
             assert name in fams, name
 
     asyncio.run(main())
+
+
+def test_serve_cli_arguments() -> None:
+    import argparse
+
+    from kvproof.runtime.serve_cli import add_serve_args, build_engine, engine_config
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args([])
+    assert (args.host, args.port, args.model, args.engine) == ("127.0.0.1", 8000, "tiny", "local")
+    cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
+    assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
+    with pytest.raises(SystemExit, match="PD"):
+        build_engine(p.parse_args(["--engine", "pd"]))
