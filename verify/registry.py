@@ -32,6 +32,7 @@ _CHECKS: list[Check] = []
 CHECK_MODULES: tuple[str, ...] = (
     "kvproof.verify.checks_kv_slot",
     "kvproof.verify.checks_streams",
+    "kvproof.verify.checks_monitor",
     "kvproof.verify.checks_layersplit",
 )
 
