@@ -141,8 +141,13 @@ class EngineCore:
         return min(self.model.cfg.max_seq_len,
                    self.cfg.num_pages * self.model.cfg.page_size - 1 - self.cfg.num_drafts)
 
-    def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
-        """Queue a request; its events go to `sink` (called on the engine thread)."""
+    def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None],
+            prefilled: tuple[list[int], int] | None = None) -> None:
+        """Queue a request; its events go to `sink` (called on the engine thread).
+
+        `prefilled=(pages, n)`: someone else (a PD prefill worker) already wrote the KV of the
+        first n prompt positions into these pages of this core's pool; n < prompt length.
+        """
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
         n = len(req.prompt_tokens)
@@ -151,6 +156,12 @@ class EngineCore:
                              f"1..{self.max_model_len} tokens")
         mon = RequestMonitor(self.cfg.monitor) if self.cfg.num_drafts else None
         seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
+        if prefilled is not None:
+            pages, cached = prefilled
+            if not 0 <= cached < n or cached > len(pages) * self.model.cfg.page_size:
+                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} "
+                                 f"and fit in {len(pages)} pages")
+            seq.pages, seq.num_cached = list(pages), cached
         self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
         self.scheduler.add(seq)
         self.totals["requests_total"] += 1

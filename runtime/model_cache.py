@@ -119,6 +119,37 @@ class KVCache:
             keys[slots // S, slots % S] = q
             scales[slots // S, slots % S] = s
 
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token of one layer in the export format: [kv row | indexer key] in the cache dtype."""
+        return (self.cfg.kv_width + self.cfg.index_dim) * self.kv.element_size()
+
+    def _token_slots(self, pages: list[int], n_tokens: int) -> torch.Tensor:
+        S = self.cfg.page_size
+        if n_tokens > len(pages) * S:
+            raise ValueError(f"{n_tokens} tokens do not fit in {len(pages)} pages of {S}")
+        pos = torch.arange(n_tokens)
+        return torch.tensor(pages, dtype=torch.long)[pos // S] * S + pos % S           # [n]
+
+    def export_tokens(self, pages: list[int], n_tokens: int) -> torch.Tensor:
+        """The first n_tokens of a sequence's pages, every layer, as bytes uint8 [L, n, token_bytes]."""
+        slots = self._token_slots(pages, n_tokens).to(self.kv.device)
+        L = self.cfg.n_layers
+        kv = self.kv.view(L, -1, self.cfg.kv_width)[:, slots]                           # [L, n, W]
+        ik = self.ik.view(L, -1, self.cfg.index_dim)[:, slots]                          # [L, n, DI]
+        return torch.cat([kv, ik], dim=-1).contiguous().view(torch.uint8)               # [L, n, token_bytes]
+
+    def import_tokens(self, pages: list[int], data: torch.Tensor) -> None:
+        """Write bytes from export_tokens (uint8 [L, n, token_bytes]) into positions 0..n-1 of `pages`."""
+        L, W = self.cfg.n_layers, self.cfg.kv_width
+        if data.dtype != torch.uint8 or data.dim() != 3 or data.shape[0] != L or data.shape[2] != self.token_bytes:
+            raise ValueError(f"KV bytes must be uint8 [{L}, n, {self.token_bytes}], got {data.dtype} "
+                             f"{tuple(data.shape)}")
+        slots = self._token_slots(pages, data.shape[1]).to(self.kv.device)
+        rows = data.contiguous().view(self.kv.dtype)                                      # [L, n, W + DI]
+        for layer in range(L):
+            self.write(layer, slots, rows[layer, :, :W], rows[layer, :, W:])
+
     def corrupt(self, pages: list[int], n_tokens: int, seed: int = 0) -> int:
         """Flip bytes in the first n_tokens of the given pages (fault injection); returns bytes flipped.
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
 from kvproof.runtime.monitor import MonitorConfig
+from kvproof.runtime.scheduler import Sequence
 from kvproof.runtime.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -44,3 +45,29 @@ def test_seeded_sampling_is_reproducible_and_batch_independent() -> None:
     other = generate_reference(EngineConfig(), PROMPTS, SamplingParams(max_tokens=40, temperature=0.8, seed=99,
                                                                        ignore_eos=True))
     assert other != alone
+
+
+def test_kv_handoff_between_cores_equals_reference() -> None:
+    """The PD path in one process: core A prefills, its KV bytes move into core B's pages, B decodes."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    ref = generate_reference(EngineConfig(), PROMPTS, params)
+    a, b = EngineCore(EngineConfig()), EngineCore(EngineConfig(num_pages=300))
+    out = []
+    for i, p in enumerate(PROMPTS):
+        n = len(p) - 1                                   # decode recomputes the last prompt token
+        seq_pages = a.pool.allocate(-(-n // a.model.cfg.page_size))
+        if n:
+            seq = Sequence("pf", p[:n], params)
+            seq.pages = seq_pages
+            a.runner.prefill([seq], [n])
+        data = a.cache.export_tokens(seq_pages, n)       # uint8 [L, n, token_bytes]: what PD transfers
+        a.pool.free(seq_pages)
+        dst = b.pool.allocate(-(-n // b.model.cfg.page_size))
+        b.cache.import_tokens(dst, data)
+        events: list = []
+        b.add(GenerationRequest(str(i), tuple(p), params), events.append, prefilled=(dst, n))
+        while b.step():
+            pass
+        out.append([t for ev in events for t in ev.tokens])
+    assert out == ref
+    assert b.pool.num_free == b.pool.num_pages
