@@ -312,7 +312,9 @@ class LocalEngine:
         await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
 
     def submit(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
-        """Queue a request whose events go to `sink` (called on the engine thread); ValueError if invalid."""
+        """Queue a request whose events go to `sink` (engine thread); ValueError if invalid, RuntimeError if stopped."""
+        if self.error is not None or self._thread is None or self._stop:
+            raise RuntimeError(f"engine is not running ({self.error!r})" if self.error else "engine is not running")
         n, limit = len(req.prompt_tokens), self.max_model_len
         if n == 0 or n + req.params.max_tokens > limit:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} exceeds the "

@@ -31,7 +31,7 @@ class RequestError(Exception):
 
     def response(self) -> web.Response:
         """The OpenAI-style error response."""
-        kind = "not_found_error" if self.status == 404 else "invalid_request_error"
+        kind = {404: "not_found_error", 503: "service_unavailable"}.get(self.status, "invalid_request_error")
         return web.json_response({"error": {"message": self.message, "type": kind, "param": self.param,
                                              "code": self.code}}, status=self.status)
 
@@ -244,6 +244,8 @@ class Server:
                 events = self.engine.generate(GenerationRequest(rid, req.prompt_tokens, req.params))
             except ValueError as e:
                 raise RequestError(400, str(e), "prompt") from None
+            except RuntimeError as e:                    # the engine died or is shutting down
+                raise RequestError(503, str(e), code="engine_unavailable") from None
         except RequestError as e:
             self._count("status", str(e.status))
             return e.response()
