@@ -165,7 +165,7 @@ class KVCache:
                 break
             for t in (self.kv, self.ik):
                 raw = t[:, p, :n].contiguous().view(torch.uint8)             # [L, n, W * esz]
-                sel = torch.rand(raw.shape[:-1] + (raw.shape[-1] // esz,), generator=g) < 0.5
+                sel = (torch.rand(raw.shape[:-1] + (raw.shape[-1] // esz,), generator=g) < 0.5).to(raw.device)
                 byte = raw.view(*raw.shape[:-1], -1, esz)[..., esz - 2]       # high mantissa byte
                 byte ^= (sel.to(torch.uint8) * 0x5A)
                 flipped += int(sel.sum())

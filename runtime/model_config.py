@@ -117,6 +117,12 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
+    # A mid-size model with the kernels' shapes (latent 512 + RoPE 64, indexer 32 x 128, page 64)
+    # and the byte tokenizer: for GPU runs of the Triton backend and loadgen on a larger model.
+    "small": ModelConfig(name="small", hidden=1024, n_layers=4, n_dense_layers=1, intermediate=2048,
+                         n_heads=16, q_lora_rank=384, kv_lora_rank=512, qk_rope_dim=64, qk_nope_dim=64,
+                         v_head_dim=64, index_heads=32, index_dim=128, index_topk=512, page_size=64,
+                         max_seq_len=8192, dtype="bfloat16"),
     # GLM-5 shapes (see DESIGN.md); vocab and MLP widths are assumptions, MoE simplified to dense.
     "glm5": ModelConfig(name="glm5", vocab_size=154880, hidden=6144, n_layers=78, n_dense_layers=3,
                         intermediate=12288, n_heads=64, q_lora_rank=2048, kv_lora_rank=512,

@@ -23,7 +23,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """One token from logits [V]: argmax when temperature is 0, else temperature + nucleus sampling."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.double() / temperature, dim=-1)                 # [V]
+    # on the CPU: the request's generator is a CPU generator, and this keeps sampling device-independent
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)           # [V]
     if top_p < 1.0:
         p_sorted, order = torch.sort(probs, descending=True, stable=True)
         drop = (torch.cumsum(p_sorted, 0) - p_sorted) >= top_p                  # keep the smallest nucleus

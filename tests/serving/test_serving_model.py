@@ -71,6 +71,16 @@ def test_glm5_preset_shapes_on_meta_device() -> None:
     assert model.mtp is not None and model.mtp.eh_proj.weight.shape == (6144, 2 * 6144)
 
 
+def test_small_preset_fits_the_kernels() -> None:
+    """`small` (for GPU runs of the triton backend) has the kernels' shapes."""
+    cfg = preset("small")
+    for d in (cfg.kv_lora_rank, cfg.qk_rope_dim, cfg.index_dim, cfg.index_heads):
+        assert d >= 16 and d & (d - 1) == 0
+    assert cfg.index_heads >= 16 and cfg.index_dim <= 128 and cfg.page_size == 64
+    model = DSAModel(cfg, device="meta", backend="triton")
+    assert sum(p.numel() for p in model.parameters()) < 100_000_000
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="hidden"):
         ModelConfig(hidden=0)
