@@ -258,7 +258,9 @@ class Server:
             self.engine.abort(rid, "disconnect")
             raise
         finally:
-            await events.aclose()
+            aclose = getattr(events, "aclose", None)     # async generators: run their cleanup now
+            if aclose is not None:
+                await aclose()
 
     async def _complete(self, request: web.Request, rid: str, req: ParsedRequest, events: Any) -> web.Response:
         ts, created = TextStream(req.stop), int(time.time())

@@ -18,6 +18,14 @@ def test_speculative_equals_plain_greedy() -> None:
         assert generate_reference(EngineConfig(num_drafts=k), PROMPTS, GREEDY) == plain, f"num_drafts={k}"
 
 
+def test_speculative_sampling_equals_plain_sampling() -> None:
+    """Each emitted token is one draw from the model's distribution at its position, so with the
+    same seed speculative sampling gives exactly the tokens of plain sampling."""
+    params = SamplingParams(max_tokens=40, temperature=0.7, top_p=0.95, seed=5, ignore_eos=True)
+    assert generate_reference(EngineConfig(num_drafts=2), PROMPTS, params) == \
+        generate_reference(EngineConfig(num_drafts=0), PROMPTS, params)
+
+
 def _batched(cfg: EngineConfig, params: SamplingParams) -> tuple[list[list[int]], EngineCore]:
     core = EngineCore(cfg)
     events: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
