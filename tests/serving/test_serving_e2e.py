@@ -8,7 +8,7 @@ import random
 
 import aiohttp
 
-from conftest import serving, wait_for
+from serving_testing import serving, wait_for
 from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
 from kvproof.runtime.tokenizer import ByteTokenizer
 

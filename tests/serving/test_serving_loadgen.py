@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from conftest import serving, wait_for
+from serving_testing import serving, wait_for
 from kvproof.runtime.loadgen import add_loadgen_args, run_loadgen
 
 

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import serving, wait_for
+from serving_testing import serving, wait_for
 from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
 from kvproof.runtime.tokenizer import ByteTokenizer
 
