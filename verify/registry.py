@@ -46,7 +46,6 @@ def register(check: Check) -> None:
 
 def all_checks() -> list[Check]:
     """Every registered check, importing the check modules on first use."""
-    if not _CHECKS:
-        for name in CHECK_MODULES:
-            importlib.import_module(name)
+    for name in CHECK_MODULES:      # idempotent: a module registers its checks on first import
+        importlib.import_module(name)
     return list(_CHECKS)
