@@ -5,7 +5,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvproof.verify.verdict import Status, Verdict
+from kvproof.verify.verdict import Status, Verdict, make_check_id
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,7 @@ class Check:
     @property
     def check_id(self) -> str:
         """Same id the resulting Verdict carries."""
-        ps = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.protocol}/{self.variant}/{self.property}[{ps}]"
+        return make_check_id(self.protocol, self.variant, self.property, self.params)
 
 
 _CHECKS: list[Check] = []

@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def make_check_id(protocol: str, variant: str, prop: str, params: dict[str, Any]) -> str:
+    """Stable identifier of a check, used in JUnit/SARIF output and test ids."""
+    ps = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return f"{protocol}/{variant}/{prop}[{ps}]"
+
+
 class Status(enum.Enum):
     """Outcome of one check."""
 
@@ -55,8 +61,7 @@ class Verdict:
     @property
     def check_id(self) -> str:
         """Stable identifier used in JUnit/SARIF output and test ids."""
-        ps = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.protocol}/{self.variant}/{self.property}[{ps}]"
+        return make_check_id(self.protocol, self.variant, self.property, self.params)
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form."""
