@@ -24,7 +24,8 @@ import torch
 from kvproof.runtime.radix import RadixIndex, RadixNode
 from kvproof.runtime.stream_exec import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
-from kvproof.spec.streams import Plan, Violation, check_plan, trace_dumps
+from kvproof.spec.stream_json import trace_dumps
+from kvproof.spec.streams import Plan, Violation, check_plan
 
 
 class CacheFullError(RuntimeError):

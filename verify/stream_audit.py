@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kvproof.spec.streams import PROPERTIES, Plan, PlanFormatError, plan_loads_lines
+from kvproof.spec.stream_json import PlanFormatError, plan_loads_lines
+from kvproof.spec.streams import PROPERTIES, Plan
 from kvproof.verify.race import RaceReport, audit_plan, unresolved_waits
 
 FORMATS = ("text", "json", "sarif")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvproof.spec.hicache_plan import hicache_plan
-from kvproof.spec.streams import plan_dumps, trace_dumps
+from kvproof.spec.stream_json import plan_dumps, trace_dumps
 from kvproof.verify.stream_audit import audit_streams
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvproof.runtime.hicache import CacheFullError, HiCache, HiCacheConfig, PlanRaceError, reference_forward
-from kvproof.spec.streams import plan_loads
+from kvproof.spec.stream_json import plan_loads
 
 L, P, D, I = 3, 4, 16, 8
 

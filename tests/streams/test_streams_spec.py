@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from stream_plans import tiny_plans
 from kvproof.spec.hicache_plan import VARIANTS, drop_wait, hicache_plan
 from kvproof.spec.core import ProtocolViolation
-from kvproof.spec.streams import (HostSync, Machine, Op, Transition, Plan, PlanFormatError, Record, Wait, check_plan, explore,
-                                  plan_dumps, plan_loads, plan_loads_lines, trace_dumps)
+from kvproof.spec.stream_json import PlanFormatError, plan_dumps, plan_loads, plan_loads_lines, trace_dumps
+from kvproof.spec.streams import HostSync, Machine, Op, Transition, Plan, Record, Wait, check_plan, explore
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
