@@ -32,6 +32,7 @@ from kvproof.spec.machine import Emission, Instance
 
 SendFn = Callable[[int, Message], None]       # (rank, message)
 ReportFn = Callable[[Result], None]
+ReadFn = Callable[[int, "Request"], int]      # decode's read of a READY slot -> bad bytes (real-KV mode)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Request:
     submitted: float
     slot: int | None = None
     epoch: int | None = None
+    extra: dict[str, Any] | None = None     # real-KV mode: Alloc payload (prompt tokens, fault flag)
 
 
 class DecodeWorker:
@@ -50,11 +52,12 @@ class DecodeWorker:
 
     def __init__(self, cfg: PDConfig, pool: KVPool, send: SendFn, report: ReportFn,
                  trace: IO[str] | str | None = None, clock: Callable[[], float] = time.monotonic,
-                 auto: bool = True) -> None:
+                 auto: bool = True, read: ReadFn | None = None) -> None:
         # auto=False: each event handler fires only its own action and the caller fires the
         # follow-ups (start_decode, finish, peer_dead, reclaim) one step at a time (model-based tests)
         self.cfg, self.pool, self._send, self._report, self.clock = cfg, pool, send, report, clock
         self.auto = auto
+        self.read = read                                    # None: synthetic KV, compared by KVPool
         self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="decode", trace=trace)
         self.free: deque[int] = deque(range(cfg.slots))    # candidates; the spec decides
         self.waiting: deque[Request] = deque()
@@ -71,13 +74,13 @@ class DecodeWorker:
         self.foreign_slots: set[int] = set()                # slots a write of another epoch landed in
 
     # ------------------------------------------------------------ client side
-    def submit(self, rid: int, n_tokens: int) -> None:
-        """Queue a new request; it gets a slot as soon as the spec allows one."""
+    def submit(self, rid: int, n_tokens: int, extra: dict[str, Any] | None = None) -> None:
+        """Queue a new request (extra: fields Alloc carries to the ranks); it gets a slot when the spec allows."""
         if rid in self.by_rid:
             raise ValueError(f"submit: rid={rid} is already in flight")
         if not 1 <= n_tokens <= self.cfg.tokens_per_slot:
             raise ValueError(f"submit: n_tokens={n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
-        req = Request(rid, n_tokens, self.clock())
+        req = Request(rid, n_tokens, self.clock(), extra=extra)
         self.stats["submitted"] += 1
         if self.dead:
             self._result(req, "failed", self._dead_reason())
@@ -140,7 +143,7 @@ class DecodeWorker:
     # ------------------------------------------------------------ single steps
     def alloc(self, s: int, req: Request) -> None:
         """Give free slot s to request req (a fresh epoch); Alloc goes to every rank."""
-        self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens})
+        self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens, **(req.extra or {})})
         req.slot, req.epoch = s, self.inst.get("epoch", s)
         self.by_rid[req.rid] = req
         self.by_slot[s] = req
@@ -157,9 +160,9 @@ class DecodeWorker:
             self.finish(s)
 
     def finish(self, s: int) -> None:
-        """Decode reads slot s (compares its KV bytes with the expected content) and frees it."""
+        """Decode reads slot s (synthetic: compares with the expected KV; real: imports it) and frees it."""
         req = self.by_slot[s]
-        bad = self.pool.bad_bytes(s, req.rid, req.n_tokens)  # decode reads the slot
+        bad = self.read(s, req) if self.read else self.pool.bad_bytes(s, req.rid, req.n_tokens)
         self._fire("finish", s=s)
         del self.by_slot[s]
         self._result(req, "corrupt" if bad else "served", "foreign KV bytes in the slot" if bad else None, bad)

@@ -10,7 +10,7 @@ Protocol messages (one per KV-slot spec channel, carrying its index and epoch):
     Abort   decode -> prefill   request terminated
     Done    prefill -> decode   every chunk of this rank landed
     Safe    prefill -> decode   safe to recycle: no write of this epoch can land any more
-Process plumbing: Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats.
+Process plumbing: Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats, Event (real-KV mode).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class Alloc:
     epoch: int
     rid: int
     n_tokens: int
+    tokens: Union[list, None] = None     # real-KV mode: the prompt the rank prefills
+    corrupt: int = 0                     # fault injection: flip bytes of the exported KV
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Submit:
     TYPE: ClassVar[str] = "submit"
     rid: int
     n_tokens: int
+    tokens: Union[list, None] = None     # real-KV mode: prompt token ids
+    params: Union[dict, None] = None     # real-KV mode: SamplingParams fields
+    corrupt: int = 0                     # fault injection: flip bytes of this request's exported KV
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,16 @@ class Stats:
     data: dict
 
 
-Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats]
+@dataclass(frozen=True)
+class Event:
+    """decode -> client (real-KV mode): a TokenEvent of request rid, as its fields."""
+
+    TYPE: ClassVar[str] = "event"
+    rid: int
+    event: dict
+
+
+Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats, Event]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
 _SPEC_CHANNELS: dict[str, type] = {"alloc": Alloc, "abort": Abort, "done": Done, "safe": Safe}

@@ -72,8 +72,11 @@ def _parse(msg: Any, who: str, stats: Any) -> Message | None:
 
 
 # ---------------------------------------------------------------- decode
-def run_decode(cfg: PDConfig, client_addr: tuple[str, int]) -> int:
-    """The decode process: slot table, KV pool, one control channel + data connection per rank."""
+def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -> int:
+    """The decode process: slot table, KV pool, one control channel + data connection per rank.
+
+    `model` (real-KV mode, pd_model_worker.DecodeModel): reads READY slots into its model, decodes,
+    streams Event messages; None: synthetic KV compared byte for byte."""
     inbox: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     ccfg = channel_config(cfg)
     client = Channel.connect(client_addr, config=ccfg, label="decode-client",
@@ -91,7 +94,15 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int]) -> int:
         except ChannelClosed as e:
             inbox.put(("rank_dead", w, f"control channel: {e}"))
 
-    worker = DecodeWorker(cfg, pool, send, lambda r: client.send(encode(r)), trace=open_trace(cfg, "decode"))
+    def report(r: Any) -> None:
+        if model is not None:
+            model.on_result(r)
+        client.send(encode(r))
+
+    if model is not None:
+        model.attach(pool, lambda m: client.send(encode(m)))
+    worker = DecodeWorker(cfg, pool, send, report, trace=open_trace(cfg, "decode"),
+                          read=model.read if model is not None else None)
     try:
         client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
         for w in range(cfg.writers):
@@ -104,7 +115,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int]) -> int:
                 raise ValueError(f"transport={cfg.transport!r}: the process runtime supports 'tcp'")
             datas[w].register(pool.buffer, region_id=POOL_REGION)
         client.send(encode(Up(cfg.writers)))
-        rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas)
+        rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model)
         summary = worker.summary()
         summary["prefill"] = rank_stats
         client.send(encode(Stats(summary)))
@@ -139,22 +150,33 @@ def _rank_dead(worker: DecodeWorker, datas: dict[int, Any], ctrls: dict[int, Cha
 
 
 def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls: dict[int, Channel],
-                 datas: dict[int, Any]) -> dict[str, Any]:
+                 datas: dict[int, Any], model: Any = None) -> dict[str, Any]:
     deadline: float | None = None
     rank_stats: dict[str, Any] = {}
     stats_wanted: float | None = None
+    busy = False
     while True:
         nxt = worker.tick()
+        wait = 0.0 if busy else (min(0.05, nxt) if nxt is not None else 0.05)
         try:
-            kind, w, raw = inbox.get(timeout=min(0.05, nxt) if nxt is not None else 0.05)
+            kind, w, raw = inbox.get(timeout=wait) if wait > 0 else inbox.get_nowait()
         except queue.Empty:
             kind, w, raw = "idle", -1, None
         if kind == "client":
             msg = _parse(raw, "decode", worker.stats)
             if isinstance(msg, Submit):
-                worker.submit(msg.rid, msg.n_tokens)
+                try:
+                    if model is not None:
+                        model.on_submit(msg)
+                    extra = None if msg.tokens is None else {"tokens": msg.tokens, "corrupt": msg.corrupt}
+                    worker.submit(msg.rid, msg.n_tokens, extra)
+                except ValueError as e:
+                    worker.stats["malformed_messages"] += 1
+                    _log("decode", f"refused submit: {e}")
             elif isinstance(msg, Cancel):
                 worker.cancel(msg.rid)
+                if model is not None:
+                    model.cancel(msg.rid)
             elif isinstance(msg, Shutdown) and deadline is None:
                 deadline = time.monotonic() + cfg.drain_timeout_s
         elif kind == "client_dead":
@@ -174,6 +196,8 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
                     _log("decode", f"rank {w}: {e}")
         elif kind == "rank_dead" and stats_wanted is None:
             _rank_dead(worker, datas, ctrls, w, raw)
+        if model is not None:
+            busy = model.step(worker)
         for rw, t in datas.items():
             if t.is_dead and rw not in worker.dead and stats_wanted is None:
                 _rank_dead(worker, datas, ctrls, rw, f"data connection: {t.dead_reason}")
@@ -192,8 +216,12 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
 
 
 # ---------------------------------------------------------------- prefill
-def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int]) -> int:
-    """One prefill rank's process: control channel to decode, one data connection with fault injection."""
+def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int],
+                compute: Any = None) -> int:
+    """One prefill rank's process: control channel to decode, one data connection with fault injection.
+
+    `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
+    None: synthetic KV."""
     who = f"prefill-{rank}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
     ch = Channel.connect(ctrl_addr, config=channel_config(cfg), label=f"{who}-ctrl",
@@ -201,7 +229,7 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
                          on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
     ch.send(encode(Hello(rank)))
     t = make_transport(cfg.transport, connect=data_addr, faults=cfg.faults(rank), label=f"{who}-data")
-    prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who))
+    prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who), compute=compute)
     stop = threading.Event()
 
     def poll_completions() -> None:

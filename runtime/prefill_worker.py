@@ -40,18 +40,21 @@ class Job:
     n_tokens: int
     epoch: int
     next_layer: int = 0
+    data: np.ndarray | None = None          # real-KV mode: uint8 [layers, n_tokens, bytes_per_token]
 
 
 class PrefillRank:
     """Prefill rank `rank`: every transfer step is a fired spec action."""
 
     def __init__(self, cfg: PDConfig, rank: int, transport: Transport, send: Callable[[Message], None],
-                 trace: IO[str] | str | None = None, auto: bool = True) -> None:
+                 trace: IO[str] | str | None = None, auto: bool = True,
+                 compute: Callable[[Alloc], np.ndarray] | None = None) -> None:
         # auto=False: a completion fires only p_complete; the caller fires p_finish /
         # p_answer_safe itself, one step at a time (model-based tests)
         if not 0 <= rank < cfg.writers:
             raise ValueError(f"rank={rank}, expected 0 <= rank < writers={cfg.writers}")
         self.cfg, self.rank, self.transport, self._send, self.auto = cfg, rank, transport, send, auto
+        self.compute = compute                              # None: synthetic KV (kv_chunk)
         self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="prefill", trace=trace)
         self.jobs: dict[int, Job] = {}                      # slot -> current epoch's job
         self._sources: dict[int, np.ndarray] = {}           # wr_id -> bytes, alive until completion
@@ -66,7 +69,11 @@ class PrefillRank:
             if not 1 <= msg.n_tokens <= self.cfg.tokens_per_slot:
                 raise ValueError(f"alloc: n_tokens={msg.n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
             if self._try("p_on_alloc", s=msg.slot, w=self.rank, e=msg.epoch):
-                self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch)
+                data = self.compute(msg) if self.compute else None
+                if data is not None and data.shape != (self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token):
+                    raise ValueError(f"compute returned KV of shape {data.shape}, expected "
+                                     f"{(self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token)}")
+                self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch, data=data)
         elif isinstance(msg, Abort):
             args = {"s": msg.slot, "w": self.rank, "e": msg.epoch}
             act = next((a for a in ABORT_ACTIONS if self.inst.enabled(a, **args)), None)
@@ -137,7 +144,11 @@ class PrefillRank:
     # ------------------------------------------------------------ internals
     def _post(self, job: Job, f: dict[str, Any]) -> None:
         s, w, e, layer = f["slot"], f["writer"], f["epoch"], f["chunk"]
-        data = kv_chunk(job.rid, w, layer, job.n_tokens, self.cfg.words_per_writer)
+        if job.data is None:
+            data = kv_chunk(job.rid, w, layer, job.n_tokens, self.cfg.words_per_writer)
+        else:                                               # this rank's byte share of every token
+            bw = self.cfg.bytes_per_writer
+            data = np.ascontiguousarray(job.data[layer, :, w * bw:(w + 1) * bw]).reshape(-1)
         wr = self.transport.post_write(memoryview(data), POOL_REGION, offset(self.cfg, s, w, layer), tag=(s, w, e, layer))
         self._sources[wr] = data
         self.stats["writes_posted"] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import Any
 
 from kvproof.runtime.engine import EngineConfig, LocalEngine
 from kvproof.runtime.model_config import PRESETS, preset
@@ -32,6 +33,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor-min-tokens", type=int, default=128)
     parser.add_argument("--monitor-min-accept-length", type=float, default=1.4)
     parser.add_argument("--monitor-max-accept-rate", type=float, default=0.96)
+    pd = parser.add_argument_group("--engine pd (prefill/decode processes over the PD runtime)")
+    pd.add_argument("--writers", type=int, default=1, help="prefill ranks, one process each (default 1)")
+    pd.add_argument("--slots", type=int, default=16, help="decode KV slots (default 16)")
+    pd.add_argument("--protocol", default="fixed", choices=("fixed", "prefix"),
+                    help="KV slot protocol: fixed (safe-to-recycle handshake) or prefix (the pre-fix bug)")
+    pd.add_argument("--max-prompt-tokens", type=int, default=512,
+                    help="KV slot size in prompt tokens; longer prompts get HTTP 400 (default 512)")
+    pd.add_argument("--kv-delay-ms", type=float, default=None,
+                    help="inject a mean exponential delay into every KV write (default: none)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, best for the tiny model; 0: torch's default)")
 
@@ -46,10 +56,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         monitor=mon, device=args.device, threads=args.threads or None)
 
 
-def build_engine(args: argparse.Namespace) -> LocalEngine:
-    """The engine selected by --engine."""
+def build_engine(args: argparse.Namespace) -> Any:
+    """The engine selected by --engine (LocalEngine or PDEngine); ValueError names a bad option."""
     if args.engine == "pd":
-        raise SystemExit("--engine pd: the PD-disaggregated engine is not wired in yet; use --engine local")
+        from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig
+        pd = PDEngineConfig(slots=args.slots, writers=args.writers, protocol=args.protocol,
+                            max_prompt_tokens=args.max_prompt_tokens, delay_ms=args.kv_delay_ms)
+        return PDEngine(engine_config(args), pd, model_name=args.served_model_name)
     return LocalEngine(engine_config(args), model_name=args.served_model_name)
 
 
@@ -77,6 +90,8 @@ def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit code."""
     try:
         engine_config(args)
+        if args.engine == "pd":
+            build_engine(args)
     except ValueError as e:
         print(f"kvproof serve: {e}")
         return 2

@@ -187,5 +187,8 @@ def test_serve_cli_arguments() -> None:
     assert (args.host, args.port, args.model, args.engine) == ("127.0.0.1", 8000, "tiny", "local")
     cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
     assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
-    with pytest.raises(SystemExit, match="PD"):
-        build_engine(p.parse_args(["--engine", "pd"]))
+    from kvproof.runtime.pd_engine import PDEngine
+    eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "prefix"]))
+    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "prefix"
+    with pytest.raises(ValueError, match="writers=3"):               # 640-byte KV token: not 3 x 8-byte words
+        build_engine(p.parse_args(["--engine", "pd", "--writers", "3"]))

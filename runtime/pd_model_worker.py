@@ -1,0 +1,239 @@
+"""Real-KV mode of the PD processes: the model runs in the prefill ranks and in decode.
+
+    python -m kvproof.runtime.pd_model_worker decode  --client HOST:PORT --config PDJSON --engine ENGJSON
+    python -m kvproof.runtime.pd_model_worker prefill --rank W --control HOST:PORT --data HOST:PORT ...
+
+The processes are the ones of `pd_process` (same loops, same spec firing); this module only plugs
+the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
+prompt rides on `Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n-1, token_bytes]`;
+the rank posts its byte share of every token, one write per layer, exactly as for synthetic KV.
+Decode's `DecodeModel.read` is `DecodeWorker`'s read of a READY slot: it copies the slot's bytes
+into its own model KV pages (`import_tokens`) and hands the request to its `EngineCore`
+(`prefilled=(pages, n-1)`); the slot is then finished (freed) and the core decodes (MTP
+speculative decoding, the anomaly monitor) and streams `Event` messages back to the router.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+from dataclasses import asdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, TokenEvent
+from kvproof.runtime.kv_pool import KVPool
+from kvproof.runtime.model_config import ModelConfig
+from kvproof.runtime.monitor import MonitorConfig
+from kvproof.runtime.pd_config import PDConfig
+from kvproof.runtime.pd_messages import Alloc, Event, Message, Result, Stats, Submit
+from kvproof.runtime.scheduler import Sequence
+from kvproof.spec.kv_slot import DState
+
+STATS_INTERVAL_S = 0.2
+
+
+# ---------------------------------------------------------------- config on the command line
+def engine_config_to_json(cfg: EngineConfig) -> str:
+    """EngineConfig as JSON (for the worker command line)."""
+    return json.dumps(asdict(cfg))
+
+
+def engine_config_from_json(text: str) -> EngineConfig:
+    """Parse engine_config_to_json's output; a bad document raises ValueError naming it."""
+    try:
+        raw = json.loads(text)
+        raw["model"] = ModelConfig(**raw["model"])
+        raw["monitor"] = MonitorConfig(**raw["monitor"])
+        return EngineConfig(**raw)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"engine config JSON is malformed: {e!r}") from None
+
+
+def token_bytes(mc: ModelConfig) -> int:
+    """Bytes of one token of one layer in the KV export format ([kv row | indexer key])."""
+    return (mc.kv_width + mc.index_dim) * torch.empty((), dtype=mc.torch_dtype).element_size()
+
+
+def corrupt_payload(data: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Flip the high mantissa byte of about half the elements of exported KV bytes (stays finite)."""
+    esz = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(seed)
+    out = data.clone()
+    elems = out.view(*out.shape[:-1], -1, esz)                         # [L, n, E, esz]
+    sel = torch.rand(elems.shape[:-1], generator=g) < 0.5
+    elems[..., esz - 2] ^= sel.to(torch.uint8) * 0x5A
+    vals = torch.nan_to_num(out.view(dtype), nan=0.0, posinf=1e4, neginf=-1e4)
+    return vals.contiguous().view(torch.uint8)
+
+
+# ---------------------------------------------------------------- prefill rank
+class PrefillModel:
+    """A prefill rank's copy of the model: Alloc -> exported KV bytes of the prompt's first n-1 tokens."""
+
+    def __init__(self, ecfg: EngineConfig, pd: PDConfig) -> None:
+        self.core = EngineCore(ecfg)
+        self.pd = pd
+        self.prefilled = 0
+
+    def __call__(self, alloc: Alloc) -> np.ndarray:
+        """Run the model on the prompt (minus its last token) and export its KV for the slot."""
+        tokens = alloc.tokens
+        if not tokens:
+            raise ValueError(f"alloc for rid {alloc.rid} carries no prompt tokens (real-KV mode needs them)")
+        n = len(tokens) - 1
+        if max(n, 1) != alloc.n_tokens:
+            raise ValueError(f"alloc for rid {alloc.rid}: n_tokens={alloc.n_tokens}, expected "
+                             f"max(1, len(prompt) - 1) = {max(n, 1)}")
+        if n == 0:                                         # nothing to transfer; one token of padding
+            return np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8)
+        core = self.core
+        pages = core.pool.allocate(-(-n // core.model.cfg.page_size))
+        try:
+            seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
+            seq.pages = pages
+            with torch.no_grad():
+                core.runner.prefill([seq], [n])
+            data = core.cache.export_tokens(pages, n).cpu()                 # uint8 [L, n, token_bytes]
+        finally:
+            core.pool.free(pages)
+        if alloc.corrupt:
+            data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
+        self.prefilled += 1
+        return data.numpy()
+
+
+# ---------------------------------------------------------------- decode
+class DecodeModel:
+    """Decode's model: imports READY slots into its KV pages, decodes, streams Events, reports stats."""
+
+    def __init__(self, ecfg: EngineConfig, pd: PDConfig) -> None:
+        self.core = EngineCore(ecfg)
+        self.pd = pd
+        self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
+        self.pool: KVPool | None = None
+        self._send: Callable[[Message], None] | None = None
+        self._next_stats = 0.0
+        self.imported_tokens = 0
+
+    def attach(self, pool: KVPool, send: Callable[[Message], None]) -> None:
+        """Called by run_decode: the slot pool to read from and the client channel's send."""
+        self.pool, self._send = pool, send
+
+    def on_submit(self, msg: Submit) -> None:
+        """Remember a request's prompt and sampling parameters until its KV arrives."""
+        if msg.tokens is None or msg.params is None:
+            raise ValueError(f"submit rid {msg.rid}: real-KV mode needs 'tokens' and 'params'")
+        if max(1, len(msg.tokens) - 1) != msg.n_tokens:
+            raise ValueError(f"submit rid {msg.rid}: n_tokens={msg.n_tokens}, expected max(1, len(tokens) - 1)")
+        p = dict(msg.params)
+        p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+        self.pending[msg.rid] = GenerationRequest(str(msg.rid), tuple(msg.tokens), SamplingParams(**p))
+
+    def on_result(self, r: Result) -> None:
+        """A request's slot life ended; forget it unless its KV was read (then the core owns it)."""
+        if r.status != "served":
+            self.pending.pop(r.rid, None)
+
+    def read(self, s: int, req: Any) -> int:
+        """DecodeWorker's read of READY slot s: import its KV into model pages and start decoding."""
+        assert self.pool is not None
+        greq = self.pending.pop(req.rid)
+        n = len(greq.prompt_tokens) - 1
+        core = self.core
+        pages = core.pool.allocate(-(-n // core.model.cfg.page_size)) if core.pool.can_allocate(
+            -(-n // core.model.cfg.page_size)) else None
+        if pages is None:
+            self._event(req.rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages",
+                                            len(greq.prompt_tokens)))
+            return 0
+        if n:
+            raw = self.pool.array[s, :, :, :n]                               # [W, L, n, Bw]
+            data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)
+            core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
+            self.imported_tokens += n
+        rid = req.rid
+        try:
+            core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n))
+        except ValueError as e:                             # the router validates; never strand the slot
+            core.pool.free(pages)
+            self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}",
+                                        len(greq.prompt_tokens)))
+        return 0
+
+    def cancel(self, rid: int) -> None:
+        """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.cancel's)."""
+        self.pending.pop(rid, None)
+        self.core.abort(str(rid), "client")
+
+    def step(self, worker: Any) -> bool:
+        """One model step (if any work) and, now and then, a live Stats snapshot; True when busy."""
+        with torch.no_grad():
+            busy = self.core.step()
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL_S
+            self._send_msg(Stats(self.snapshot(worker)))
+        return busy
+
+    def snapshot(self, worker: Any) -> dict[str, Any]:
+        """Model counters plus the slot table's: what the router's stats() shows."""
+        out = self.core.stats()
+        ws = worker.stats
+        lat = worker.reclaim_latency_s
+        out.update({
+            "live": 1,
+            "slots{state}": {st.name: worker.inst.count("d_state", st) for st in DState},
+            "kv_transfers_total": ws["served"] + ws["corrupt"],
+            "kv_transfer_failures_total": ws["failed"],
+            "kv_requests_aborted_total": ws["aborted"],
+            "slots_reclaimed_total": ws["slots_reclaimed"],
+            "reclaim_latency_seconds_sum": float(sum(lat)),
+            "reclaim_latency_seconds_count": len(lat),
+            "kv_bytes_transferred_total": sum(worker.bytes_landed),
+            "kv_foreign_landings_total": sum(worker.foreign_landings),
+            "kv_imported_tokens_total": self.imported_tokens,
+            "pd_waiting_for_slot": len(worker.waiting),
+        })
+        return out
+
+    def _event(self, rid: int, ev: TokenEvent) -> None:
+        d = asdict(ev)
+        d["tokens"] = list(ev.tokens)
+        self._send_msg(Event(rid, d))
+
+    def _send_msg(self, msg: Message) -> None:
+        if self._send is not None:
+            self._send(msg)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry of a real-KV worker process."""
+    from kvproof.runtime.pd_process import _addr, run_decode, run_prefill
+    ap = argparse.ArgumentParser(prog="python -m kvproof.runtime.pd_model_worker")
+    ap.add_argument("role", choices=("decode", "prefill"))
+    ap.add_argument("--config", required=True, help="PDConfig as JSON")
+    ap.add_argument("--engine", required=True, help="EngineConfig as JSON")
+    ap.add_argument("--client", type=_addr, help="decode: the client's channel listener")
+    ap.add_argument("--rank", type=int, help="prefill: this rank (writer index)")
+    ap.add_argument("--control", type=_addr, help="prefill: decode's control listener for this rank")
+    ap.add_argument("--data", type=_addr, help="prefill: decode's data listener for this rank")
+    a = ap.parse_args(argv)
+    cfg = PDConfig.from_json(a.config)
+    ecfg = engine_config_from_json(a.engine)
+    if a.role == "decode":
+        if a.client is None:
+            ap.error("decode needs --client")
+        return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
+    if a.rank is None or a.control is None or a.data is None:
+        ap.error("prefill needs --rank, --control and --data")
+    return run_prefill(cfg, a.rank, a.control, a.data, compute=PrefillModel(ecfg, cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The PD engine: the model disaggregated over the PD runtime (prefill-rank processes -> KV slots ->
+decode process). Greedy outputs equal the single-process reference under concurrency with aborts
+and disconnects, no slot leaks, /metrics through the server, and corrupted KV trips the monitor."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import aiohttp
+import pytest
+
+from serving_testing import wait_for
+from kvproof.runtime.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.server import start_server
+from kvproof.runtime.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+MAX_TOKENS = 16
+SHARED = "You are a coding agent. Repository context follows.\n" + "".join(
+    f"def helper_{i}(x):\n    return x + {i}\n" for i in range(8))
+
+
+def _prompts() -> list[str]:
+    short = [f"q{i}: sort a list of {i} ints" for i in range(8)] + ["x"]     # "x": one token, no KV
+    agent = [SHARED + f"# task {i}: fix the bug in helper_{i % 8}\n" for i in range(6)]
+    return short + agent
+
+
+async def _collect(engine: PDEngine, rid: str, prompt: list[int], params: SamplingParams,
+                   fault: str, start_s: float = 0.0) -> tuple[str | None, list[int]]:
+    """Run one request from start_s on; 'disconnect' leaves after the first event, 'abort' aborts it soon."""
+    await asyncio.sleep(start_s)
+    out: list[int] = []
+    reason = None
+    if fault == "abort":
+        asyncio.get_running_loop().call_later(random.Random(rid).random() * 1.0, engine.abort, rid, "client")
+    gen = engine.generate(GenerationRequest(rid, tuple(prompt), params))
+    async for ev in gen:
+        out += ev.tokens
+        reason = ev.finish_reason if ev.finished else reason
+        if fault == "disconnect":
+            await gen.aclose()                                  # the consumer goes away -> abort
+            return "disconnected", out
+    return reason, out
+
+
+@pytest.mark.timeout(90)
+def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
+    """40 concurrent requests (some aborted or disconnected mid-way) over 2 prefill ranks and 6 slots."""
+    prompts = _prompts()
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    ref = generate_reference(EngineConfig(num_drafts=0), [TOK.encode(p) for p in prompts], params)
+    rng = random.Random(1)
+    plan = [(rng.randrange(len(prompts)), rng.choice(["none"] * 5 + ["abort", "disconnect"])) for _ in range(40)]
+
+    async def main() -> dict:
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=6, writers=2, delay_ms=15.0))
+        runner, url = await start_server(engine, "127.0.0.1", 0)
+        try:
+            res = await asyncio.gather(*[_collect(engine, f"r{i}", TOK.encode(prompts[p]), params, f, 0.02 * i)
+                                         for i, (p, f) in enumerate(plan)])
+            done = 0
+            for i, ((p, fault), (reason, out)) in enumerate(zip(plan, res)):
+                if reason == "length":
+                    assert out == ref[p], f"request {i} (prompt {p}, fault {fault}) differs from the reference"
+                    done += 1
+                else:
+                    assert fault != "none", f"request {i} ended with {reason} without a fault"
+                    assert out == ref[p][:len(out)], f"aborted request {i}: its tokens so far must match"
+            assert done >= 25, done
+            st = await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
+            assert st["slots{state}"] == {"FREE": 6, "WAIT": 0, "READY": 0, "ABORTING": 0}
+            assert st["kv_foreign_landings_total"] == 0
+            assert st["reclaim_latency_seconds_count"] == st["slots_reclaimed_total"]
+            assert sum(st["requests_finished_total{reason}"].values()) == len(plan)
+            async with aiohttp.ClientSession() as s:               # the HTTP path and /metrics
+                r = await s.post(f"{url}/v1/completions", json={"prompt": prompts[0], "max_tokens": MAX_TOKENS,
+                                                                "temperature": 0, "ignore_eos": True})
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["text"] == TOK.decode(ref[0])
+                r = await s.post(f"{url}/v1/completions", json={"prompt": "y" * 600, "max_tokens": 4})
+                assert r.status == 400 and "KV slot" in (await r.json())["error"]["message"]
+                r = await s.post(f"{url}/v1/completions", json={"prompt": prompts[1], "max_tokens": 8,
+                                                                "stream": True, "temperature": 0})
+                await r.content.readline()
+                r.close()                                           # client disconnect while streaming
+                await wait_for(lambda: engine.stats()["queue_depth{queue}"]["router"] == 0, what="disconnect")
+                await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
+                metrics = await (await s.get(f"{url}/metrics")).text()
+            for needle in ('kvproof_slots{state="FREE"} 6', "kvproof_kv_transfers_total",
+                           "kvproof_reclaim_latency_seconds_sum", 'kvproof_aborts_total{cause="disconnect"}'):
+                assert needle in metrics, needle
+            return st
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+
+    st = asyncio.run(main())
+    print({k: st[k] for k in ("kv_transfers_total", "kv_requests_aborted_total", "slots_reclaimed_total",
+                              "reclaim_latency_seconds_sum", "aborts_total{cause}")})
+
+
+@pytest.mark.timeout(90)
+def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
+    """Flip bytes in the prefill's exported KV of every third request: the rule aborts exactly those."""
+    # the prompt family of test_kv_corruption_fires_the_rule_on_the_affected_requests
+    prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n") for i in range(12)]
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    ref = generate_reference(EngineConfig(), prompts, params)
+    affected = {0, 3, 6, 9}
+
+    async def main() -> list:
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=4, writers=1))
+        await engine.start()
+        try:
+            for i in affected:
+                engine.inject_kv_corruption(f"c{i}")
+
+            async def one(i: int) -> tuple:
+                toks, last = [], None
+                async for ev in engine.generate(GenerationRequest(f"c{i}", tuple(prompts[i]), params)):
+                    toks += ev.tokens
+                    last = ev
+                return toks, last
+
+            res = await asyncio.gather(*[one(i) for i in range(len(prompts))])
+            await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
+            assert engine.stats()["anomaly_aborts_total{rule}"], "the rule fired and was counted"
+            return res
+        finally:
+            await engine.stop()
+
+    res = asyncio.run(main())
+    for i, (toks, last) in enumerate(res):
+        if i in affected:
+            assert last.finish_reason == "anomaly", (i, last)
+            assert last.detail in ("low_accept_length", "degenerate_accept_rate"), last
+            assert last.completion_tokens <= 140, "aborted soon after the rule is armed"
+        else:
+            assert toks == ref[i], f"request {i} was not corrupted and must equal the reference"
+    print(json.dumps({i: res[i][1].finish_reason for i in range(len(res))}))
