@@ -40,7 +40,8 @@ class PDEngineConfig:
     slots: int = 16
     writers: int = 1
     protocol: str = "fixed"                 # fixed | prefix (the post-mortem's pre-fix variant)
-    max_prompt_tokens: int = 512            # slot size in tokens (longer prompts: ValueError -> 400)
+    max_prompt_tokens: int | None = None    # slot size in tokens (longer prompts: ValueError -> 400);
+                                            # None: the model's context length
     delay_ms: float | None = None           # injected mean delay of each KV write (None: none)
     transfer_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 10.0
@@ -50,11 +51,12 @@ class PDEngineConfig:
         """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
         mc = _model_config(ecfg)
         tb = token_bytes(mc)
+        mpt = self.max_prompt_tokens if self.max_prompt_tokens is not None else _max_model_len(ecfg, mc)
         if tb % (8 * self.writers):
             raise ValueError(f"writers={self.writers}: the model's KV token ({tb} bytes) must split into "
                              f"whole 64-bit words per writer")
         return PDConfig(variant=self.protocol, slots=self.slots, writers=self.writers, layers=mc.n_layers,
-                        tokens_per_slot=self.max_prompt_tokens, bytes_per_token=tb, delay_ms=self.delay_ms,
+                        tokens_per_slot=mpt, bytes_per_token=tb, delay_ms=self.delay_ms,
                         transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s)
 
 
@@ -63,6 +65,10 @@ def _model_config(ecfg: EngineConfig) -> Any:
         from kvproof.runtime.checkpoint import read_config
         return read_config(ecfg.checkpoint)
     return ecfg.model
+
+
+def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
+    return min(mc.max_seq_len, ecfg.num_pages * mc.page_size - 1 - ecfg.num_drafts)
 
 
 class ModelCluster(PDCluster):
@@ -118,7 +124,8 @@ class PDEngine:
         self.model_cfg = mc
         self.model_name = model_name or f"kvproof-{mc.name}"
         self.tokenizer = ByteTokenizer()
-        self.max_model_len = min(mc.max_seq_len, self.cfg.num_pages * mc.page_size - 1 - self.cfg.num_drafts)
+        self.max_model_len = _max_model_len(self.cfg, mc)
+        self.max_prompt_tokens = self.pd_cfg.tokens_per_slot
         self.cluster: ModelCluster | None = None
         self.error: BaseException | None = None
         self._mu = threading.Lock()
@@ -126,6 +133,7 @@ class PDEngine:
         self._by_rid: dict[int, tuple[str, Sink, int]] = {}  # rid -> (request_id, sink, prompt tokens)
         self._by_id: dict[str, int] = {}
         self._corrupt: set[str] = set()
+        self._aborting: set[int] = set()                   # rids a Cancel was sent for
         self._counters: dict[str, dict[str, float]] = {"aborts_total{cause}": {},
                                                        "requests_finished_total{reason}": {}}
         self._totals = {"requests_total": 0, "prompt_tokens_total": 0}
@@ -196,8 +204,8 @@ class PDEngine:
         if n == 0 or n + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} exceeds the "
                              f"model's context of {self.max_model_len} tokens")
-        if n > self.pd.max_prompt_tokens:
-            raise ValueError(f"prompt of {n} tokens is longer than a KV slot ({self.pd.max_prompt_tokens} "
+        if n > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {n} tokens is longer than a KV slot ({self.max_prompt_tokens} "
                              f"tokens; --max-prompt-tokens)")
         vocab = self.model_cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_tokens):
@@ -240,6 +248,9 @@ class PDEngine:
             rid = self._by_id.get(request_id)
             if rid is None:
                 return False
+            if rid in self._aborting:                       # e.g. server disconnect + stream close
+                return True
+            self._aborting.add(rid)
             _bump(self._counters["aborts_total{cause}"], cause)
         cl = self.cluster
         if cl is not None:
@@ -286,6 +297,7 @@ class PDEngine:
     def _forget(self, rid: int, request_id: str, reason: str) -> None:
         del self._by_rid[rid]
         self._by_id.pop(request_id, None)
+        self._aborting.discard(rid)
         _bump(self._counters["requests_finished_total{reason}"], reason)
 
     # ------------------------------------------------------------ metrics

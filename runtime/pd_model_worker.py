@@ -73,7 +73,7 @@ def corrupt_payload(data: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.
 
 # ---------------------------------------------------------------- prefill rank
 class PrefillModel:
-    """A prefill rank's copy of the model: Alloc -> exported KV bytes of the prompt's first n-1 tokens."""
+    """A prefill rank's copy of the model (with a prefix cache): Alloc -> KV bytes of the first n-1 tokens."""
 
     def __init__(self, ecfg: EngineConfig, pd: PDConfig) -> None:
         self.core = EngineCore(ecfg)
@@ -92,15 +92,16 @@ class PrefillModel:
         if n == 0:                                         # nothing to transfer; one token of padding
             return np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8)
         core = self.core
-        pages = core.pool.allocate(-(-n // core.model.cfg.page_size))
+        seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
+        core.scheduler._match_prefix(seq)                  # share cached full pages of the prefix
         try:
-            seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
-            seq.pages = pages
+            seq.pages += core.pool.allocate(-(-n // core.model.cfg.page_size) - len(seq.pages))
             with torch.no_grad():
-                core.runner.prefill([seq], [n])
-            data = core.cache.export_tokens(pages, n).cpu()                 # uint8 [L, n, token_bytes]
+                core.runner.prefill([seq], [n - seq.num_cached])
+            core.scheduler.prefilled(seq)                   # publish its full pages for later prompts
+            data = core.cache.export_tokens(seq.pages, n).cpu()             # uint8 [L, n, token_bytes]
         finally:
-            core.pool.free(pages)
+            core.pool.free(seq.pages)
         if alloc.corrupt:
             data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
         self.prefilled += 1

@@ -38,8 +38,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     pd.add_argument("--slots", type=int, default=16, help="decode KV slots (default 16)")
     pd.add_argument("--protocol", default="fixed", choices=("fixed", "prefix"),
                     help="KV slot protocol: fixed (safe-to-recycle handshake) or prefix (the pre-fix bug)")
-    pd.add_argument("--max-prompt-tokens", type=int, default=512,
-                    help="KV slot size in prompt tokens; longer prompts get HTTP 400 (default 512)")
+    pd.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="KV slot size in prompt tokens; longer prompts get HTTP 400 (default: the context length)")
     pd.add_argument("--kv-delay-ms", type=float, default=None,
                     help="inject a mean exponential delay into every KV write (default: none)")
     parser.add_argument("--threads", type=int, default=1,

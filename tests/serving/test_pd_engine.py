@@ -56,7 +56,7 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
     plan = [(rng.randrange(len(prompts)), rng.choice(["none"] * 5 + ["abort", "disconnect"])) for _ in range(40)]
 
     async def main() -> dict:
-        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=6, writers=2, delay_ms=15.0))
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=6, writers=2, delay_ms=15.0, max_prompt_tokens=512))
         runner, url = await start_server(engine, "127.0.0.1", 0)
         try:
             res = await asyncio.gather(*[_collect(engine, f"r{i}", TOK.encode(prompts[p]), params, f, 0.02 * i)
