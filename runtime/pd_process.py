@@ -154,7 +154,7 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
     deadline: float | None = None
     rank_stats: dict[str, Any] = {}
     stats_wanted: float | None = None
-    busy = False
+    busy, last_step = False, 0.0
     while True:
         nxt = worker.tick()
         wait = 0.0 if busy else (min(0.05, nxt) if nxt is not None else 0.05)
@@ -196,8 +196,9 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
                     _log("decode", f"rank {w}: {e}")
         elif kind == "rank_dead" and stats_wanted is None:
             _rank_dead(worker, datas, ctrls, w, raw)
-        if model is not None:
-            busy = model.step(worker)
+        if model is not None and (inbox.empty() or time.monotonic() - last_step > 0.01):
+            busy = model.step(worker)                       # messages first, but a step every 10 ms
+            last_step = time.monotonic()
         for rw, t in datas.items():
             if t.is_dead and rw not in worker.dead and stats_wanted is None:
                 _rank_dead(worker, datas, ctrls, rw, f"data connection: {t.dead_reason}")

@@ -141,3 +141,49 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
         else:
             assert toks == ref[i], f"request {i} was not corrupted and must equal the reference"
     print(json.dumps({i: res[i][1].finish_reason for i in range(len(res))}))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("protocol", ["fixed", "prefix"])
+def test_pd_engine_slot_reuse_race_garbles_outputs_only_in_prefix(protocol: str) -> None:
+    """The post-mortem's bug with the real model: aborts while KV is in flight (20 ms mean write delay),
+    two slots reused at once. prefix: late writes land in the next owner's slot and garble its output;
+    fixed: every completed output equals the reference."""
+    prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n" * 3) for i in range(10)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ref = generate_reference(EngineConfig(num_drafts=0), prompts, params)
+    rng = random.Random(0)
+
+    async def main() -> tuple[int, int, dict]:
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=2, writers=1, protocol=protocol, delay_ms=20.0))
+        await engine.start()
+        try:
+            sem = asyncio.Semaphore(3)
+
+            async def one(i: int) -> tuple[int, str | None, list[int]]:
+                async with sem:
+                    p = i % len(prompts)
+                    if i % 2 == 0:                                   # abort while queued / KV in flight / decoding
+                        asyncio.get_running_loop().call_later(rng.random() * 0.04, engine.abort, f"x{i}")
+                    out, last = [], None
+                    async for ev in engine.generate(GenerationRequest(f"x{i}", tuple(prompts[p]), params)):
+                        out += ev.tokens
+                        last = ev
+                    return p, last.finish_reason if last else None, out
+
+            res = await asyncio.gather(*[one(i) for i in range(240)])
+            st = await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
+        finally:
+            await engine.stop()
+        done = [(p, out) for p, reason, out in res if reason == "length"]
+        return len(done), sum(out != ref[p] for p, out in done), st
+
+    done, garbled, st = asyncio.run(main())
+    print(protocol, {"completed": done, "garbled": garbled, "foreign_landings": st["kv_foreign_landings_total"],
+                     "slots_reclaimed": st["slots_reclaimed_total"]})
+    assert st["slots{state}"]["FREE"] == 2 and done >= 80
+    if protocol == "fixed":
+        assert garbled == 0 and st["kv_foreign_landings_total"] == 0
+        assert st["slots_reclaimed_total"] >= 1 and st["reclaim_latency_seconds_sum"] > 0
+    else:
+        assert st["kv_foreign_landings_total"] > 0 and garbled >= 1, "prefix frees slots with writes in flight"
