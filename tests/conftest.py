@@ -9,3 +9,11 @@ except ImportError:        # pragma: no cover - torch is a hard dependency
     _cuda = False
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis: deterministic by default, so CI verdicts are reproducible; use
+# `pytest --hypothesis-profile=explore` to search with fresh random examples.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")

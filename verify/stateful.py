@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvproof.spec.core import Layout, Protocol
-from kvproof.spec.machine import CONCRETE, Emission, evaluate, holds, successors
+from kvproof.spec.compiled import Compiled
+from kvproof.spec.machine import CONCRETE, Emission, evaluate, holds
 
 
 class SystemUnderTest(TypingProtocol):
@@ -22,6 +23,9 @@ class SystemUnderTest(TypingProtocol):
 
     def apply(self, action: str, args: dict[str, Any], emissions: list[Emission]) -> None:
         """Carry out the step the model just took (fire it in the runtime, land a write, ...)."""
+
+    def can_apply(self, action: str, args: dict[str, Any]) -> bool:
+        """Optional: whether the real system can take this step now (e.g. the message was sent)."""
 
     def mismatch(self, model_state: dict[str, Any]) -> str | None:
         """None when the real system's state equals the model's, else what differs."""
@@ -37,16 +41,21 @@ def machine_for(protocol: type[Protocol], variant: str, params: dict[str, int],
     """Build a RuleBasedStateMachine class that explores `protocol` (and drives a SUT, if given)."""
     full = {**protocol.bounds, **params}
     layout = Layout.build(protocol, full)
+    compiled = Compiled(protocol, full, variant, dropped)
     invs = [(name, inv, list(layout.instances(inv.params))) for name, inv in protocol.invariants.items()
             if include_strengthening or not inv.strengthening]
 
     def enabled_of(self: Any, action: str) -> list[tuple[dict[str, Any], tuple]]:
         if self._succ is None or self._succ[0] != self.state:
             by_action: dict[str, list] = {}
-            for a, args, nxt in successors(layout, full, self.state, variant, dropped):
+            for a, args, nxt in compiled.successors(self.state):
                 by_action.setdefault(a, []).append((args, nxt))
             self._succ = (self.state, by_action)
-        return self._succ[1].get(action, [])
+        found = self._succ[1].get(action, [])
+        can = getattr(self.sut, "can_apply", None)
+        # The model's channels over-approximate (an "older" message may carry any older epoch,
+        # even one never sent); a real system can only replay what really happened.
+        return [(a, n) for a, n in found if can(action, a)] if can else found
 
     body: dict[str, Any] = {}
 

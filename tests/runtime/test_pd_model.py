@@ -61,6 +61,12 @@ class RuntimeSUT:
     def _poll(self, w: int) -> None:
         self.cq[w] += [c for c in self.links[w][0].poll() if c.ok]
 
+    def can_apply(self, action: str, a: dict[str, Any]) -> bool:
+        """A delivery is possible only for a message the runtime really sent."""
+        channel = {"on_done": "done", "on_safe": "safe", "p_on_alloc": "alloc", "p_on_abort": "abort",
+                   "p_on_abort_busy": "abort", "p_on_abort_unseen": "abort"}.get(action)
+        return channel is None or (channel, a["s"], a["w"], a["e"]) in self.sent
+
     def apply(self, action: str, a: dict[str, Any], emissions: list[Emission]) -> None:
         """Carry out the model's step in the runtime; its sends and posts must be the model's."""
         self.last_sends = []
