@@ -187,3 +187,35 @@ def test_pd_engine_slot_reuse_race_garbles_outputs_only_in_prefix(protocol: str)
         assert st["slots_reclaimed_total"] >= 1 and st["reclaim_latency_seconds_sum"] > 0
     else:
         assert st["kv_foreign_landings_total"] > 0 and garbled >= 1, "prefix frees slots with writes in flight"
+
+
+@pytest.mark.timeout(60)
+def test_pd_engine_prefill_rank_death_ends_requests_and_sets_error() -> None:
+    """SIGKILL of the prefill rank mid-transfer: pending requests end with the reason, the engine
+    reports the error (/health 503) and refuses new requests; stop() still shuts everything down."""
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+
+    async def main() -> list:
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=2, writers=1, delay_ms=500.0))
+        await engine.start()
+        try:
+            async def one(i: int) -> tuple:
+                last = None
+                async for ev in engine.generate(GenerationRequest(f"d{i}", tuple(TOK.encode("hello")), params)):
+                    last = ev
+                return last.finish_reason, last.detail
+
+            tasks = [asyncio.create_task(one(i)) for i in range(4)]
+            await asyncio.sleep(0.3)
+            assert engine.cluster is not None
+            engine.cluster.kill_prefill(0)
+            res = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+            await wait_for(lambda: engine.error is not None, what="engine.error")
+            with pytest.raises(RuntimeError, match="prefill-0 process exited"):
+                engine.generate(GenerationRequest("late", (1, 2), params))
+            return res
+        finally:
+            await engine.stop()
+
+    for reason, detail in asyncio.run(main()):
+        assert reason == "abort" and "prefill rank 0 dead" in detail, (reason, detail)
