@@ -136,3 +136,29 @@ def test_machine_readable_reports():
     sarif = to_sarif(verdicts, {"kv_slot": "spec/kv_slot.py"})
     assert sarif["version"] == "2.1.0" and len(sarif["runs"][0]["results"]) == len(verdicts)
     assert all(v.status == Status.REFUTED for v in verdicts)
+
+
+class _Neighbourly(Protocol):
+    """A toy protocol whose action peeks at another slot: one-slot proofs must not generalise."""
+    name = "neighbourly"
+    variants = ("v",)
+    actors = ("a",)
+    indices = {"slot": "slots"}
+    bounds = {"slots": 2}
+    vars = {"busy": Var(Bool(), ("slot",), "a")}
+
+    @action("a", s="slot")
+    def take(P, m, s):
+        m.require(m.not_(m.busy[(s + 1) % 2]), "neighbour_idle")
+        m.busy[s] = True
+
+    @invariant
+    def fine(P, m, s: "slot"):
+        return True
+
+
+def test_slot_locality_holds_for_kv_slot_and_fails_for_a_nonlocal_protocol():
+    from kvproof.verify.locality import slot_locality
+    assert slot_locality(KVSlot, "fixed", {"writers": 2}) == []
+    problems = slot_locality(_Neighbourly, "v", {})
+    assert problems and "guard neighbour_idle reads slots [1]" in problems[0]
