@@ -8,7 +8,8 @@ and the transports' receive threads call `on_land`. Slot state lives in the spec
 deque, request <-> slot maps, timers) and counters.
 
 Request path: submit -> alloc (Alloc to every rank) -> on_done per rank ->
-start_decode -> decode reads the slot (`KVPool.bad_bytes`) -> finish.
+start_decode -> decode reads the slot (`KVPool.bad_bytes`; real-KV mode: the `read` hook imports it
+into the model) -> finish.
 Termination: client cancel -> abort; transfer timeout -> timeout; a rank whose
 connection died -> its transport is closed and drained by the caller, then
 abort of its requests and on_peer_dead for every aborting slot; reclaim when

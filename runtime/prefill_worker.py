@@ -1,4 +1,7 @@
-"""One prefill rank: computes a request's synthetic KV and pushes it into decode's slot, via the spec.
+"""One prefill rank: computes a request's KV and pushes it into decode's slot, via the spec.
+
+The KV is synthetic (`kv_chunk`) unless a `compute` hook is given (real-KV mode,
+pd_model_worker.PrefillModel: the model's exported KV, of which the rank writes its byte share).
 
 `PrefillRank` is the protocol logic of one rank (writer w), free of threads so
 tests can drive it step by step; the process loop (pd_process.py) feeds it
