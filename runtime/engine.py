@@ -22,7 +22,7 @@ from kvproof.runtime.model_cache import KVCache, PagePool
 from kvproof.runtime.model_config import ModelConfig, preset
 from kvproof.runtime.model_runner import ModelRunner
 from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
-from kvproof.runtime.scheduler import Scheduler, Sequence, SeqStatus
+from kvproof.runtime.scheduler import Scheduler, Sequence
 from kvproof.runtime.tokenizer import ByteTokenizer
 
 

@@ -154,11 +154,11 @@ def action(actor: str, receives: str | None = None, **params: str) -> Callable:
     return wrap
 
 
-def invariant(fn: Callable | None = None, *, strengthening: bool = False) -> Callable:
-    """Declare a safety property (parameters are index sets, from the signature's annotations)."""
+def invariant(fn: Callable | None = None, *, strengthening: bool = False, **params: str) -> Callable:
+    """Declare a safety property, quantified over index parameters: @invariant(s="slot")."""
 
     def wrap(f: Callable) -> Callable:
-        f.__kv_invariant__ = strengthening
+        f.__kv_invariant__ = (strengthening, params)
         return f
 
     return wrap(fn) if fn is not None else wrap
@@ -213,15 +213,13 @@ class Protocol:
                 cls.actions[attr] = ActionDef(attr, actor, _parse_params(ps), fn, receives,
                                               (fn.__doc__ or "").strip())
             elif hasattr(fn, "__kv_invariant__"):
-                sig = inspect.signature(fn)
-                ps = {}
-                for n, p in list(sig.parameters.items())[2:]:      # skip (P, m)
-                    if not isinstance(p.annotation, str):
-                        raise SpecError(f"{cls.__name__}.{attr}: parameter {n} needs an index-set "
-                                        f"annotation such as {n}: \"slot\"")
-                    ps[n] = p.annotation.strip("'\"")   # "slot" or, stringified, "'slot'"
-                cls.invariants[attr] = InvariantDef(attr, _parse_params(ps), fn,
-                                                    fn.__kv_invariant__, (fn.__doc__ or "").strip())
+                strengthening, ps = fn.__kv_invariant__
+                names = list(inspect.signature(fn).parameters)[2:]      # skip (P, m)
+                if sorted(names) != sorted(ps):
+                    raise SpecError(f"{cls.__name__}.{attr}: parameters {names} need index sets in "
+                                    f"the decorator, e.g. @invariant({names[0] if names else 's'}=\"slot\")")
+                cls.invariants[attr] = InvariantDef(attr, _parse_params({n: ps[n] for n in names}), fn,
+                                                    strengthening, (fn.__doc__ or "").strip())
             elif hasattr(fn, "__kv_liveness__"):
                 pending, done, ps = fn.__kv_liveness__
                 cls.goals[attr] = LivenessDef(attr, _parse_params(ps), getattr(cls, pending),

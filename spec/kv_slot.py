@@ -273,61 +273,61 @@ class KVSlot(Protocol):
             m.fl_old[s, w] = 0
 
     # ------------------------------------------------------------ properties
-    @invariant
-    def no_cross_request_write(P, m, s: "slot"):
+    @invariant(s="slot")
+    def no_cross_request_write(P, m, s):
         """No write ever lands in a slot whose current owner (epoch) is not the write's."""
         return m.not_(m.corrupt[s])
 
-    @invariant
-    def no_write_into_free_slot(P, m, s: "slot"):
+    @invariant(s="slot")
+    def no_write_into_free_slot(P, m, s):
         """No write lands in a slot that is back in the free pool."""
         return m.not_(m.into_free[s])
 
-    @invariant
-    def no_read_before_landed(P, m, s: "slot"):
+    @invariant(s="slot")
+    def no_read_before_landed(P, m, s):
         """Decode reads a slot only after every chunk of its epoch landed and none can follow."""
         return m.implies(m.d_state[s] == DState.READY, m.all(
             m.any([m.dead[w], m.all([m.p_epoch[s, w] == m.epoch[s], m.p_state[s, w] == PState.DONE,
                                      m.fl_n[s, w] == 0])])
             for w in m.range("writer")))
 
-    @invariant
-    def one_owner(P, m, s: "slot"):
+    @invariant(s="slot")
+    def one_owner(P, m, s):
         """A slot is held by exactly one request unless free."""
         return m.owners[s] == m.ite(m.d_state[s] == DState.FREE, 0, 1)
 
     # Strengthening invariants: together with the properties they are inductive
     # for the fixed variant (checked by `kvproof prove`).
-    @invariant(strengthening=True)
-    def epochs_ordered(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def epochs_ordered(P, m, s, w):
         """A rank never runs ahead of decode; no message carries a future epoch."""
         return m.all([m.p_epoch[s, w] <= m.epoch[s]] +
                      [m.var(f"{c}.lat")[s, w] <= m.epoch[s] for c in P.channels])
 
-    @invariant(strengthening=True)
-    def rank_in_step(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def rank_in_step(P, m, s, w):
         """A live rank is at decode's epoch, or one behind and finished while decode waits."""
         behind = m.all([m.p_epoch[s, w] + 1 == m.epoch[s], m.d_state[s] != DState.FREE,
                         m.any([m.p_state[s, w] == PState.DONE, m.p_state[s, w] == PState.ABORTED,
                                m.p_state[s, w] == PState.IDLE])])
         return m.implies(m.not_(m.dead[w]), m.any([m.p_epoch[s, w] == m.epoch[s], behind]))
 
-    @invariant(strengthening=True)
-    def writes_conserved(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def writes_conserved(P, m, s, w):
         """Every posted write of the current epoch is in flight, unpolled or completed."""
         return m.implies(m.not_(m.dead[w]),
                          m.posted[s, w] == m.completed[s, w] + m.cq_n[s, w] + m.fl_n[s, w])
 
-    @invariant(strengthening=True)
-    def quiet_unless_owner(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def quiet_unless_owner(P, m, s, w):
         """A rank's writes can be in flight only for the slot's live owner."""
         live = m.all([m.p_epoch[s, w] == m.epoch[s], m.d_state[s] != DState.FREE])
         busy = m.any([m.fl_n[s, w] > 0, m.all([m.not_(m.dead[w]), m.any(
             [m.p_state[s, w] == PState.SENDING, m.p_state[s, w] == PState.ABORT_PENDING])])])
         return m.all([m.fl_old[s, w] == 0, m.implies(busy, live)])
 
-    @invariant(strengthening=True)
-    def answers_are_true(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def answers_are_true(P, m, s, w):
         """'done' and 'safe' for the current epoch imply the rank really is quiet."""
         cur = m.epoch[s]
         quiet_done = m.all([m.p_epoch[s, w] == cur, m.fl_n[s, w] == 0, m.any(
@@ -345,22 +345,22 @@ class KVSlot(Protocol):
             m.implies(m.dead[w], m.all([m.fl_n[s, w] == 0, m.fl_old[s, w] == 0])),
         ])
 
-    @invariant(strengthening=True)
-    def finished_means_quiet(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def finished_means_quiet(P, m, s, w):
         """A rank that is done or aborted has every write completed and polled."""
         fin = m.any([m.p_state[s, w] == PState.DONE, m.p_state[s, w] == PState.ABORTED])
         return m.implies(m.all([fin, m.not_(m.dead[w])]), m.all([m.completed[s, w] == m.posted[s, w], m.fl_n[s, w] == 0,
                                      m.cq_n[s, w] == 0]))
 
-    @invariant(strengthening=True)
-    def aborted_only_when_terminated(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def aborted_only_when_terminated(P, m, s, w):
         """A rank aborted the current epoch only after decode terminated its request."""
         stopped = m.any([m.p_state[s, w] == PState.ABORTED, m.p_state[s, w] == PState.ABORT_PENDING])
         return m.implies(m.all([stopped, m.p_epoch[s, w] == m.epoch[s]]),
                          m.any([m.d_state[s] == DState.ABORTING, m.d_state[s] == DState.FREE]))
 
-    @invariant(strengthening=True)
-    def abort_only_when_terminated(P, m, s: "slot", w: "writer"):
+    @invariant(strengthening=True, s="slot", w="writer")
+    def abort_only_when_terminated(P, m, s, w):
         """An abort for the current epoch exists only once decode terminated the request."""
         return m.implies(m.all([m.var("abort.has")[s, w], m.var("abort.lat")[s, w] == m.epoch[s]]),
                          m.any([m.d_state[s] == DState.ABORTING, m.d_state[s] == DState.FREE]))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator, Union
+from typing import Union
 
 from kvproof.spec.core import ProtocolViolation
 

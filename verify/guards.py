@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvproof.spec.core import Layout, Protocol
+from kvproof.spec.core import Protocol
 from kvproof.verify.bmc import Counterexample, bmc, induction
-from kvproof.verify.symbolic import Z3, Encoding
+from kvproof.verify.symbolic import Encoding
 
 
 @dataclass

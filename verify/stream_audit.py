@@ -82,7 +82,7 @@ def _text(path: str, plan: Plan, lines: tuple[int, ...], reports: list[RaceRepor
     for k, r in enumerate(reports, 1):
         v = r.violation
         seen = observed(r, times)
-        out += [f"", f"[{k}] {v.property} at {path}:{lines[v.after]}", f"    {v.message}"]
+        out += ["", f"[{k}] {v.property} at {path}:{lines[v.after]}", f"    {v.message}"]
         if seen is not None:
             out.append("    the recording shows it happening" if seen else
                        "    not seen in this recording (latent: another schedule exhibits it)")

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from kvproof.spec.core import Bool, EnumT, Protocol, Var, action, invariant, liveness
+from kvproof.spec.core import Bool, Protocol, Var, action, invariant, liveness
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.explore import explore, fair_liveness_violations
@@ -93,8 +93,8 @@ class _Stuck(Protocol):
         m.require(m.all([m.waiting[s], m.not_(m.lost[s])]), "not_lost")
         m.waiting[s] = False
 
-    @invariant
-    def trivially(P, m, s: "slot"):
+    @invariant(s="slot")
+    def trivially(P, m, s):
         return True
 
     def _pending(P, m, s):
@@ -152,8 +152,8 @@ class _Neighbourly(Protocol):
         m.require(m.not_(m.busy[(s + 1) % 2]), "neighbour_idle")
         m.busy[s] = True
 
-    @invariant
-    def fine(P, m, s: "slot"):
+    @invariant(s="slot")
+    def fine(P, m, s):
         return True
 
 

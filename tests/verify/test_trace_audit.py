@@ -38,7 +38,7 @@ def _simulate(tmp_path, variant, steps, seed, prefer=None):
 
 
 def test_a_valid_run_passes_with_a_summary(tmp_path):
-    files = _simulate(tmp_path, "fixed", 300, seed=1)
+    _simulate(tmp_path, "fixed", 300, seed=1)
     res = audit([str(tmp_path)])
     assert res.ok, res.text()
     assert res.events > 100 and set(res.actors) >= {"decode", "prefill", "net"}
