@@ -7,12 +7,26 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: prove test serve stress venv clean
 
-$(STAMP): pyproject.toml
+define LINK_PYVERBS
+import glob, os, sys, sysconfig
+src = '/usr/lib/python3/dist-packages/pyverbs'
+dst = os.path.join(sysconfig.get_paths()['purelib'], 'pyverbs')
+abi = 'cpython-%d%d' % sys.version_info[:2]
+if os.path.isdir(src) and glob.glob(os.path.join(src, '*' + abi + '*.so')) and not os.path.exists(dst):
+    os.symlink(src, dst)
+    print('linked', src, '->', dst)
+endef
+export LINK_PYVERBS
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this exact version is the local CPU build; a looser
 	# request can make pip fetch a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# Optional RDMA extra: rdma-core's pyverbs (Debian: python3-pyverbs), when installed
+	# system-wide for this Python version, is linked into the venv; nothing happens otherwise.
+	$(PY) -c "$$LINK_PYVERBS"
 	touch $(STAMP)
 
 venv: $(STAMP)
