@@ -155,6 +155,13 @@ def _register() -> None:
         register(Check(PROTOCOL, label, "no_cross_request_write", p, Status.REFUTED,
                        functools.partial(_refutation, "fixed", "no_cross_request_write", p,
                                          frozenset({guard}), label)))
+    # Receivers must check epochs: a stale 'safe' from the slot's previous request otherwise
+    # lets decode reclaim while the current request's write is in flight (SGLang #38961's class).
+    p = {"slots": 1, "writers": 1}
+    label = "fixed-without-safe_epoch_current"
+    register(Check(PROTOCOL, label, "no_write_into_free_slot", p, Status.REFUTED,
+                   functools.partial(_refutation, "fixed", "no_write_into_free_slot", p,
+                                     frozenset({"safe_epoch_current"}), label)))
     for params in SEARCH_PARAMS:
         register(Check(PROTOCOL, "fixed", "aborted_slot_reclaimed", params, Status.PROVEN,
                        functools.partial(_liveness, "fixed", params)))

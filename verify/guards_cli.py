@@ -35,7 +35,7 @@ def add_guards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="kv_slot")
     p.add_argument("--variant", default="fixed")
     p.add_argument("--param", action="append", metavar="NAME=N", help="instance size, e.g. writers=1")
-    p.add_argument("--depth", type=int, default=12, help="BMC depth per dropped guard")
+    p.add_argument("--depth", type=int, default=14, help="BMC depth per dropped guard")
     p.add_argument("--guard", action="append", help="only these guards")
     p.add_argument("--json", action="store_true")
 
