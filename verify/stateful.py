@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvproof.spec.core import Layout, Protocol
 from kvproof.spec.compiled import Compiled
@@ -46,6 +46,8 @@ def machine_for(protocol: type[Protocol], variant: str, params: dict[str, int],
             if include_strengthening or not inv.strengthening]
 
     def enabled_of(self: Any, action: str) -> list[tuple[dict[str, Any], tuple]]:
+        if action in self.muted:
+            return []
         if self._succ is None or self._succ[0] != self.state:
             by_action: dict[str, list] = {}
             for a, args, nxt in compiled.successors(self.state):
@@ -64,9 +66,18 @@ def machine_for(protocol: type[Protocol], variant: str, params: dict[str, int],
         self.state = layout.initial()
         self.steps = 0
         self._succ = None
+        self.muted: frozenset[str] = frozenset()
         self.sut = sut_factory() if sut_factory else None
 
     body["__init__"] = init
+
+    # Swarm testing: each run mutes a random subset of actions, so runs that never abort,
+    # never kill a rank or never time out reach deep states that uniform choice rarely does.
+    @initialize(muted=st.frozensets(st.sampled_from(sorted(protocol.actions))))
+    def swarm(self: Any, muted: frozenset[str]) -> None:
+        self.muted = muted
+
+    body["swarm"] = swarm
 
     def make_rule(action: str) -> Callable:
         def fire(self: Any, data: Any) -> None:
