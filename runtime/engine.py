@@ -5,7 +5,8 @@
 /metrics. `LocalEngine` runs the whole model in this process with continuous
 batching, chunked prefill, MTP speculative decoding and the anomaly monitor; it is
 also the reference that end-to-end integrity tests compare against. The PD engine
-(prefill and decode processes) implements the same interface.
+(prefill and decode processes) implements the same interface. The interface types live in
+`engine_api` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -14,83 +15,18 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable
 
 import torch
 
+from kvproof.runtime.engine_api import Engine, GenerationRequest, SamplingParams, TokenEvent  # noqa: F401 (re-exported)
 from kvproof.runtime.model_cache import KVCache, PagePool
 from kvproof.runtime.model_config import ModelConfig, preset
+from kvproof.runtime.model_hicache import host_tier
 from kvproof.runtime.model_runner import ModelRunner
 from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
 from kvproof.runtime.scheduler import Scheduler, Sequence
 from kvproof.runtime.tokenizer import ByteTokenizer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate: greedy when temperature is 0; `seed` makes sampling reproducible."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r}; expected an integer >= 1")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature={self.temperature!r}; expected 0 <= temperature <= 100")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p!r}; expected 0 < top_p <= 1")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A request to generate from prompt token ids."""
-
-    request_id: str
-    prompt_tokens: tuple[int, ...]
-    params: SamplingParams = SamplingParams()
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New tokens of a request; the last event has finished=True and a finish_reason."""
-
-    request_id: str
-    tokens: tuple[int, ...]
-    finished: bool = False
-    finish_reason: str | None = None       # "stop", "length", "abort", "anomaly"
-    detail: str = ""                       # why it was aborted
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    accept_length: float = 0.0
-    accept_rate: float = 0.0
-
-
-class Engine(Protocol):
-    """What the HTTP server needs from a serving backend (LocalEngine, the PD engine)."""
-
-    model_name: str
-    max_model_len: int
-    tokenizer: ByteTokenizer
-
-    async def start(self) -> None:
-        """Start serving (load the model, spawn workers)."""
-
-    async def stop(self) -> None:
-        """Stop serving; pending requests finish with reason 'abort'."""
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit a request and stream its tokens."""
-
-    def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request; False when it is unknown or already finished."""
-
-    def stats(self) -> dict:
-        """Counters and gauges for /metrics: name -> number, or 'name{label}' -> {label value: number}."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +44,10 @@ class EngineConfig:
     device: str = "cpu"
     threads: int | None = 1                # torch intra-op threads (process-wide; None: leave as is).
                                            # 1 suits the tiny model: more threads only add overhead
+    host_cache_pages: int = 0              # host tier (HiCache) pages under the device pool; 0: off
+    host_cache_variant: str = "fixed"      # swap-in plan: fixed, or prefix (the pre-fix race; allow_races)
+    host_cache_schedule: str = "random"    # CPU stream emulator policy: eager, random, adversarial, sync
+    host_cache_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
 
 
 class EngineCore:
@@ -122,9 +62,10 @@ class EngineCore:
         mc = self.model.cfg
         self.cache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=cfg.backend == "triton")
         self.pool = PagePool(cfg.num_pages)
-        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts)
+        self.host = host_tier(cfg, self.cache, self.pool)               # None unless host_cache_pages
+        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts, self.host)
         self.scheduler = Scheduler(self.pool, mc.page_size, cfg.max_batch, cfg.max_prefill_tokens,
-                                   1 + cfg.num_drafts)
+                                   1 + cfg.num_drafts, self.host)
         self.seqs: dict[str, Sequence] = {}
         self.sinks: dict[str, Callable[[TokenEvent], None]] = {}
         self.corrupt_after_prefill: set[str] = set()     # fault injection (tests)
@@ -257,7 +198,7 @@ class EngineCore:
         q = c["prefix_query_tokens"]
         out["cache_hit_rate"] = c["prefix_hit_tokens"] / q if q else 0.0
         out["prefix_cache_hit_tokens_total"] = c["prefix_hit_tokens"]
-        return out
+        return out | (self.host.stats() if self.host is not None else {})
 
 
 def _bump(d: dict[str, float], key: str, by: float = 1) -> None:

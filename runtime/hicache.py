@@ -114,6 +114,31 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in out]
 
 
+def layer_copy(host: torch.Tensor, dev: torch.Tensor, l: int, swaps: list[tuple[int, int]],
+               emulated: bool) -> OpImpl:
+    """Two-phase copy of layer ``l``'s pages host -> device for ``swaps`` [(host page, device page)]."""
+    src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
+    dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long)
+
+    def start():
+        if not swaps:
+            return None
+        layer = dev[l]                      # one view per layer: what the indexer reads too
+        if emulated:                        # the data is read now, lands at the end
+            snap = host[l].index_select(0, src_t)
+            return lambda: layer.index_copy_(0, dst_t, snap)
+        # On the load stream: pinned host runs -> device staging (async), then scatter to pages.
+        # Both tensors are allocated on this stream and used only here (allocator-safe).
+        stage = torch.empty((len(swaps),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
+        k = 0
+        for s, n in _runs([s for s, _ in swaps]):
+            stage[k:k + n].copy_(host[l, s:s + n], non_blocking=True)
+            k += n
+        layer.index_copy_(0, dst_t.to(layer.device, non_blocking=True), stage)
+        return None
+    return start
+
+
 class HiCache:
     """Two-tier paged KV + Indexer cache with a prefix index and checked layer-wise swap-in."""
 
@@ -326,28 +351,6 @@ class HiCache:
         pages = torch.tensor(dev_pages, dtype=torch.long, device=self.device)
         out: dict = {"scores": {}, "topk": {}, "hidden": {0: h0}}
         impls: dict[str, OpImpl] = {}
-        src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
-        dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long)
-
-        def copy(host: torch.Tensor, dev: torch.Tensor, l: int) -> OpImpl:
-            def start():
-                if not swaps:
-                    return None
-                layer = dev[l]                      # one view per layer: what the indexer reads too
-                if emulated:                        # the data is read now, lands at the end
-                    snap = host[l].index_select(0, src_t)
-                    return lambda: layer.index_copy_(0, dst_t, snap)
-                # On the load stream: pinned host runs -> device staging (async), then scatter to pages.
-                # Both tensors are allocated on this stream and used only here (allocator-safe).
-                stage = torch.empty((len(swaps),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
-                k = 0
-                for s, n in _runs([s for s, _ in swaps]):
-                    stage[k:k + n].copy_(host[l, s:s + n], non_blocking=True)
-                    k += n
-                dst = torch.tensor([d for _, d in swaps], dtype=torch.long).to(layer.device, non_blocking=True)
-                layer.index_copy_(0, dst, stage)
-                return None
-            return start
 
         def indexer(l: int) -> OpImpl:
             def start():
@@ -380,8 +383,8 @@ class HiCache:
             return start
 
         for l in range(cfg.layers):
-            impls[f"load_idx[{l}]"] = copy(self.host_idx, self.dev_idx, l)
-            impls[f"load_kv[{l}]"] = copy(self.host_kv, self.dev_kv, l)
+            impls[f"load_idx[{l}]"] = layer_copy(self.host_idx, self.dev_idx, l, swaps, emulated)
+            impls[f"load_kv[{l}]"] = layer_copy(self.host_kv, self.dev_kv, l, swaps, emulated)
             impls[f"indexer[{l}]"] = indexer(l) if compute else noop
             impls[f"attention[{l}]"] = attention(l) if compute else keep(l)
         return impls, out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,10 +21,11 @@ class PagePool:
 
     A full page of prompt tokens is published under a hash of all tokens up to its end; a
     later sequence with the same prefix shares it (refcount + 1) instead of recomputing it.
-    Freed pages keep their content and hash until they are handed out again (oldest first).
+    Freed pages keep their content and hash until they are handed out again (oldest first);
+    `on_evict(page, hash)` (the host tier, `model_hicache.HostTier`) is called just before.
     """
 
-    def __init__(self, num_pages: int) -> None:
+    def __init__(self, num_pages: int, on_evict: Callable[[int, bytes], None] | None = None) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages={num_pages}; expected >= 1")
         self.num_pages = num_pages
@@ -31,6 +33,7 @@ class PagePool:
         self._refs = [0] * num_pages
         self._hash_of: dict[int, bytes] = {}
         self._by_hash: dict[bytes, int] = {}
+        self.on_evict = on_evict
 
     @property
     def num_free(self) -> int:
@@ -52,6 +55,8 @@ class PagePool:
             h = self._hash_of.pop(p, None)
             if h is not None:
                 del self._by_hash[h]
+                if self.on_evict is not None:
+                    self.on_evict(p, h)
             self._refs[p] = 1
             out.append(p)
         return out
@@ -67,6 +72,10 @@ class PagePool:
     def lookup(self, h: bytes) -> int | None:
         """The page holding the prefix with hash `h`, if cached."""
         return self._by_hash.get(h)
+
+    def cached(self) -> dict[bytes, int]:
+        """Prefix hash -> page of every cached page (held or free)."""
+        return dict(self._by_hash)
 
     def share(self, p: int) -> None:
         """Take one more reference of a cached page."""

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvproof.runtime.model import AttnBatch, DSAModel
 from kvproof.runtime.model_cache import KVCache
 from kvproof.runtime.scheduler import Sequence
+
+if TYPE_CHECKING:
+    from kvproof.runtime.model_hicache import HostTier
 
 
 @dataclass
@@ -36,10 +40,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 class ModelRunner:
     """Runs prefill chunks and decode (verify) steps of a batch of sequences over the paged cache."""
 
-    def __init__(self, model: DSAModel, cache: KVCache, num_drafts: int) -> None:
+    def __init__(self, model: DSAModel, cache: KVCache, num_drafts: int, host: "HostTier | None" = None) -> None:
         if num_drafts and model.mtp is None:
             raise ValueError(f"num_drafts={num_drafts} needs a model with an MTP layer")
-        self.model, self.cache, self.num_drafts = model, cache, num_drafts
+        self.model, self.cache, self.num_drafts, self.host = model, cache, num_drafts, host
         self.page_size = model.cfg.page_size
         self.device = cache.kv.device
 
@@ -71,7 +75,12 @@ class ModelRunner:
         starts = [s.num_cached for s in seqs]
         toks = torch.tensor([t for s, st, n in zip(seqs, starts, chunks) for t in s.tokens[st: st + n]])
         b = self._layout(seqs, starts, chunks)
-        h = self.model(toks.to(self.device), b, self.cache)                     # [T, D]
+        swaps = [(hp, p) for s in seqs for hp, p, _ in s.swaps]                 # host tier: load first
+        if swaps:
+            assert self.host is not None, "a sequence has host-tier swaps but the runner has no host tier"
+            h = self.host.forward(self.model, toks.to(self.device), b, swaps)   # [T, D]
+        else:
+            h = self.model(toks.to(self.device), b, self.cache)                 # [T, D]
         last = torch.tensor(chunks).cumsum(0) - 1
         for s, n in zip(seqs, chunks):
             s.num_cached += n

@@ -23,6 +23,7 @@ from kvproof.runtime.model_cache import PagePool
 
 if TYPE_CHECKING:
     from kvproof.runtime.engine import SamplingParams
+    from kvproof.runtime.model_hicache import HostTier
     from kvproof.runtime.monitor import RequestMonitor
 
 
@@ -54,6 +55,7 @@ class Sequence:
     sent: int = 0                          # output tokens already delivered to the client
     page_hashes: list[bytes] = field(default_factory=list)   # prefix hash of each full target page
     published: int = 0                     # leading pages already in the prefix cache
+    swaps: list[tuple[int, int, bytes]] = field(default_factory=list)  # host tier: (host page, page, hash)
 
     def __post_init__(self) -> None:
         assert self.prompt, f"request {self.request_id}: empty prompt"
@@ -89,8 +91,8 @@ class Scheduler:
     """FIFO admission, chunked prefill first, then decode of everything running."""
 
     def __init__(self, pool: PagePool, page_size: int, max_batch: int, max_prefill_tokens: int,
-                 lookahead: int) -> None:
-        self.pool, self.page_size = pool, page_size
+                 lookahead: int, host: "HostTier | None" = None) -> None:
+        self.pool, self.page_size, self.host = pool, page_size, host
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.lookahead = lookahead             # positions a decode step writes: 1 + drafts
         self.waiting: deque[Sequence] = deque()
@@ -165,17 +167,24 @@ class Scheduler:
                 seq.page_hashes.append(h)
         for h in seq.page_hashes[:n_full]:
             p = self.pool.lookup(h)
-            if p is None:
+            if p is not None:
+                self.pool.share(p)
+            elif self.host is not None and (r := self.host.reserve(h)) is not None:
+                p = r[1]                       # swapped in by the batch that first reads it
+                seq.swaps.append((r[0], p, h))
+            else:
                 break
-            self.pool.share(p)
             seq.pages.append(p)
+        if self.host is not None:
+            self.host.count_match(len(seq.pages) - len(seq.swaps), len(seq.swaps), n_full)
         seq.num_cached = seq.published = len(seq.pages)
         seq.num_cached *= S
         self.prefix_hit_tokens += seq.num_cached
         self.prefix_query_tokens += seq.prefill_target
 
     def prefilled(self, seq: Sequence) -> None:
-        """Publish the full prompt pages a prefill chunk completed."""
+        """Publish the full prompt pages a prefill chunk completed (and the pages it swapped in)."""
+        self._end_swaps(seq, publish=True)
         done = min(seq.num_cached, seq.prefill_target - 1) // self.page_size
         for j in range(seq.published, min(done, len(seq.page_hashes))):
             self.pool.publish(seq.pages[j], seq.page_hashes[j])
@@ -202,8 +211,16 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
+        self._end_swaps(seq, publish=False)
         self.pool.free(seq.pages)
         seq.pages, seq.status = [], SeqStatus.FINISHED
+
+    def _end_swaps(self, seq: Sequence, publish: bool) -> None:
+        for hp, p, h in seq.swaps:
+            if publish:
+                self.pool.publish(p, h)
+            self.host.release(hp)              # type: ignore[union-attr]
+        seq.swaps = []
 
     def counts(self) -> dict[str, Any]:
         """Queue depths and page usage."""

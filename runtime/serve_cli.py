@@ -26,6 +26,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="attention: torch (CPU) or the project's Triton kernels")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--num-pages", type=int, default=2048, help="KV cache pages")
+    parser.add_argument("--host-cache-pages", type=int, default=0,
+                        help="HiCache host tier: pages in host memory under the device pool, evicted prefix "
+                             "pages are kept there and swapped back in layer-wise (default 0: off)")
     parser.add_argument("--max-batch", type=int, default=256, help="most sequences per step")
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
     parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
@@ -53,7 +56,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
                         num_pages=args.num_pages, max_batch=args.max_batch,
                         max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
-                        monitor=mon, device=args.device, threads=args.threads or None)
+                        monitor=mon, device=args.device, threads=args.threads or None,
+                        host_cache_pages=_host_pages(args.host_cache_pages))
+
+
+def _host_pages(n: int) -> int:
+    if n < 0:
+        raise ValueError(f"--host-cache-pages {n}: expected >= 0 (0 disables the host tier)")
+    return n
 
 
 def build_engine(args: argparse.Namespace) -> Any:

@@ -1,0 +1,77 @@
+"""The engine interface the HTTP server talks to: requests, sampling parameters, token events.
+
+`runtime.engine` re-exports every name here (`from kvproof.runtime.engine import ...` keeps working).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from kvproof.runtime.tokenizer import ByteTokenizer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: greedy when temperature is 0; `seed` makes sampling reproducible."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r}; expected an integer >= 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature={self.temperature!r}; expected 0 <= temperature <= 100")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r}; expected 0 < top_p <= 1")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A request to generate from prompt token ids."""
+
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of a request; the last event has finished=True and a finish_reason."""
+
+    request_id: str
+    tokens: tuple[int, ...]
+    finished: bool = False
+    finish_reason: str | None = None       # "stop", "length", "abort", "anomaly"
+    detail: str = ""                       # why it was aborted
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    accept_length: float = 0.0
+    accept_rate: float = 0.0
+
+
+class Engine(Protocol):
+    """What the HTTP server needs from a serving backend (LocalEngine, the PD engine)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: ByteTokenizer
+
+    async def start(self) -> None:
+        """Start serving (load the model, spawn workers)."""
+
+    async def stop(self) -> None:
+        """Stop serving; pending requests finish with reason 'abort'."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit a request and stream its tokens."""
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Terminate a request; False when it is unknown or already finished."""
+
+    def stats(self) -> dict:
+        """Counters and gauges for /metrics: name -> number, or 'name{label}' -> {label value: number}."""
