@@ -13,7 +13,7 @@ import itertools
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import ActionDef, Layout, Nat, Protocol
-from kvproof.spec.machine import Ops, _receive_guard, data_domain
+from kvproof.spec.machine import Ops, _receive_guard, data_domain, deliverable_epochs
 
 
 class Expr:
@@ -59,6 +59,15 @@ class Expr:
 
     def __rsub__(self, o: Any) -> "Expr":
         return self._rbin("-", o)
+
+    def __mul__(self, o: Any) -> "Expr":
+        return self._bin("*", o)
+
+    def __rmul__(self, o: Any) -> "Expr":
+        return self._rbin("*", o)
+
+    def __neg__(self) -> "Expr":
+        return Expr(f"(-{self.src})")
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -181,13 +190,7 @@ class Compiled:
                     yield name, args, nxt
                 continue
             if adef.receives is not None:
-                ch = lay.protocol.channels[adef.receives]
-                by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
-                idx = tuple(by_index[i] for i in ch.index)
-                has = state[lay.slots[(f"{adef.receives}.has", idx)]]
-                lat = state[lay.slots[(f"{adef.receives}.lat", idx)]]
-                old = state[lay.slots[(f"{adef.receives}.old", idx)]]
-                doms = [([lat] if has else []) + (list(range(lat)) if old else [])]
+                doms = [deliverable_epochs(lay, state, adef, args)]
             else:
                 doms = [list(data_domain(self.params, adef)[d]) for d in data]
             for combo in itertools.product(*doms):

@@ -212,21 +212,23 @@ def data_domain(layout_params: dict[str, int], adef: ActionDef) -> dict[str, ran
     return out
 
 
+def deliverable_epochs(layout: Layout, state: tuple, adef: ActionDef, args: dict[str, Any]) -> list[int]:
+    """Epochs the channel a receive action reads from can deliver now (the newest, then older ones)."""
+    ch = layout.protocol.channels[adef.receives]
+    by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
+    idx = tuple(by_index[i] for i in ch.index)
+    has, lat, old = (state[layout.slots[(f"{adef.receives}.{f}", idx)]] for f in ("has", "lat", "old"))
+    return ([lat] if has else []) + (list(range(lat)) if old else [])
+
+
 def _candidate_args(layout: Layout, params: dict[str, int], state: tuple, adef: ActionDef
                     ) -> Iterator[dict[str, Any]]:
     """Argument tuples worth trying; for a receive, only epochs the channel can deliver."""
     if adef.receives is None:
         yield from layout.instances(adef.params, data_domain(params, adef))
         return
-    ch = layout.protocol.channels[adef.receives]
-    idx_params = tuple(p for p in adef.params if p.index is not None)
-    for args in layout.instances(idx_params):
-        by_index = {p.index: args[p.name] for p in idx_params}
-        idx = tuple(by_index[i] for i in ch.index)
-        has = state[layout.slots[(f"{adef.receives}.has", idx)]]
-        lat = state[layout.slots[(f"{adef.receives}.lat", idx)]]
-        old = state[layout.slots[(f"{adef.receives}.old", idx)]]
-        for e in ([lat] if has else []) + (list(range(lat)) if old else []):
+    for args in layout.instances(tuple(p for p in adef.params if p.index is not None)):
+        for e in deliverable_epochs(layout, state, adef, args):
             yield {**args, "e": e}
 
 

@@ -8,9 +8,9 @@ from typing import Any
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.verify.bmc import Counterexample, InductionResult, bmc, induction
 from kvproof.verify.locality import slot_locality
-from kvproof.verify.explore import Exploration, explore, fair_liveness_violations, render_state
+from kvproof.verify.explore import Exploration, explore, fair_liveness_violations, path_steps, render_state
 from kvproof.verify.registry import Check, register
-from kvproof.verify.verdict import Status, Step, Verdict
+from kvproof.verify.verdict import Status, Verdict
 
 PROTOCOL = KVSlot.name
 PROPERTIES = [n for n, i in KVSlot.invariants.items() if not i.strengthening]
@@ -109,8 +109,7 @@ def _liveness(variant: str, params: dict[str, int]) -> Verdict:
     witness = None
     steps = None
     if bad:
-        path = ex.path_to(bad[0]["state"])
-        steps = [Step(i + 1, KVSlot.actions[a].actor, a, args) for i, (a, args, _) in enumerate(path)]
+        steps = path_steps(ex, bad[0]["state"])
         witness = {"kind": bad[0]["kind"], "state": render_state(ex.layout, bad[0]["state"])}
     status = Status.REFUTED if bad else Status.PROVEN
     return Verdict(PROTOCOL, variant, "aborted_slot_reclaimed", params, status, Status.PROVEN,
@@ -125,8 +124,7 @@ def _deadlock(variant: str, params: dict[str, int]) -> Verdict:
     ex = _search(variant, tuple(sorted(params.items())))
     steps = witness = None
     if ex.deadlocks:
-        path = ex.path_to(ex.deadlocks[0])
-        steps = [Step(i + 1, KVSlot.actions[a].actor, a, args) for i, (a, args, _) in enumerate(path)]
+        steps = path_steps(ex, ex.deadlocks[0])
         witness = {"state": render_state(ex.layout, ex.deadlocks[0])}
     status = Status.REFUTED if ex.deadlocks or ex.violations else Status.PROVEN
     return Verdict(PROTOCOL, variant, "no_deadlock", params, status, Status.PROVEN,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from kvproof.spec.core import EnumT, Nat, Protocol
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import CONCRETE, evaluate, successors
-from kvproof.verify.explore import explore
+from kvproof.spec.machine import successors
+from kvproof.verify.explore import explore, path_steps
 from kvproof.verify.guards import guards_of
 from kvproof.verify.report import mermaid, step_table
 from kvproof.verify.verdict import Step
@@ -51,17 +51,7 @@ def _state_diagram(proto: type[Protocol], var: str) -> list[str]:
 def _shortest_violation(proto: type[Protocol], variant: str, prop: str) -> list[Step]:
     """A shortest violating run found by breadth-first search (deterministic, unlike a Z3 model)."""
     ex = explore(proto, variant, {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1})
-    if prop not in ex.violations:
-        return []
-    steps, prev = [], ex.initial
-    for i, (action, args, nxt) in enumerate(ex.path_to(ex.violations[prop]), 1):
-        changes = {ex.layout.label(p): getattr(v, "name", v) for p, v in enumerate(nxt) if v != prev[p]}
-        sent = [f"{e.fields['channel']}{tuple(e.fields['index'])}@{e.fields['epoch']}" for e in evaluate(
-            ex.layout, prev, proto.actions[action], args, CONCRETE, variant).emissions if e.kind == "send"]
-        steps.append(Step(i, proto.actions[action].actor, action, args, changes,
-                          note="sends " + ", ".join(sent) if sent else ""))
-        prev = nxt
-    return steps
+    return path_steps(ex, ex.violations[prop]) if prop in ex.violations else []
 
 
 def protocol_page(proto: type[Protocol]) -> str:

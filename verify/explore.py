@@ -11,7 +11,8 @@ import networkx as nx
 
 from kvproof.spec.core import Layout, Protocol
 from kvproof.spec.compiled import Compiled
-from kvproof.spec.machine import CONCRETE, holds
+from kvproof.spec.machine import CONCRETE, evaluate, holds
+from kvproof.verify.verdict import Step
 
 
 @dataclass
@@ -76,7 +77,7 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     """Breadth-first search of every state reachable within the instance's bounds."""
     full = {**protocol.bounds, **params}
     layout = Layout.build(protocol, full)
-    canon = _slot_canonical(layout, symmetry) if symmetry else (lambda st: st)
+    canon = _slot_canonical(layout, symmetry) if symmetry in layout.sizes else (lambda st: st)
     t0 = time.perf_counter()
     init = canon(layout.initial())
     g = nx.DiGraph()
@@ -113,16 +114,6 @@ def _view(layout: Layout, st: tuple, variant: str) -> Any:
     return View(layout, st, CONCRETE, variant)
 
 
-def invs_failing(layout: Layout, st: tuple, invs: list, variant: str) -> list[tuple[str, dict]]:
-    """(property, args) pairs of the invariants `st` violates."""
-    out = []
-    for name, inv, instances in invs:
-        for args in instances:
-            if not holds(layout, st, inv.body, args, CONCRETE, variant):
-                out.append((name, args))
-    return out
-
-
 def fair_liveness_violations(ex: Exploration, goal: str) -> list[dict[str, Any]]:
     """Cycles (SCCs) in which a goal stays pending forever although every action that is
     enabled in the cycle could be taken inside it (strong fairness), plus pending dead ends."""
@@ -148,6 +139,19 @@ def fair_liveness_violations(ex: Exploration, goal: str) -> list[dict[str, Any]]
                 out.append({"args": args, "kind": "fair cycle", "state": next(iter(comp)),
                             "size": len(comp)})
     return out
+
+
+def path_steps(ex: Exploration, target: tuple) -> list[Step]:
+    """The shortest run to `target` as counterexample steps (changes and messages sent included)."""
+    steps, prev = [], ex.initial
+    for i, (action, args, nxt) in enumerate(ex.path_to(target), 1):
+        adef = ex.protocol.actions[action]
+        changes = {ex.layout.label(p): getattr(v, "name", v) for p, v in enumerate(nxt) if v != prev[p]}
+        sent = [f"{e.fields['channel']}{tuple(e.fields['index'])}@{e.fields['epoch']}" for e in evaluate(
+            ex.layout, prev, adef, args, CONCRETE, ex.variant).emissions if e.kind == "send"]
+        steps.append(Step(i, adef.actor, action, args, changes, note="sends " + ", ".join(sent) if sent else ""))
+        prev = nxt
+    return steps
 
 
 def render_state(layout: Layout, st: tuple) -> dict[str, Any]:

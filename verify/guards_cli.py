@@ -5,19 +5,17 @@ import argparse
 import json
 import sys
 
+from kvproof.spec.catalog import protocol_named
 from kvproof.spec.core import Protocol
-from kvproof.spec.kv_slot import KVSlot
 from kvproof.verify.explore import explore, fair_liveness_violations, render_state
 from kvproof.verify.guards import necessity
 from kvproof.verify.report import step_table
 
-PROTOCOLS: dict[str, type[Protocol]] = {KVSlot.name: KVSlot}
-
-
 def _protocol(name: str) -> type[Protocol]:
-    if name not in PROTOCOLS:
-        raise SystemExit(f"kvproof: unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    try:
+        return protocol_named(name)
+    except KeyError as e:
+        raise SystemExit(f"kvproof: {e.args[0]}") from None
 
 
 def _params(pairs: list[str] | None) -> dict[str, int]:
@@ -76,6 +74,7 @@ def add_explore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
     p.add_argument("--no-symmetry", action="store_true", help="do not reduce by slot symmetry")
+    p.add_argument("--max-states", type=int, default=500_000, help="stop (exit 2) beyond this many states")
     p.add_argument("--json", action="store_true")
 
 
@@ -86,7 +85,12 @@ def explore_main(args: argparse.Namespace) -> int:
         print(f"kvproof explore: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)
         return 2
-    ex = explore(proto, args.variant, _params(args.param), symmetry=None if args.no_symmetry else "slot")
+    try:
+        ex = explore(proto, args.variant, _params(args.param), symmetry=None if args.no_symmetry else "slot",
+                     max_states=args.max_states)
+    except RuntimeError as e:          # the state space outgrew the cap: the bounds are too loose
+        print(f"kvproof explore: {e}", file=sys.stderr)
+        return 2
     live = {g: len(fair_liveness_violations(ex, g)) for g in proto.goals}
     doc = {"protocol": proto.name, "variant": args.variant, "params": ex.params, "states": ex.states,
            "transitions": ex.edges, "seconds": round(ex.seconds, 3),

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvproof.spec.core import Protocol, ProtocolViolation, SpecError
-from kvproof.spec.kv_slot import KVSlot
+from kvproof.spec.catalog import PROTOCOLS
+from kvproof.spec.core import ProtocolViolation, SpecError
 from kvproof.spec.machine import Instance
-
-PROTOCOLS: dict[str, type[Protocol]] = {KVSlot.name: KVSlot}
 
 
 class TraceFormatError(ValueError):
