@@ -15,11 +15,12 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import torch
 
-from kvproof.runtime.engine_api import Engine, GenerationRequest, SamplingParams, TokenEvent  # noqa: F401 (re-exported)
+from kvproof.runtime.engine_api import (Engine, GenerationRequest, SamplingParams,  # noqa: F401 (re-exported)
+                                        StreamingMixin, TokenEvent)
 from kvproof.runtime.model_cache import KVCache, PagePool
 from kvproof.runtime.model_config import ModelConfig, preset
 from kvproof.runtime.model_hicache import host_tier
@@ -205,7 +206,7 @@ def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
     d[key] = d.get(key, 0) + by
 
 
-class LocalEngine:
+class LocalEngine(StreamingMixin):
     """EngineCore on a background thread, with an asyncio front (the Engine interface)."""
 
     def __init__(self, cfg: EngineConfig | None = None, model_name: str | None = None) -> None:
@@ -275,24 +276,6 @@ class LocalEngine:
                 sink(ev)
             self._inbox.append(("add", req, done_sink))
         self._wake.set()
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit a request (ValueError now if invalid) and stream its tokens."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
-        return self._events(request.request_id, q)
-
-    async def _events(self, rid: str, q: "asyncio.Queue[TokenEvent]") -> AsyncIterator[TokenEvent]:
-        finished = False
-        try:
-            while not finished:
-                ev = await q.get()
-                finished = ev.finished
-                yield ev
-        finally:
-            if not finished:                   # the consumer went away: free the request
-                self.abort(rid, "disconnect")
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
         """Terminate a request; False when it is unknown or already finished."""

@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+import asyncio
+from typing import AsyncIterator, Callable, Protocol
 
 from kvproof.runtime.tokenizer import ByteTokenizer
 
@@ -75,3 +76,33 @@ class Engine(Protocol):
 
     def stats(self) -> dict:
         """Counters and gauges for /metrics: name -> number, or 'name{label}' -> {label value: number}."""
+
+
+class StreamingMixin:
+    """`generate` on top of an engine's `submit(request, sink)` and `abort(request_id, cause)`."""
+
+    def submit(self, request: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
+        """Queue a request whose token events go to `sink` (from any thread)."""
+        raise NotImplementedError
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Terminate a request; False when it is unknown or already finished."""
+        raise NotImplementedError
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Submit a request (ValueError now if invalid) and stream its tokens."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        return self._events(request.request_id, q)
+
+    async def _events(self, rid: str, q: "asyncio.Queue[TokenEvent]") -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while not finished:
+                ev = await q.get()
+                finished = ev.finished
+                yield ev
+        finally:
+            if not finished:                   # the consumer went away: free the request
+                self.abort(rid, "disconnect")

@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from kvproof.runtime.engine import EngineConfig, GenerationRequest, TokenEvent
+from kvproof.runtime.engine_api import StreamingMixin
 from kvproof.runtime.pd_cluster import ClusterError, PDCluster
 from kvproof.runtime.pd_config import PDConfig
 from kvproof.runtime.pd_messages import (
@@ -113,7 +114,7 @@ class ModelCluster(PDCluster):
         return None
 
 
-class PDEngine:
+class PDEngine(StreamingMixin):
     """The Engine interface over the PD runtime: router here, model in prefill and decode processes."""
 
     def __init__(self, cfg: EngineConfig | None = None, pd: PDEngineConfig | None = None,
@@ -223,24 +224,6 @@ class PDEngine:
             corrupt = int(req.request_id in self._corrupt)
             self._corrupt.discard(req.request_id)
         self.cluster.submit_request(Submit(rid, max(1, n - 1), list(req.prompt_tokens), params, corrupt))
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Submit a request (ValueError now if invalid) and stream its tokens."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.submit(request, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
-        return self._events(request.request_id, q)
-
-    async def _events(self, rid: str, q: "asyncio.Queue[TokenEvent]") -> AsyncIterator[TokenEvent]:
-        finished = False
-        try:
-            while not finished:
-                ev = await q.get()
-                finished = ev.finished
-                yield ev
-        finally:
-            if not finished:                   # the consumer went away: free the request
-                self.abort(rid, "disconnect")
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
         """Terminate a request through the protocol (Cancel -> spec abort); False when unknown."""
