@@ -26,7 +26,6 @@ def test_stress_prefix_corrupts() -> None:
     assert r["corrupted"] > 0 and r["corrupted_bytes"] > 0, r
     assert r["foreign_landings"] > 0
     assert r["served"] + r["corrupted"] + r["aborted"] + r["failed"] == HOT["requests"]
-    assert r["wall_s"] < 30
 
 
 @pytest.mark.timeout(60)
@@ -37,7 +36,6 @@ def test_stress_fixed_is_clean_and_reclaims_every_slot() -> None:
     assert r["all_slots_free"] and r["slots_free_end"] == r["slots_initial"] == HOT["slots"]
     assert r["aborted"] > 0 and r["slots_reclaimed"] > 0 and r["reclaim_latency_ms"]["p50"] > 0
     assert r["served"] + r["aborted"] + r["failed"] == HOT["requests"]
-    assert r["wall_s"] < 30
 
 
 @pytest.mark.timeout(60)
