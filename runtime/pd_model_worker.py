@@ -14,7 +14,6 @@ speculative decoding, the anomaly monitor) and streams `Event` messages back to 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -215,24 +214,13 @@ class DecodeModel:
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry of a real-KV worker process."""
-    from kvproof.runtime.pd_process import _addr, run_decode, run_prefill
-    ap = argparse.ArgumentParser(prog="python -m kvproof.runtime.pd_model_worker")
-    ap.add_argument("role", choices=("decode", "prefill"))
-    ap.add_argument("--config", required=True, help="PDConfig as JSON")
-    ap.add_argument("--engine", required=True, help="EngineConfig as JSON")
-    ap.add_argument("--client", type=_addr, help="decode: the client's channel listener")
-    ap.add_argument("--rank", type=int, help="prefill: this rank (writer index)")
-    ap.add_argument("--control", type=_addr, help="prefill: decode's control listener for this rank")
-    ap.add_argument("--data", type=_addr, help="prefill: decode's data listener for this rank")
-    a = ap.parse_args(argv)
+    from kvproof.runtime.pd_process import run_decode, run_prefill, worker_args
+    a = worker_args("python -m kvproof.runtime.pd_model_worker", argv,
+                    lambda ap: ap.add_argument("--engine", required=True, help="EngineConfig as JSON"))
     cfg = PDConfig.from_json(a.config)
     ecfg = engine_config_from_json(a.engine)
     if a.role == "decode":
-        if a.client is None:
-            ap.error("decode needs --client")
         return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
-    if a.rank is None or a.control is None or a.data is None:
-        ap.error("prefill needs --rank, --control and --data")
     return run_prefill(cfg, a.rank, a.control, a.data, compute=PrefillModel(ecfg, cfg))
 
 

@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from kvproof.runtime.channel import Channel, ChannelClosed, ChannelConfig, ChannelListener
 from kvproof.runtime.decode_worker import DecodeWorker
@@ -306,23 +306,32 @@ def _addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry of a worker process."""
-    ap = argparse.ArgumentParser(prog="python -m kvproof.runtime.pd_process")
+def worker_args(prog: str, argv: list[str] | None = None,
+                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Parse and check a worker process's command line (decode, or one prefill rank)."""
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("role", choices=("decode", "prefill"))
     ap.add_argument("--config", required=True, help="PDConfig as JSON")
     ap.add_argument("--client", type=_addr, help="decode: the client's channel listener")
     ap.add_argument("--rank", type=int, help="prefill: this rank (writer index)")
     ap.add_argument("--control", type=_addr, help="prefill: decode's control listener for this rank")
     ap.add_argument("--data", type=_addr, help="prefill: decode's data listener for this rank")
+    if extra is not None:
+        extra(ap)
     a = ap.parse_args(argv)
+    if a.role == "decode" and a.client is None:
+        ap.error("decode needs --client")
+    if a.role == "prefill" and (a.rank is None or a.control is None or a.data is None):
+        ap.error("prefill needs --rank, --control and --data")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry of a worker process."""
+    a = worker_args("python -m kvproof.runtime.pd_process", argv)
     cfg = PDConfig.from_json(a.config)
     if a.role == "decode":
-        if a.client is None:
-            ap.error("decode needs --client")
         return run_decode(cfg, a.client)
-    if a.rank is None or a.control is None or a.data is None:
-        ap.error("prefill needs --rank, --control and --data")
     return run_prefill(cfg, a.rank, a.control, a.data)
 
 
