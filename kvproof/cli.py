@@ -47,6 +47,11 @@ def _bench(args: argparse.Namespace) -> int:
         doc = _lazy("kvproof.runtime.transport.bench", "bench_tcp")(
             total_bytes=(64 << 20) if quick else (512 << 20), chunk=1 << 20)
     elif what == "layersplit":
+        import torch
+        if not args.simulate and not torch.cuda.is_available():
+            print("kvproof bench layersplit: the measured mode (KV-broadcast copy vs the indexer kernel) needs "
+                  "CUDA (an NVIDIA GPU); --simulate runs the throughput model anywhere", file=sys.stderr)
+            return 2
         doc = _lazy("kvproof.runtime.layersplit_sim", "bench_layersplit")(simulate=args.simulate)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)

@@ -27,3 +27,6 @@ def test_gpu_quick_bench():
     report = bench_kernels(quick=True)
     assert report["device"] == "cuda" and report["kernels_run"]
     assert all(row["ms"] > 0 for row in report["rows"])
+    c = report["ceilings"]
+    assert c["source"] == "measured in this run" and c["hbm_gbps"] > 500 and c["bf16_tflops"] > 50
+    assert all(0 < row["pct_hbm_ceiling"] for row in report["rows"])

@@ -14,10 +14,14 @@ from kvproof.runtime.scheduler import Sequence
 from kvproof.runtime.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
+# The Triton backend runs natively on a GPU and under the interpreter (TRITON_INTERPRET=1) on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prefill(model: DSAModel, prompts: list[list[int]], num_pages: int = 64) -> tuple[torch.Tensor, list]:
-    cache, pool = KVCache(model.cfg, num_pages, fp8_indexer=model.backend == "triton"), PagePool(num_pages)
+    dev = next(model.parameters()).device
+    cache = KVCache(model.cfg, num_pages, dev, fp8_indexer=model.backend == "triton")
+    pool = PagePool(num_pages)
     runner = ModelRunner(model, cache, num_drafts=0)
     seqs = [Sequence(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
     for s in seqs:
@@ -91,15 +95,16 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_triton_backend_matches_torch_backend() -> None:
-    """The project's kernels (interpreter on the CPU) give the torch backend's logits and tokens."""
+    """The project's kernels (native on a GPU, the interpreter on the CPU) give the torch backend's
+    logits and tokens."""
     pytest.importorskip("triton")
     cfg = preset("tiny").replace(dtype="float32", index_topk=64)
     prompt = TOK.encode("def f(x): return x")              # shorter than top-k: same selection
     ht, _ = _prefill(seeded_model(cfg, backend="torch"), [prompt])
-    hk, _ = _prefill(seeded_model(cfg, backend="triton"), [prompt])
-    torch.testing.assert_close(hk, ht, rtol=2e-3, atol=2e-3)
+    hk, _ = _prefill(seeded_model(cfg, device=DEV, backend="triton"), [prompt])
+    torch.testing.assert_close(hk.cpu(), ht, rtol=2e-3, atol=2e-3)
     base = EngineConfig(model=cfg, num_pages=16, num_drafts=1)
     ref = generate_reference(base, [prompt], SamplingParams(max_tokens=4))
-    out = generate_reference(EngineConfig(model=cfg, num_pages=16, num_drafts=1, backend="triton"),
+    out = generate_reference(EngineConfig(model=cfg, num_pages=16, num_drafts=1, backend="triton", device=DEV),
                              [prompt], SamplingParams(max_tokens=4))
     assert out == ref

@@ -51,3 +51,14 @@ def test_explore_and_bench_verify():
     rows = json.loads(r.stdout)["rows"]
     assert [x["slots"] for x in rows] == [2, 3, 4] and all(x["proven"] for x in rows)
     assert all(x["states_per_second"] > 0 for x in rows)
+
+
+def test_bench_layersplit_measured_mode_runs_on_a_gpu_and_says_what_it_needs_elsewhere():
+    import torch
+    r = kvproof("bench", "layersplit", "--json", timeout=300)
+    if torch.cuda.is_available():
+        assert r.returncode == 0, r.stderr
+        assert 0.0 <= json.loads(r.stdout)["hidden_fraction"] <= 1.0
+    else:
+        assert r.returncode == 2 and "needs CUDA" in r.stderr and "--simulate" in r.stderr
+        assert "Traceback" not in r.stderr
