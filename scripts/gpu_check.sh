@@ -27,7 +27,10 @@ wheels() {
     # z3-solver is the one runtime dependency the GPU image lacks (its package list: KINDS.md).
     local v
     v=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('z3-solver'))")
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     mkdir -p .whl
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
