@@ -30,6 +30,15 @@ it, a write-after-read race that ``verify/checks_layersplit.py`` must refute.
 
 Ownership: ``contiguous`` (default, as SGLang: rank k owns a block of layers, the
 first L mod R ranks one extra) or ``round_robin`` (layer l on rank l mod R).
+
+Write-back (``writeback=True``, what a serving forward needs): the batch's new
+tokens write their Indexer keys and KV rows of layer l into the region the layer
+reads -- ``indexer[l]`` also writes the idx region it reads, ``attention[l]`` the kv
+region. On a receiver that is its receive buffer (after the receive landed); on
+the owner it is the stored layer, which its own ``send_*[l]`` reads, so the owner's
+compute stream first waits ``sent_idx[l]`` / ``sent_kv[l]``. Without that wait
+(``owner_wait=False``) the send may read a half-written layer: a write-after-read
+race the checks refute.
 """
 from __future__ import annotations
 
@@ -52,6 +61,8 @@ class LayerSplitShape:
     depth: int = 2
     ownership: str = "contiguous"
     variant: str = "fixed"
+    writeback: bool = False        # compute ops also write the new tokens' rows of the regions they read
+    owner_wait: bool = True        # writeback: the owner's compute waits its own sends first (False: the race)
 
     def __post_init__(self) -> None:
         for name in ("ranks", "layers", "depth"):
@@ -62,6 +73,14 @@ class LayerSplitShape:
             raise ValueError(f"unknown ownership {self.ownership!r}; expected one of {OWNERSHIPS}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown LayerSplit variant {self.variant!r}; expected one of {VARIANTS}")
+        if not self.owner_wait and not self.writeback:
+            raise ValueError("LayerSplitShape.owner_wait=False only means something with writeback=True")
+
+    @property
+    def name(self) -> str:
+        """The plan's name: variant (``+writeback``, ``-unwaited``), ranks, layers, depth, ownership."""
+        wb = ("+writeback" if self.writeback else "") + ("" if self.owner_wait else "-unwaited")
+        return f"layersplit/{self.variant}{wb}/R={self.ranks}/L={self.layers}/depth={self.depth}/{self.ownership}"
 
     @property
     def prefetch(self) -> int:
@@ -142,14 +161,17 @@ def layer_block(shape: LayerSplitShape, layer: int, owner: int | None = None) ->
                 Wait(c, f"sent_kv[{l}]"),
                 Op(c, f"recv_kv[{l}]@r{r}", (f"wire.kv[{l}]",), (f"recv.kv[{b}]@r{r}",), "copy"),
                 Record(c, f"kv_ready[{l}]@r{r}")]
+    wb = shape.writeback
+    own_wait = wb and shape.owner_wait and shape.ranks > 1
     for r in range(shape.ranks):
         s, remote = compute(r), r != o
-        out += [Wait(s, f"idx_ready[{l}]@r{r}")] if remote else []
-        out.append(Op(s, f"indexer[{l}]@r{r}", (idx_source(shape, l, r, o), f"hidden[{l}]@r{r}"),
-                      (f"topk[{l}]@r{r}",)))
-        out += [Wait(s, f"kv_ready[{l}]@r{r}")] if remote else []
-        out += [Op(s, f"attention[{l}]@r{r}", (kv_source(shape, l, r, o), f"topk[{l}]@r{r}", f"hidden[{l}]@r{r}"),
-                   (f"hidden[{l + 1}]@r{r}",)),
+        idx, kv = idx_source(shape, l, r, o), kv_source(shape, l, r, o)
+        out += [Wait(s, f"idx_ready[{l}]@r{r}")] if remote else [Wait(s, f"sent_idx[{l}]")] if own_wait else []
+        out.append(Op(s, f"indexer[{l}]@r{r}", (idx, f"hidden[{l}]@r{r}"),
+                      (f"topk[{l}]@r{r}",) + ((idx,) if wb else ())))
+        out += [Wait(s, f"kv_ready[{l}]@r{r}")] if remote else [Wait(s, f"sent_kv[{l}]")] if own_wait else []
+        out += [Op(s, f"attention[{l}]@r{r}", (kv, f"topk[{l}]@r{r}", f"hidden[{l}]@r{r}"),
+                   (f"hidden[{l + 1}]@r{r}",) + ((kv,) if wb else ())),
                 Record(s, f"released[{l}]@r{r}")]
     return tuple(out)
 
@@ -159,8 +181,7 @@ def layersplit_plan(shape: LayerSplitShape) -> Plan:
     """The forward pass of one batch over all layers and ranks, as one plan."""
     streams = tuple(s for r in range(shape.ranks) for s in (comm(r), compute(r)))
     instrs = tuple(i for l in range(shape.layers) for i in layer_block(shape, l))
-    name = f"layersplit/{shape.variant}/R={shape.ranks}/L={shape.layers}/depth={shape.depth}/{shape.ownership}"
-    return Plan(name, streams, instrs)
+    return Plan(shape.name, streams, instrs)
 
 
 def rank_plan(plan: Plan, rank: int) -> Plan:

@@ -17,6 +17,14 @@ Two methods, reported together:
   is the blocks {a, z - prefetch, z} restricted to rank r and the owners' sends.
   Every such window is, up to renaming ranks and layers, one of the few built here
   (r = 0, owners among 1..3, k in 1..2), and Z3 shows each of its dependencies ordered.
+
+Check variants: the plan variants ``fixed`` and ``prefix``, ``writeback`` (the
+serving forward: compute ops also write the new tokens' rows, the owner's compute
+waits its own sends first; proven the same two ways, with a smaller contiguous
+sweep) and ``writeback-without-owner_wait`` (the owner's wait dropped: refuted).
+With write-back a dependency may also lie in one layer on the owner (its send reads
+the stored layer its compute then writes), so the windows gain the one-layer window
+owned by rank 0, and a buffer reuse may be a write after a write.
 """
 from __future__ import annotations
 
@@ -40,16 +48,36 @@ from kvproof.verify.verdict import Status, Verdict
 PROTOCOL = "layersplit"
 MAX_RANKS, MAX_LAYERS, DEPTH = 8, 96, 2
 CONTIGUOUS_LAYERS = tuple(range(1, 49)) + (64, 78, 96)     # every L <= 48, GLM-5's 78, and 96
+WRITEBACK_CONTIGUOUS_LAYERS = tuple(range(1, 17)) + (78, 96)   # write-back: a smaller sweep (prove time)
 PARAMS = {"ranks": f"1..{MAX_RANKS}", "layers": f"1..{MAX_LAYERS}", "depth": DEPTH}
 _LAYER = re.compile(r"\[(\d+)\]")
+# check variant -> LayerSplitShape fields (besides ranks, layers, depth, ownership)
+CHECK_VARIANTS: dict[str, dict[str, object]] = {
+    "fixed": {"variant": "fixed"},
+    "prefix": {"variant": "prefix"},
+    "writeback": {"variant": "fixed", "writeback": True},
+    "writeback-without-owner_wait": {"variant": "fixed", "writeback": True, "owner_wait": False},
+}
+
+
+def shape_of(variant: str, ranks: int, layers: int, ownership: str, depth: int = DEPTH) -> LayerSplitShape:
+    """The plan shape of a check variant (``fixed``, ``prefix``, ``writeback``, ...)."""
+    if variant not in CHECK_VARIANTS:
+        raise ValueError(f"unknown LayerSplit check variant {variant!r}; expected one of {sorted(CHECK_VARIANTS)}")
+    return LayerSplitShape(ranks, layers, depth, ownership, **CHECK_VARIANTS[variant])  # type: ignore[arg-type]
+
+
+def contiguous_layers(variant: str) -> tuple[int, ...]:
+    """Layer counts of the contiguous-ownership part of the sweep."""
+    return WRITEBACK_CONTIGUOUS_LAYERS if CHECK_VARIANTS[variant].get("writeback") else CONTIGUOUS_LAYERS
 
 
 def sweep_shapes(variant: str) -> list[LayerSplitShape]:
     """Plans of the HB sweep, smallest first (a refutation is then a small plan)."""
-    contiguous = [LayerSplitShape(r, l, DEPTH, "contiguous", variant)
-                  for l in CONTIGUOUS_LAYERS for r in range(1, MAX_RANKS + 1)]
+    contiguous = [shape_of(variant, r, l, "contiguous") for l in contiguous_layers(variant)
+                  for r in range(1, MAX_RANKS + 1)]
     # round-robin: the L = 96 plan's prefixes are the plans of every smaller L
-    rr = [LayerSplitShape(r, l, DEPTH, "round_robin", variant) for l in (3, MAX_LAYERS) for r in range(1, MAX_RANKS + 1)]
+    rr = [shape_of(variant, r, l, "round_robin") for l in (3, MAX_LAYERS) for r in range(1, MAX_RANKS + 1)]
     return sorted(contiguous + rr, key=lambda s: (s.layers * s.ranks, s.ownership))
 
 
@@ -112,9 +140,11 @@ def window_of(plan: Plan, dep: Dependency) -> tuple[str, tuple[int, ...]]:
     la, lb = _layer(a.name), _layer(b.name)
     if a.stream == b.stream:
         return "same_stream", ()
-    if la == lb and (dep.region.startswith("wire.") or dep.region.startswith("recv.")):
+    # wire and receive buffers; with write-back also the owner's stored layer (its send, then its compute)
+    if la == lb and dep.region.startswith(("wire.", "recv.", "idx[", "kv[")):
         return "one_layer", (la,)
-    if dep.property == "no_write_after_read" and dep.region.startswith("recv.") and b.name.startswith("recv_"):
+    if dep.property in ("no_write_after_read", "no_unordered_writes") and dep.region.startswith("recv.") \
+            and b.name.startswith("recv_"):
         return "buffer_reuse", (la, lb)
     raise ValueError(f"dependency {dep} ({a.name} -> {b.name}) fits no window kind")
 
@@ -130,10 +160,10 @@ def _sub_plan(shape: LayerSplitShape, layers_owners: tuple[tuple[int, int], ...]
 
 
 def windows(variant: str, depth: int = DEPTH) -> list[Plan]:
-    """Every window kind up to renaming, receiver rank 0, owners among ranks 1..3."""
-    shape = LayerSplitShape(4, 4 * depth + 4, depth, "round_robin", variant)
+    """Every window kind up to renaming, receiver rank 0, owners among ranks 1..3 (write-back: also 0)."""
+    shape = shape_of(variant, 4, 4 * depth + 4, "round_robin", depth)
     pf, out = shape.prefetch, []
-    for o in range(1, 4):                                    # one layer, received
+    for o in range(0 if shape.writeback else 1, 4):         # one layer, received (write-back: or owned)
         out.append(_sub_plan(shape, ((pf + depth, o),)))
     for k in (1, 2):                                         # buffer reuse after k*depth layers
         z = pf + k * depth
@@ -181,8 +211,9 @@ def window_proof(variant: str, prop: str, depth: int = DEPTH) -> tuple[bool, str
 def _check(variant: str, prop: str, expected: Status) -> Verdict:
     """Sweep + window proof for one (variant, property)."""
     t0 = time.perf_counter()
-    # fixed: one sweep for all properties; prefix: sweep only to find the refutation (and delivery)
-    props = tuple(PROPERTIES) + (DELIVERY,) if variant == "fixed" else \
+    # fixed, writeback: one sweep for all properties; the others: sweep only to find the refutation
+    # (and delivery)
+    props = tuple(PROPERTIES) + (DELIVERY,) if variant in ("fixed", "writeback") else \
         ((prop,) if prop in ("no_write_after_read", DELIVERY) else ())
     found, plans, _ = sweep(variant, props) if props else ({}, 0, 0.0)
     f = found.get(prop)
@@ -203,11 +234,14 @@ def _check(variant: str, prop: str, expected: Status) -> Verdict:
         return Verdict(PROTOCOL, variant, prop, PARAMS, Status.REFUTED, expected, method="issue-order dataflow",
                        detail=f.detail, seconds=time.perf_counter() - t0)
     ok, why = window_proof(variant, prop)
+    cl = contiguous_layers(variant)
+    n = max(k for k in range(len(cl) + 1) if cl[:k] == tuple(range(1, k + 1)))     # cl = 1..n, then the rest
     sweep_txt = (f"HB sweep of {plans} plans (round-robin: R <= {MAX_RANKS} at L = {MAX_LAYERS}, prefix-closed, "
-                 f"so every L <= {MAX_LAYERS}; contiguous: every R <= {MAX_RANKS}, L <= 48 and L = 64, 78, 96)")
+                 f"so every L <= {MAX_LAYERS}; contiguous: every R <= {MAX_RANKS}, L <= {n} and "
+                 f"L = {', '.join(str(l) for l in cl[n:])})")
     if prop == DELIVERY:
         sweep_txt = (f"issue-order dataflow on {plans} plans (round-robin R <= {MAX_RANKS} at L = {MAX_LAYERS}, "
-                     f"prefix-closed; contiguous L <= 24)")
+                     f"prefix-closed; contiguous L <= {min(24, n)})")
     elif not props:
         sweep_txt = "no sweep (window proof only)"
     method = f"Z3 window proof (every R, L, ownership) + {sweep_txt}" if ok and prop != DELIVERY else sweep_txt
@@ -231,10 +265,13 @@ def _check_waits_needed(shape: LayerSplitShape) -> Verdict:
 
 
 def _register() -> None:
-    for variant in VARIANTS:
+    for variant in VARIANTS + ("writeback",):
         for prop in PROPERTIES + (DELIVERY,):
             expected = Status.REFUTED if (variant, prop) == ("prefix", "no_write_after_read") else Status.PROVEN
             register(Check(PROTOCOL, variant, prop, PARAMS, expected, partial(_check, variant, prop, expected)))
+    unwaited = "writeback-without-owner_wait"
+    register(Check(PROTOCOL, unwaited, "no_write_after_read", PARAMS, Status.REFUTED,
+                   partial(_check, unwaited, "no_write_after_read", Status.REFUTED)))
     guard = LayerSplitShape(2, 4, DEPTH, "round_robin")
     register(Check(PROTOCOL, "fixed", "every_wait_needed", {"ranks": 2, "layers": 4, "ownership": "round_robin"},
                    Status.PROVEN, partial(_check_waits_needed, guard)))

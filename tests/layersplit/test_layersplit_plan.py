@@ -6,7 +6,7 @@ import pytest
 from kvproof.spec.layersplit_plan import (DELIVERY, OWNERSHIPS, VARIANTS, LayerSplitShape, delivery_errors,
                                           layersplit_plan, owned_layers, owner_of, rank_plan)
 from kvproof.spec.streams import Op, Plan, Wait, check_plan, dependencies, explore
-from kvproof.verify.checks_layersplit import sweep_shapes, window_of, window_proof, windows
+from kvproof.verify.checks_layersplit import CHECK_VARIANTS, shape_of, sweep_shapes, window_of, window_proof, windows
 from kvproof.verify.race import schedule_errors, witness_schedule
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,16 +90,56 @@ def test_rank_plan_keeps_own_streams_and_drops_cross_rank_waits() -> None:
     assert check_plan(rp) == ()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", sorted(CHECK_VARIANTS))
 def test_every_dependency_has_a_window(variant: str) -> None:
     """Lemma 2 of the window proof, on every plan up to R=5, L=14, both ownerships."""
     kinds = set()
     for ownership in OWNERSHIPS:
         for ranks in range(1, 6):
             for layers in range(1, 15):
-                plan = layersplit_plan(LayerSplitShape(ranks, layers, 2, ownership, variant))
+                plan = layersplit_plan(shape_of(variant, ranks, layers, ownership))
                 kinds |= {window_of(plan, d)[0] for d in dependencies(plan)}
     assert kinds == {"same_stream", "one_layer", "buffer_reuse"}
+
+
+@pytest.mark.parametrize("ownership", OWNERSHIPS)
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_writeback_is_race_free_and_delivers(ownership: str, ranks: int) -> None:
+    for depth in (1, 2):
+        for layers in range(1, 10):
+            shape = LayerSplitShape(ranks, layers, depth, ownership, writeback=True)
+            assert check_plan(layersplit_plan(shape)) == ()
+            assert delivery_errors(shape) == []
+
+
+def test_writeback_writes_the_regions_it_reads_and_the_owner_waits_its_sends() -> None:
+    shape = LayerSplitShape(2, 2, 2, "contiguous", writeback=True)     # rank 0 owns layer 0, rank 1 layer 1
+    plan = layersplit_plan(shape)
+    assert plan.name == "layersplit/fixed+writeback/R=2/L=2/depth=2/contiguous"
+    ops = {i.name: i for i in plan.instrs if isinstance(i, Op)}
+    assert ops["indexer[0]@r0"].writes == ("topk[0]@r0", "idx[0]@r0")            # the owner: its stored layer
+    assert ops["attention[0]@r1"].writes == ("hidden[1]@r1", "recv.kv[0]@r1")    # a receiver: its buffer
+    mine = [i for i in plan.instrs if i.stream == "compute@r0" and not isinstance(i, Op)]
+    assert Wait("compute@r0", "sent_idx[0]") in mine and Wait("compute@r0", "sent_kv[0]") in mine
+    assert layersplit_plan(LayerSplitShape(2, 2)).name == "layersplit/fixed/R=2/L=2/depth=2/contiguous"
+    with pytest.raises(ValueError, match="owner_wait=False only means something with writeback=True"):
+        LayerSplitShape(2, 2, owner_wait=False)
+
+
+def test_writeback_without_the_owner_wait_is_a_write_after_read_race() -> None:
+    """Drop the owner's wait on its own send: its compute may overwrite the layer the send still reads."""
+    plan = layersplit_plan(LayerSplitShape(2, 3, 2, "contiguous", writeback=True, owner_wait=False))
+    vs = check_plan(plan)
+    assert vs and {v.property for v in vs} == {"no_write_after_read"}
+    assert {(plan.instrs[v.before].name, plan.instrs[v.after].name) for v in vs} == {
+        ("send_idx[0]", "indexer[0]@r0"), ("send_kv[0]", "attention[0]@r0"),
+        ("send_idx[1]", "indexer[1]@r0"), ("send_kv[1]", "attention[1]@r0"),
+        ("send_idx[2]", "indexer[2]@r1"), ("send_kv[2]", "attention[2]@r1")}
+    v = vs[0]
+    sched = witness_schedule(plan, v)
+    assert schedule_errors(plan, sched) == []
+    assert sched.times[v.after][0] < sched.times[v.before][1]        # the write starts before the send ended
+    assert delivery_errors(LayerSplitShape(2, 3, 2, writeback=True, owner_wait=False)) == []   # routing is fine
 
 
 def test_window_proof() -> None:
@@ -108,6 +148,11 @@ def test_window_proof() -> None:
         assert window_proof("fixed", prop)[0]
     ok, why = window_proof("prefix", "no_write_after_read")
     assert not ok and "may overtake" in why
+    assert len(windows("writeback")) == len(windows("fixed")) + 1        # plus the window owned by rank 0
+    for prop in ("no_read_before_ready", "no_write_after_read", "no_unordered_writes"):
+        assert window_proof("writeback", prop)[0]
+    ok, why = window_proof("writeback-without-owner_wait", "no_write_after_read")
+    assert not ok and "may overtake send_" in why
 
 
 def test_sweep_covers_every_rank_count_and_96_layers() -> None:
@@ -130,4 +175,5 @@ def test_registered_checks_have_the_expected_outcomes() -> None:
         assert v.ok, (v.check_id, v.status, v.detail)
         if v.status.value == "refuted":
             assert v.counterexample and "RACE" in " ".join(s.note for s in v.counterexample)
-            assert "<-- writes recv." in v.witness["timeline"]
+            owned = "without-owner_wait" in c.variant          # the owner's compute overwrites its stored layer
+            assert ("<-- writes idx[0]@r0" if owned else "<-- writes recv.") in v.witness["timeline"]
