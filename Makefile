@@ -1,5 +1,6 @@
-# Two entry points do all set-up themselves: `make prove` and `make test`.
-# Both create (once) and reuse the local virtual environment in .venv/.
+# Entry points that do all set-up themselves: `make serve` (the main job: the server on the
+# embedded defaults), `make test` (the whole suite; what .ci/run runs) and `make prove` (every
+# proof and refutation). Each creates (once) and reuses the local virtual environment in .venv/.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -33,6 +34,12 @@ venv: $(STAMP)
 
 prove: $(STAMP)
 	$(VENV)/bin/kvproof prove $(ARGS)
+
+serve: $(STAMP)
+	$(VENV)/bin/kvproof serve $(ARGS)
+
+stress: $(STAMP)
+	$(VENV)/bin/kvproof stress $(ARGS)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(ARGS)

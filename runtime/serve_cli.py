@@ -20,8 +20,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint directory (config.json + safetensors shards); overrides --model")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model'")
-    parser.add_argument("--engine", default="local", choices=("local", "pd"),
-                        help="local: one process (default); pd: prefill/decode workers (PD runtime)")
+    parser.add_argument("--engine", default="pd", choices=("pd", "local"),
+                        help="pd (default): a router plus prefill and decode worker processes, KV moved "
+                             "through the verified slot protocol; local: the whole model in this process")
     parser.add_argument("--backend", default="torch", choices=("torch", "triton"),
                         help="attention: torch (CPU) or the project's Triton kernels")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -76,9 +77,8 @@ def build_engine(args: argparse.Namespace) -> Any:
     return LocalEngine(engine_config(args), model_name=args.served_model_name)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace, engine: Any) -> None:
     from kvproof.runtime.server import start_server
-    engine = build_engine(args)
     runner, url = await start_server(engine, args.host, args.port)
     print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}); "
           f"Ctrl-C to stop", flush=True)
@@ -99,11 +99,9 @@ async def _serve(args: argparse.Namespace) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit code."""
     try:
-        engine_config(args)
-        if args.engine == "pd":
-            build_engine(args)
+        engine = build_engine(args)          # validates every option; starts nothing yet
     except ValueError as e:
         print(f"kvproof serve: {e}")
         return 2
-    asyncio.run(_serve(args))
+    asyncio.run(_serve(args, engine))
     return 0

@@ -8,11 +8,12 @@
 # Stages (each logs to $OUT and never stops the next one):
 #   setup     install the carried wheels and kvproof itself (editable, offline)
 #   tests     the whole suite natively (Triton compiled for the GPU, no interpreter),
-#             GPU-marked tests included           -> tests.log, junit.xml
+#             GPU-marked tests included           -> tests.log
 #   bench     kvproof bench kernels / hicache / layersplit --json -> bench_*.json
 #   sanitize  compute-sanitizer memcheck + racecheck over the kernel tests -> sanitizer.log
-#   loadgen   kvproof serve --model small --device cuda --backend triton + kvproof loadgen --json
-#             -> loadgen.json (server log appended to sanitizer.log's neighbour, tests.log)
+#   loadgen   kvproof serve --engine local|pd --model small --device cuda --backend triton, then
+#             kvproof loadgen --json against each -> loadgen_local.json, loadgen_pd.json
+#             (server logs and /metrics appended to tests.log)
 # At the end a summary table (stage, status, seconds, key numbers) is printed and written
 # to $OUT/summary.txt. At most 8 files come back from $OUT; this writes 8.
 set -uo pipefail
@@ -21,6 +22,8 @@ PY=${PYTHON:-python3}
 export OUT=${OUT:-/tmp/kvproof-gpu}
 mkdir -p "$OUT"
 STAGE_LIMIT=${STAGE_LIMIT:-400}          # seconds per stage (a device command may run 600 s)
+# loadgen's server (overridable to try the stage on a CPU: SERVE_ARGS="--model tiny --device cpu")
+SERVE_ARGS=${SERVE_ARGS:---model small --device cuda --backend triton --threads 0}
 declare -a SUMMARY=()
 
 wheels() {
@@ -62,7 +65,7 @@ stage_tests() {
     local xdist=()
     $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
     env -u TRITON_INTERPRET timeout "$STAGE_LIMIT" $PY -m pytest -q -p no:cacheprovider "${xdist[@]}" -rs \
-        --junitxml="$OUT/junit.xml" tests > "$OUT/tests.log" 2>&1
+        tests > "$OUT/tests.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/tests.log"
     return $rc
@@ -91,20 +94,24 @@ stage_sanitize() {
 }
 
 stage_loadgen() {
-    local port=8765 rc=0 i
-    env -u TRITON_INTERPRET $PY -m kvproof serve --model small --device cuda --backend triton --port $port \
-        --threads 0 >> "$OUT/tests.log" 2>&1 &
-    local pid=$!
-    for i in $(seq 1 120); do
-        curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-        sleep 1
+    local port=8765 rc=0 i engine pid
+    for engine in local pd; do
+        # shellcheck disable=SC2086
+        env -u TRITON_INTERPRET $PY -m kvproof serve --engine $engine --port $port $SERVE_ARGS \
+            >> "$OUT/tests.log" 2>&1 &
+        pid=$!
+        for i in $(seq 1 180); do
+            curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+            sleep 1
+        done
+        timeout "$STAGE_LIMIT" $PY -m kvproof loadgen --url "http://127.0.0.1:$port" --requests 200 \
+            --concurrency 32 --json > "$OUT/loadgen_$engine.json" 2>> "$OUT/tests.log" || rc=$?
+        curl -sf "http://127.0.0.1:$port/metrics" | grep -E "^kvproof_(slots|cache|aborts|requests_finished)" \
+            >> "$OUT/tests.log"
+        kill -INT $pid 2>/dev/null
+        wait $pid 2>/dev/null
+        port=$((port + 1))
     done
-    timeout "$STAGE_LIMIT" $PY -m kvproof loadgen --url "http://127.0.0.1:$port" --requests 200 \
-        --concurrency 32 --json > "$OUT/loadgen.json" 2>> "$OUT/tests.log" || rc=$?
-    curl -sf "http://127.0.0.1:$port/metrics" | grep -E "^kvproof_(slots|cache|aborts|requests_finished)" \
-        >> "$OUT/tests.log"
-    kill $pid 2>/dev/null
-    wait $pid 2>/dev/null
     return $rc
 }
 
@@ -127,8 +134,15 @@ try:
               + f"; hicache {h['swap_in_gbps']} vs plain {h['plain_copy_gbps']} GB/s, hidden {h['hidden_fraction']}"
               + f"; layersplit hidden {l.get('hidden_fraction')}")
     elif stage == "loadgen":
-        g = load("loadgen.json")
-        print({k: g[k] for k in list(g)[:8]})
+        for eng in ("local", "pd"):
+            try:
+                g = load(f"loadgen_{eng}.json")
+                print(f"{eng}: {g['completed']}/{g['requests']} done, {g['errors']} errors, "
+                      f"{g['output_tokens_per_s']} tok/s, TTFT p50 {g['ttft_ms']['p50']} ms, "
+                      f"ITL p50 {g['itl_ms']['p50']} ms", end="; ")
+            except Exception as e:
+                print(eng, f"(no numbers: {e})", end="; ")
+        print()
 except Exception as e:  # the stage's own log says why
     print(f"(no numbers: {e})")
 EOF

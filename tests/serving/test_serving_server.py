@@ -184,11 +184,74 @@ def test_serve_cli_arguments() -> None:
     p = argparse.ArgumentParser()
     add_serve_args(p)
     args = p.parse_args([])
-    assert (args.host, args.port, args.model, args.engine) == ("127.0.0.1", 8000, "tiny", "local")
+    assert (args.host, args.port, args.model, args.engine) == ("127.0.0.1", 8000, "tiny", "pd")
+    from kvproof.runtime.engine import LocalEngine
+    from kvproof.runtime.pd_engine import PDEngine
+    eng = build_engine(args)          # the default: a router plus one prefill and one decode worker
+    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 1 and eng.cluster is None
+    assert isinstance(build_engine(p.parse_args(["--engine", "local"])), LocalEngine)
     cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
     assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
-    from kvproof.runtime.pd_engine import PDEngine
     eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "prefix"]))
     assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "prefix"
     with pytest.raises(ValueError, match="writers=3"):               # 640-byte KV token: not 3 x 8-byte words
         build_engine(p.parse_args(["--engine", "pd", "--writers", "3"]))
+
+
+@pytest.mark.timeout(120)
+def test_main_command_serves_curl_and_openai_client_on_the_embedded_defaults() -> None:
+    """`kvproof serve` as the README runs it (`make serve`): default PD engine, tiny seeded model.
+    The README's curl body gets a completion, the openai client a chat completion; Ctrl-C stops
+    the router and its worker processes."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvproof", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "engine pd" in line, line
+        url = line.split(" on ", 1)[1].split(" ", 1)[0]
+        body = json.dumps({"model": MODEL, "prompt": "def fib(n):", "max_tokens": 16}).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            doc = json.loads(r.read())
+        assert doc["choices"][0]["finish_reason"] == "length" and doc["usage"]["completion_tokens"] == 16
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=8, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.completion_tokens == 8
+        client.close()
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "a prefill and a decode worker process"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert not [w for w in workers if _alive(w)], "worker processes outlived the server"
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid` (Linux /proc)."""
+    import os
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
