@@ -1,5 +1,6 @@
-"""End to end: 200+ concurrent HTTP requests with aborts and disconnects; every completed greedy
-output equals the single-request reference, no page leaks, and the metrics add up."""
+"""End to end: 200+ concurrent HTTP requests with aborts and disconnects, against the single-process
+engine and the PD engine (the `kvproof serve` default); every completed greedy output equals the
+single-request reference, no page or slot leaks, and the metrics add up."""
 from __future__ import annotations
 
 import asyncio
@@ -7,9 +8,12 @@ import json
 import random
 
 import aiohttp
+import pytest
 
 from serving_testing import serving, wait_for
 from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.server import start_server
 from kvproof.runtime.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -17,6 +21,7 @@ N_REQUESTS = 240
 MAX_TOKENS = 20
 SHARED = "You are a coding agent. Repository context follows.\n" + "".join(
     f"def helper_{i}(x):\n    return x + {i}\n" for i in range(8))        # ~270-byte shared prefix
+Plan = list[tuple[int, int, bool, str]]      # (prompt, max_tokens, stream, fault) per request
 
 
 def _prompts() -> list[str]:
@@ -25,16 +30,18 @@ def _prompts() -> list[str]:
     return short + agent
 
 
-def test_concurrent_load_matches_reference() -> None:
-    prompts = _prompts()
-    cfg = EngineConfig(num_pages=90, max_prefill_tokens=384)        # tight pool: preemptions happen
-    ref_tokens = generate_reference(EngineConfig(num_drafts=0), [TOK.encode(p) for p in prompts],
-                                    SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
-    rng = random.Random(0)
-    plan = [(rng.randrange(len(prompts)), rng.randint(4, MAX_TOKENS), rng.random() < 0.5,
+def _plan(n_prompts: int, seed: int) -> Plan:
+    rng = random.Random(seed)
+    return [(rng.randrange(n_prompts), rng.randint(4, MAX_TOKENS), rng.random() < 0.5,
              rng.choice(["none"] * 6 + ["disconnect_stream", "cancel"])) for _ in range(N_REQUESTS)]
 
-    async def one(s: aiohttp.ClientSession, url: str, i: int) -> tuple[str, str | None]:
+
+async def _load(url: str, prompts: list[str], plan: Plan, seed: int) -> list:
+    """Send every request of the plan at once; 'cancel' cancels the client task at a random time,
+    'disconnect_stream' closes the connection after the first streamed chunk."""
+    rng = random.Random(seed)
+
+    async def one(s: aiohttp.ClientSession, i: int) -> tuple[str, str | None]:
         p, mt, stream, fault = plan[i]
         body = {"prompt": prompts[p], "max_tokens": mt, "temperature": 0, "ignore_eos": True,
                 "stream": stream or fault == "disconnect_stream"}
@@ -57,40 +64,94 @@ def test_concurrent_load_matches_reference() -> None:
                 reason = ch["finish_reason"] or reason
         return reason, text
 
-    async def main() -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        tasks = [asyncio.create_task(one(s, i)) for i in range(N_REQUESTS)]
+        for i, t in enumerate(tasks):
+            if plan[i][3] == "cancel":
+                asyncio.get_running_loop().call_later(0.05 + rng.random(), t.cancel)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_outputs(results: list, plan: Plan, ref_tokens: list[list[int]]) -> int:
+    """Every request that completed equals the reference; returns how many completed."""
+    done = 0
+    for i, res in enumerate(results):
+        if isinstance(res, asyncio.CancelledError):
+            continue
+        assert not isinstance(res, BaseException), f"request {i}: {res!r}"
+        reason, text = res
+        if reason == "aborted":
+            continue
+        p, mt = plan[i][:2]
+        assert reason == "length", (i, reason)
+        assert text == TOK.decode(ref_tokens[p][:mt]), f"request {i} (prompt {p}) differs from the reference"
+        done += 1
+    faults = sum(1 for x in plan if x[3] != "none")
+    assert done >= N_REQUESTS - faults and faults > 20
+    return done
+
+
+def _reference(prompts: list[str]) -> list[list[int]]:
+    return generate_reference(EngineConfig(num_drafts=0), [TOK.encode(p) for p in prompts],
+                              SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+
+
+def _check_request_counts(st: dict, plan: Plan, done: int) -> None:
+    cancels = sum(1 for x in plan if x[3] == "cancel")          # some never reach the server
+    assert N_REQUESTS - cancels <= st["requests_total"] <= N_REQUESTS
+    fin = st["requests_finished_total{reason}"]
+    assert sum(fin.values()) == st["requests_total"] and fin.get("length", 0) >= done
+
+
+def test_concurrent_load_matches_reference() -> None:
+    prompts, plan = _prompts(), _plan(len(_prompts()), 0)
+    ref_tokens = _reference(prompts)
+    cfg = EngineConfig(num_pages=90, max_prefill_tokens=384)        # tight pool: preemptions happen
+
+    async def main() -> tuple[list, dict]:
         async with serving(cfg) as (engine, url):
-            conn = aiohttp.TCPConnector(limit=0)
-            async with aiohttp.ClientSession(connector=conn) as s:
-                tasks = [asyncio.create_task(one(s, url, i)) for i in range(N_REQUESTS)]
-                for i, t in enumerate(tasks):
-                    if plan[i][3] == "cancel":
-                        asyncio.get_running_loop().call_later(0.05 + rng.random(), t.cancel)
-                results = await asyncio.gather(*tasks, return_exceptions=True)
+            results = await _load(url, prompts, plan, 0)
             await wait_for(lambda: engine.stats()["queue_depth{queue}"] == {"waiting": 0, "prefilling": 0,
                                                                            "running": 0}, what="idle engine")
-            st = engine.stats()
-        print({k: st[k] for k in ("preemptions_total", "cache_hit_rate", "generation_tokens_total")})
-        done = 0
-        for i, res in enumerate(results):
-            if isinstance(res, asyncio.CancelledError):
-                continue
-            assert not isinstance(res, BaseException), f"request {i}: {res!r}"
-            reason, text = res
-            if reason == "aborted":
-                continue
-            p, mt = plan[i][:2]
-            assert reason == "length", (i, reason)
-            assert text == TOK.decode(ref_tokens[p][:mt]), f"request {i} (prompt {p}) differs from the reference"
-            done += 1
-        faults = sum(1 for x in plan if x[3] != "none")
-        assert done >= N_REQUESTS - faults and faults > 20
-        assert st["kv_pages{state}"]["used"] == 0, "page leak"
-        cancels = sum(1 for x in plan if x[3] == "cancel")          # some never reach the server
-        assert N_REQUESTS - cancels <= st["requests_total"] <= N_REQUESTS
-        fin = st["requests_finished_total{reason}"]
-        assert sum(fin.values()) == st["requests_total"] and fin.get("length", 0) >= done
-        assert fin.get("abort", 0) == st["aborts_total{cause}"].get("disconnect", 0) > 0
-        assert st["preemptions_total"] > 0, "the tight pool should force preemptions"
-        assert st["cache_hit_rate"] > 0.3, "agent prompts share their prefix pages"
+            return results, engine.stats()
 
-    asyncio.run(main())
+    results, st = asyncio.run(main())
+    print({k: st[k] for k in ("preemptions_total", "cache_hit_rate", "generation_tokens_total")})
+    done = _check_outputs(results, plan, ref_tokens)
+    assert st["kv_pages{state}"]["used"] == 0, "page leak"
+    _check_request_counts(st, plan, done)
+    assert st["requests_finished_total{reason}"].get("abort", 0) == st["aborts_total{cause}"].get("disconnect", 0) > 0
+    assert st["preemptions_total"] > 0, "the tight pool should force preemptions"
+    assert st["cache_hit_rate"] > 0.3, "agent prompts share their prefix pages"
+
+
+@pytest.mark.timeout(180)
+def test_concurrent_load_matches_reference_on_the_pd_engine() -> None:
+    """The same load through `kvproof serve`'s default engine: KV through 8 slots of the verified
+    slot protocol from one prefill rank, disconnects aborting through the protocol."""
+    prompts, plan = _prompts(), _plan(len(_prompts()), 1)
+    ref_tokens = _reference(prompts)
+
+    async def main() -> tuple[list, dict, str]:
+        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=8, max_prompt_tokens=512, delay_ms=20.0))
+        runner, url = await start_server(engine, "127.0.0.1", 0)
+        try:
+            results = await _load(url, prompts, plan, 1)
+            st = await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 60.0)
+            async with aiohttp.ClientSession() as s:
+                metrics = await (await s.get(f"{url}/metrics")).text()
+            return results, st, metrics
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+
+    results, st, metrics = asyncio.run(main())
+    print({k: st[k] for k in ("kv_transfers_total", "slots_reclaimed_total", "aborts_total{cause}")})
+    done = _check_outputs(results, plan, ref_tokens)
+    assert st["slots{state}"] == {"FREE": 8, "WAIT": 0, "READY": 0, "ABORTING": 0}, "slot leak"
+    assert st["kv_foreign_landings_total"] == 0
+    assert st["reclaim_latency_seconds_count"] == st["slots_reclaimed_total"]
+    _check_request_counts(st, plan, done)
+    assert st["aborts_total{cause}"].get("disconnect", 0) > 0
+    assert st["kv_transfers_total"] >= done
+    assert 'kvproof_slots{state="FREE"} 8' in metrics and "kvproof_kv_transfers_total" in metrics
