@@ -78,6 +78,13 @@ class PrefillModel:
         self.core = EngineCore(ecfg)
         self.pd = pd
         self.prefilled = 0
+        self.prompt_tokens = 0          # tokens this rank was asked to prefill
+        self.prefix_hit_tokens = 0      # of those, found in its prefix cache (not recomputed)
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's prefix-cache counters: the router's cache hit rate in PD mode."""
+        return {"prefilled_total": self.prefilled, "prefill_prompt_tokens_total": self.prompt_tokens,
+                "prefill_prefix_hit_tokens_total": self.prefix_hit_tokens}
 
     def __call__(self, alloc: Alloc) -> np.ndarray:
         """Run the model on the prompt (minus its last token) and export its KV for the slot."""
@@ -93,6 +100,8 @@ class PrefillModel:
         core = self.core
         seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
         core.scheduler._match_prefix(seq)                  # share cached full pages of the prefix
+        self.prompt_tokens += n
+        self.prefix_hit_tokens += seq.num_cached
         try:
             seq.pages += core.pool.allocate(-(-n // core.model.cfg.page_size) - len(seq.pages))
             with torch.no_grad():
@@ -119,6 +128,11 @@ class DecodeModel:
         self._send: Callable[[Message], None] | None = None
         self._next_stats = 0.0
         self.imported_tokens = 0
+        self.rank_stats: dict[int, dict[str, Any]] = {}    # prefill rank -> its latest live counters
+
+    def on_rank_stats(self, rank: int, data: dict[str, Any]) -> None:
+        """A prefill rank's live counters (its prefix cache: where PD's cache hits happen)."""
+        self.rank_stats[rank] = data
 
     def attach(self, pool: KVPool, send: Callable[[Message], None]) -> None:
         """Called by run_decode: the slot pool to read from and the client channel's send."""
@@ -199,6 +213,12 @@ class DecodeModel:
             "kv_imported_tokens_total": self.imported_tokens,
             "pd_waiting_for_slot": len(worker.waiting),
         })
+        # In PD mode prompts are prefilled on the prefill ranks, so their prefix caches give the hit
+        # rate (decode imports each prompt's KV and has no prefix hits of its own).
+        asked = sum(r.get("prefill_prompt_tokens_total", 0) for r in self.rank_stats.values())
+        hits = sum(r.get("prefill_prefix_hit_tokens_total", 0) for r in self.rank_stats.values())
+        out["prefix_cache_hit_tokens_total"] = hits
+        out["cache_hit_rate"] = hits / asked if asked else 0.0
         return out
 
     def _event(self, rid: int, ev: TokenEvent) -> None:
@@ -221,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = engine_config_from_json(a.engine)
     if a.role == "decode":
         return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
-    return run_prefill(cfg, a.rank, a.control, a.data, compute=PrefillModel(ecfg, cfg))
+    model = PrefillModel(ecfg, cfg)
+    return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from kvproof.runtime.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
 
 ACCEPT_TIMEOUT_S = 60.0
+LIVE_STATS_S = 0.2         # how often a prefill rank with live_stats reports them to decode
 
 
 def channel_config(cfg: PDConfig) -> ChannelConfig:
@@ -186,7 +187,10 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
             if isinstance(msg, Hello):
                 if msg.rank != w:
                     _rank_dead(worker, datas, ctrls, w, f"hello from rank {msg.rank} on rank {w}'s channel")
-            elif isinstance(msg, Stats):
+            elif isinstance(msg, Stats) and msg.data.get("live"):
+                if model is not None:
+                    model.on_rank_stats(w, msg.data)
+            elif isinstance(msg, Stats):                    # a rank's final summary, at shutdown
                 rank_stats[str(w)] = msg.data
             elif msg is not None:
                 try:
@@ -218,11 +222,11 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
 
 # ---------------------------------------------------------------- prefill
 def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int],
-                compute: Any = None) -> int:
+                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None) -> int:
     """One prefill rank's process: control channel to decode, one data connection with fault injection.
 
     `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
-    None: synthetic KV."""
+    None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
     who = f"prefill-{rank}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
     ch = Channel.connect(ctrl_addr, config=channel_config(cfg), label=f"{who}-ctrl",
@@ -243,8 +247,16 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
 
     poller = threading.Thread(target=poll_completions, name=f"{who}-cq", daemon=True)
     poller.start()
+    next_live = 0.0
+
+    def report_live() -> None:
+        nonlocal next_live
+        if live_stats is not None and time.monotonic() >= next_live:
+            next_live = time.monotonic() + LIVE_STATS_S
+            ch.send(encode(Stats({"live": 1, "rank": rank, **live_stats()})))
+
     try:
-        reason = _prefill_loop(prank, inbox, who)
+        reason = _prefill_loop(prank, inbox, who, report_live)
         if reason is None:
             ch.send(encode(Stats(prank.summary())))
         else:
@@ -264,9 +276,11 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
         ch.close()
 
 
-def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str) -> str | None:
+def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str,
+                  report_live: Callable[[], None] = lambda: None) -> str | None:
     """Run until Shutdown (returns None) or the rank's connection dies (returns why)."""
     while True:
+        report_live()
         try:
             ev = inbox.get(timeout=0.05) if not prank.has_work() else inbox.get_nowait()
         except queue.Empty:

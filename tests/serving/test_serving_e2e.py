@@ -146,7 +146,8 @@ def test_concurrent_load_matches_reference_on_the_pd_engine() -> None:
             await engine.stop()
 
     results, st, metrics = asyncio.run(main())
-    print({k: st[k] for k in ("kv_transfers_total", "slots_reclaimed_total", "aborts_total{cause}")})
+    print({k: st[k] for k in ("kv_transfers_total", "slots_reclaimed_total", "aborts_total{cause}",
+                              "cache_hit_rate")})
     done = _check_outputs(results, plan, ref_tokens)
     assert st["slots{state}"] == {"FREE": 8, "WAIT": 0, "READY": 0, "ABORTING": 0}, "slot leak"
     assert st["kv_foreign_landings_total"] == 0
@@ -154,4 +155,6 @@ def test_concurrent_load_matches_reference_on_the_pd_engine() -> None:
     _check_request_counts(st, plan, done)
     assert st["aborts_total{cause}"].get("disconnect", 0) > 0
     assert st["kv_transfers_total"] >= done
+    assert st["cache_hit_rate"] > 0.3, "the prefill rank's prefix cache: agent prompts share their prefix pages"
+    assert st["prefix_cache_hit_tokens_total"] > 0
     assert 'kvproof_slots{state="FREE"} 8' in metrics and "kvproof_kv_transfers_total" in metrics
