@@ -82,9 +82,13 @@ class PrefillModel:
         self.prefix_hit_tokens = 0      # of those, found in its prefix cache (not recomputed)
 
     def stats(self) -> dict[str, Any]:
-        """This rank's prefix-cache counters: the router's cache hit rate in PD mode."""
-        return {"prefilled_total": self.prefilled, "prefill_prompt_tokens_total": self.prompt_tokens,
-                "prefill_prefix_hit_tokens_total": self.prefix_hit_tokens}
+        """This rank's counters, every key `prefill_*`: its prefix cache (the router's cache hit rate
+        in PD mode) and, with a host tier, its HiCache counters (`prefill_hicache_*`)."""
+        out = {"prefill_requests_total": self.prefilled, "prefill_prompt_tokens_total": self.prompt_tokens,
+               "prefill_prefix_hit_tokens_total": self.prefix_hit_tokens}
+        host = self.core.host.stats() if self.core.host is not None else {}
+        out.update({f"prefill_{k}": v for k, v in host.items() if isinstance(v, (int, float))})
+        return out
 
     def __call__(self, alloc: Alloc) -> np.ndarray:
         """Run the model on the prompt (minus its last token) and export its KV for the slot."""
@@ -215,8 +219,13 @@ class DecodeModel:
         })
         # In PD mode prompts are prefilled on the prefill ranks, so their prefix caches give the hit
         # rate (decode imports each prompt's KV and has no prefix hits of its own).
-        asked = sum(r.get("prefill_prompt_tokens_total", 0) for r in self.rank_stats.values())
-        hits = sum(r.get("prefill_prefix_hit_tokens_total", 0) for r in self.rank_stats.values())
+        ranks: dict[str, float] = {}
+        for r in self.rank_stats.values():                  # summed over the prefill ranks
+            for k, v in r.items():
+                if k.startswith("prefill_") and isinstance(v, (int, float)):
+                    ranks[k] = ranks.get(k, 0) + v
+        out.update(ranks)
+        asked, hits = ranks.get("prefill_prompt_tokens_total", 0), ranks.get("prefill_prefix_hit_tokens_total", 0)
         out["prefix_cache_hit_tokens_total"] = hits
         out["cache_hit_rate"] = hits / asked if asked else 0.0
         return out

@@ -219,3 +219,42 @@ def test_pd_engine_prefill_rank_death_ends_requests_and_sets_error() -> None:
 
     for reason, detail in asyncio.run(main()):
         assert reason == "abort" and "prefill rank 0 dead" in detail, (reason, detail)
+
+
+@pytest.mark.timeout(90)
+def test_pd_engine_with_a_host_tier_evicts_reloads_and_matches_reference() -> None:
+    """The PD path with HiCache (`kvproof serve --host-cache-pages N`): the prefill rank's small
+    device pool evicts long shared prefixes to its host tier and reloads them through the checked
+    plan under the adversarial emulator; every output equals the reference, and /metrics counts
+    the prefill rank's hits, evictions and swap-ins."""
+    rng = random.Random(3)
+    docs = ["".join(chr(rng.randrange(32, 127)) for _ in range(150)) for _ in range(4)]   # 9 full pages each
+    prompts = [docs[d] + f" round {r}" for r in range(3) for d in range(4)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ref = generate_reference(EngineConfig(num_drafts=0), [TOK.encode(p) for p in prompts], params)
+    tiered = EngineConfig(num_pages=24, host_cache_pages=64, host_cache_schedule="adversarial")
+
+    async def main() -> dict:
+        engine = PDEngine(tiered, PDEngineConfig(slots=2, max_prompt_tokens=256))
+        runner, url = await start_server(engine, "127.0.0.1", 0)
+        try:
+            for i, p in enumerate(prompts):         # one at a time: a 24-page pool holds 2 prefixes
+                reason, out = await _collect(engine, f"h{i}", TOK.encode(p), params, "none")
+                assert reason == "length" and out == ref[i], f"request {i} differs from the reference"
+            await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
+            asked = sum(len(TOK.encode(p)) - 1 for p in prompts)      # the rank's live report catches up
+            await wait_for(lambda: engine.stats().get("prefill_prompt_tokens_total") == asked,
+                           what="the prefill rank's live stats")
+            async with aiohttp.ClientSession() as s:
+                metrics = await (await s.get(f"{url}/metrics")).text()
+            return {**engine.stats(), "metrics": metrics}
+        finally:
+            await runner.cleanup()
+            await engine.stop()
+
+    st = asyncio.run(main())
+    assert st["prefill_hicache_evictions_total"] > 0 and st["prefill_hicache_swap_ins_total"] > 0
+    assert st["prefill_hicache_host_hits_total"] == st["prefill_hicache_swap_ins_total"]
+    assert st["prefill_hicache_stale_indexer_reads_total"] == 0
+    assert 0 < st["cache_hit_rate"] < 1
+    assert "kvproof_prefill_hicache_swap_ins_total" in st["metrics"]
