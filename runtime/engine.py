@@ -24,6 +24,7 @@ from kvproof.runtime.engine_api import (Engine, GenerationRequest, SamplingParam
 from kvproof.runtime.model_cache import KVCache, PagePool
 from kvproof.runtime.model_config import ModelConfig, preset
 from kvproof.runtime.model_hicache import host_tier
+from kvproof.runtime.model_layersplit import LayerSplitGroup, SplitKVCache, engine_shape
 from kvproof.runtime.model_runner import ModelRunner
 from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
 from kvproof.runtime.scheduler import Scheduler, Sequence
@@ -49,6 +50,11 @@ class EngineConfig:
     host_cache_variant: str = "fixed"      # swap-in plan: fixed, or prefix (the pre-fix race; allow_races)
     host_cache_schedule: str = "random"    # CPU stream emulator policy: eager, random, adversarial, sync
     host_cache_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
+    layersplit: int = 1                    # LayerSplit ranks (processes) sharding the KV layers; 1: off
+    layersplit_depth: int = 2              # receive buffers per rank (double buffering)
+    layersplit_ownership: str = "contiguous"   # or round_robin
+    layersplit_variant: str = "fixed"      # fixed; prefix / no_owner_wait: racy plans (refused unless allowed)
+    layersplit_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
 
 
 class EngineCore:
@@ -61,10 +67,18 @@ class EngineCore:
             torch.set_num_threads(cfg.threads)
         self.model = load_model(cfg.checkpoint, cfg.model, cfg.device, cfg.backend)
         mc = self.model.cfg
-        self.cache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=cfg.backend == "triton")
+        split = engine_shape(cfg, mc.n_layers)                          # None unless layersplit > 1
+        fp8 = cfg.backend == "triton"
+        self.group: LayerSplitGroup | None = None
+        if split is None:
+            self.cache: KVCache | SplitKVCache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=fp8)
+        else:                                                           # rank 0 of the group; spawns the others
+            self.cache = SplitKVCache(mc, cfg.num_pages, cfg.device, fp8, split, rank=0)
+            self.group = LayerSplitGroup(cfg, self.model, split, self.cache)
         self.pool = PagePool(cfg.num_pages)
         self.host = host_tier(cfg, self.cache, self.pool)               # None unless host_cache_pages
-        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts, self.host)
+        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts, self.host,
+                                  forward=self.group.forward if self.group is not None else None)
         self.scheduler = Scheduler(self.pool, mc.page_size, cfg.max_batch, cfg.max_prefill_tokens,
                                    1 + cfg.num_drafts, self.host)
         self.seqs: dict[str, Sequence] = {}
@@ -75,6 +89,11 @@ class EngineCore:
             "anomaly_aborts_total{rule}": {}, "steps_total{kind}": {"prefill": 0, "decode": 0}}
         self.totals = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0,
                        "spec_steps_total": 0, "spec_drafted_total": 0, "spec_accepted_total": 0}
+
+    def close(self) -> None:
+        """Release what outlives a step: the LayerSplit followers (idempotent; a no-op without LayerSplit)."""
+        if self.group is not None:
+            self.group.close()
 
     @property
     def max_model_len(self) -> int:
@@ -199,7 +218,8 @@ class EngineCore:
         q = c["prefix_query_tokens"]
         out["cache_hit_rate"] = c["prefix_hit_tokens"] / q if q else 0.0
         out["prefix_cache_hit_tokens_total"] = c["prefix_hit_tokens"]
-        return out | (self.host.stats() if self.host is not None else {})
+        return (out | (self.host.stats() if self.host is not None else {})
+                | (self.group.stats() if self.group is not None else {}))
 
 
 def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
@@ -326,6 +346,7 @@ class LocalEngine(StreamingMixin):
             for rid in list(core.seqs):
                 core.abort(rid, "shutdown")
             self._stats = core.stats()
+            core.close()
 
 
 def generate_reference(cfg: EngineConfig, prompts: list[list[int]], params: SamplingParams
@@ -333,10 +354,13 @@ def generate_reference(cfg: EngineConfig, prompts: list[list[int]], params: Samp
     """Run each prompt alone, to completion, in a fresh single-threaded core: the reference outputs."""
     core = EngineCore(cfg)
     out = []
-    for i, p in enumerate(prompts):
-        events: list[TokenEvent] = []
-        core.add(GenerationRequest(f"ref-{i}", tuple(p), params), events.append)
-        while core.step():
-            pass
-        out.append([t for ev in events for t in ev.tokens])
+    try:
+        for i, p in enumerate(prompts):
+            events: list[TokenEvent] = []
+            core.add(GenerationRequest(f"ref-{i}", tuple(p), params), events.append)
+            while core.step():
+                pass
+            out.append([t for ev in events for t in ev.tokens])
+    finally:
+        core.close()
     return out

@@ -323,20 +323,30 @@ class LayerSplitPool:
 
     def _run_cpu(self, impls: dict[str, OpImpl], works: list) -> None:
         """Issue the rank's plan on CPU: async collectives on the comm stream, host-ordered compute."""
-        events: dict[str, list] = {}
-        mine = comm(self.rank)
-        for ins in self.my_plan.instrs:
-            if isinstance(ins, Op):
-                commit = impls[ins.name]()
-                if commit is not None:
-                    commit()
-            elif isinstance(ins, Record):
-                # comm: the works issued so far on the stream; compute ran on the host, already complete
-                events[ins.event] = list(works) if ins.stream == mine else []
-            elif isinstance(ins, Wait):
-                for w in events.get(ins.event, []):   # a never-recorded event is a no-op, as in CUDA
-                    w.wait()
-            elif isinstance(ins, HostSync):
-                raise ValueError(f"plan {self.my_plan.name!r}: host syncs are not part of a LayerSplit plan")
-        for w in works:
-            w.wait()
+        run_host(self.my_plan, comm(self.rank), impls, works)
+
+
+def run_host(plan: Plan, comm_stream: str, impls: dict[str, OpImpl], works: list) -> None:
+    """Issue one rank's plan on CPU (the ``host`` schedule): ops in issue order on the host.
+
+    A collective's op appends its asynchronous work (anything with ``wait()``) to ``works``,
+    so its transfer overlaps the host's compute; a record on ``comm_stream`` stands for the
+    works issued so far and a wait on it waits them; compute ops ran on the host, so their
+    records are complete when issued. All works are waited at the end.
+    """
+    events: dict[str, list] = {}
+    for ins in plan.instrs:
+        if isinstance(ins, Op):
+            commit = impls[ins.name]()
+            if commit is not None:
+                commit()
+        elif isinstance(ins, Record):
+            # comm: the works issued so far on the stream; compute ran on the host, already complete
+            events[ins.event] = list(works) if ins.stream == comm_stream else []
+        elif isinstance(ins, Wait):
+            for w in events.get(ins.event, []):   # a never-recorded event is a no-op, as in CUDA
+                w.wait()
+        elif isinstance(ins, HostSync):
+            raise ValueError(f"plan {plan.name!r}: host syncs are not part of a LayerSplit plan")
+    for w in works:
+        w.wait()

@@ -3,15 +3,20 @@
 ``run_group`` (``run_groups`` for several configurations in one launch) spawns the ranks, each builds its ``LayerSplitPool`` share,
 computes its shard of the queries (context parallelism: rows ``rank::ranks``)
 and reports outputs and memory; ``run_unsplit`` is the one-rank reference.
+``start_ranks``, ``gloo_group`` and ``broadcast`` are the pieces the serving
+engine's LayerSplit group (``model_layersplit``) shares: spawn rank processes
+without waiting, a private gloo group on 127.0.0.1 (no global default group, so
+several groups can live in one process), and an asynchronous broadcast on it.
 """
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_ranks(target: Callable[..., None], args: tuple, nprocs: int) -> mp.ProcessContext:
+    """Spawn ``nprocs`` processes running ``target(i, *args)``, i = 0..nprocs-1; returns without waiting."""
+    return mp.start_processes(target, args=args, nprocs=nprocs, join=False, start_method="spawn")
+
+
+def gloo_group(rank: int, ranks: int, port: int, timeout_s: float = 60.0,
+               check: Callable[[], object] | None = None) -> dist.ProcessGroupGloo:
+    """A private gloo group of ``ranks`` on 127.0.0.1:``port`` (rank 0 hosts the store); blocks until all joined.
+
+    Rank 0 polls until every other rank has said hello, calling ``check()`` meanwhile (e.g. a
+    ProcessContext's ``join(0)``, which raises with the rank's traceback if one died), so a rank
+    that fails while starting is reported at once rather than after the timeout.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, ranks, rank == 0, timeout=timeout, wait_for_workers=False)
+    if rank == 0:
+        hellos, end = [f"hello/{k}" for k in range(1, ranks)], time.monotonic() + timeout_s
+        while not store.check(hellos):
+            if check is not None:
+                check()
+            if time.monotonic() > end:
+                raise TimeoutError(f"gloo group on port {port}: not every rank joined within {timeout_s} s")
+            time.sleep(0.02)
+    else:
+        store.set(f"hello/{rank}", "1")
+    return dist.ProcessGroupGloo(store, rank, ranks, timeout)
+
+
+def broadcast(group: dist.ProcessGroupGloo, t: torch.Tensor, src: int) -> Any:
+    """Asynchronous broadcast of ``t`` from rank ``src`` on a private group; returns the work (``.wait()``)."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = src, 0
+    return group.broadcast([t], opts)
 
 
 def _worker(rank: int, ranks: int, port: int, cfgs: list[LayerSplitConfig], count: int, outdir: str) -> None:
@@ -56,8 +96,9 @@ def run_groups(cfgs: Sequence[LayerSplitConfig], ranks: int, count: int) -> list
         raise RuntimeError(f"{ranks} ranks need {ranks} GPUs, found {torch.cuda.device_count()}")
     results = []
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(ranks, free_port(), cfgs, count, d), nprocs=ranks, join=True,
-                           start_method="spawn")
+        procs = start_ranks(_worker, (ranks, free_port(), cfgs, count, d), ranks)
+        while not procs.join():
+            pass
         for k in range(len(cfgs)):
             parts = [torch.load(Path(d) / f"cfg{k}-rank{r}.pt") for r in range(ranks)]
             first = parts[0]["out"]

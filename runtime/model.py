@@ -7,6 +7,13 @@ and a SwiGLU MLP (GLM-5's MoE layers are simplified to dense MLPs). One MTP laye
 drafts tokens for speculative decoding; here it is a projection plus an MLP block
 without attention (DeepSeek's MTP layer has its own attention; ours reads no cache).
 
+A layer runs in two halves, the two compute ops of the LayerSplit plan
+(`spec/layersplit_plan.py`): `index` (norm, projections, the new tokens' indexer keys
+written, indexer scores and top-k; reads the layer's Indexer cache) and `attend` (the new
+tokens' KV rows written, sparse MLA, output projection, MLP; reads the layer's KV). Both take
+the layer's cache tensors, so a LayerSplit rank passes a receive buffer where it does not
+store the layer; the single-process path passes the `KVCache`'s own.
+
 Attention runs on one of two backends:
   "torch"  vectorised torch over the paged cache (fast on the CPU, float64-exact);
   "triton" the project's kernels (`kernels/indexer.py`, `kernels/sparse_mla.py`), for a
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvproof.runtime.model_cache import KVCache
+from kvproof.runtime.model_cache import KVCache, write_index_keys, write_rows
 from kvproof.runtime.model_config import ModelConfig
 
 BACKENDS = ("torch", "triton")
@@ -37,6 +44,16 @@ class AttnBatch:
     ctx_lens: torch.Tensor      # int64 [B]      context length after this forward
     page_table: torch.Tensor    # int32 [B, max_pages] (triton backend)
     tok_seq: torch.Tensor       # int32 [T]      sequence row of each token (triton backend)
+
+
+@dataclass
+class Indexed:
+    """What the indexer half of a layer hands the attention half."""
+
+    q_nope: torch.Tensor        # [T, H, dn]
+    q_pe: torch.Tensor          # [T, H, dr]   (RoPE applied)
+    rows: torch.Tensor          # [T, DL + dr] the new tokens' KV rows, written by `attend`
+    select: tuple[torch.Tensor, ...]   # torch: (valid [B, Q, K],); triton: (indices, counts)
 
 
 class RMSNorm(nn.Module):
@@ -102,6 +119,13 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, b: AttnBatch, cache: KVCache, backend: str) -> torch.Tensor:
         """x [T, D] -> [T, D]; writes this layer's KV and indexer keys of the T tokens first."""
+        ik, ik_fp8 = cache.layer_index(self.layer)
+        return self.attend(self.index(x, b, ik, ik_fp8, backend), b, cache.kv[self.layer], backend)
+
+    def index(self, x: torch.Tensor, b: AttnBatch, ik: torch.Tensor, ik_fp8: torch.Tensor | None,
+              backend: str) -> Indexed:
+        """The indexer half: x [T, D]; writes the T tokens' indexer keys into ik [P, S, DI] (and ik_fp8),
+        then selects each query's top-k keys from them."""
         c = self.cfg
         T, H, DL = x.shape[0], c.n_heads, c.kv_lora_rank
         qa = self.q_norm(self.wq_a(x))                                          # [T, q_lora]
@@ -109,27 +133,40 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim:], b.positions, c.rope_theta)
         kv = self.wkv_a(x)                                                      # [T, DL + dr]
         k_pe = apply_rope(kv[:, DL:], b.positions, c.rope_theta)                # [T, dr]
-        cache.write(self.layer, b.slots, torch.cat([self.kv_norm(kv[:, :DL]), k_pe], -1), self.wi_k(x))
-        wkv_b = self.wkv_b.weight.view(H, c.qk_nope_dim + c.v_head_dim, DL)
-        w_uk, w_uv = wkv_b[:, : c.qk_nope_dim], wkv_b[:, c.qk_nope_dim:]        # [H, dn, DL], [H, dv, DL]
-        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)                      # [T, H, DL]
+        rows = torch.cat([self.kv_norm(kv[:, :DL]), k_pe], -1)
+        write_index_keys(ik, ik_fp8, b.slots, self.wi_k(x))
         iq = self.wi_q(qa).view(T, c.index_heads, c.index_dim)                  # [T, HI, DI]
         iw = self.wi_w(x) * (c.index_heads ** -0.5 * c.index_dim ** -0.5)       # [T, HI]
         if backend == "triton":
-            o_lat = self._attend_triton(q_lat, q_pe, iq, iw, b, cache)
+            assert ik_fp8 is not None, "the triton backend needs KVCache(fp8_indexer=True)"
+            select = self._select_triton(iq, iw, b, ik_fp8)
         else:
-            o_lat = self._attend_torch(q_lat, q_pe, iq, iw, b, cache)
+            select = self._select_torch(iq, iw, b, ik)
+        return Indexed(q_nope, q_pe, rows, select)
+
+    def attend(self, st: Indexed, b: AttnBatch, kv: torch.Tensor, backend: str) -> torch.Tensor:
+        """The attention half: writes the T tokens' KV rows into kv [P, S, DL + dr], then sparse MLA over
+        the selected keys and the output projection -> [T, D]."""
+        c = self.cfg
+        T, H, DL = st.q_nope.shape[0], c.n_heads, c.kv_lora_rank
+        write_rows(kv, b.slots, st.rows)
+        wkv_b = self.wkv_b.weight.view(H, c.qk_nope_dim + c.v_head_dim, DL)
+        w_uk, w_uv = wkv_b[:, : c.qk_nope_dim], wkv_b[:, c.qk_nope_dim:]        # [H, dn, DL], [H, dv, DL]
+        q_lat = torch.einsum("thn,hnl->thl", st.q_nope, w_uk)                   # [T, H, DL]
+        if backend == "triton":
+            o_lat = self._attend_triton(q_lat, st.q_pe, st.select, b, kv)
+        else:
+            o_lat = self._attend_torch(q_lat, st.q_pe, st.select[0], b, kv)
         o = torch.einsum("thl,hvl->thv", o_lat, w_uv)                           # [T, H, dv]
         return self.wo(o.reshape(T, H * c.v_head_dim))
 
-    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, iq: torch.Tensor, iw: torch.Tensor,
-                      b: AttnBatch, cache: KVCache) -> torch.Tensor:
-        c, DL = self.cfg, self.cfg.kv_lora_rank
-        kv = cache.kv[self.layer].view(-1, c.kv_width)[b.key_slots]             # [B, K, DL + dr]
-        ik = cache.ik[self.layer].view(-1, c.index_dim)[b.key_slots]            # [B, K, DI]
+    def _select_torch(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_pages: torch.Tensor
+                      ) -> tuple[torch.Tensor]:
+        c = self.cfg
+        ik = ik_pages.view(-1, c.index_dim)[b.key_slots]                        # [B, K, DI]
         B, K = b.key_slots.shape
         qpos = b.positions[b.q_index]                                           # [B, Q]
-        kpos = torch.arange(K, device=kv.device)
+        kpos = torch.arange(K, device=ik.device)
         valid = (kpos[None, None, :] <= qpos[:, :, None]) & b.q_mask[:, :, None]  # [B, Q, K] causal
         valid &= kpos[None, None, :] < b.ctx_lens[:, None, None]
         # lightning indexer: score[b, q, k] = sum_h w[h] relu(iq[h] . ik[k])
@@ -144,6 +181,12 @@ class MLAttention(nn.Module):
             order = torch.sort(snapped, dim=-1, descending=True, stable=True).indices[..., : c.index_topk]
             keep = torch.zeros_like(valid).scatter_(-1, order, True)
             valid &= keep
+        return (valid,)
+
+    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, valid: torch.Tensor, b: AttnBatch,
+                      kv_pages: torch.Tensor) -> torch.Tensor:
+        c, DL = self.cfg, self.cfg.kv_lora_rank
+        kv = kv_pages.view(-1, c.kv_width)[b.key_slots]                         # [B, K, DL + dr]
         # absorbed MLA over the selected tokens
         bq, bpe = q_lat[b.q_index], q_pe[b.q_index]                             # [B, Q, H, DL], [B, Q, H, dr]
         s = (torch.einsum("bqhl,bkl->bhqk", bq, kv[..., :DL])
@@ -155,18 +198,20 @@ class MLAttention(nn.Module):
         out[b.q_index[b.q_mask]] = o[b.q_mask]
         return out
 
-    def _attend_triton(self, q_lat: torch.Tensor, q_pe: torch.Tensor, iq: torch.Tensor, iw: torch.Tensor,
-                       b: AttnBatch, cache: KVCache) -> torch.Tensor:
+    def _select_triton(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_fp8: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         from kvproof.kernels.indexer import indexer_topk
-        from kvproof.kernels.sparse_mla import sparse_mla_attention
         c = self.cfg
-        assert cache.ik_fp8 is not None, "the triton backend needs KVCache(fp8_indexer=True)"
-        kv = cache.kv[self.layer]                                               # [P, S, DL + dr]
-        kdt = kv.dtype if kv.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         q_len = (b.positions + 1).to(torch.int32)
-        idx, counts = indexer_topk(iq.to(torch.float32).contiguous(), iw.to(torch.float32).contiguous(),
-                                   cache.ik_fp8[self.layer], b.page_table, b.tok_seq, q_len,
-                                   c.page_size, topk=c.index_topk)
+        return indexer_topk(iq.to(torch.float32).contiguous(), iw.to(torch.float32).contiguous(),
+                            ik_fp8, b.page_table, b.tok_seq, q_len, c.page_size, topk=c.index_topk)
+
+    def _attend_triton(self, q_lat: torch.Tensor, q_pe: torch.Tensor, select: tuple[torch.Tensor, ...],
+                       b: AttnBatch, kv: torch.Tensor) -> torch.Tensor:
+        from kvproof.kernels.sparse_mla import sparse_mla_attention
+        c = self.cfg                                                            # kv [P, S, DL + dr]
+        idx, counts = select
+        kdt = kv.dtype if kv.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         out, _ = sparse_mla_attention(q_lat.to(kdt).contiguous(), q_pe.to(kdt).contiguous(),
                                       kv.to(kdt).contiguous(), b.page_table, b.tok_seq, idx, counts,
                                       c.sm_scale)
@@ -187,6 +232,16 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, b: AttnBatch, cache: KVCache, backend: str) -> torch.Tensor:
         """h [T, D] -> [T, D]."""
         h = h + self.attn(self.attn_norm(h), b, cache, backend)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def index(self, h: torch.Tensor, b: AttnBatch, ik: torch.Tensor, ik_fp8: torch.Tensor | None,
+              backend: str) -> Indexed:
+        """The LayerSplit plan's ``indexer[l]``: norm + the attention's indexer half (see MLAttention.index)."""
+        return self.attn.index(self.attn_norm(h), b, ik, ik_fp8, backend)
+
+    def attend(self, h: torch.Tensor, st: Indexed, b: AttnBatch, kv: torch.Tensor, backend: str) -> torch.Tensor:
+        """The plan's ``attention[l]``: the attention half, residual, MLP: h [T, D] -> [T, D]."""
+        h = h + self.attn.attend(st, b, kv, backend)
         return h + self.mlp(self.mlp_norm(h))
 
 

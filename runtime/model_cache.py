@@ -90,26 +90,57 @@ class PagePool:
             self._by_hash[h], self._hash_of[p] = p, h
 
 
+def write_rows(kv: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store KV rows [T, kv_width] at flat slots [T] of one layer's pages kv [P, S, kv_width]."""
+    kv.view(-1, kv.shape[-1])[slots] = rows.to(kv.dtype)
+
+
+def write_index_keys(ik: torch.Tensor, ik_fp8: torch.Tensor | None, slots: torch.Tensor, keys: torch.Tensor
+                     ) -> None:
+    """Store indexer keys [T, index_dim] at flat slots [T] of one layer: ik [P, S, index_dim] and, when
+    kept, the kernels' fp8 pages ik_fp8 [P, page_bytes]."""
+    S, D = ik.shape[1], ik.shape[2]
+    ik.view(-1, D)[slots] = keys.to(ik.dtype)
+    if ik_fp8 is not None:
+        from kvproof.kernels._common import indexer_views, quantize_fp8
+        fkeys, scales = indexer_views(ik_fp8, S, D)
+        q, s = quantize_fp8(keys)                                          # [T, D] fp8, [T, NB]
+        fkeys[slots // S, slots % S] = q
+        scales[slots // S, slots % S] = s
+
+
 @dataclass
 class KVCache:
-    """Cache tensors of every layer: kv [L, P, S, kv_width], index keys [L, P, S, index_dim]."""
+    """Cache tensors of every layer: kv [L, P, S, kv_width], index keys [L, P, S, index_dim].
+
+    `layers` stores that many layers instead of the model's (a LayerSplit rank's share or its
+    receive buffers, `model_layersplit.SplitKVCache`); the methods taking a layer index it then
+    by position, and export/import (PD) need every layer.
+    """
 
     cfg: ModelConfig
     num_pages: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fp8_indexer: bool = False          # also keep the indexer keys in the kernels' fp8 layout
+    layers: int | None = None          # stored layers (None: the model's n_layers)
 
     def __post_init__(self) -> None:
         c = self.cfg
-        shape = (c.n_layers, self.num_pages, c.page_size)
+        n = c.n_layers if self.layers is None else self.layers
+        shape = (n, self.num_pages, c.page_size)
         self.kv = torch.zeros(*shape, c.kv_width, dtype=c.torch_dtype, device=self.device)
         self.ik = torch.zeros(*shape, c.index_dim, dtype=c.torch_dtype, device=self.device)
         self.ik_fp8: torch.Tensor | None = None
         if self.fp8_indexer:
             from kvproof.kernels._common import indexer_fp8_layout
             lay = indexer_fp8_layout(c.page_size, c.index_dim)
-            self.ik_fp8 = torch.zeros(c.n_layers, self.num_pages, lay.page_bytes, dtype=torch.uint8,
-                                      device=self.device)
+            self.ik_fp8 = torch.zeros(n, self.num_pages, lay.page_bytes, dtype=torch.uint8, device=self.device)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: KV rows and indexer keys (float and, when kept, fp8 pages)."""
+        idx = [self.ik] + ([self.ik_fp8] if self.ik_fp8 is not None else [])
+        return {"kv_bytes": self.kv.numel() * self.kv.element_size(),
+                "indexer_bytes": sum(t.numel() * t.element_size() for t in idx)}
 
     @staticmethod
     def pages_for_budget(cfg: ModelConfig, budget_bytes: int) -> int:
@@ -118,15 +149,12 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, ik: torch.Tensor) -> None:
         """Store kv [T, kv_width] and index keys [T, index_dim] at flat slots [T] (page * S + offset)."""
-        self.kv[layer].view(-1, self.cfg.kv_width)[slots] = kv.to(self.kv.dtype)
-        self.ik[layer].view(-1, self.cfg.index_dim)[slots] = ik.to(self.ik.dtype)
-        if self.ik_fp8 is not None:
-            from kvproof.kernels._common import indexer_views, quantize_fp8
-            keys, scales = indexer_views(self.ik_fp8[layer], self.cfg.page_size, self.cfg.index_dim)
-            q, s = quantize_fp8(ik)                                       # [T, D] fp8, [T, NB]
-            S = self.cfg.page_size
-            keys[slots // S, slots % S] = q
-            scales[slots // S, slots % S] = s
+        write_rows(self.kv[layer], slots, kv)
+        write_index_keys(self.ik[layer], None if self.ik_fp8 is None else self.ik_fp8[layer], slots, ik)
+
+    def layer_index(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The indexer keys of one layer: (ik [P, S, index_dim], ik_fp8 [P, page_bytes] or None)."""
+        return self.ik[layer], None if self.ik_fp8 is None else self.ik_fp8[layer]
 
     @property
     def token_bytes(self) -> int:
@@ -143,14 +171,14 @@ class KVCache:
     def export_tokens(self, pages: list[int], n_tokens: int) -> torch.Tensor:
         """The first n_tokens of a sequence's pages, every layer, as bytes uint8 [L, n, token_bytes]."""
         slots = self._token_slots(pages, n_tokens).to(self.kv.device)
-        L = self.cfg.n_layers
+        L = self.kv.shape[0]
         kv = self.kv.view(L, -1, self.cfg.kv_width)[:, slots]                           # [L, n, W]
         ik = self.ik.view(L, -1, self.cfg.index_dim)[:, slots]                          # [L, n, DI]
         return torch.cat([kv, ik], dim=-1).contiguous().view(torch.uint8)               # [L, n, token_bytes]
 
     def import_tokens(self, pages: list[int], data: torch.Tensor) -> None:
         """Write bytes from export_tokens (uint8 [L, n, token_bytes]) into positions 0..n-1 of `pages`."""
-        L, W = self.cfg.n_layers, self.cfg.kv_width
+        L, W = self.kv.shape[0], self.cfg.kv_width
         if data.dtype != torch.uint8 or data.dim() != 3 or data.shape[0] != L or data.shape[2] != self.token_bytes:
             raise ValueError(f"KV bytes must be uint8 [{L}, n, {self.token_bytes}], got {data.dtype} "
                              f"{tuple(data.shape)}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -12,6 +12,7 @@ from kvproof.runtime.scheduler import Sequence
 
 if TYPE_CHECKING:
     from kvproof.runtime.model_hicache import HostTier
+    from kvproof.runtime.model_layersplit import SplitKVCache
 
 
 @dataclass
@@ -40,12 +41,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 class ModelRunner:
     """Runs prefill chunks and decode (verify) steps of a batch of sequences over the paged cache."""
 
-    def __init__(self, model: DSAModel, cache: KVCache, num_drafts: int, host: "HostTier | None" = None) -> None:
+    def __init__(self, model: DSAModel, cache: "KVCache | SplitKVCache", num_drafts: int,
+                 host: "HostTier | None" = None,
+                 forward: Callable[[torch.Tensor, AttnBatch], torch.Tensor] | None = None) -> None:
         if num_drafts and model.mtp is None:
             raise ValueError(f"num_drafts={num_drafts} needs a model with an MTP layer")
         self.model, self.cache, self.num_drafts, self.host = model, cache, num_drafts, host
         self.page_size = model.cfg.page_size
         self.device = cache.kv.device
+        # the decoder forward (tokens [T], batch -> hidden [T, D]): this process's model over the cache,
+        # or a LayerSplit group's (model_layersplit.LayerSplitGroup.forward: every rank runs it)
+        self._forward = forward or (lambda tokens, b: self.model(tokens, b, self.cache))
 
     def _layout(self, seqs: list[Sequence], starts: list[int], lens: list[int]) -> AttnBatch:
         """AttnBatch for sequence b writing positions starts[b] .. starts[b] + lens[b] - 1."""
@@ -80,7 +86,7 @@ class ModelRunner:
             assert self.host is not None, "a sequence has host-tier swaps but the runner has no host tier"
             h = self.host.forward(self.model, toks.to(self.device), b, swaps)   # [T, D]
         else:
-            h = self.model(toks.to(self.device), b, self.cache)                 # [T, D]
+            h = self._forward(toks.to(self.device), b)                          # [T, D]
         last = torch.tensor(chunks).cumsum(0) - 1
         for s, n in zip(seqs, chunks):
             s.num_cached += n
@@ -103,7 +109,7 @@ class ModelRunner:
         toks = torch.cat([last[:, None], drafts], dim=1)                        # [B, k + 1]
         starts = [s.num_tokens - 1 for s in seqs]
         b = self._layout(seqs, starts, [k + 1] * B)
-        h = self.model(toks.reshape(-1), b, self.cache).view(B, k + 1, -1)      # [B, k + 1, D]
+        h = self._forward(toks.reshape(-1), b).view(B, k + 1, -1)               # [B, k + 1, D]
         logits = self.model.logits(h)                                           # [B, k + 1, V]
         greedy = logits.argmax(-1).tolist()                                     # [B, k + 1]
         drafts_l = drafts.tolist()

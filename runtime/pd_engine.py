@@ -120,6 +120,9 @@ class PDEngine(StreamingMixin):
     def __init__(self, cfg: EngineConfig | None = None, pd: PDEngineConfig | None = None,
                  model_name: str | None = None) -> None:
         self.cfg, self.pd = cfg or EngineConfig(), pd or PDEngineConfig()
+        if self.cfg.layersplit != 1:
+            raise ValueError(f"layersplit={self.cfg.layersplit}: LayerSplit runs in the local engine only, "
+                             "not with the PD engine (--engine pd) yet")
         self.pd_cfg = self.pd.pd_config(self.cfg)          # ValueError names a bad option now
         mc = _model_config(self.cfg)
         self.model_cfg = mc

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvproof.runtime.engine import EngineConfig, LocalEngine
 from kvproof.runtime.model_config import PRESETS, preset
+from kvproof.runtime.model_layersplit import engine_shape
 from kvproof.runtime.monitor import MonitorConfig
 
 
@@ -30,6 +31,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-cache-pages", type=int, default=0,
                         help="HiCache host tier: pages in host memory under the device pool, evicted prefix "
                              "pages are kept there and swapped back in layer-wise (default 0: off)")
+    parser.add_argument("--layersplit", type=int, default=1, metavar="R",
+                        help="LayerSplit: run the model forward on R gloo ranks (this process + R-1 spawned), "
+                             "each storing only its share of the KV layers (local engine, CPU; default 1: off)")
     parser.add_argument("--max-batch", type=int, default=256, help="most sequences per step")
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
     parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
@@ -54,11 +58,26 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the parsed arguments describe."""
     mon = MonitorConfig(not args.no_monitor, args.monitor_min_tokens, args.monitor_min_accept_length,
                         args.monitor_max_accept_rate)
-    return EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
-                        num_pages=args.num_pages, max_batch=args.max_batch,
-                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
-                        monitor=mon, device=args.device, threads=args.threads or None,
-                        host_cache_pages=_host_pages(args.host_cache_pages))
+    cfg = EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
+                       num_pages=args.num_pages, max_batch=args.max_batch,
+                       max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
+                       monitor=mon, device=args.device, threads=args.threads or None,
+                       host_cache_pages=_host_pages(args.host_cache_pages), layersplit=_layersplit(args))
+    # the rest of LayerSplit's checks (ranks <= layers, no host tier, CPU); a checkpoint's layer count is
+    # only known once it loads, so there the engine's start checks that one
+    engine_shape(cfg, cfg.model.n_layers if args.checkpoint is None else args.layersplit)
+    return cfg
+
+
+def _layersplit(args: argparse.Namespace) -> int:
+    """--layersplit R: 1 (off) or R ranks of the local engine (ValueError names a bad value or combination)."""
+    r = args.layersplit
+    if r < 1:
+        raise ValueError(f"--layersplit {r}: expected >= 1 (ranks; 1 disables LayerSplit)")
+    if r > 1 and args.engine == "pd":
+        raise ValueError(f"--layersplit {r} needs --engine local: LayerSplit runs in the local engine only, not "
+                         "yet with the PD engine (the default)")
+    return r
 
 
 def _host_pages(n: int) -> int:
@@ -80,7 +99,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 async def _serve(args: argparse.Namespace, engine: Any) -> None:
     from kvproof.runtime.server import start_server
     runner, url = await start_server(engine, args.host, args.port)
-    print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}); "
+    split = f", layersplit {args.layersplit} ranks" if args.layersplit > 1 else ""
+    print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}{split}); "
           f"Ctrl-C to stop", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
