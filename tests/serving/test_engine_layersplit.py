@@ -127,8 +127,21 @@ def test_three_ranks_round_robin_one_buffer_and_the_core_api(reference: list[lis
         for p in procs:
             p.join(10)
             assert not p.is_alive() and p.exitcode == 0
+        core.add(GenerationRequest("late", tuple(_prompts()[0]), PARAMS), sink)
+        with pytest.raises(RuntimeError, match=r"LayerSplit rank 1 \(pid \d+\) exited with code 0"):
+            core.step()                         # a dead rank is named, not waited for
     finally:
         core.close()
+
+
+@pytest.mark.timeout(120)
+def test_triton_backend_with_layersplit_broadcasts_the_fp8_indexer_pages() -> None:
+    """The Triton kernels (interpreter on CPU) read the fp8 Indexer cache: it travels with the float keys."""
+    cfg = _cfg(backend="triton", num_pages=16, num_drafts=1)
+    # long enough that a stale fp8 page changes the output (checked by dropping the fp8 receive on rank 0)
+    prompts, params = [list(range(40, 100))], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    ref = generate_reference(cfg, prompts, params)
+    assert generate_reference(dataclasses.replace(cfg, layersplit=2, layersplit_depth=1), prompts, params) == ref
 
 
 @pytest.mark.timeout(60)
