@@ -3,8 +3,9 @@
 GPU: device-event timing, median of many runs after warm-up, inputs rotated so small
 working sets do not sit in L2; achieved GB/s and TFLOP/s are reported against this
 GPU's ceilings measured in the same run (a 1 GiB device-to-device copy, an 8192^3 bf16
-matmul). CPU: tiny shapes only, so the CLI works anywhere; kernels are timed only under the Triton interpreter (meaningless numbers, a smoke test) and the
-result says so. Run: `python -m kvproof.kernels.bench [--quick]`.
+matmul). CPU: tiny shapes only, so the CLI works anywhere; kernels are timed only under
+the Triton interpreter (meaningless numbers, a smoke test) and the result says so.
+Run: `python -m kvproof.kernels.bench [--quick]`.
 """
 from __future__ import annotations
 
