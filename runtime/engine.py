@@ -24,7 +24,8 @@ from kvproof.runtime.engine_api import (Engine, GenerationRequest, SamplingParam
 from kvproof.runtime.model_cache import KVCache, PagePool
 from kvproof.runtime.model_config import ModelConfig, preset
 from kvproof.runtime.model_hicache import host_tier
-from kvproof.runtime.model_layersplit import LayerSplitGroup, SplitKVCache, engine_shape
+from kvproof.runtime.model_layersplit import SplitKVCache, engine_shape
+from kvproof.runtime.model_layersplit_group import LayerSplitGroup
 from kvproof.runtime.model_runner import ModelRunner
 from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
 from kvproof.runtime.scheduler import Scheduler, Sequence
@@ -94,6 +95,16 @@ class EngineCore:
         """Release what outlives a step: the LayerSplit followers (idempotent; a no-op without LayerSplit)."""
         if self.group is not None:
             self.group.close()
+
+    def export_tokens(self, pages: list[int], n_tokens: int) -> torch.Tensor:
+        """A sequence's first n positions, every layer, as KV bytes uint8 [L, n, token_bytes] (the PD transfer).
+
+        With LayerSplit rank 0 holds only its layers: the others come from their owners (`LayerSplitGroup.export_tokens`).
+        """
+        if self.group is not None:
+            return self.group.export_tokens(pages, n_tokens)
+        assert isinstance(self.cache, KVCache)
+        return self.cache.export_tokens(pages, n_tokens)
 
     @property
     def max_model_len(self) -> int:

@@ -50,7 +50,7 @@ class ModelRunner:
         self.page_size = model.cfg.page_size
         self.device = cache.kv.device
         # the decoder forward (tokens [T], batch -> hidden [T, D]): this process's model over the cache,
-        # or a LayerSplit group's (model_layersplit.LayerSplitGroup.forward: every rank runs it)
+        # or a LayerSplit group's (model_layersplit_group.LayerSplitGroup.forward: every rank runs it)
         self._forward = forward or (lambda tokens, b: self.model(tokens, b, self.cache))
 
     def _layout(self, seqs: list[Sequence], starts: list[int], lens: list[int]) -> AttnBatch:

@@ -7,7 +7,9 @@ spec's `alloc`; the `Alloc` carries the prompt to every prefill rank, which runs
 model on the first n-1 prompt tokens and posts its share of the exported KV bytes into the slot
 as one-sided writes (one per layer, tagged with the epoch); after every rank's `done` decode fires
 `start_decode`, imports the slot into its model KV cache, frees the slot (`finish`) and decodes,
-streaming `Event`s (TokenEvents) back here. `abort` sends `Cancel`: the spec's `abort` while the
+streaming `Event`s (TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
+a LayerSplit group of its own (R-1 follower processes, KV layers sharded) and gathers every layer for
+the export; decode runs unsplit. `abort` sends `Cancel`: the spec's `abort` while the
 slot is WAIT/READY (handshake in `fixed`, immediate free in `prefix`), else the model's abort.
 """
 from __future__ import annotations
@@ -18,11 +20,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from kvproof.runtime.engine import EngineConfig, GenerationRequest, TokenEvent
 from kvproof.runtime.engine_api import StreamingMixin
+from kvproof.runtime.model_layersplit import engine_shape
 from kvproof.runtime.pd_cluster import ClusterError, PDCluster
 from kvproof.runtime.pd_config import PDConfig
 from kvproof.runtime.pd_messages import (
@@ -79,13 +82,17 @@ class ModelCluster(PDCluster):
                  on_result: Callable[[Result], None], start_timeout_s: float = 120.0) -> None:
         super().__init__(cfg, start_timeout_s)
         self.ecfg_json = engine_config_to_json(ecfg)
+        # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
+        # every layer of every prompt, so it runs unsplit
+        self.decode_json = engine_config_to_json(replace(ecfg, layersplit=1))
         self.on_event, self.on_result = on_event, on_result
         self.live: dict[str, Any] = {}
         self.live_at = 0.0                                  # when the last live snapshot arrived
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
+        ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
         return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd_model_worker", *args,
-                                 "--config", self.cfg.to_json(), "--engine", self.ecfg_json])
+                                 "--config", self.cfg.to_json(), "--engine", ecfg])
 
     def _on_message(self, raw: Any) -> None:
         try:
@@ -120,11 +127,9 @@ class PDEngine(StreamingMixin):
     def __init__(self, cfg: EngineConfig | None = None, pd: PDEngineConfig | None = None,
                  model_name: str | None = None) -> None:
         self.cfg, self.pd = cfg or EngineConfig(), pd or PDEngineConfig()
-        if self.cfg.layersplit != 1:
-            raise ValueError(f"layersplit={self.cfg.layersplit}: LayerSplit runs in the local engine only, "
-                             "not with the PD engine (--engine pd) yet")
         self.pd_cfg = self.pd.pd_config(self.cfg)          # ValueError names a bad option now
         mc = _model_config(self.cfg)
+        engine_shape(self.cfg, mc.n_layers)                # LayerSplit of the prefill ranks: checked here too
         self.model_cfg = mc
         self.model_name = model_name or f"kvproof-{mc.name}"
         self.tokenizer = ByteTokenizer()

@@ -7,6 +7,9 @@ The processes are the ones of `pd_process` (same loops, same spec firing); this 
 the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
 prompt rides on `Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n-1, token_bytes]`;
 the rank posts its byte share of every token, one write per layer, exactly as for synthetic KV.
+With `layersplit=R` each prefill rank is rank 0 of its own LayerSplit group (R-1 follower processes
+of its own) and gathers the layers it does not store from their owners for the export
+(`EngineCore.export_tokens`); decode always runs unsplit (`ModelCluster` gives it layersplit=1).
 Decode's `DecodeModel.read` is `DecodeWorker`'s read of a READY slot: it copies the slot's bytes
 into its own model KV pages (`import_tokens`) and hands the request to its `EngineCore`
 (`prefilled=(pages, n-1)`); the slot is then finished (freed) and the core decodes (MTP
@@ -83,11 +86,15 @@ class PrefillModel:
 
     def stats(self) -> dict[str, Any]:
         """This rank's counters, every key `prefill_*`: its prefix cache (the router's cache hit rate
-        in PD mode) and, with a host tier, its HiCache counters (`prefill_hicache_*`)."""
+        in PD mode), with a host tier its HiCache counters (`prefill_hicache_*`), with LayerSplit its
+        group's (`prefill_layersplit_*`: forwards, exports, bytes)."""
         out = {"prefill_requests_total": self.prefilled, "prefill_prompt_tokens_total": self.prompt_tokens,
                "prefill_prefix_hit_tokens_total": self.prefix_hit_tokens}
-        host = self.core.host.stats() if self.core.host is not None else {}
-        out.update({f"prefill_{k}": v for k, v in host.items() if isinstance(v, (int, float))})
+        core = self.core
+        host = core.host.stats() if core.host is not None else {}
+        # the group's counters only: decode sums every prefill_* key over the ranks (gauges would not add up)
+        group = {k: v for k, v in core.group.stats().items() if k.endswith("_total")} if core.group else {}
+        out.update({f"prefill_{k}": v for k, v in (host | group).items() if isinstance(v, (int, float))})
         return out
 
     def __call__(self, alloc: Alloc) -> np.ndarray:
@@ -111,7 +118,7 @@ class PrefillModel:
             with torch.no_grad():
                 core.runner.prefill([seq], [n - seq.num_cached])
             core.scheduler.prefilled(seq)                   # publish its full pages for later prompts
-            data = core.cache.export_tokens(seq.pages, n).cpu()             # uint8 [L, n, token_bytes]
+            data = core.export_tokens(seq.pages, n).cpu()                   # uint8 [L, n, token_bytes]
         finally:
             core.pool.free(seq.pages)
         if alloc.corrupt:
@@ -250,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     ecfg = engine_config_from_json(a.engine)
     if a.role == "decode":
         return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
-    model = PrefillModel(ecfg, cfg)
-    return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats)
+    model = PrefillModel(ecfg, cfg)                       # with layersplit R: spawns its R-1 followers
+    try:
+        return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats)
+    finally:
+        model.core.close()                                 # stop and join the followers
 
 
 if __name__ == "__main__":

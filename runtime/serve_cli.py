@@ -32,8 +32,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="HiCache host tier: pages in host memory under the device pool, evicted prefix "
                              "pages are kept there and swapped back in layer-wise (default 0: off)")
     parser.add_argument("--layersplit", type=int, default=1, metavar="R",
-                        help="LayerSplit: run the model forward on R gloo ranks (this process + R-1 spawned), "
-                             "each storing only its share of the KV layers (local engine, CPU; default 1: off)")
+                        help="LayerSplit: run the model forward on R gloo ranks (the engine process + R-1 "
+                             "spawned), each storing only its share of the KV layers; with --engine pd every "
+                             "prefill rank gets its own R ranks, decode runs unsplit (CPU; default 1: off)")
     parser.add_argument("--max-batch", type=int, default=256, help="most sequences per step")
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
     parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
@@ -70,13 +71,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _layersplit(args: argparse.Namespace) -> int:
-    """--layersplit R: 1 (off) or R ranks of the local engine (ValueError names a bad value or combination)."""
+    """--layersplit R: 1 (off) or R ranks (ValueError names a bad value)."""
     r = args.layersplit
     if r < 1:
         raise ValueError(f"--layersplit {r}: expected >= 1 (ranks; 1 disables LayerSplit)")
-    if r > 1 and args.engine == "pd":
-        raise ValueError(f"--layersplit {r} needs --engine local: LayerSplit runs in the local engine only, not "
-                         "yet with the PD engine (the default)")
     return r
 
 

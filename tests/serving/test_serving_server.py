@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving_testing import serving, wait_for
+from serving_testing import alive, children, serving, wait_for
 from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
 from kvproof.runtime.tokenizer import ByteTokenizer
 
@@ -225,33 +225,10 @@ def test_main_command_serves_curl_and_openai_client_on_the_embedded_defaults() -
                                               max_tokens=8, temperature=0)
         assert chat.choices[0].message.content and chat.usage.completion_tokens == 8
         client.close()
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) >= 2, "a prefill and a decode worker process"
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert not [w for w in workers if _alive(w)], "worker processes outlived the server"
-
-
-def _children(pid: int) -> list[int]:
-    """Child process ids of `pid` (Linux /proc)."""
-    import os
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not [w for w in workers if alive(w)], "worker processes outlived the server"
