@@ -53,6 +53,8 @@ def _bench(args: argparse.Namespace) -> int:
                   "CUDA (an NVIDIA GPU); --simulate runs the throughput model anywhere", file=sys.stderr)
             return 2
         doc = _lazy("kvproof.runtime.layersplit_sim", "bench_layersplit")(simulate=args.simulate)
+        if args.simulate:           # the unpublished session mix decides the long-context gains
+            doc["session_mix"] = _lazy("kvproof.runtime.layersplit_sim", "mix_sensitivity")()
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:

@@ -253,6 +253,36 @@ def sensitivity(name: str, values: tuple[float, ...], lengths: tuple[int, ...] =
     return out
 
 
+MIX_FAST = (0.5, 0.2, 0.1)          # fraction of sessions in a tool loop (next turn soon)
+MIX_SLOW = (10.0, 30.0, 100.0)      # how much less often the other sessions come back
+
+
+def mix_sensitivity(fast_fractions: tuple[float, ...] = MIX_FAST, slow_factors: tuple[float, ...] = MIX_SLOW,
+                    lengths: tuple[int, ...] = LENGTHS) -> list[dict[str, Any]]:
+    """Gains per length for each session mix, every mix calibrated to the published 40k point.
+
+    The mix (how revisit rates spread over sessions) sets how gradually the unsplit cache's hit
+    rate falls as contexts grow, so it decides the long-context predictions; it is not published.
+    """
+    rows = []
+    for ff in fast_fractions:
+        for sf in slow_factors:
+            p = replace(SimParams(), fast_fraction=ff, slow_factor=sf)
+            p = replace(p, sessions=calibrate_sessions(params=p))
+            rows.append({"fast_fraction": ff, "slow_factor": sf, "sessions": p.sessions,
+                         "gains": [r["gain"] for r in bench_layersplit(True, p, lengths)["rows"]]})
+    return rows
+
+
+def mix_table_markdown(rows: list[dict[str, Any]], lengths: tuple[int, ...] = LENGTHS) -> str:
+    """``mix_sensitivity``'s rows as the Markdown table docs/layersplit.md shows."""
+    head = ("| fast sessions | slower by | sessions (calibrated) | "
+            + " | ".join(f"{c // 1000}k" for c in lengths) + " |\n|---|---|---|" + "---|" * len(lengths))
+    body = [f"| {r['fast_fraction']:.0%} | {r['slow_factor']:.0f}× | {r['sessions']:.2f} | "
+            + " | ".join(f"{g * 100:+.0f} %" for g in r["gains"]) + " |" for r in rows]
+    return "\n".join([head, *body])
+
+
 def table_markdown(result: dict[str, Any]) -> str:
     """The rows of ``bench_layersplit`` as the Markdown table docs/layersplit.md shows."""
     head = ("| context | hit rate off | hit rate on | req/s off | req/s on | gain | published | "

@@ -69,3 +69,15 @@ def test_docs_table_is_the_simulators_output() -> None:
     from kvproof.runtime.layersplit_sim import table_markdown
     docs = Path(__file__).resolve().parents[2] / "docs" / "layersplit.md"
     assert table_markdown(bench_layersplit(True)) in docs.read_text()
+
+
+def test_session_mix_spans_the_published_120k_point_and_the_docs_show_it() -> None:
+    from pathlib import Path
+
+    from kvproof.runtime.layersplit_sim import PUBLISHED_GAIN, mix_sensitivity, mix_table_markdown
+    rows = mix_sensitivity()
+    assert all(abs(r["gains"][0] - PUBLISHED_GAIN[40_000]) < 0.02 for r in rows)     # each calibrated at 40k
+    at_120k = [r["gains"][-1] for r in rows]
+    assert min(at_120k) < PUBLISHED_GAIN[120_000] < max(at_120k)
+    docs = Path(__file__).resolve().parents[2] / "docs" / "layersplit.md"
+    assert mix_table_markdown(rows) in docs.read_text()
