@@ -29,6 +29,7 @@ class Exploration:
     symmetric: bool
     violations: dict[str, tuple] = field(default_factory=dict)   # property -> first violating state
     deadlocks: list[tuple] = field(default_factory=list)
+    dropped: frozenset[str] = frozenset()                         # guards removed for this search
 
     @property
     def states(self) -> int:
@@ -83,7 +84,7 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     g = nx.DiGraph()
     g.add_node(init)
     frontier = [init]
-    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None)
+    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped)
     comp = Compiled(protocol, full, variant, dropped)
     step = comp.successors
     while frontier:
@@ -148,7 +149,7 @@ def path_steps(ex: Exploration, target: tuple) -> list[Step]:
         adef = ex.protocol.actions[action]
         changes = {ex.layout.label(p): getattr(v, "name", v) for p, v in enumerate(nxt) if v != prev[p]}
         sent = [f"{e.fields['channel']}{tuple(e.fields['index'])}@{e.fields['epoch']}" for e in evaluate(
-            ex.layout, prev, adef, args, CONCRETE, ex.variant).emissions if e.kind == "send"]
+            ex.layout, prev, adef, args, CONCRETE, ex.variant, ex.dropped).emissions if e.kind == "send"]
         steps.append(Step(i, adef.actor, action, args, changes, note="sends " + ", ".join(sent) if sent else ""))
         prev = nxt
     return steps

@@ -21,6 +21,10 @@ class GuardResult:
     still_inductive: bool            # the invariants remain inductive without the guard
     depth: int                       # BMC bound searched
     seconds: float
+    # Neither inductive nor refuted by BMC: every state reachable in the instance was searched
+    # (explicit-state, `verify/explore.py`) and this many states hold every property; None when
+    # the search was not run or outgrew `max_states` (then the guard stays unknown).
+    exhaustive_states: int | None = None
 
     @property
     def needed(self) -> bool:
@@ -42,8 +46,13 @@ def guards_of(protocol: type[Protocol], variant: str, params: dict[str, int]) ->
 
 
 def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
-              depth: int = 12, only: list[str] | None = None) -> list[GuardResult]:
-    """Drop each guard (or those in `only`) and report the property that then fails."""
+              depth: int = 12, only: list[str] | None = None, max_states: int = 1_000_000) -> list[GuardResult]:
+    """Drop each guard (or those in `only`) and report the property that then fails.
+
+    Without the guard: 1-induction over every invariant (still inductive: redundant); else BMC
+    to `depth` (a counterexample: needed); else an exhaustive explicit-state search of the
+    instance, up to `max_states` states, which either finds a longer counterexample or shows
+    that no reachable state of this instance violates a property."""
     props = [n for n, i in protocol.invariants.items() if not i.strengthening]
     allprops = list(protocol.invariants)
     out = []
@@ -56,6 +65,25 @@ def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
         dropped = frozenset({name})
         ind = induction(protocol, variant, params, allprops, 1, dropped)
         cex = None if ind.proven else bmc(protocol, variant, params, props, depth, dropped)
+        states = None
+        if not ind.proven and cex is None:
+            cex, states = _exhaustive(protocol, variant, params, props, dropped, max_states)
         out.append(GuardResult(name, kind, actions, cex.property if cex else None, cex,
-                               ind.proven, depth, time.perf_counter() - t0))
+                               ind.proven, depth, time.perf_counter() - t0, states))
     return out
+
+
+def _exhaustive(protocol: type[Protocol], variant: str, params: dict[str, int], props: list[str],
+                dropped: frozenset[str], max_states: int) -> tuple[Counterexample | None, int | None]:
+    """Search every reachable state without the dropped guard: (shortest counterexample, None),
+    (None, states searched) when no property fails anywhere, (None, None) past max_states."""
+    from kvproof.verify.explore import explore, path_steps, render_state
+    try:
+        ex = explore(protocol, variant, params, dropped, max_states=max_states)
+    except RuntimeError:            # the instance outgrew max_states: stays unknown
+        return None, None
+    bad = {p: st for p, st in ex.violations.items() if p in props}
+    if not bad:
+        return None, ex.graph.number_of_nodes()
+    prop, st = min(bad.items(), key=lambda kv: len(path_steps(ex, kv[1])))
+    return Counterexample(prop, path_steps(ex, st), render_state(ex.layout, st)), None

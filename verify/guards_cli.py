@@ -50,10 +50,12 @@ def guards_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"guard": r.guard, "kind": r.kind, "actions": r.actions, "needed": r.needed,
                            "breaks": r.broken, "still_inductive": r.still_inductive, "depth": r.depth,
+                           "exhaustive_states": r.exhaustive_states,
                            "counterexample": [s.to_json() for s in r.counterexample.steps]
                            if r.counterexample else None, "seconds": round(r.seconds, 3)}
                           for r in results], indent=2))
         return 0
+    bounds = ", ".join(f"{k}={v}" for k, v in {**proto.bounds, **params}.items())
     for r in results:
         if r.needed:
             print(f"NEEDED     {r.guard:32s} ({r.kind}, in {', '.join(r.actions)}): without it "
@@ -61,6 +63,10 @@ def guards_main(args: argparse.Namespace) -> int:
             print("\n".join("           " + ln for ln in step_table(r.counterexample.steps).splitlines()))
         elif r.still_inductive:
             print(f"redundant  {r.guard:32s} ({r.kind}): every property stays inductive without it")
+        elif r.exhaustive_states is not None:
+            print(f"redundant* {r.guard:32s} ({r.kind}): the invariant is no longer inductive, but none of "
+                  f"the {r.exhaustive_states:,} reachable states of this instance ({bounds}) violates a "
+                  f"property (exhaustive search)")
         else:
             print(f"unknown    {r.guard:32s} ({r.kind}): no counterexample up to depth {r.depth}, "
                   f"but the invariant is no longer inductive")

@@ -63,6 +63,19 @@ def test_guard_necessity_report_classifies_guards():
     assert not res["writes_in_flight"].needed and res["writes_in_flight"].still_inductive
 
 
+def test_guards_bmc_cannot_settle_are_searched_exhaustively():
+    """`sending` is not needed for any property in the whole reachable space of the instance (1,856
+    states, pinned), though the strengthened invariant needs it; a guard whose counterexample is
+    longer than the BMC bound is still classified NEEDED, with the shortest counterexample."""
+    res = {r.guard: r for r in necessity(KVSlot, "fixed", {"slots": 1, "writers": 1}, depth=4,
+                                         only=["sending", "safe_epoch_current"])}
+    s = res["sending"]
+    assert not s.needed and not s.still_inductive and s.exhaustive_states == 1856
+    e = res["safe_epoch_current"]
+    assert e.needed and e.exhaustive_states is None and len(e.counterexample.steps) == 12
+    assert e.broken == "no_write_into_free_slot"
+
+
 def test_liveness_holds_for_fixed():
     ex = explore(KVSlot, "fixed", {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1})
     assert not fair_liveness_violations(ex, "aborted_slot_reclaimed")
