@@ -14,7 +14,7 @@ the pool maps those names to its tensors, so what runs is the checked plan:
   host's compute), compute ops run in issue order on the host, a record on the
   comm stream stands for the works issued so far and a wait on it waits them;
 - on CPU with ``schedule="comm_ahead"`` or ``"random"`` the rank fires the
-  transitions of ``spec.streams.Machine`` itself: ops are two-phase (a compute op
+  transitions of ``spec.stream_machine.Machine`` itself: ops are two-phase (a compute op
   reads its inputs when it starts, a receive's data lands when it ends), so an
   unordered read sees whatever the schedule put there -- ``comm_ahead`` is the
   fast interconnect that prefetches as deep as the plan lets it, which is what
@@ -42,7 +42,8 @@ from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
 from kvproof.runtime.stream_exec import Commit, CudaExecutor, OpImpl
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
-from kvproof.spec.streams import HostSync, Machine, Op, Plan, Record, Wait, check_plan
+from kvproof.spec.stream_machine import Machine
+from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait, check_plan
 
 
 SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")

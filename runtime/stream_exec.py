@@ -3,7 +3,7 @@
 An op's implementation is two-phase: calling it *starts* the op (it reads its
 inputs now) and returns a commit that *ends* it (its writes land then), or
 None when the work was simply enqueued (CUDA). The CPU emulator fires the
-transitions of ``spec.streams.Machine`` in an order the happens-before relation
+transitions of ``spec.stream_machine.Machine`` in an order the happens-before relation
 allows, chosen at random (seeded) or adversarially (writes delayed as long as
 possible), so a read that is not ordered after its write sees stale data,
 exactly as on a GPU whose load stream is late. ``run_sync`` is the synchronous
@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from kvproof.spec.streams import Dependency, HostSync, Machine, Op, Plan, Record, Transition, Wait
+from kvproof.spec.stream_machine import Machine, Transition
+from kvproof.spec.streams import Dependency, HostSync, Op, Plan, Record, Wait
 
 Commit = Callable[[], None]
 OpImpl = Callable[[], "Commit | None"]

@@ -5,7 +5,8 @@ import pytest
 
 from kvproof.spec.layersplit_plan import (DELIVERY, OWNERSHIPS, VARIANTS, LayerSplitShape, delivery_errors,
                                           layersplit_plan, owned_layers, owner_of, rank_plan)
-from kvproof.spec.streams import Op, Plan, Wait, check_plan, dependencies, explore
+from kvproof.spec.stream_machine import explore
+from kvproof.spec.streams import Op, Plan, Wait, check_plan, dependencies
 from kvproof.verify.checks_layersplit import CHECK_VARIANTS, shape_of, sweep_shapes, window_of, window_proof, windows
 from kvproof.verify.race import schedule_errors, witness_schedule
 

@@ -11,7 +11,8 @@ from stream_plans import tiny_plans
 from kvproof.spec.hicache_plan import VARIANTS, drop_wait, hicache_plan
 from kvproof.spec.core import ProtocolViolation
 from kvproof.spec.stream_json import PlanFormatError, plan_dumps, plan_loads, plan_loads_lines, trace_dumps
-from kvproof.spec.streams import HostSync, Machine, Op, Transition, Plan, Record, Wait, check_plan, explore
+from kvproof.spec.stream_machine import Machine, Transition, explore
+from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait, check_plan
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
