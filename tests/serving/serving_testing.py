@@ -3,11 +3,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import random
 from typing import AsyncIterator, Callable
 
 from kvproof.runtime.engine import EngineConfig, LocalEngine
+from kvproof.runtime.model_config import preset
 from kvproof.runtime.server import start_server
+
+# The LayerSplit tests' model: four layers, so 2, 3 or 4 ranks each own a share (2 ranks: 2 + 2,
+# 3 ranks: 2 + 1 + 1).
+MODEL4 = dataclasses.replace(preset("tiny"), n_layers=4)
+
+
+def layersplit_cfg(**kw: object) -> EngineConfig:
+    """An EngineConfig of MODEL4 on 48 pages, with overrides."""
+    return EngineConfig(**({"model": MODEL4, "num_pages": 48} | kw))
+
+
+def shared_prefix_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """A shared 40-token prefix (two full pages: prefix-cache hits) plus distinct tails."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(32, 127) for _ in range(40)]
+    return [prefix + [rng.randrange(32, 127) for _ in range(3 + 5 * i)] for i in range(n)]
 
 
 @contextlib.asynccontextmanager

@@ -6,38 +6,26 @@ import asyncio
 import dataclasses
 import math
 import multiprocessing
-import random
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving_testing import serving, wait_for
+from serving_testing import MODEL4, layersplit_cfg, serving, shared_prefix_prompts, wait_for
 from kvproof.runtime.engine import (EngineConfig, EngineCore, GenerationRequest, LocalEngine, SamplingParams,
                                     TokenEvent, generate_reference)
 from kvproof.runtime.layersplit import PlanRaceError
-from kvproof.runtime.model_config import preset
 from kvproof.runtime.model_layersplit import engine_shape
 from kvproof.runtime.tokenizer import ByteTokenizer
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-MODEL4 = dataclasses.replace(preset("tiny"), n_layers=4)         # four layers: 2, 3 or 4 ranks own a share each
 
 
-def _cfg(**kw: object) -> EngineConfig:
-    return EngineConfig(**({"model": MODEL4, "num_pages": 48} | kw))
-
-
-def _prompts(n: int = 6, seed: int = 0) -> list[list[int]]:
-    """A shared 40-token prefix (two full pages: prefix-cache hits) plus distinct tails."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(32, 127) for _ in range(40)]
-    return [prefix + [rng.randrange(32, 127) for _ in range(3 + 5 * i)] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def reference() -> list[list[int]]:
-    return generate_reference(_cfg(), _prompts(), PARAMS)
+    return generate_reference(layersplit_cfg(), shared_prefix_prompts(6), PARAMS)
 
 
 def _followers(engine: LocalEngine) -> list[multiprocessing.Process]:
@@ -66,10 +54,10 @@ async def _generate(engine: LocalEngine, prompts: list[list[int]], ks: range, ab
 @pytest.mark.parametrize("ranks,depth", [(2, 1), (4, 2)])
 def test_layersplit_engine_is_token_identical_to_one_process(reference: list[list[int]], ranks: int,
                                                              depth: int) -> None:
-    prompts = _prompts()
+    prompts = shared_prefix_prompts(6)
 
     async def main() -> tuple[dict, dict, list]:
-        engine = LocalEngine(_cfg(layersplit=ranks, layersplit_depth=depth))
+        engine = LocalEngine(layersplit_cfg(layersplit=ranks, layersplit_depth=depth))
         await engine.start()
         try:
             procs = _followers(engine)
@@ -106,13 +94,13 @@ def test_layersplit_engine_is_token_identical_to_one_process(reference: list[lis
 @pytest.mark.timeout(60)
 def test_three_ranks_round_robin_one_buffer_and_the_core_api(reference: list[list[int]]) -> None:
     """EngineCore directly: batched prefill of every prompt, depth 1, round-robin; rank 0's real tensors."""
-    core = EngineCore(_cfg(layersplit=3, layersplit_ownership="round_robin", layersplit_depth=1))
+    core = EngineCore(layersplit_cfg(layersplit=3, layersplit_ownership="round_robin", layersplit_depth=1))
     try:
         out: dict[str, list[int]] = {}
 
         def sink(ev: TokenEvent) -> None:
             out.setdefault(ev.request_id, []).extend(ev.tokens)
-        for k, p in enumerate(_prompts()):
+        for k, p in enumerate(shared_prefix_prompts(6)):
             core.add(GenerationRequest(f"r{k}", tuple(p), PARAMS), sink)
         while core.step():
             pass
@@ -127,7 +115,7 @@ def test_three_ranks_round_robin_one_buffer_and_the_core_api(reference: list[lis
         for p in procs:
             p.join(10)
             assert not p.is_alive() and p.exitcode == 0
-        core.add(GenerationRequest("late", tuple(_prompts()[0]), PARAMS), sink)
+        core.add(GenerationRequest("late", tuple(shared_prefix_prompts(6)[0]), PARAMS), sink)
         with pytest.raises(RuntimeError, match=r"LayerSplit rank 1 \(pid \d+\) exited with code 0"):
             core.step()                         # a dead rank is named, not waited for
     finally:
@@ -137,7 +125,7 @@ def test_three_ranks_round_robin_one_buffer_and_the_core_api(reference: list[lis
 @pytest.mark.timeout(120)
 def test_triton_backend_with_layersplit_broadcasts_the_fp8_indexer_pages() -> None:
     """The Triton kernels (interpreter on CPU) read the fp8 Indexer cache: it travels with the float keys."""
-    cfg = _cfg(backend="triton", num_pages=16, num_drafts=1)
+    cfg = layersplit_cfg(backend="triton", num_pages=16, num_drafts=1)
     # long enough that a stale fp8 page changes the output (checked by dropping the fp8 receive on rank 0)
     prompts, params = [list(range(40, 100))], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     ref = generate_reference(cfg, prompts, params)
@@ -155,7 +143,7 @@ def test_a_receive_that_lands_nothing_is_visible(reference: list[list[int]], mon
             self.work.wait()                                                 # type: ignore[attr-defined]
             self.work = None                                                 # type: ignore[attr-defined]
     monkeypatch.setattr(model_layersplit._Landing, "wait", lands_nothing)
-    got = generate_reference(_cfg(layersplit=2, layersplit_depth=1), _prompts()[:2], PARAMS)
+    got = generate_reference(layersplit_cfg(layersplit=2, layersplit_depth=1), shared_prefix_prompts(6)[:2], PARAMS)
     assert got != reference[:2]
 
 
@@ -164,15 +152,15 @@ def test_a_receive_that_lands_nothing_is_visible(reference: list[list[int]], mon
 def test_racy_plans_are_refused_before_any_rank_starts(variant: str, race: str) -> None:
     before = set(multiprocessing.active_children())
     with pytest.raises(PlanRaceError, match=rf"refusing plan layersplit/.*R=2/L=4.*{race.replace('[', '.')}"):
-        EngineCore(_cfg(layersplit=2, layersplit_variant=variant, layersplit_ownership="round_robin"))
+        EngineCore(layersplit_cfg(layersplit=2, layersplit_variant=variant, layersplit_ownership="round_robin"))
     assert set(multiprocessing.active_children()) == before
 
 
 @pytest.mark.timeout(30)
 def test_bad_layersplit_settings_name_the_problem() -> None:
     from kvproof.runtime.serve_cli import add_serve_args, engine_config
-    assert engine_shape(_cfg(), 4) is None
-    shape = engine_shape(_cfg(layersplit=2), 4)
+    assert engine_shape(layersplit_cfg(), 4) is None
+    shape = engine_shape(layersplit_cfg(layersplit=2), 4)
     assert shape is not None and shape.writeback and shape.owner_wait and shape.variant == "fixed"
     for kw, msg in [({"layersplit": 0}, "layersplit=0: expected an int >= 1"),
                     ({"layersplit": 5}, "layersplit=5 ranks > the model's 4 layers"),
@@ -180,7 +168,7 @@ def test_bad_layersplit_settings_name_the_problem() -> None:
                     ({"layersplit": 2, "device": "cuda"}, "CPU \\(gloo\\) only"),
                     ({"layersplit": 2, "layersplit_variant": "nope"}, "layersplit_variant='nope'")]:
         with pytest.raises(ValueError, match=msg):
-            engine_shape(_cfg(**kw), 4)
+            engine_shape(layersplit_cfg(**kw), 4)
     p = argparse.ArgumentParser()
     add_serve_args(p)
     assert engine_config(p.parse_args(["--engine", "local", "--layersplit", "2"])).layersplit == 2

@@ -5,33 +5,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import random
 import time
 
 import pytest
 import torch
 
-from serving_testing import alive, children, cmdline, wait_for
+from serving_testing import MODEL4, alive, children, cmdline, layersplit_cfg, shared_prefix_prompts, wait_for
 from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
 from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.model_config import preset
 from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
 from kvproof.runtime.scheduler import Sequence
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-MODEL4 = dataclasses.replace(preset("tiny"), n_layers=4)         # 2 ranks own 2 layers each, 3 ranks 2/1/1
 
 
-def _cfg(**kw: object) -> EngineConfig:
-    return EngineConfig(**({"model": MODEL4, "num_pages": 48} | kw))
-
-
-def _prompts(n: int = 5, seed: int = 0) -> list[list[int]]:
-    """A shared 40-token prefix (two full pages: prefix-cache hits on the prefill ranks) plus distinct tails."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(32, 127) for _ in range(40)]
-    return [prefix + [rng.randrange(32, 127) for _ in range(3 + 5 * i)] for i in range(n)]
 
 
 def _prefill_and_export(cfg: EngineConfig, prompt: list[int]) -> tuple[torch.Tensor, dict]:
@@ -50,13 +37,13 @@ def _prefill_and_export(cfg: EngineConfig, prompt: list[int]) -> tuple[torch.Ten
 @pytest.mark.timeout(60)
 def test_split_export_equals_the_unsplit_kv_cache_export() -> None:
     """Rank 0 stores only its layers; the export gathers the rest from their owners, byte for byte."""
-    prompt = _prompts(1)[0] + list(range(60, 70))                     # 53 tokens: a partial last page
-    ref, _ = _prefill_and_export(_cfg(num_pages=8), prompt)
+    prompt = shared_prefix_prompts(1)[0] + list(range(60, 70))                     # 53 tokens: a partial last page
+    ref, _ = _prefill_and_export(layersplit_cfg(num_pages=8), prompt)
     tb = KVCache(MODEL4, 1).token_bytes
     assert ref.shape == (4, len(prompt), tb) and ref.dtype == torch.uint8
     for kw, remote_layers in [({"layersplit": 2, "layersplit_depth": 1}, 2),
                               ({"layersplit": 3, "layersplit_ownership": "round_robin", "layersplit_depth": 1}, 2)]:
-        got, st = _prefill_and_export(_cfg(num_pages=8, **kw), prompt)
+        got, st = _prefill_and_export(layersplit_cfg(num_pages=8, **kw), prompt)
         assert torch.equal(got, ref), kw
         assert st["layersplit_exports_total"] == 1
         assert st["layersplit_export_bytes_total"] == remote_layers * len(prompt) * tb
@@ -76,8 +63,8 @@ def _worker_tree(engine: PDEngine) -> dict[str, list[int]]:
 def test_pd_engine_with_layersplit_prefill_ranks_equals_reference() -> None:
     """2 prefill ranks, each a LayerSplit group of 2 (depth 1: old tokens' KV must come through the
     broadcasts), concurrent greedy requests sharing a prefix -> the reference; slots FREE; no leftovers."""
-    prompts = _prompts()
-    ref = generate_reference(_cfg(num_drafts=0), prompts, PARAMS)
+    prompts = shared_prefix_prompts(5)
+    ref = generate_reference(layersplit_cfg(num_drafts=0), prompts, PARAMS)
 
     async def one(engine: PDEngine, k: int) -> list[int]:
         out: list[int] = []
@@ -88,7 +75,7 @@ def test_pd_engine_with_layersplit_prefill_ranks_equals_reference() -> None:
         return out
 
     async def main() -> tuple[list[list[int]], dict, dict[str, list[int]]]:
-        engine = PDEngine(_cfg(layersplit=2, layersplit_depth=1),
+        engine = PDEngine(layersplit_cfg(layersplit=2, layersplit_depth=1),
                           PDEngineConfig(slots=3, writers=2, max_prompt_tokens=96))
         await engine.start()
         try:
@@ -131,4 +118,4 @@ def test_layersplit_settings_with_the_pd_engine() -> None:
     for kw, msg in [({"layersplit": 2, "host_cache_pages": 8}, "host_cache_pages"),
                     ({"layersplit": 5}, "layersplit=5 ranks > the model's 4 layers")]:
         with pytest.raises(ValueError, match=msg):
-            PDEngine(_cfg(**kw))
+            PDEngine(layersplit_cfg(**kw))
