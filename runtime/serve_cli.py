@@ -64,9 +64,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
                        monitor=mon, device=args.device, threads=args.threads or None,
                        host_cache_pages=_host_pages(args.host_cache_pages), layersplit=_layersplit(args))
-    # the rest of LayerSplit's checks (ranks <= layers, no host tier, CPU); a checkpoint's layer count is
-    # only known once it loads, so there the engine's start checks that one
-    engine_shape(cfg, cfg.model.n_layers if args.checkpoint is None else args.layersplit)
+    # the rest of LayerSplit's checks (ranks <= layers, no host tier, CPU), before anything starts
+    if args.checkpoint is None:
+        mc = cfg.model
+    else:
+        from kvproof.runtime.checkpoint import read_config
+        mc = read_config(args.checkpoint)
+    engine_shape(cfg, mc.n_layers)
     return cfg
 
 
