@@ -85,5 +85,6 @@ def _exhaustive(protocol: type[Protocol], variant: str, params: dict[str, int], 
     bad = {p: st for p, st in ex.violations.items() if p in props}
     if not bad:
         return None, ex.graph.number_of_nodes()
-    prop, st = min(bad.items(), key=lambda kv: len(path_steps(ex, kv[1])))
-    return Counterexample(prop, path_steps(ex, st), render_state(ex.layout, st)), None
+    runs = {p: path_steps(ex, st) for p, st in bad.items()}
+    prop = min(runs, key=lambda p: len(runs[p]))
+    return Counterexample(prop, runs[prop], render_state(ex.layout, bad[prop])), None
