@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 
-from kvproof.spec.core import Layout, Protocol
+from kvproof.spec.core import NAT_PROPERTY, Layout, Protocol
 from kvproof.spec.compiled import Compiled
 from kvproof.spec.machine import CONCRETE, evaluate, holds
 from kvproof.verify.verdict import Step
@@ -90,8 +90,11 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     while frontier:
         nxt_frontier = []
         for st in frontier:
-            for name, _ in comp.violated(st):
+            bad = comp.violated(st)
+            for name, _ in bad:
                 ex.violations.setdefault(name, st)
+            if bad and bad[0][0] == NAT_PROPERTY:
+                continue            # ill-typed: the runtime rejects this state, so it has no successors
             succ = False
             for action, args, nxt in step(st):
                 succ = True
