@@ -30,6 +30,7 @@ class Exploration:
     violations: dict[str, tuple] = field(default_factory=dict)   # property -> first violating state
     deadlocks: list[tuple] = field(default_factory=list)
     dropped: frozenset[str] = frozenset()                         # guards removed for this search
+    symmetry_note: str = ""        # why a requested symmetry reduction was not used (empty: used or not asked)
 
     @property
     def states(self) -> int:
@@ -78,13 +79,22 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     """Breadth-first search of every state reachable within the instance's bounds."""
     full = {**protocol.bounds, **params}
     layout = Layout.build(protocol, full)
+    note = ""
+    if symmetry is not None and layout.sizes.get(symmetry, 1) > 1:
+        # Reduce only by a symmetry Z3 has checked: an asymmetric protocol would hide states.
+        from kvproof.verify.symmetry import asymmetry
+        why = asymmetry(protocol, variant, full, symmetry, dropped)
+        if why is not None:
+            note = f"{symmetry} symmetry reduction NOT used: {why}"
+            symmetry = None
     canon = _slot_canonical(layout, symmetry) if symmetry in layout.sizes else (lambda st: st)
     t0 = time.perf_counter()
     init = canon(layout.initial())
     g = nx.DiGraph()
     g.add_node(init)
     frontier = [init]
-    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped)
+    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped,
+                     symmetry_note=note)
     comp = Compiled(protocol, full, variant, dropped)
     step = comp.successors
     while frontier:

@@ -102,10 +102,13 @@ def explore_main(args: argparse.Namespace) -> int:
            "transitions": ex.edges, "seconds": round(ex.seconds, 3),
            "states_per_second": round(ex.states / ex.seconds) if ex.seconds else None,
            "violations": {k: render_state(ex.layout, v) for k, v in ex.violations.items()},
-           "deadlocks": len(ex.deadlocks), "liveness_violations": live}
+           "deadlocks": len(ex.deadlocks), "liveness_violations": live,
+           "symmetry": "slot" if ex.symmetric else None, "symmetry_note": ex.symmetry_note or None}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
+        if ex.symmetry_note:
+            print(f"warning: {ex.symmetry_note}; searched every state instead")
         print(f"{proto.name}/{args.variant} {ex.params}: {ex.states} states, {ex.edges} transitions "
               f"in {ex.seconds:.2f}s; violated: {sorted(ex.violations) or 'none'}; deadlocks: "
               f"{len(ex.deadlocks)}; liveness violations: {live}")
