@@ -84,7 +84,14 @@ class InductionResult:
 
 def induction(protocol: type[Protocol], variant: str, params: dict[str, int], props: list[str],
               k: int = 1, dropped: frozenset[str] = frozenset()) -> InductionResult:
-    """Check that the conjunction of `props` holds initially and is k-inductive."""
+    """Check that the conjunction of `props` holds initially and is k-inductive.
+
+    Never 'proven' for nothing: a protocol without actions or an empty property list fails
+    with the reason in `failed` (an empty conjunction is trivially inductive)."""
+    if not protocol.actions:
+        return InductionResult(False, k, failed=f"vacuous: {protocol.name} has no actions")
+    if not props:
+        return InductionResult(False, k, failed=f"vacuous: no properties of {protocol.name} to prove")
     enc = Encoding(protocol, variant, params, dropped)
     inv = lambda i: z3.And(*[enc.prop(p, i) for p in props])   # noqa: E731
     s = z3.Solver()
