@@ -23,8 +23,11 @@ DEADLOCK = "no_deadlock"
 def check(protocol: type[Protocol], property: str, variant: str | None = None,
           params: dict[str, int] | None = None, expect: str = "proven", depth: int = 12,
           any_size_of: str | None = None, label: str | None = None,
-          dropped: frozenset[str] = frozenset()) -> Check:
-    """A check of one property of one variant; `expect` is 'proven' or 'refuted'."""
+          dropped: frozenset[str] = frozenset(), method: str = "auto") -> Check:
+    """A check of one property of one variant; `expect` is 'proven' or 'refuted'.
+
+    method 'auto': 1-induction, else BMC; 'search': exhaustive explicit-state search of the
+    bounded instance (`params` over the protocol's `bounds`), the claim limited to it."""
     variant = variant if variant is not None else (protocol.variants[0] if protocol.variants else "")
     if protocol.variants and variant not in protocol.variants:
         raise ValueError(f"{protocol.name}: unknown variant {variant!r}; expected one of {protocol.variants}")
@@ -35,13 +38,16 @@ def check(protocol: type[Protocol], property: str, variant: str | None = None,
         expected = Status(expect)
     except ValueError:
         raise ValueError(f"expect={expect!r}; expected 'proven' or 'refuted'") from None
+    if method not in ("auto", "search"):
+        raise ValueError(f"method={method!r}; expected 'auto' or 'search'")
     if any_size_of is not None and any_size_of not in protocol.indices:
         raise ValueError(f"{protocol.name}: any_size_of={any_size_of!r}; expected one of {sorted(protocol.indices)}")
     params = dict(params or {})
     shown = dict(params)
     if any_size_of is not None:
         shown[protocol.indices[any_size_of]] = "any"
-    run = partial(_run, protocol, property, variant, params, expected, depth, any_size_of, label, dropped, shown)
+    run = partial(_run, protocol, property, variant, params, expected, depth, any_size_of, label, dropped, shown,
+                  method)
     return Check(protocol.name, label or variant, property, shown, expected, run, spec=protocol)
 
 
@@ -53,12 +59,14 @@ def _verdict(protocol: type[Protocol], prop: str, label: str, shown: dict[str, A
 
 def _run(protocol: type[Protocol], prop: str, variant: str, params: dict[str, int], expected: Status,
          depth: int, any_size_of: str | None, label: str | None, dropped: frozenset[str],
-         shown: dict[str, Any]) -> Verdict:
+         shown: dict[str, Any], method: str = "auto") -> Verdict:
     t0 = time.perf_counter()
     label = label or variant
     full = {**protocol.bounds, **params}
     if prop == DEADLOCK or prop in protocol.goals:
         return _search(protocol, prop, variant, full, expected, label, dropped, shown, t0)
+    if method == "search":
+        return _search_invariant(protocol, prop, variant, full, expected, label, dropped, shown, t0)
     lift = ""
     if any_size_of is not None:
         from kvproof.verify.locality import slot_locality
@@ -91,12 +99,32 @@ def _run(protocol: type[Protocol], prop: str, variant: str, params: dict[str, in
                     f"no counterexample up to depth {depth}", t0)
 
 
+def _search_invariant(protocol: type[Protocol], prop: str, variant: str, full: dict[str, int],
+                      expected: Status, label: str, dropped: frozenset[str], shown: dict[str, Any],
+                      t0: float) -> Verdict:
+    from kvproof.verify.explore import explore, path_steps, render_state
+    sym = next(iter(protocol.indices), None)
+    ex = explore(protocol, variant, full, dropped, symmetry=sym)
+    how = (f"{ex.states} states of {full}" + (f", {sym} symmetry reduced (checked)" if ex.symmetric and ex.layout.sizes.get(sym, 1) > 1 else "")
+           + (f"; {ex.symmetry_note}" if ex.symmetry_note else ""))
+    bad = ex.violations.get(prop)
+    if bad is None:
+        return _verdict(protocol, prop, label, shown, Status.PROVEN, expected,
+                        "exhaustive explicit-state search (bounded instance)",
+                        f"holds in every reachable state: {how}; the claim is for this instance only", t0)
+    steps = path_steps(ex, bad)
+    return _verdict(protocol, prop, label, shown, Status.REFUTED, expected,
+                    f"explicit-state search (shortest counterexample, {len(steps)} steps)",
+                    f"{prop} fails after {len(steps)} steps ({how})", t0, counterexample=steps,
+                    witness={"final_state": render_state(ex.layout, bad)})
+
+
 def _search(protocol: type[Protocol], prop: str, variant: str, full: dict[str, int], expected: Status,
             label: str, dropped: frozenset[str], shown: dict[str, Any], t0: float) -> Verdict:
     from kvproof.verify.explore import explore, fair_liveness_violations, path_steps, render_state
     sym = next(iter(protocol.indices), None)
     ex = explore(protocol, variant, full, dropped, symmetry=sym)
-    how = f"{ex.states} states" + (f", {sym} symmetry reduced" if ex.symmetric else "")
+    how = f"{ex.states} states" + (f", {sym} symmetry reduced" if ex.symmetric and ex.layout.sizes.get(sym, 1) > 1 else "")
     if prop == DEADLOCK:
         bad = ex.deadlocks[0] if ex.deadlocks else next(iter(ex.violations.values()), None)
         if bad is None:
