@@ -34,7 +34,7 @@ def _params(pairs: list[str] | None) -> dict[str, int]:
 def add_guards_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof guards`."""
     p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
-    p.add_argument("--variant", default="fixed")
+    p.add_argument("--variant", default=None, help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N", help="instance size, e.g. writers=1")
     p.add_argument("--depth", type=int, default=14, help="BMC depth per dropped guard")
     p.add_argument("--guard", action="append", help="only these guards")
@@ -44,6 +44,7 @@ def add_guards_args(p: argparse.ArgumentParser) -> None:
 def guards_main(args: argparse.Namespace) -> int:
     """Drop each guard in turn; report which property breaks and how."""
     proto = _protocol(args.protocol)
+    args.variant = args.variant or (proto.variants[0] if proto.variants else "")
     params = {**{p: 1 for p in proto.indices.values()}, **_params(args.param)}   # index sets of size 1
     if args.variant not in proto.variants:
         print(f"kvproof guards: unknown variant {args.variant!r}; expected one of {proto.variants}",
@@ -79,7 +80,7 @@ def guards_main(args: argparse.Namespace) -> int:
 def add_explore_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof explore`."""
     p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
-    p.add_argument("--variant", default="fixed")
+    p.add_argument("--variant", default=None, help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
     p.add_argument("--no-symmetry", action="store_true", help="do not reduce by slot symmetry")
@@ -90,6 +91,7 @@ def add_explore_args(p: argparse.ArgumentParser) -> None:
 def explore_main(args: argparse.Namespace) -> int:
     """Breadth-first search: reachable states, violations, deadlocks, liveness."""
     proto = _protocol(args.protocol)
+    args.variant = args.variant or (proto.variants[0] if proto.variants else "")
     if args.variant not in proto.variants:
         print(f"kvproof explore: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)

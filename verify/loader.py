@@ -37,7 +37,7 @@ def is_module_path(arg: str) -> bool:
 
 
 def load(path: str | Path) -> UserModule:
-    """Execute the module at `path`; its protocols are the Protocol subclasses it defines."""
+    """Execute the module at `path`; its protocols are the Protocol subclasses it holds (not the package's)."""
     p = Path(path)
     if not p.is_file():
         raise LoadError(f"{path}: no such file; expected a Python module defining kvproof protocols")
@@ -52,9 +52,11 @@ def load(path: str | Path) -> UserModule:
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(p.resolve().parent))
+    # Its protocols: every Protocol subclass it holds at module level, defined there or imported
+    # from a helper of the user's; the package's own protocols (a base to extend) are not its.
     protocols = {v.name: v for v in vars(mod).values()
                  if isinstance(v, type) and issubclass(v, Protocol) and v is not Protocol
-                 and v.__module__ == name}
+                 and not v.__module__.startswith("kvproof.")}
     has_checks = hasattr(mod, "CHECKS") or callable(getattr(mod, "checks", None))
     checks = collect(mod) if has_checks else []
     if not protocols and not checks:

@@ -83,7 +83,7 @@ def slot_locality(protocol: type[Protocol], variant: str, params: dict[str, int]
         for kind, name, cond in m.guards:
             read = _slots_read(cond, where)
             if (own is None and read) or (own is not None and read - {own}):
-                problems.append(f"{inst.label}: guard {name} reads {index} values {sorted(read)}")
+                problems.append(f"{inst.label}: guard {name} reads {index}s {sorted(read)}")
         for pos, val in m.writes.items():
             target = where[str(enc.state(0)[pos])]
             read = _slots_read(val, where)
@@ -94,11 +94,11 @@ def slot_locality(protocol: type[Protocol], variant: str, params: dict[str, int]
             elif target is None and read:
                 problems.append(f"{inst.label}: writes {index}-independent {label} from {index} state {sorted(read)}")
             elif target is not None and (read - {target} or (own is not None and target != own)):
-                problems.append(f"{inst.label}: writes {label} of {index} {target} using {index} values {sorted(read)}")
+                problems.append(f"{inst.label}: writes {label} of {index} {target} using {index}s {sorted(read)}")
     for name, inv in protocol.invariants.items():
         for args in enc.layout.instances(inv.params):
             own = next((args[p.name] for p in inv.params if p.index == index), None)
             read = _slots_read(holds(enc.layout, enc.state(0), inv.body, args, Z3, variant), where)
             if own is None or read - {own}:
-                problems.append(f"property {name}{tuple(args.values())} reads {index} values {sorted(read)}")
+                problems.append(f"property {name}{tuple(args.values())} reads {index}s {sorted(read)}")
     return problems
