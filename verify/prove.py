@@ -63,12 +63,21 @@ def run_checks(checks: list[Check], on_done: Callable[[Verdict], None] | None = 
     return out
 
 
-def _checks_of(modules: list[str]) -> list[Check]:
-    """The package's checks, or those of the named modules."""
+def _checks_of(modules: list[str], builtin: bool = False) -> list[Check]:
+    """The package's checks, or those of the named modules (and the package's, with `builtin`)."""
     if not modules:
         return all_checks()
     from kvproof.verify.loader import load
-    return unique([c for m in modules for c in load(m).checks])
+    return unique((all_checks() if builtin else []) + [c for m in modules for c in load(m).checks])
+
+
+def expectation_line(verdicts: list[Verdict]) -> str:
+    """How the checks expected to prove and those expected to refute came out."""
+    def part(exp: Status) -> str:
+        vs = [v for v in verdicts if v.expected == exp]
+        return f"{sum(v.status == exp for v in vs)}/{len(vs)} {exp.value}"
+    return (f"fixed designs: {part(Status.PROVEN)}; pre-fix designs and guard removals: "
+            f"{part(Status.REFUTED)}")
 
 
 def apply_sanity(checks: list[Check], verdicts: list[Verdict]) -> list[Sanity]:
@@ -94,6 +103,8 @@ def add_prove_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("modules", nargs="*", metavar="MODULE.py",
                    help="run the checks of these protocol modules (files outside the package) instead of "
                         "the package's own")
+    p.add_argument("--builtin", action="store_true",
+                   help="with MODULE.py arguments: run the package's own checks too")
     p.add_argument("--protocol", action="append", help="run only this protocol's checks (repeatable)")
     p.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -106,7 +117,7 @@ def add_prove_args(p: argparse.ArgumentParser) -> None:
 def prove_main(args: argparse.Namespace) -> int:
     """Run the selected checks; exit 0 only when every verdict matches its expectation."""
     try:
-        checks = select(_checks_of(args.modules), args.protocol, args.variant)
+        checks = select(_checks_of(args.modules, args.builtin), args.protocol, args.variant)
     except (SelectionError, LoadError, ValueError) as e:
         print(f"kvproof prove: {e}", file=sys.stderr)
         return 2
@@ -143,6 +154,7 @@ def prove_main(args: argparse.Namespace) -> int:
             print("\n".join(found) if found else
                   f"SANE     {s.protocol}/{s.variant}: every action fires, no property is vacuous ({s.method})")
         print(summary_line(verdicts) + f" ({secs:.1f}s)")
+        print(expectation_line(verdicts) + f"; total time {secs:.1f} s")
     if args.junit:
         Path(args.junit).write_text(to_junit(verdicts, secs))
     if args.sarif:
