@@ -13,7 +13,7 @@ import itertools
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import ActionDef, Layout, Nat, Protocol
-from kvproof.spec.machine import Ops, _receive_guard, data_domain, deliverable_epochs
+from kvproof.spec.machine import Ops, receive_guard, data_domain, deliverable_epochs
 
 
 class Expr:
@@ -130,7 +130,7 @@ def _compile(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict
     full = {**args, **{d: Expr(d) for d in data}}
     m = View(layout, st, TRACE, variant, dropped)
     if adef.receives is not None:
-        _receive_guard(m, adef, full)
+        receive_guard(m, adef, full)
     adef.body(layout.protocol, m, **full)
     guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
     bounds = []

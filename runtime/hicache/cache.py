@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from kvproof.runtime.radix import RadixIndex, RadixNode
-from kvproof.runtime.stream_exec import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.runtime.model.radix import RadixIndex, RadixNode
+from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
 from kvproof.spec.stream_json import trace_dumps
 from kvproof.spec.streams import Plan, Violation, check_plan

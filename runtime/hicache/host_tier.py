@@ -1,6 +1,6 @@
 """The serving engine's host tier: HiCache beneath the engine's page pool.
 
-The engine keeps its device pages (`model_cache.KVCache`, `PagePool` with the prefix cache of
+The engine keeps its device pages (`model.cache.KVCache`, `PagePool` with the prefix cache of
 full prompt pages keyed by a blake2b chain hash). `HostTier` adds the larger host pool below
 it, in the same page layout (`[layer, page, page_size, width]` for the KV rows, the indexer
 keys and, with the Triton backend, the fp8 indexer pages):
@@ -12,7 +12,7 @@ keys and, with the Triton backend, the fp8 indexer pages):
   device page and records the swap on the sequence; the prefill batch that first reads the page
   runs as the HiCache stream plan (`spec.hicache_plan`): the load stream copies each layer's
   Indexer-cache pages, records `idx_ready[l]`, then its KV pages and `kv_ready[l]`
-  (`hicache.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
+  (`hicache.cache.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
   the layer's Indexer cache, `attention[l]` runs the decoder layer on what the indexer read and
   on the KV. The `fixed` plan waits for both events; the plan is checked with
   `spec.streams.check_plan` (once per shape) and a racy plan (`prefix`) is refused unless
@@ -25,11 +25,11 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from kvproof.runtime.hicache import PagePool as HostPagePool
-from kvproof.runtime.hicache import PlanRaceError, layer_copy
-from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.model_cache import PagePool
-from kvproof.runtime.stream_exec import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.runtime.hicache.cache import PagePool as HostPagePool
+from kvproof.runtime.hicache.cache import PlanRaceError, layer_copy
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.model.cache import PagePool
+from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
 from kvproof.spec.streams import Plan, Violation, check_plan
 

@@ -1,12 +1,12 @@
 """The serving engine's LayerSplit group: rank 0's `LayerSplitGroup`, the follower ranks, the batch on the wire.
 
 Rank 0 (the engine process; with `--engine pd` each prefill rank) spawns ranks 1..R-1 and joins
-them in a private gloo group (`layersplit_group.gloo_group`). Every request to the followers is
+them in a private gloo group (`layersplit.group.gloo_group`). Every request to the followers is
 a small header over a pipe (the pipe lets an idle follower wait without a gloo timeout and see
 EOF if the engine dies) followed by collectives every rank issues in the same order:
 
 - `forward`: one broadcast of an int64 tensor holding the tokens, the `AttnBatch` tensors and
-  the batch's pages, then each rank's part of the checked plan (`model_layersplit.split_forward`).
+  the batch's pages, then each rank's part of the checked plan (`layersplit.split_cache.split_forward`).
   The MTP draft head, the logits and sampling read no cache and run on rank 0 only.
 - `export`: every layer of a sequence's first n tokens for the PD engine's KV transfer; each
   follower broadcasts the rows of the layers it owns (`exchange_owned`) and rank 0 assembles
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from kvproof.runtime.layersplit_group import broadcast, free_port, gloo_group, start_ranks
-from kvproof.runtime.model import AttnBatch, DSAModel
-from kvproof.runtime.model_layersplit import SplitKVCache, engine_shape, split_forward
+from kvproof.runtime.layersplit.group import broadcast, free_port, gloo_group, start_ranks
+from kvproof.runtime.model.decoder import AttnBatch, DSAModel
+from kvproof.runtime.layersplit.split_cache import SplitKVCache, engine_shape, split_forward
 from kvproof.spec.layersplit_plan import LayerSplitShape, owned_layers, rank_plan
 
 GLOO_TIMEOUT_S = 60.0             # a collective that takes longer fails (a rank died mid-step)
@@ -97,7 +97,7 @@ class LayerSplitGroup:
     """
 
     def __init__(self, cfg: Any, model: DSAModel, shape: LayerSplitShape, cache: SplitKVCache) -> None:
-        from kvproof.runtime.layersplit import checked_plan
+        from kvproof.runtime.layersplit.pool import checked_plan
         self.cfg, self.model, self.shape, self.cache = cfg, model, shape, cache
         self.plan = rank_plan(checked_plan(shape, cfg.layersplit_allow_races), 0)
         ctx = mp.get_context("spawn")
@@ -196,8 +196,8 @@ def _shutdown(conns: list[Any], procs: Any, timeout_s: float = 10.0) -> None:
 
 def _follower(index: int, ranks: int, port: int, cfg: Any, conns: list[Any]) -> None:
     """Rank index + 1: build the model and this rank's cache share, then run forwards and exports until told to stop."""
-    from kvproof.runtime.checkpoint import load_model
-    from kvproof.runtime.layersplit import checked_plan
+    from kvproof.runtime.model.checkpoint import load_model
+    from kvproof.runtime.layersplit.pool import checked_plan
     rank, conn = index + 1, conns[index]
     for k, c in enumerate(conns):
         if k != index:

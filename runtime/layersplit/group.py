@@ -4,7 +4,7 @@
 computes its shard of the queries (context parallelism: rows ``rank::ranks``)
 and reports outputs and memory; ``run_unsplit`` is the one-rank reference.
 ``start_ranks``, ``gloo_group`` and ``broadcast`` are the pieces the serving
-engine's LayerSplit group (``model_layersplit_group``) shares: spawn rank processes
+engine's LayerSplit group (``layersplit.engine_group``) shares: spawn rank processes
 without waiting, a private gloo group on 127.0.0.1 (no global default group, so
 several groups can live in one process), and an asynchronous broadcast on it.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvproof.runtime.layersplit import LayerSplitConfig, LayerSplitPool, make_queries
+from kvproof.runtime.layersplit.pool import LayerSplitConfig, LayerSplitPool, make_queries
 
 
 def free_port() -> int:

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kvproof.kernels._common import indexer_fp8_layout, write_indexer_keys
+from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
-from kvproof.runtime.stream_exec import Commit, CudaExecutor, OpImpl
+from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
 from kvproof.spec.stream_machine import Machine

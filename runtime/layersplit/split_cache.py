@@ -3,20 +3,20 @@
 `EngineConfig(layersplit=R)` (`kvproof serve --layersplit R`): rank 0 is the engine process (with
 `--engine pd`: each prefill rank), ranks 1..R-1 are spawned follower processes (127.0.0.1, a
 free port, a private gloo group; the group, the batch on the wire and the KV export are
-`model_layersplit_group`'s). Each rank's `SplitKVCache` stores, for every page of the pool,
+`layersplit.engine_group`'s). Each rank's `SplitKVCache` stores, for every page of the pool,
 only the layers it owns (`spec.layersplit_plan.owned_layers`, contiguous by default) plus
 `depth` receive buffers of one layer's pages each -- about R times the unsplit KV capacity per rank.
 
 Compute is replicated: every rank runs the same decoder forward over the same batch.
 Each forward executes this rank's part of the checked plan (`spec.layersplit_plan` with
-`writeback=True`, checked once per shape by `layersplit.checked_plan`; a plan with a race --
+`writeback=True`, checked once per shape by `layersplit.pool.checked_plan`; a plan with a race --
 the `prefix` variant, or write-back without the owner's wait -- is refused unless
 `layersplit_allow_races`). Its ops map to: `send_*[l]` (owner: gather the batch's pages of
 its stored layer, asynchronous broadcast), `recv_*[l]` (the broadcast into a private buffer,
 scattered into receive buffer l % depth when it lands), `indexer[l]` (`DecoderLayer.index`:
 writes the new tokens' indexer keys into the region it reads, top-k) and `attention[l]`
 (`DecoderLayer.attend`: writes their KV rows into the region it reads, sparse MLA, MLP).
-Issued with `layersplit.run_host`: collectives overlap the host's compute, waits wait them.
+Issued with `layersplit.pool.run_host`: collectives overlap the host's compute, waits wait them.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from kvproof.runtime.layersplit_group import broadcast
-from kvproof.runtime.model import AttnBatch, DSAModel
-from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.model_config import ModelConfig
-from kvproof.runtime.stream_exec import OpImpl
+from kvproof.runtime.layersplit.group import broadcast
+from kvproof.runtime.model.decoder import AttnBatch, DSAModel
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.model.config import ModelConfig
+from kvproof.runtime.streams.executor import OpImpl
 from kvproof.spec.layersplit_plan import LayerSplitShape, comm, owned_layers, owner_of
 from kvproof.spec.streams import Op, Plan
 
@@ -138,7 +138,7 @@ def split_forward(model: DSAModel, cache: SplitKVCache, plan: Plan, group: Any, 
 
     ``plan`` is the rank's plan (`rank_plan`); ``pages`` [N] every page the batch reads.
     """
-    from kvproof.runtime.layersplit import run_host          # (imports the kernels: not at engine import)
+    from kvproof.runtime.layersplit.pool import run_host          # (imports the kernels: not at engine import)
     shape, rank, backend = cache.shape, cache.rank, model.backend
     hidden: dict[int, torch.Tensor] = {0: model.embed(tokens)}
     indexed: dict[int, Any] = {}

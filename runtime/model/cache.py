@@ -3,7 +3,7 @@
 Per layer and page the cache holds, for each of `page_size` token positions, the
 compressed KV row `[latent c | RoPE key]` and the lightning-indexer key. With the
 Triton backend the indexer keys also live in the kernels' fp8 layout
-(`kernels/_common.indexer_fp8_layout`), which is what the indexer kernel reads.
+(`kernels/common.indexer_fp8_layout`), which is what the indexer kernel reads.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kvproof.runtime.model_config import ModelConfig
+from kvproof.runtime.model.config import ModelConfig
 
 
 class PagePool:
@@ -22,7 +22,7 @@ class PagePool:
     A full page of prompt tokens is published under a hash of all tokens up to its end; a
     later sequence with the same prefix shares it (refcount + 1) instead of recomputing it.
     Freed pages keep their content and hash until they are handed out again (oldest first);
-    `on_evict(page, hash)` (the host tier, `model_hicache.HostTier`) is called just before.
+    `on_evict(page, hash)` (the host tier, `hicache.host_tier.HostTier`) is called just before.
     """
 
     def __init__(self, num_pages: int, on_evict: Callable[[int, bytes], None] | None = None) -> None:
@@ -102,7 +102,7 @@ def write_index_keys(ik: torch.Tensor, ik_fp8: torch.Tensor | None, slots: torch
     S, D = ik.shape[1], ik.shape[2]
     ik.view(-1, D)[slots] = keys.to(ik.dtype)
     if ik_fp8 is not None:
-        from kvproof.kernels._common import indexer_views, quantize_fp8
+        from kvproof.kernels.common import indexer_views, quantize_fp8
         fkeys, scales = indexer_views(ik_fp8, S, D)
         q, s = quantize_fp8(keys)                                          # [T, D] fp8, [T, NB]
         fkeys[slots // S, slots % S] = q
@@ -114,7 +114,7 @@ class KVCache:
     """Cache tensors of every layer: kv [L, P, S, kv_width], index keys [L, P, S, index_dim].
 
     `layers` stores that many layers instead of the model's (a LayerSplit rank's share or its
-    receive buffers, `model_layersplit.SplitKVCache`); the methods taking a layer index it then
+    receive buffers, `layersplit.split_cache.SplitKVCache`); the methods taking a layer index it then
     by position, and export/import (PD) need every layer.
     """
 
@@ -132,7 +132,7 @@ class KVCache:
         self.ik = torch.zeros(*shape, c.index_dim, dtype=c.torch_dtype, device=self.device)
         self.ik_fp8: torch.Tensor | None = None
         if self.fp8_indexer:
-            from kvproof.kernels._common import indexer_fp8_layout
+            from kvproof.kernels.common import indexer_fp8_layout
             lay = indexer_fp8_layout(c.page_size, c.index_dim)
             self.ik_fp8 = torch.zeros(n, self.num_pages, lay.page_bytes, dtype=torch.uint8, device=self.device)
 

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvproof.runtime.model import DSAModel
-from kvproof.runtime.model_config import ModelConfig
+from kvproof.runtime.model.decoder import DSAModel
+from kvproof.runtime.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -115,6 +115,6 @@ def load_model(path: str | Path | None, cfg: ModelConfig, device: str = "cpu", b
                ) -> DSAModel:
     """The checkpoint at `path`, or the seeded model of `cfg` when path is None."""
     if path is None:
-        from kvproof.runtime.model_init import seeded_model
+        from kvproof.runtime.model.weights import seeded_model
         return seeded_model(cfg, device, backend)
     return load_checkpoint(path, device, backend)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvproof.runtime.model_cache import KVCache, write_index_keys, write_rows
-from kvproof.runtime.model_config import ModelConfig
+from kvproof.runtime.model.cache import KVCache, write_index_keys, write_rows
+from kvproof.runtime.model.config import ModelConfig
 
 BACKENDS = ("torch", "triton")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from kvproof.runtime.model import DSAModel
-from kvproof.runtime.model_config import ModelConfig
+from kvproof.runtime.model.decoder import DSAModel
+from kvproof.runtime.model.config import ModelConfig
 
 PRINTABLE = range(32, 127)
 

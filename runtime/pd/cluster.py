@@ -18,14 +18,14 @@ import sys
 import time
 from typing import Any
 
-from kvproof.runtime.channel import Channel, ChannelClosed, ChannelListener
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import (
+from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
     Cancel, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
-from kvproof.runtime.pd_process import channel_config
+from kvproof.runtime.pd.process import channel_config
 
-_MODULE = "kvproof.runtime.pd_process"
+_MODULE = "kvproof.runtime.pd.process"
 
 
 class ClusterError(RuntimeError):

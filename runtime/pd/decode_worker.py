@@ -25,9 +25,9 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import IO, Any, Callable
 
-from kvproof.runtime.kv_pool import KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Abort, Alloc, Done, Message, Result, Safe, from_emission
+from kvproof.runtime.pd.kv_pool import KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Safe, from_emission
 from kvproof.spec.kv_slot import DState, KVSlot
 from kvproof.spec.machine import Emission, Instance
 

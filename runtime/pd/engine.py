@@ -1,7 +1,7 @@
 """The PD-disaggregated engine: the model runs in prefill-rank processes and a decode process.
 
 `PDEngine` implements the `Engine` interface for the HTTP server. It is the router: it starts a
-`ModelCluster` (the PD runtime's processes in real-KV mode, `pd_model_worker`) and, per request,
+`ModelCluster` (the PD runtime's processes in real-KV mode, `pd.model_worker`) and, per request,
 sends `Submit(rid, n-1, prompt, params)` to decode. Decode allocates a KV slot by firing the
 spec's `alloc`; the `Alloc` carries the prompt to every prefill rank, which runs its copy of the
 model on the first n-1 prompt tokens and posts its share of the exported KV bytes into the slot
@@ -23,16 +23,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
-from kvproof.runtime.engine import EngineConfig, GenerationRequest, TokenEvent
-from kvproof.runtime.engine_api import StreamingMixin
-from kvproof.runtime.model_layersplit import engine_shape
-from kvproof.runtime.pd_cluster import ClusterError, PDCluster
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import (
+from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, TokenEvent
+from kvproof.runtime.serving.engine_api import StreamingMixin
+from kvproof.runtime.layersplit.split_cache import engine_shape
+from kvproof.runtime.pd.cluster import ClusterError, PDCluster
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
     Event, MessageError, Result, Stats, Submit, decode_message,
 )
-from kvproof.runtime.pd_model_worker import engine_config_to_json, token_bytes
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 Sink = Callable[[TokenEvent], None]
 
@@ -66,7 +66,7 @@ class PDEngineConfig:
 
 def _model_config(ecfg: EngineConfig) -> Any:
     if ecfg.checkpoint is not None:
-        from kvproof.runtime.checkpoint import read_config
+        from kvproof.runtime.model.checkpoint import read_config
         return read_config(ecfg.checkpoint)
     return ecfg.model
 
@@ -91,7 +91,7 @@ class ModelCluster(PDCluster):
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
-        return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd_model_worker", *args,
+        return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd.model_worker", *args,
                                  "--config", self.cfg.to_json(), "--engine", ecfg])
 
     def _on_message(self, raw: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvproof.runtime.pd_config import PDConfig
+from kvproof.runtime.pd.config import PDConfig
 
 POOL_REGION = 0
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)

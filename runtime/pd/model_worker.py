@@ -1,9 +1,9 @@
 """Real-KV mode of the PD processes: the model runs in the prefill ranks and in decode.
 
-    python -m kvproof.runtime.pd_model_worker decode  --client HOST:PORT --config PDJSON --engine ENGJSON
-    python -m kvproof.runtime.pd_model_worker prefill --rank W --control HOST:PORT --data HOST:PORT ...
+    python -m kvproof.runtime.pd.model_worker decode  --client HOST:PORT --config PDJSON --engine ENGJSON
+    python -m kvproof.runtime.pd.model_worker prefill --rank W --control HOST:PORT --data HOST:PORT ...
 
-The processes are the ones of `pd_process` (same loops, same spec firing); this module only plugs
+The processes are the ones of `pd.process` (same loops, same spec firing); this module only plugs
 the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
 prompt rides on `Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n-1, token_bytes]`;
 the rank posts its byte share of every token, one write per layer, exactly as for synthetic KV.
@@ -27,13 +27,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, TokenEvent
-from kvproof.runtime.kv_pool import KVPool
-from kvproof.runtime.model_config import ModelConfig
-from kvproof.runtime.monitor import MonitorConfig
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Alloc, Event, Message, Result, Stats, Submit
-from kvproof.runtime.scheduler import Sequence
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, TokenEvent
+from kvproof.runtime.pd.kv_pool import KVPool
+from kvproof.runtime.model.config import ModelConfig
+from kvproof.runtime.serving.monitor import MonitorConfig
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Alloc, Event, Message, Result, Stats, Submit
+from kvproof.runtime.serving.scheduler import Sequence
 from kvproof.spec.kv_slot import DState
 
 STATS_INTERVAL_S = 0.2
@@ -250,8 +250,8 @@ class DecodeModel:
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry of a real-KV worker process."""
-    from kvproof.runtime.pd_process import run_decode, run_prefill, worker_args
-    a = worker_args("python -m kvproof.runtime.pd_model_worker", argv,
+    from kvproof.runtime.pd.process import run_decode, run_prefill, worker_args
+    a = worker_args("python -m kvproof.runtime.pd.model_worker", argv,
                     lambda ap: ap.add_argument("--engine", required=True, help="EngineConfig as JSON"))
     cfg = PDConfig.from_json(a.config)
     ecfg = engine_config_from_json(a.engine)

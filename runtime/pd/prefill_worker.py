@@ -25,9 +25,9 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-from kvproof.runtime.kv_pool import POOL_REGION, kv_chunk, offset
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Abort, Alloc, Message, from_emission
+from kvproof.runtime.pd.kv_pool import POOL_REGION, kv_chunk, offset
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Abort, Alloc, Message, from_emission
 from kvproof.runtime.transport import Completion, Transport
 from kvproof.spec.kv_slot import KVSlot, PState
 from kvproof.spec.machine import Instance

@@ -1,7 +1,7 @@
 """Process entry points: the decode process and one process per prefill rank.
 
-    python -m kvproof.runtime.pd_process decode  --client HOST:PORT --config JSON
-    python -m kvproof.runtime.pd_process prefill --rank W --control HOST:PORT --data HOST:PORT --config JSON
+    python -m kvproof.runtime.pd.process decode  --client HOST:PORT --config JSON
+    python -m kvproof.runtime.pd.process prefill --rank W --control HOST:PORT --data HOST:PORT --config JSON
 
 Each process runs one loop thread that owns its spec instance; the channel and
 transport threads only put events into the loop's inbox (and the decode
@@ -23,14 +23,14 @@ import threading
 import time
 from typing import IO, Any, Callable
 
-from kvproof.runtime.channel import Channel, ChannelClosed, ChannelConfig, ChannelListener
-from kvproof.runtime.decode_worker import DecodeWorker
-from kvproof.runtime.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import (
+from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelConfig, ChannelListener
+from kvproof.runtime.pd.decode_worker import DecodeWorker
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
     Cancel, Hello, Message, MessageError, Ready, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
-from kvproof.runtime.prefill_worker import PrefillRank
+from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
 
 ACCEPT_TIMEOUT_S = 60.0
@@ -342,7 +342,7 @@ def worker_args(prog: str, argv: list[str] | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry of a worker process."""
-    a = worker_args("python -m kvproof.runtime.pd_process", argv)
+    a = worker_args("python -m kvproof.runtime.pd.process", argv)
     cfg = PDConfig.from_json(a.config)
     if a.role == "decode":
         return run_decode(cfg, a.client)

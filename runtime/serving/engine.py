@@ -19,17 +19,17 @@ from typing import Callable
 
 import torch
 
-from kvproof.runtime.engine_api import (Engine, GenerationRequest, SamplingParams,  # noqa: F401 (re-exported)
+from kvproof.runtime.serving.engine_api import (Engine, GenerationRequest, SamplingParams,  # noqa: F401 (re-exported)
                                         StreamingMixin, TokenEvent)
-from kvproof.runtime.model_cache import KVCache, PagePool
-from kvproof.runtime.model_config import ModelConfig, preset
-from kvproof.runtime.model_hicache import host_tier
-from kvproof.runtime.model_layersplit import SplitKVCache, engine_shape
-from kvproof.runtime.model_layersplit_group import LayerSplitGroup
-from kvproof.runtime.model_runner import ModelRunner
-from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
-from kvproof.runtime.scheduler import Scheduler, Sequence
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.model.cache import KVCache, PagePool
+from kvproof.runtime.model.config import ModelConfig, preset
+from kvproof.runtime.hicache.host_tier import host_tier
+from kvproof.runtime.layersplit.split_cache import SplitKVCache, engine_shape
+from kvproof.runtime.layersplit.engine_group import LayerSplitGroup
+from kvproof.runtime.serving.model_runner import ModelRunner
+from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor
+from kvproof.runtime.serving.scheduler import Scheduler, Sequence
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class EngineCore:
     """One step of the engine: schedule, run the model, deliver tokens, apply the monitor."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        from kvproof.runtime.checkpoint import load_model
+        from kvproof.runtime.model.checkpoint import load_model
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -1,6 +1,6 @@
 """The engine interface the HTTP server talks to: requests, sampling parameters, token events.
 
-`runtime.engine` re-exports every name here (`from kvproof.runtime.engine import ...` keeps working).
+`runtime.serving.engine` re-exports every name here (`from kvproof.runtime.serving.engine import ...` keeps working).
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import asyncio
 from typing import AsyncIterator, Callable, Protocol
 
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from kvproof.runtime.model import AttnBatch, DSAModel
-from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.scheduler import Sequence
+from kvproof.runtime.model.decoder import AttnBatch, DSAModel
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.serving.scheduler import Sequence
 
 if TYPE_CHECKING:
-    from kvproof.runtime.model_hicache import HostTier
-    from kvproof.runtime.model_layersplit import SplitKVCache
+    from kvproof.runtime.hicache.host_tier import HostTier
+    from kvproof.runtime.layersplit.split_cache import SplitKVCache
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Each step is either a prefill step (chunks of waiting prompts, up to a token budget)
 or a decode step (every running sequence verifies its last token plus its drafts).
-The page pool (`model_cache.PagePool`) owns KV pages; a sequence holds pages for
+The page pool (`model.cache.PagePool`) owns KV pages; a sequence holds pages for
 every position it has cached or is about to write. When a decode step cannot get
 pages, the newest running sequence is preempted: its pages are freed and it is
 re-prefilled later (its output so far is kept and recomputed into the cache).
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvproof.runtime.model_cache import PagePool
+from kvproof.runtime.model.cache import PagePool
+from kvproof.runtime.serving.engine_api import SamplingParams
 
 if TYPE_CHECKING:
-    from kvproof.runtime.engine import SamplingParams
-    from kvproof.runtime.model_hicache import HostTier
-    from kvproof.runtime.monitor import RequestMonitor
+    from kvproof.runtime.hicache.host_tier import HostTier
+    from kvproof.runtime.serving.monitor import RequestMonitor
 
 
 class SeqStatus(enum.Enum):

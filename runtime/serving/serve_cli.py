@@ -6,10 +6,10 @@ import asyncio
 import signal
 from typing import Any
 
-from kvproof.runtime.engine import EngineConfig, LocalEngine
-from kvproof.runtime.model_config import PRESETS, preset
-from kvproof.runtime.model_layersplit import engine_shape
-from kvproof.runtime.monitor import MonitorConfig
+from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
+from kvproof.runtime.model.config import PRESETS, preset
+from kvproof.runtime.layersplit.split_cache import engine_shape
+from kvproof.runtime.serving.monitor import MonitorConfig
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.checkpoint is None:
         mc = cfg.model
     else:
-        from kvproof.runtime.checkpoint import read_config
+        from kvproof.runtime.model.checkpoint import read_config
         mc = read_config(args.checkpoint)
     engine_shape(cfg, mc.n_layers)
     return cfg
@@ -91,7 +91,7 @@ def _host_pages(n: int) -> int:
 def build_engine(args: argparse.Namespace) -> Any:
     """The engine selected by --engine (LocalEngine or PDEngine); ValueError names a bad option."""
     if args.engine == "pd":
-        from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig
+        from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
         pd = PDEngineConfig(slots=args.slots, writers=args.writers, protocol=args.protocol,
                             max_prompt_tokens=args.max_prompt_tokens, delay_ms=args.kv_delay_ms)
         return PDEngine(engine_config(args), pd, model_name=args.served_model_name)
@@ -99,7 +99,7 @@ def build_engine(args: argparse.Namespace) -> Any:
 
 
 async def _serve(args: argparse.Namespace, engine: Any) -> None:
-    from kvproof.runtime.server import start_server
+    from kvproof.runtime.serving.server import start_server
     runner, url = await start_server(engine, args.host, args.port)
     split = f", layersplit {args.layersplit} ranks" if args.layersplit > 1 else ""
     print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}{split}); "

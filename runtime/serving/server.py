@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvproof.runtime.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
+from kvproof.runtime.serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
 
 
 class RequestError(Exception):

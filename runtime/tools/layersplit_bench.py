@@ -40,8 +40,8 @@ def _median_s(fn: Callable[[], object], reps: int, inner: int = 10) -> float:
 def bench_overlap(context: int = 131_072, queries: int = 512, reps: int = 20, quick: bool = False) -> dict[str, Any]:
     """Measure the KV-sized copy on a side stream against the indexer kernel on the current stream."""
     if not torch.cuda.is_available():
-        raise RuntimeError("bench_overlap needs CUDA (an NVIDIA GPU); the simulator is bench_layersplit(simulate=True)")
-    from kvproof.kernels._common import indexer_fp8_layout, write_indexer_keys
+        raise RuntimeError("bench_overlap needs CUDA (an NVIDIA GPU); the simulator is `kvproof bench layersplit --simulate`")
+    from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
     from kvproof.kernels.indexer import indexer_scores
 
     if quick:

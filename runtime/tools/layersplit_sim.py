@@ -192,16 +192,12 @@ def simulate(context: int, layersplit: bool, params: SimParams | None = None) ->
             "layer": comm}
 
 
-def bench_layersplit(simulate: bool = True, params: SimParams | None = None,
-                     lengths: tuple[int, ...] = LENGTHS) -> dict[str, Any]:
+def bench_layersplit(params: SimParams | None = None, lengths: tuple[int, ...] = LENGTHS) -> dict[str, Any]:
     """`kvproof bench layersplit --simulate`: throughput with and without LayerSplit for 40k..120k."""
-    if not simulate:
-        from kvproof.runtime.layersplit_bench import bench_overlap
-        return bench_overlap()
     p = params or SimParams()
     rows = []
     for c in lengths:
-        off, on = _sim(c, False, p), _sim(c, True, p)
+        off, on = simulate(c, False, p), simulate(c, True, p)
         rows.append({"context": c, "hit_rate_off": off["hit_rate_achieved"], "hit_rate_on": on["hit_rate_achieved"],
                      "throughput_off_rps": round(off["throughput_rps"], 4),
                      "throughput_on_rps": round(on["throughput_rps"], 4),
@@ -215,7 +211,6 @@ def bench_layersplit(simulate: bool = True, params: SimParams | None = None,
             "note": "gain = throughput with LayerSplit / without - 1; published: +10 % at 40k, +132 % at 120k"}
 
 
-_sim = simulate                 # bench_layersplit's `simulate` flag shadows the function inside it
 
 
 def _implied_hit(p: SimParams, context: int, t_on: float, gain: float | None) -> float | None:
@@ -230,7 +225,7 @@ def calibrate_sessions(context: int = 40_000, target: float = PUBLISHED_GAIN[40_
                        params: SimParams | None = None) -> float:
     """The session count at which the gain at ``context`` equals ``target`` (bisection; the gain grows with it)."""
     base = params or SimParams()
-    gain = lambda n: bench_layersplit(True, replace(base, sessions=n), (context,))["rows"][0]["gain"]  # noqa: E731
+    gain = lambda n: bench_layersplit(replace(base, sessions=n), (context,))["rows"][0]["gain"]  # noqa: E731
     lo, hi = 1.0, 1.0
     while gain(hi) < target:
         lo, hi = hi, hi * 2
@@ -249,7 +244,7 @@ def sensitivity(name: str, values: tuple[float, ...], lengths: tuple[int, ...] =
     out = {}
     for v in values:
         p = replace(SimParams(), **{name: v})
-        out[v] = [r["gain"] for r in bench_layersplit(True, p, lengths)["rows"]]
+        out[v] = [r["gain"] for r in bench_layersplit(p, lengths)["rows"]]
     return out
 
 
@@ -270,7 +265,7 @@ def mix_sensitivity(fast_fractions: tuple[float, ...] = MIX_FAST, slow_factors: 
             p = replace(SimParams(), fast_fraction=ff, slow_factor=sf)
             p = replace(p, sessions=calibrate_sessions(params=p))
             rows.append({"fast_fraction": ff, "slow_factor": sf, "sessions": p.sessions,
-                         "gains": [r["gain"] for r in bench_layersplit(True, p, lengths)["rows"]]})
+                         "gains": [r["gain"] for r in bench_layersplit(p, lengths)["rows"]]})
     return rows
 
 

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvproof.runtime.pd_cluster import ClusterError, PDCluster
-from kvproof.runtime.pd_config import PDConfig
+from kvproof.runtime.pd.cluster import ClusterError, PDCluster
+from kvproof.runtime.pd.config import PDConfig
 
 Progress = Callable[[int, int, dict[str, int]], None]   # (results so far, requests, status counts)
 
@@ -109,11 +109,11 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
 
 def _socket_baseline(rep: dict[str, Any]) -> dict[str, Any]:
     """Plain socket vs bare TcpTransport throughput for this run's bytes and mean write size."""
-    from kvproof.runtime.transport.bench import bench_tcp
+    from kvproof.runtime.transport.throughput import tcp_throughput
 
     chunk = max(64, rep["bytes_transferred"] // max(1, rep["writes_posted"]))
     total = max(chunk, min(rep["bytes_transferred"], 64 << 20) // chunk * chunk)
-    b = bench_tcp(total, chunk, repeats=1)
+    b = tcp_throughput(total, chunk, repeats=1)
     stress_gbps = rep["transfer_mb_s"] / 1000.0
     return {**b, "bytes": total, "chunk": chunk, "stress_transfer_gbps": stress_gbps,
             "stress_over_plain_socket": round(stress_gbps / b["plain_socket_gbps"], 4)}

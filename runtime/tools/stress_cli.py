@@ -15,8 +15,8 @@ import json
 import sys
 from typing import Any
 
-from kvproof.runtime.pd_cluster import ClusterError
-from kvproof.runtime.stress import run_compare, run_stress
+from kvproof.runtime.pd.cluster import ClusterError
+from kvproof.runtime.tools.stress import run_compare, run_stress
 
 
 def add_stress_args(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +135,7 @@ def _print_table(reports: list[dict[str, Any]], ratio: float | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: python -m kvproof.runtime.stress_cli --protocol fixed ..."""
+    """Stand-alone entry: python -m kvproof.runtime.tools.stress_cli --protocol fixed ..."""
     ap = argparse.ArgumentParser(prog="kvproof stress", description="PD KV-slot stress harness")
     add_stress_args(ap)
     return stress_main(ap.parse_args(argv))

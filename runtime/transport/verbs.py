@@ -72,7 +72,7 @@ class VerbsConfig:
             raise ValueError(f"path_mtu={self.path_mtu}, expected one of {sorted(_MTU)}")
 
 
-def _pyverbs() -> Any:
+def load_pyverbs() -> Any:
     """Import pyverbs or raise TransportUnavailable with instructions."""
     try:
         import pyverbs.device  # noqa: F401
@@ -85,7 +85,7 @@ def _pyverbs() -> Any:
 
 def rdma_devices() -> list[str]:
     """Names of the RDMA devices present; raises TransportUnavailable if none."""
-    pv = _pyverbs()
+    pv = load_pyverbs()
     try:
         devs = pv.device.get_device_list()
     except pv.pyverbs_error.PyverbsRDMAError as e:
@@ -109,7 +109,7 @@ class VerbsTransport(Transport):
 
     def __init__(self, bootstrap: socket.socket, *, config: VerbsConfig = VerbsConfig(),
                  on_land: LandHook | None = None) -> None:
-        pv = _pyverbs()
+        pv = load_pyverbs()
         names = rdma_devices()
         if on_land is not None:
             raise TransportError("verbs: on_land cannot be observed (the NIC places bytes without software); "
@@ -154,7 +154,7 @@ class VerbsTransport(Transport):
     @classmethod
     def connect(cls, address: tuple[str, int], timeout: float = 10.0, **kw: Any) -> "VerbsTransport":
         """Bootstrap over TCP to a peer accepting at address."""
-        _pyverbs(), rdma_devices()  # fail fast, before touching the network
+        load_pyverbs(), rdma_devices()  # fail fast, before touching the network
         sock = socket.create_connection(address, timeout=timeout)
         sock.settimeout(None)
         return cls(sock, **kw)

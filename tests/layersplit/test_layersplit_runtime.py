@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kvproof.runtime.layersplit import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
+from kvproof.runtime.layersplit.pool import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
                                         make_queries)
-from kvproof.runtime.layersplit_group import run_group, run_groups, run_unsplit
+from kvproof.runtime.layersplit.group import run_group, run_groups, run_unsplit
 
 CFG = LayerSplitConfig(layers=6, tokens=100, page_size=16, topk=24)
 QUERIES = 8

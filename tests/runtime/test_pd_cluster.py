@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kvproof.runtime.pd_cluster import PDCluster
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.stress import run_stress
-from kvproof.runtime.stress_cli import add_stress_args, stress_main
+from kvproof.runtime.pd.cluster import PDCluster
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.tools.stress import run_stress
+from kvproof.runtime.tools.stress_cli import add_stress_args, stress_main
 
 # A small, hot configuration: many aborts and long write delays make the prefix race show up in 1000 requests.
 HOT = dict(requests=1000, abort_rate=0.3, delay_ms=5.0, concurrency=24, slots=16, writers=2)
@@ -116,7 +116,7 @@ def test_stress_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.timeout(90)
 def test_compare_runs_both_protocols_in_halves() -> None:
     """run_compare: prefix and fixed reports (two halves each, merged) and the throughput ratio."""
-    from kvproof.runtime.stress import run_compare
+    from kvproof.runtime.tools.stress import run_compare
 
     out = run_compare(requests=201, abort_rate=0.2, seed=5)
     assert out["prefix"]["requests"] == out["fixed"]["requests"] == 201

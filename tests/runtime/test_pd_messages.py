@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvproof.runtime.kv_pool import KVPool, expected_kv, kv_chunk, offset
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import (
+from kvproof.runtime.pd.kv_pool import KVPool, expected_kv, kv_chunk, offset
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
     MESSAGE_TYPES, Abort, Alloc, Cancel, Done, MessageError, Ready, Result, Safe, Shutdown, Stats, Submit,
     decode_message, encode, from_emission,
 )

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import precondition
 
-from kvproof.runtime.decode_worker import DecodeWorker, Request
-from kvproof.runtime.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Abort, Alloc, Done, Message, Result, Safe
-from kvproof.runtime.prefill_worker import PrefillRank
+from kvproof.runtime.pd.decode_worker import DecodeWorker, Request
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Safe
+from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import Completion, Status, loopback_pair
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Emission

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from kvproof.runtime.decode_worker import DecodeWorker
-from kvproof.runtime.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Message, Result
-from kvproof.runtime.prefill_worker import PrefillRank
+from kvproof.runtime.pd.decode_worker import DecodeWorker
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Message, Result
+from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import loopback_pair
 from kvproof.spec.kv_slot import DState
 

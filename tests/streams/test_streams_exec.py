@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 
 from stream_plans import tiny_plans
-from kvproof.runtime.stream_exec import emulate, run_sync
+from kvproof.runtime.streams.executor import emulate, run_sync
 from kvproof.spec.hicache_plan import hicache_plan
 from kvproof.spec.streams import Op, Plan, check_plan
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from kvproof.runtime.hicache import CacheFullError, HiCache, HiCacheConfig, PlanRaceError, reference_forward
+from kvproof.runtime.hicache.cache import CacheFullError, HiCache, HiCacheConfig, PlanRaceError, reference_forward
 from kvproof.spec.stream_json import plan_loads
 
 L, P, D, I = 3, 4, 16, 8
@@ -156,13 +156,13 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_runtime_never_imports_verify() -> None:
-    code = ("import sys, kvproof.runtime.hicache, kvproof.runtime.stream_exec, kvproof.runtime.hicache_bench; "
+    code = ("import sys, kvproof.runtime.hicache.cache, kvproof.runtime.streams.executor, kvproof.runtime.tools.hicache_bench; "
             "bad = [m for m in sys.modules if m.startswith('kvproof.verify') or m == 'z3']; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bench_quick_runs_on_cpu() -> None:
-    from kvproof.runtime.hicache_bench import bench_hicache
+    from kvproof.runtime.tools.hicache_bench import bench_hicache
     r = bench_hicache(quick=True)
     if not torch.cuda.is_available():
         assert r["device"] == "cpu" and r["hidden_fraction"] == 0.0

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kvproof.runtime.stress import run_stress
+from kvproof.runtime.tools.stress import run_stress
 from kvproof.verify.trace_audit import audit
 
 

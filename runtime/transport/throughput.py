@@ -1,4 +1,4 @@
-"""Throughput of the TCP transport against a plain socket copy of the same bytes, same run."""
+"""TCP transport vs a plain socket copy of the same bytes, same run: `kvproof bench transport`, stress's baseline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from .tcp import TcpTransport
+from kvproof.runtime.transport.tcp import TcpTransport
 
 _REGION_CAP = 64 * 1024 * 1024  # destination memory is reused cyclically beyond this
 
@@ -70,10 +70,10 @@ def _transport_gbps(total_bytes: int, chunk: int) -> float:
         while got < posted:
             cs = a.poll(timeout=10.0)
             if not cs:
-                raise TimeoutError(f"bench: {posted - got} completions missing after 10 s")
+                raise TimeoutError(f"throughput: {posted - got} completions missing after 10 s")
             bad = [c for c in cs if not c.ok]
             if bad:
-                raise RuntimeError(f"bench: write failed: {bad[0].error}")
+                raise RuntimeError(f"throughput: write failed: {bad[0].error}")
             got += len(cs)
         dt = time.perf_counter() - t0
     finally:
@@ -82,7 +82,7 @@ def _transport_gbps(total_bytes: int, chunk: int) -> float:
     return total_bytes / dt / 1e9
 
 
-def bench_tcp(total_bytes: int, chunk: int, repeats: int = 3) -> dict:
+def tcp_throughput(total_bytes: int, chunk: int, repeats: int = 3) -> dict:
     """TCP-transport write throughput vs a plain socket copy on loopback: GB/s of both and their ratio."""
     if total_bytes <= 0 or chunk <= 0 or repeats <= 0:
         raise ValueError(f"total_bytes={total_bytes}, chunk={chunk}, repeats={repeats}: expected all > 0")
@@ -107,4 +107,4 @@ if __name__ == "__main__":
 
     total = int(sys.argv[1]) if len(sys.argv) > 1 else 256 * 1024 * 1024
     size = int(sys.argv[2]) if len(sys.argv) > 2 else 1024 * 1024
-    print(json.dumps(bench_tcp(total, size), indent=2))
+    print(json.dumps(tcp_throughput(total, size), indent=2))

@@ -1,0 +1,1 @@
+"""Executing checked stream plans: a CPU emulator and CUDA streams/events."""
