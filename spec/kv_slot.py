@@ -5,7 +5,7 @@ owns a pool of KV slots; for each request it allocates a slot, tells every
 prefill rank (tensor/context-parallel writers of disjoint parts of the slot)
 the slot and its epoch (generation), and the prefill ranks push the KV with
 chunked one-sided writes (RDMA WRITE) that land later. When a request is
-terminated, the pre-fix decode freed the slot at once (variant `prefix`); a
+terminated, the pre-fix decode freed the slot at once (variant `unfixed`); a
 prefill write still in flight then landed in the slot's next owner: garbled
 output. The fix (variant `fixed`): decode notifies every prefill rank; a rank
 answers "safe to recycle" only if no write has started or all started writes
@@ -55,7 +55,7 @@ class KVSlot(Protocol):
     """The KV slot lifecycle between decode, prefill ranks and the transport."""
 
     name = "kv_slot"
-    variants = ("fixed", "prefix")
+    variants = ("fixed", "unfixed")
     actors = ("decode", "prefill")
     indices = {"slot": "slots", "writer": "writers"}
     bounds = {"slots": 1, "writers": 2, "max_epoch": 2, "max_chunks": 2}
@@ -124,7 +124,7 @@ class KVSlot(Protocol):
 
     @staticmethod
     def _terminate(m, s):
-        if m.variant == "prefix":
+        if m.variant == "unfixed":
             # Pre-fix behaviour: free the slot at once; prefill is told but not waited for.
             m.d_state[s] = DState.FREE
             m.owners[s] = m.owners[s] - 1

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator
 
-from kvproof.spec.core import (ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError)
+from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError, variant_name
 
 
 class Ops:
@@ -267,6 +267,7 @@ class Instance:
 
     def __init__(self, protocol: type[Protocol], variant: str, params: dict[str, int],
                  actor: str | None = None, trace: IO[str] | str | None = None) -> None:
+        variant = variant_name(variant)
         if variant not in protocol.variants:
             raise SpecError(f"{protocol.name}: unknown variant {variant!r}; "
                             f"expected one of {', '.join(protocol.variants)}")

@@ -10,7 +10,7 @@ from kvproof.verify.explore import explore
 
 
 def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) -> dict[str, Any]:
-    """Time the inductive proof, the prefix refutation and bounded explicit search per slot count."""
+    """Time the inductive proof, the unfixed refutation and bounded explicit search per slot count."""
     cap = 20_000 if quick else 200_000
     rows = []
     for n in slot_counts:
@@ -18,7 +18,7 @@ def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) 
         ind = induction(KVSlot, "fixed", {"slots": n, "writers": 2}, list(KVSlot.invariants))
         t_ind = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cex = bmc(KVSlot, "prefix", {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
+        cex = bmc(KVSlot, "unfixed", {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
         t_bmc = time.perf_counter() - t0
         params = {"slots": n, "writers": 1, "max_epoch": 1, "max_chunks": 1}
         t0 = time.perf_counter()

@@ -9,7 +9,7 @@ one event per layer for the Indexer cache and one for the KV.
 
 Every batch executes the plan of ``spec.hicache_plan`` (load + toy forward),
 and that plan is checked by ``spec.streams.check_plan`` before it runs, once
-per plan shape. The pre-fix ``prefix`` plan only runs with ``allow_races``.
+per plan shape. The pre-fix ``unfixed`` plan only runs with ``allow_races``.
 On CPU the plan runs on the stream emulator; with CUDA on streams and events.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from kvproof.runtime.model.radix import RadixIndex, RadixNode
 from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.spec.core import variant_name
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
 from kvproof.spec.stream_json import trace_dumps
 from kvproof.spec.streams import Plan, Violation, check_plan
@@ -60,6 +61,7 @@ class HiCacheConfig:
         for name in ("layers", "page_size", "kv_dim", "idx_dim", "device_pages", "host_pages", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HiCacheConfig.{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "variant", variant_name(self.variant))
         if self.variant not in VARIANTS:
             raise ValueError(f"HiCacheConfig.variant {self.variant!r} is not one of {VARIANTS}")
         if self.schedule not in POLICIES:

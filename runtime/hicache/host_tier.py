@@ -15,7 +15,7 @@ keys and, with the Triton backend, the fp8 indexer pages):
   (`hicache.cache.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
   the layer's Indexer cache, `attention[l]` runs the decoder layer on what the indexer read and
   on the KV. The `fixed` plan waits for both events; the plan is checked with
-  `spec.streams.check_plan` (once per shape) and a racy plan (`prefix`) is refused unless
+  `spec.streams.check_plan` (once per shape) and a racy plan (`unfixed`) is refused unless
   `allow_races`. CPU: the stream emulator (`schedule`: eager / random / adversarial); CUDA:
   `CudaExecutor`, pinned host memory.
 """
@@ -30,6 +30,7 @@ from kvproof.runtime.hicache.cache import PlanRaceError, layer_copy
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
 from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.spec.core import variant_name
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
 from kvproof.spec.streams import Plan, Violation, check_plan
 
@@ -51,6 +52,7 @@ class HostTier:
                  schedule: str = "random", allow_races: bool = False, seed: int = 0) -> None:
         if not isinstance(pages, int) or pages < 1:
             raise ValueError(f"host_cache_pages={pages!r}; expected an int >= 1")
+        variant = variant_name(variant)
         if variant not in VARIANTS:
             raise ValueError(f"host_cache_variant={variant!r}; expected one of {VARIANTS}")
         if schedule not in SCHEDULES:

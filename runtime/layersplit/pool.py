@@ -2,7 +2,7 @@
 
 The pool executes ``spec.layersplit_plan``'s plan, checked once per plan shape
 with ``spec.streams.check_plan`` (and the plan's delivery check) before it runs;
-the ``prefix`` plan is refused unless ``allow_races``. Each op of the rank's part
+the ``unfixed`` plan is refused unless ``allow_races``. Each op of the rank's part
 of the plan names the regions it touches (``kv[3]@r1``, ``recv.kv[1]@r0``) and
 the pool maps those names to its tensors, so what runs is the checked plan:
 
@@ -18,7 +18,7 @@ the pool maps those names to its tensors, so what runs is the checked plan:
   reads its inputs when it starts, a receive's data lands when it ends), so an
   unordered read sees whatever the schedule put there -- ``comm_ahead`` is the
   fast interconnect that prefetches as deep as the plan lets it, which is what
-  corrupts the ``prefix`` plan.
+  corrupts the ``unfixed`` plan.
 
 The attention path is the DSA one of ``kernels/``: the indexer's top-k over the
 fp8 Indexer cache, then sparse MLA attention over the latent KV (torch references
@@ -40,6 +40,7 @@ from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
 from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl
+from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
 from kvproof.spec.stream_machine import Machine
@@ -76,6 +77,7 @@ class LayerSplitConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "variant", variant_name(self.variant))
         for name in ("layers", "tokens", "page_size", "kv_latent", "kv_rope", "heads", "idx_heads", "idx_dim",
                      "topk", "depth"):
             v = getattr(self, name)

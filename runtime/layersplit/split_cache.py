@@ -10,7 +10,7 @@ only the layers it owns (`spec.layersplit_plan.owned_layers`, contiguous by defa
 Compute is replicated: every rank runs the same decoder forward over the same batch.
 Each forward executes this rank's part of the checked plan (`spec.layersplit_plan` with
 `writeback=True`, checked once per shape by `layersplit.pool.checked_plan`; a plan with a race --
-the `prefix` variant, or write-back without the owner's wait -- is refused unless
+the `unfixed` variant, or write-back without the owner's wait -- is refused unless
 `layersplit_allow_races`). Its ops map to: `send_*[l]` (owner: gather the batch's pages of
 its stored layer, asynchronous broadcast), `recv_*[l]` (the broadcast into a private buffer,
 scattered into receive buffer l % depth when it lands), `indexer[l]` (`DecoderLayer.index`:
@@ -30,11 +30,12 @@ from kvproof.runtime.model.decoder import AttnBatch, DSAModel
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.config import ModelConfig
 from kvproof.runtime.streams.executor import OpImpl
+from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import LayerSplitShape, comm, owned_layers, owner_of
 from kvproof.spec.streams import Op, Plan
 
 # engine variant -> plan shape fields: fixed, the too-deep prefetch, write-back without the owner's wait
-ENGINE_VARIANTS: dict[str, dict[str, Any]] = {"fixed": {}, "prefix": {"variant": "prefix"},
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {"fixed": {}, "unfixed": {"variant": "unfixed"},
                                               "no_owner_wait": {"owner_wait": False}}
 _REGION = re.compile(r"^(kv|idx|recv\.kv|recv\.idx)\[(\d+)\]@r(\d+)$")
 
@@ -56,10 +57,11 @@ def engine_shape(cfg: Any, n_layers: int) -> LayerSplitShape | None:
                          "use one or the other")
     if not str(cfg.device).startswith("cpu"):
         raise ValueError(f"layersplit runs on CPU (gloo) only for now, got device={cfg.device!r}")
-    if cfg.layersplit_variant not in ENGINE_VARIANTS:
+    variant = variant_name(cfg.layersplit_variant)
+    if variant not in ENGINE_VARIANTS:
         raise ValueError(f"layersplit_variant={cfg.layersplit_variant!r}; expected one of {sorted(ENGINE_VARIANTS)}")
     return LayerSplitShape(r, n_layers, cfg.layersplit_depth, cfg.layersplit_ownership, writeback=True,
-                           **ENGINE_VARIANTS[cfg.layersplit_variant])
+                           **ENGINE_VARIANTS[variant])
 
 
 class SplitKVCache:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from kvproof.runtime.transport import FaultConfig
+from kvproof.spec.core import variant_name
 
-Variant = Literal["fixed", "prefix"]
+Variant = Literal["fixed", "unfixed"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class PDConfig:
     trace_dir: str | None = None         # one JSON Lines trace per process when set
 
     def __post_init__(self) -> None:
-        if self.variant not in ("fixed", "prefix"):
-            raise ValueError(f"variant={self.variant!r}, expected 'fixed' or 'prefix'")
+        object.__setattr__(self, "variant", variant_name(self.variant))
+        if self.variant not in ("fixed", "unfixed"):
+            raise ValueError(f"variant={self.variant!r}, expected 'fixed' or 'unfixed'")
         for name in ("slots", "writers", "layers", "tokens_per_slot", "bytes_per_token"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -13,7 +13,7 @@ into the model) -> finish.
 Termination: client cancel -> abort; transfer timeout -> timeout; a rank whose
 connection died -> its transport is closed and drained by the caller, then
 abort of its requests and on_peer_dead for every aborting slot; reclaim when
-every rank is safe. In the `prefix` variant abort/timeout free the slot at once.
+every rank is safe. In the `unfixed` variant abort/timeout free the slot at once.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ class DecodeWorker:
         self._fire(action, s=s)
         del self.by_slot[s]
         self._result(req, status, reason)
-        if self.inst.get("d_state", s) == DState.FREE:     # prefix: freed at once
+        if self.inst.get("d_state", s) == DState.FREE:     # unfixed: freed at once
             self.stats["slots_reclaimed"] += 1
             self.reclaim_latency_s.append(0.0)
             self._freed(s)

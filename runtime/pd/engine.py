@@ -10,7 +10,7 @@ as one-sided writes (one per layer, tagged with the epoch); after every rank's `
 streaming `Event`s (TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
 a LayerSplit group of its own (R-1 follower processes, KV layers sharded) and gathers every layer for
 the export; decode runs unsplit. `abort` sends `Cancel`: the spec's `abort` while the
-slot is WAIT/READY (handshake in `fixed`, immediate free in `prefix`), else the model's abort.
+slot is WAIT/READY (handshake in `fixed`, immediate free in `unfixed`), else the model's abort.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class PDEngineConfig:
 
     slots: int = 16
     writers: int = 1
-    protocol: str = "fixed"                 # fixed | prefix (the post-mortem's pre-fix variant)
+    protocol: str = "fixed"                 # fixed | unfixed (the post-mortem's pre-fix variant)
     max_prompt_tokens: int | None = None    # slot size in tokens (longer prompts: ValueError -> 400);
                                             # None: the model's context length
     delay_ms: float | None = None           # injected mean delay of each KV write (None: none)

@@ -48,13 +48,13 @@ class EngineConfig:
     threads: int | None = 1                # torch intra-op threads (process-wide; None: leave as is).
                                            # 1 suits the tiny model: more threads only add overhead
     host_cache_pages: int = 0              # host tier (HiCache) pages under the device pool; 0: off
-    host_cache_variant: str = "fixed"      # swap-in plan: fixed, or prefix (the pre-fix race; allow_races)
+    host_cache_variant: str = "fixed"      # swap-in plan: fixed, or unfixed (the pre-fix race; allow_races)
     host_cache_schedule: str = "random"    # CPU stream emulator policy: eager, random, adversarial, sync
     host_cache_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
     layersplit: int = 1                    # LayerSplit ranks (processes) sharding the KV layers; 1: off
     layersplit_depth: int = 2              # receive buffers per rank (double buffering)
     layersplit_ownership: str = "contiguous"   # or round_robin
-    layersplit_variant: str = "fixed"      # fixed; prefix / no_owner_wait: racy plans (refused unless allowed)
+    layersplit_variant: str = "fixed"      # fixed; unfixed / no_owner_wait: racy plans (refused unless allowed)
     layersplit_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
 
 

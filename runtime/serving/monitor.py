@@ -1,4 +1,4 @@
-"""The runtime anomaly monitor: fires the spec'd monitor protocol (spec/spec_monitor.py) per request.
+"""The runtime anomaly monitor: fires the spec'd monitor protocol (spec/specdec_monitor.py) per request.
 
 The decision to abort is the spec's: the runtime fires `step` after each verification
 step and then asks whether `flag_low_accept` / `flag_degenerate` is enabled; firing it
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from kvproof.spec.machine import Instance
-from kvproof.spec.spec_monitor import Phase, monitor_protocol
+from kvproof.spec.specdec_monitor import Phase, monitor_protocol
 
 
 @dataclass(frozen=True)

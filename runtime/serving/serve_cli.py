@@ -10,6 +10,7 @@ from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
 from kvproof.runtime.model.config import PRESETS, preset
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.serving.monitor import MonitorConfig
+from kvproof.spec.core import variant_arg
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +46,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     pd = parser.add_argument_group("--engine pd (prefill/decode processes over the PD runtime)")
     pd.add_argument("--writers", type=int, default=1, help="prefill ranks, one process each (default 1)")
     pd.add_argument("--slots", type=int, default=16, help="decode KV slots (default 16)")
-    pd.add_argument("--protocol", default="fixed", choices=("fixed", "prefix"),
-                    help="KV slot protocol: fixed (safe-to-recycle handshake) or prefix (the pre-fix bug)")
+    pd.add_argument("--protocol", default="fixed", choices=("fixed", "unfixed"), type=variant_arg,
+                    help="KV slot protocol: fixed (safe-to-recycle handshake) or unfixed (the pre-fix bug)")
     pd.add_argument("--max-prompt-tokens", type=int, default=None,
                     help="KV slot size in prompt tokens; longer prompts get HTTP 400 (default: the context length)")
     pd.add_argument("--kv-delay-ms", type=float, default=None,

@@ -7,7 +7,7 @@ writes and control messages. A fraction `abort_rate` of requests is cancelled
 at a uniformly random time within `abort_window_ms` of submission (before a
 slot, while the KV is in flight, while decoding). Decode compares every
 finished request's KV bit for bit with the known content; the pre-fix protocol
-(`prefix`) must show corrupted results, the fixed one none, with every slot
+(`unfixed`) must show corrupted results, the fixed one none, with every slot
 back in the free pool at the end.
 """
 
@@ -174,9 +174,9 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_compare(**kw: Any) -> dict[str, Any]:
-    """Run prefix and fixed under the same load and report both plus the fixed/prefix throughput ratio.
+    """Run unfixed and fixed under the same load and report both plus the fixed/unfixed throughput ratio.
 
-    The requests are split in two halves run in the order prefix, fixed, fixed, prefix (seeds seed
+    The requests are split in two halves run in the order unfixed, fixed, fixed, unfixed (seeds seed
     and seed+1 for both protocols), so slow drifts of a shared machine's load hit both alike.
     With trace_dir each run traces into its own sub-directory, trace_dir/<protocol>-<half>.
     """
@@ -185,12 +185,12 @@ def run_compare(**kw: Any) -> dict[str, Any]:
     trace_dir = kw.pop("trace_dir", None)
     n, seed = kw.pop("requests", 5000), kw.pop("seed", 0)
     halves = [(n // 2 or 1, seed), (n - n // 2 or 1, seed + 1)]
-    runs: dict[str, list[dict[str, Any]]] = {"prefix": [], "fixed": []}
-    for proto, half in (("prefix", 0), ("fixed", 0), ("fixed", 1), ("prefix", 1)):
+    runs: dict[str, list[dict[str, Any]]] = {"unfixed": [], "fixed": []}
+    for proto, half in (("unfixed", 0), ("fixed", 0), ("fixed", 1), ("unfixed", 1)):
         sub = os.path.join(trace_dir, f"{proto}-{half}") if trace_dir else None
         runs[proto].append(run_stress(protocol=proto, requests=halves[half][0], seed=halves[half][1],
                                       trace_dir=sub, keep_raw=True, **kw))
-    prefix, fixed = merge_reports(runs["prefix"]), merge_reports(runs["fixed"])
-    ratio = fixed["finished_per_s"] / prefix["finished_per_s"] if prefix["finished_per_s"] else None
-    return {"prefix": prefix, "fixed": fixed, "schedule": "prefix, fixed, fixed, prefix (halves)",
-            "throughput_ratio_fixed_over_prefix": round(ratio, 3) if ratio is not None else None}
+    unfixed, fixed = merge_reports(runs["unfixed"]), merge_reports(runs["fixed"])
+    ratio = fixed["finished_per_s"] / unfixed["finished_per_s"] if unfixed["finished_per_s"] else None
+    return {"unfixed": unfixed, "fixed": fixed, "schedule": "unfixed, fixed, fixed, unfixed (halves)",
+            "throughput_ratio_fixed_over_unfixed": round(ratio, 3) if ratio is not None else None}

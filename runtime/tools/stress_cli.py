@@ -4,7 +4,7 @@
     stress_main(args) -> int   runs it; a rich progress bar and table for people, JSON with --json
 
 Exit status: 0 when the run shows what its protocol must show (fixed: no
-corrupted result and every slot free at the end; prefix: the run completed),
+corrupted result and every slot free at the end; unfixed: the run completed),
 1 when fixed corrupted or leaked a slot, 2 on a failure to run.
 """
 
@@ -17,15 +17,16 @@ from typing import Any
 
 from kvproof.runtime.pd.cluster import ClusterError
 from kvproof.runtime.tools.stress import run_compare, run_stress
+from kvproof.spec.core import variant_arg
 
 
 def add_stress_args(parser: argparse.ArgumentParser) -> None:
     """Add the stress options to an (sub)parser."""
-    parser.add_argument("--protocol", choices=("fixed", "prefix"), default="fixed",
-                        help="KV slot protocol variant (prefix: the pre-fix, racy one)")
+    parser.add_argument("--protocol", choices=("fixed", "unfixed"), default="fixed", type=variant_arg,
+                        help="KV slot protocol variant (unfixed: the pre-fix, racy one)")
     parser.add_argument("--compare", action="store_true",
-                        help="run both protocols (halves, order prefix fixed fixed prefix) and report both "
-                             "plus the fixed/prefix throughput ratio")
+                        help="run both protocols (halves, order unfixed fixed fixed unfixed) and report both "
+                             "plus the fixed/unfixed throughput ratio")
     parser.add_argument("--requests", type=int, default=5000, help="requests to send (default 5000)")
     parser.add_argument("--abort-rate", type=float, default=0.1, help="fraction of requests the client aborts")
     parser.add_argument("--delay-ms", type=float, default=2.0,
@@ -54,7 +55,7 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ok(report: dict[str, Any]) -> bool:
-    return report["protocol"] == "prefix" or (report["corrupted"] == 0 and report["all_slots_free"])
+    return report["protocol"] == "unfixed" or (report["corrupted"] == 0 and report["all_slots_free"])
 
 
 def stress_main(args: argparse.Namespace) -> int:
@@ -68,11 +69,11 @@ def stress_main(args: argparse.Namespace) -> int:
     except (ClusterError, ValueError) as e:
         print(f"kvproof stress: {e}", file=sys.stderr)
         return 2
-    reports = [out["prefix"], out["fixed"]] if args.compare else [out]
+    reports = [out["unfixed"], out["fixed"]] if args.compare else [out]
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        _print_table(reports, out.get("throughput_ratio_fixed_over_prefix"))
+        _print_table(reports, out.get("throughput_ratio_fixed_over_unfixed"))
     return 0 if all(_ok(r) for r in reports) else 1
 
 
@@ -82,7 +83,7 @@ def _with_progress(args: argparse.Namespace, kw: dict[str, Any]) -> dict[str, An
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[counts]}"), transient=False) as bar:
         if args.compare:                                     # four half runs; one line for the whole
-            task = bar.add_task("stress prefix+fixed (4 half runs)", total=None, counts="")
+            task = bar.add_task("stress unfixed+fixed (4 half runs)", total=None, counts="")
             out = run_compare(**kw)
             bar.update(task, total=1, completed=1)
             return out
@@ -131,7 +132,7 @@ def _print_table(reports: list[dict[str, Any]], ratio: float | None) -> None:
                           f"{b['plain_socket_gbps']:.3f} GB/s, bare TCP transport {b['transport_gbps']:.3f} GB/s, "
                           f"this stress run {b['stress_transfer_gbps']:.4f} GB/s (with injected delays)")
     if ratio is not None:
-        console.print(f"throughput fixed / prefix: {ratio}")
+        console.print(f"throughput fixed / unfixed: {ratio}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def test_from_emission() -> None:
 
 def test_config_validation_and_json() -> None:
     """Bad values are named; to_json/from_json round-trip; unknown keys are refused."""
-    cfg = PDConfig(variant="prefix", slots=3, writers=2, bytes_per_token=32, delay_ms=None)
+    cfg = PDConfig(variant="unfixed", slots=3, writers=2, bytes_per_token=32, delay_ms=None)
     assert PDConfig.from_json(cfg.to_json()) == cfg
     assert cfg.faults(0) is None and PDConfig().faults(1).seed != PDConfig().faults(0).seed
     with pytest.raises(ValueError, match="variant='other'"):

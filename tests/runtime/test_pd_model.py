@@ -177,7 +177,7 @@ def _machine(variant: str, slots: int, writers: int, chunks: int) -> Any:
         "abort": precondition(lambda self: self.steps % 3 == 2)(base.abort),
         "timeout": precondition(lambda self: self.steps % 5 == 4)(base.timeout),
     }
-    if variant == "prefix":                      # the prefix variant violates the properties by design
+    if variant == "unfixed":                      # the unfixed variant violates the properties by design
         body["properties_hold"] = lambda self: None
     cls = type(f"{base.__name__}_Rationed", (base,), body)
     cls.TestCase.settings = SETTINGS
@@ -195,7 +195,7 @@ def test_runtime_matches_spec_fixed(slots: int, writers: int, chunks: int) -> No
 @pytest.mark.parametrize("slots,writers,chunks", [(1, 1, 2), (2, 1, 1)])
 def test_runtime_matches_spec_prefix(slots: int, writers: int, chunks: int) -> None:
     """Prefix variant: the runtime agrees with the model, including which slots get foreign writes."""
-    _machine("prefix", slots, writers, chunks).TestCase().runTest()
+    _machine("unfixed", slots, writers, chunks).TestCase().runTest()
 
 
 def test_sut_rejects_unknown_message_kind() -> None:

@@ -107,7 +107,7 @@ def test_abort_before_a_slot() -> None:
     assert rig.results[1].status == "served" and rig.free() == 1
 
 
-@pytest.mark.parametrize("variant", ["fixed", "prefix"])
+@pytest.mark.parametrize("variant", ["fixed", "unfixed"])
 def test_abort_before_prefill_heard(variant: str) -> None:
     """Abort while Alloc is still on the wire: the rank answers safe at once (p_on_alloc then p_on_abort)."""
     rig = Rig(variant)
@@ -139,7 +139,7 @@ def test_abort_with_writes_in_flight_waits_for_safe() -> None:
     assert rig.decode.stats["slots_reclaimed"] == 1 and rig.free() == 1
 
 
-@pytest.mark.parametrize("variant,corrupt", [("prefix", True), ("fixed", False)])
+@pytest.mark.parametrize("variant,corrupt", [("unfixed", True), ("fixed", False)])
 def test_slot_reuse_race(variant: str, corrupt: bool) -> None:
     """The post-mortem race: a stale write of an aborted request lands after the slot's next owner's KV."""
     rig = Rig(variant, slots=1, writers=1)

@@ -103,8 +103,8 @@ def test_evict_and_reload_is_bit_identical(reference: tuple) -> None:
 def test_prefix_plan_reads_stale_indexer_cache(reference: tuple) -> None:
     prompts, ref = reference
     with pytest.raises(PlanRaceError, match="no_read_before_ready|indexer"):
-        EngineCore(_tiered(host_cache_variant="prefix"))          # refused without allow_races
-    core = EngineCore(_tiered(host_cache_variant="prefix", host_cache_allow_races=True))
+        EngineCore(_tiered(host_cache_variant="unfixed"))          # refused without allow_races
+    core = EngineCore(_tiered(host_cache_variant="unfixed", host_cache_allow_races=True))
     out = _run(core, prompts)
     st = core.stats()
     assert st["hicache_swap_ins_total"] > 0

@@ -148,7 +148,7 @@ def test_a_receive_that_lands_nothing_is_visible(reference: list[list[int]], mon
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("variant,race", [("prefix", "recv_idx[2]@r1"), ("no_owner_wait", "indexer[0]@r0")])
+@pytest.mark.parametrize("variant,race", [("unfixed", "recv_idx[2]@r1"), ("no_owner_wait", "indexer[0]@r0")])
 def test_racy_plans_are_refused_before_any_rank_starts(variant: str, race: str) -> None:
     before = set(multiprocessing.active_children())
     with pytest.raises(PlanRaceError, match=rf"refusing plan layersplit/.*R=2/L=4.*{race.replace('[', '.')}"):

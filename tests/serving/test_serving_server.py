@@ -192,8 +192,8 @@ def test_serve_cli_arguments() -> None:
     assert isinstance(build_engine(p.parse_args(["--engine", "local"])), LocalEngine)
     cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
     assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
-    eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "prefix"]))
-    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "prefix"
+    eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "unfixed"]))
+    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "unfixed"
     with pytest.raises(ValueError, match="writers=3"):               # 640-byte KV token: not 3 x 8-byte words
         build_engine(p.parse_args(["--engine", "pd", "--writers", "3"]))
 

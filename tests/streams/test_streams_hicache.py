@@ -126,8 +126,8 @@ def test_fixed_forward_matches_reference_after_swap_in(schedule: str, seed: int)
 
 def test_prefix_variant_is_refused_unless_allowed_and_then_corrupts() -> None:
     with pytest.raises(PlanRaceError, match="indexer\\[0\\].*load_idx\\[0\\]"):
-        HiCache(_cfg(variant="prefix")).load([1, 2, 3, 4])
-    c = HiCache(_cfg(variant="prefix", allow_races=True, schedule="adversarial", poison=float("nan")))
+        HiCache(_cfg(variant="unfixed")).load([1, 2, 3, 4])
+    c = HiCache(_cfg(variant="unfixed", allow_races=True, schedule="adversarial", poison=float("nan")))
     toks, kv, idx = _seq(0, 8 * P, 9)
     c.insert(toks, kv, idx)
     c.evict()

@@ -127,7 +127,7 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
     ns: dict[str, Any] = {
         "__doc__": __doc__.split("\n\n")[0],
         "__module__": __name__,
-        "name": "spec_monitor",
+        "name": "specdec_monitor",
         "variants": ("fixed", "naive"),
         "actors": ("monitor",),
         "indices": {},
