@@ -123,7 +123,7 @@ class KVSlot(Protocol):
         m.owners[s] = m.owners[s] - 1
 
     @staticmethod
-    def _terminate(m, s):
+    def _abort_slot(m, s):
         if m.variant == "unfixed":
             # Pre-fix behaviour: free the slot at once; prefill is told but not waited for.
             m.d_state[s] = DState.FREE
@@ -137,13 +137,13 @@ class KVSlot(Protocol):
     def abort(P, m, s):
         """Terminate the request (client abort, disconnect, anomaly) at any point."""
         m.require(m.any([m.d_state[s] == DState.WAIT, m.d_state[s] == DState.READY]), "slot_in_use")
-        P._terminate(m, s)
+        P._abort_slot(m, s)
 
     @action("decode", s="slot")
     def timeout(P, m, s):
         """The transfer took too long: terminate it. Proves nothing about writes in flight."""
         m.require(m.d_state[s] == DState.WAIT, "waiting_for_kv")
-        P._terminate(m, s)
+        P._abort_slot(m, s)
 
     @action("decode", receives="safe", s="slot", w="writer", e="data:max_epoch")
     def on_safe(P, m, s, w, e):

@@ -1,6 +1,6 @@
 """Launch a PD deployment on loopback: one decode process and one process per prefill rank.
 
-The cluster object is the client: it submits and cancels requests over a
+The cluster object is the client: it submits and aborts requests over a
 control channel to decode and receives one `Result` per request. Child
 processes are always killed on `close()` (also on errors and in `__exit__`).
 
@@ -21,7 +21,7 @@ from typing import Any
 from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
-    Cancel, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
+    ClientAbort, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
 from kvproof.runtime.pd.process import channel_config
 
@@ -140,9 +140,9 @@ class PDCluster:
         """Send a new request to decode."""
         self._send(Submit(rid, n_tokens))
 
-    def cancel(self, rid: int) -> None:
+    def abort(self, rid: int) -> None:
         """Client abort of request rid (ignored by decode if it already ended)."""
-        self._send(Cancel(rid))
+        self._send(ClientAbort(rid))
 
     def next_result(self, timeout: float | None = None) -> Result | None:
         """The next finished request's Result, or None after timeout."""

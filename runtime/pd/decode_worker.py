@@ -2,7 +2,7 @@
 
 `DecodeWorker` is the protocol logic of the decode process, free of threads and
 sockets so tests can drive it step by step: the process loop (pd_process.py)
-calls `submit`, `cancel`, `on_message`, `rank_dead` and `tick` from one thread,
+calls `submit`, `abort`, `on_message`, `rank_dead` and `tick` from one thread,
 and the transports' receive threads call `on_land`. Slot state lives in the spec
 `Instance` (actor "decode"); this module keeps only derived indexes (a free-slot
 deque, request <-> slot maps, timers) and counters.
@@ -10,7 +10,7 @@ deque, request <-> slot maps, timers) and counters.
 Request path: submit -> alloc (Alloc to every rank) -> on_done per rank ->
 start_decode -> decode reads the slot (`KVPool.bad_bytes`; real-KV mode: the `read` hook imports it
 into the model) -> finish.
-Termination: client cancel -> abort; transfer timeout -> timeout; a rank whose
+Termination: client abort -> abort; transfer timeout -> timeout; a rank whose
 connection died -> its transport is closed and drained by the caller, then
 abort of its requests and on_peer_dead for every aborting slot; reclaim when
 every rank is safe. In the `unfixed` variant abort/timeout free the slot at once.
@@ -90,17 +90,17 @@ class DecodeWorker:
         self.waiting.append(req)
         self._schedule()
 
-    def cancel(self, rid: int, reason: str = "client abort") -> None:
-        """The client aborted or disconnected: terminate the request wherever it is."""
+    def abort(self, rid: int, reason: str = "client abort") -> None:
+        """The client aborted or disconnected: abort the request wherever it is."""
         req = self.by_rid.get(rid)
         if req is None:
-            self.stats["cancel_after_end"] += 1
+            self.stats["abort_after_end"] += 1
             return
         if req.slot is None:
             self.waiting.remove(req)
             self._result(req, "aborted", reason + " (before a slot was allocated)")
             return
-        self._terminate(req, "abort", "aborted", reason)
+        self._abort_request(req, "abort", "aborted", reason)
 
     # ------------------------------------------------------------ prefill side
     def on_message(self, rank: int, msg: Message) -> None:
@@ -136,7 +136,7 @@ class DecodeWorker:
             return
         why = self._dead_reason()
         for req in [r for r in self.by_slot.values() if self.inst.get("d_state", r.slot) == DState.WAIT]:
-            self._terminate(req, "abort", "failed", why)
+            self._abort_request(req, "abort", "failed", why)
         self._schedule()                                    # fails every waiting request
         for s in range(self.cfg.slots):
             self._peer_dead(s)
@@ -171,7 +171,7 @@ class DecodeWorker:
 
     def timeout(self, s: int) -> None:
         """The transfer into slot s took too long: terminate its request."""
-        self._terminate(self.by_slot[s], "timeout", "failed",
+        self._abort_request(self.by_slot[s], "timeout", "failed",
                         f"transfer timeout: KV not complete after {self.cfg.transfer_timeout_s} s")
 
     def peer_dead(self, s: int, w: int) -> None:
@@ -226,7 +226,7 @@ class DecodeWorker:
                 continue                                    # stale candidate; the spec says no
             self.alloc(s, self.waiting.popleft())
 
-    def _terminate(self, req: Request, action: str, status: str, reason: str) -> None:
+    def _abort_request(self, req: Request, action: str, status: str, reason: str) -> None:
         s = req.slot
         assert s is not None and self.by_slot.get(s) is req
         self._fire(action, s=s)

@@ -9,7 +9,7 @@ as one-sided writes (one per layer, tagged with the epoch); after every rank's `
 `start_decode`, imports the slot into its model KV cache, frees the slot (`finish`) and decodes,
 streaming `Event`s (TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
 a LayerSplit group of its own (R-1 follower processes, KV layers sharded) and gathers every layer for
-the export; decode runs unsplit. `abort` sends `Cancel`: the spec's `abort` while the
+the export; decode runs unsplit. `abort` sends `ClientAbort`: the spec's `abort` while the
 slot is WAIT/READY (handshake in `fixed`, immediate free in `unfixed`), else the model's abort.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ class PDEngine(StreamingMixin):
         self._by_rid: dict[int, tuple[str, Sink, int]] = {}  # rid -> (request_id, sink, prompt tokens)
         self._by_id: dict[str, int] = {}
         self._corrupt: set[str] = set()
-        self._aborting: set[int] = set()                   # rids a Cancel was sent for
+        self._aborting: set[int] = set()                   # rids a ClientAbort was sent for
         self._counters: dict[str, dict[str, float]] = {"aborts_total{cause}": {},
                                                        "requests_finished_total{reason}": {}}
         self._totals = {"requests_total": 0, "prompt_tokens_total": 0}
@@ -174,7 +174,7 @@ class PDEngine(StreamingMixin):
             self._finish_abort(rid, "shutdown")
             if cl is not None:
                 try:
-                    cl.cancel(rid)
+                    cl.abort(rid)
                 except ClusterError:
                     pass
         if cl is None:
@@ -234,7 +234,7 @@ class PDEngine(StreamingMixin):
         self.cluster.submit_request(Submit(rid, max(1, n - 1), list(req.prompt_tokens), params, corrupt))
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request through the protocol (Cancel -> spec abort); False when unknown."""
+        """Abort a request through the protocol (ClientAbort -> spec abort); False when unknown."""
         with self._mu:
             rid = self._by_id.get(request_id)
             if rid is None:
@@ -246,7 +246,7 @@ class PDEngine(StreamingMixin):
         cl = self.cluster
         if cl is not None:
             try:
-                cl.cancel(rid)
+                cl.abort(rid)
             except ClusterError:
                 return False
         return True

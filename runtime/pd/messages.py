@@ -10,7 +10,7 @@ Protocol messages (one per KV-slot spec channel, carrying its index and epoch):
     Abort   decode -> prefill   request terminated
     Done    prefill -> decode   every chunk of this rank landed
     Safe    prefill -> decode   safe to recycle: no write of this epoch can land any more
-Process plumbing: Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats, Event (real-KV mode).
+Process plumbing: Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats, Event (real-KV mode).
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ class Submit:
 
 
 @dataclass(frozen=True)
-class Cancel:
+class ClientAbort:
     """client -> decode: the client aborted (or disconnected from) request rid."""
 
-    TYPE: ClassVar[str] = "cancel"
+    TYPE: ClassVar[str] = "client_abort"
     rid: int
 
 
@@ -152,7 +152,7 @@ class Event:
     event: dict
 
 
-Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, Cancel, Result, Shutdown, Stats, Event]
+Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats, Event]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
 _SPEC_CHANNELS: dict[str, type] = {"alloc": Alloc, "abort": Abort, "done": Done, "safe": Safe}

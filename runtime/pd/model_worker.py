@@ -190,8 +190,8 @@ class DecodeModel:
                                         len(greq.prompt_tokens)))
         return 0
 
-    def cancel(self, rid: int) -> None:
-        """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.cancel's)."""
+    def abort(self, rid: int) -> None:
+        """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
         self.pending.pop(rid, None)
         self.core.abort(str(rid), "client")
 

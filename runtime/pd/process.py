@@ -28,7 +28,7 @@ from kvproof.runtime.pd.decode_worker import DecodeWorker
 from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
-    Cancel, Hello, Message, MessageError, Ready, Shutdown, Stats, Submit, Up, decode_message, encode,
+    ClientAbort, Hello, Message, MessageError, Ready, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
 from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
@@ -174,10 +174,10 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
                 except ValueError as e:
                     worker.stats["malformed_messages"] += 1
                     _log("decode", f"refused submit: {e}")
-            elif isinstance(msg, Cancel):
-                worker.cancel(msg.rid)
+            elif isinstance(msg, ClientAbort):
+                worker.abort(msg.rid)
                 if model is not None:
-                    model.cancel(msg.rid)
+                    model.abort(msg.rid)
             elif isinstance(msg, Shutdown) and deadline is None:
                 deadline = time.monotonic() + cfg.drain_timeout_s
         elif kind == "client_dead":

@@ -140,7 +140,7 @@ class EngineCore:
         self.totals["prompt_tokens_total"] += n
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request now (engine thread only); False when unknown."""
+        """Abort a request now (engine thread only); False when unknown."""
         seq = self.seqs.get(request_id)
         if seq is None:
             return False
@@ -309,7 +309,7 @@ class LocalEngine(StreamingMixin):
         self._wake.set()
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request; False when it is unknown or already finished."""
+        """Abort a request; False when it is unknown or already finished."""
         with self._mu:
             if request_id not in self._active:
                 return False

@@ -72,7 +72,7 @@ class Engine(Protocol):
         """Submit a request and stream its tokens."""
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request; False when it is unknown or already finished."""
+        """Abort a request; False when it is unknown or already finished."""
 
     def stats(self) -> dict:
         """Counters and gauges for /metrics: name -> number, or 'name{label}' -> {label value: number}."""
@@ -86,7 +86,7 @@ class StreamingMixin:
         raise NotImplementedError
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Terminate a request; False when it is unknown or already finished."""
+        """Abort a request; False when it is unknown or already finished."""
         raise NotImplementedError
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

@@ -3,7 +3,7 @@
 A closed-loop client keeps `concurrency` requests in flight against a real PD
 deployment (decode + one process per prefill rank, TCP on loopback) whose KV
 writes get exponentially distributed delays, so a write can land after later
-writes and control messages. A fraction `abort_rate` of requests is cancelled
+writes and control messages. A fraction `abort_rate` of requests is aborted
 at a uniformly random time within `abort_window_ms` of submission (before a
 slot, while the KV is in flight, while decoding). Decode compares every
 finished request's KV bit for bit with the known content; the pre-fix protocol
@@ -63,7 +63,7 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
     t_start = time.monotonic()
     with PDCluster(cfg) as cluster:
         t0 = time.monotonic()
-        cancels: list[tuple[float, int]] = []
+        aborts: list[tuple[float, int]] = []
         outstanding: set[int] = set()
         next_rid = done = 0
         while done < requests:
@@ -74,15 +74,15 @@ def run_stress(protocol: str = "fixed", requests: int = 5000, abort_rate: float 
                 cluster.submit(next_rid, rng.randint(1, tokens))
                 outstanding.add(next_rid)
                 if rng.random() < abort_rate:
-                    heapq.heappush(cancels, (now + rng.uniform(0.0, window), next_rid))
+                    heapq.heappush(aborts, (now + rng.uniform(0.0, window), next_rid))
                 next_rid += 1
                 if kill_rank is not None and next_rid == (kill_after or requests // 2):
                     cluster.kill_prefill(kill_rank)
-            while cancels and cancels[0][0] <= now:
-                rid = heapq.heappop(cancels)[1]
+            while aborts and aborts[0][0] <= now:
+                rid = heapq.heappop(aborts)[1]
                 if rid in outstanding:
-                    cluster.cancel(rid)
-            wait = min(0.05, max(0.0, cancels[0][0] - now)) if cancels else 0.05
+                    cluster.abort(rid)
+            wait = min(0.05, max(0.0, aborts[0][0] - now)) if aborts else 0.05
             r = cluster.next_result(timeout=wait)
             while r is not None:
                 outstanding.discard(r.rid)

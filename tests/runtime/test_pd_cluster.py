@@ -73,7 +73,7 @@ def test_malformed_client_messages_are_counted_and_ignored() -> None:
         assert c._client is not None
         c._client.send({"type": "submit", "rid": -1, "n_tokens": 1})
         c._client.send({"type": "nonsense"})
-        c._client.send({"type": "cancel"})
+        c._client.send({"type": "client_abort"})
         c.submit(7, 3)
         res = c.next_result(timeout=10)
         assert res is not None and res.rid == 7 and res.status == "served"

@@ -81,7 +81,7 @@ class RuntimeSUT:
         elif action in ("start_decode", "finish", "timeout", "reclaim"):
             getattr(d, action)(s)
         elif action == "abort":
-            d.cancel(d.by_slot[s].rid)
+            d.abort(d.by_slot[s].rid)
         elif action == "on_peer_dead":
             d.peer_dead(s, w)
         elif action == "p_on_alloc":

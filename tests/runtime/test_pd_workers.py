@@ -100,7 +100,7 @@ def test_abort_before_a_slot() -> None:
     rig.decode.submit(1, 2)
     rig.decode.submit(2, 2)
     fired = rig.decode.stats["fired"]
-    rig.decode.cancel(2)
+    rig.decode.abort(2)
     assert rig.results[2].status == "aborted" and "before a slot" in rig.results[2].reason
     assert rig.decode.stats["fired"] == fired
     rig.settle()
@@ -112,7 +112,7 @@ def test_abort_before_prefill_heard(variant: str) -> None:
     """Abort while Alloc is still on the wire: the rank answers safe at once (p_on_alloc then p_on_abort)."""
     rig = Rig(variant)
     rig.decode.submit(1, 3)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     assert rig.results[1].status == "aborted"
     assert rig.free() == (1 if variant == "fixed" else 2)
     rig.settle()
@@ -125,7 +125,7 @@ def test_abort_with_writes_in_flight_waits_for_safe() -> None:
     rig.decode.submit(1, 4)
     rig.deliver()                                   # both ranks posted layer 0 and 1
     assert all(len(p.pending()) == 2 for p, _ in rig.links)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.decode.submit(2, 4)                         # must wait: the only slot is aborting
     rig.deliver()
     assert rig.decode.inst.get("d_state", 0) == DState.ABORTING and 2 not in rig.results
@@ -145,7 +145,7 @@ def test_slot_reuse_race(variant: str, corrupt: bool) -> None:
     rig = Rig(variant, slots=1, writers=1)
     rig.decode.submit(1, 4)
     rig.deliver()                                   # rank 0 posted both layers of request 1 (epoch 1)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.decode.submit(2, 4)
     rig.deliver()
     # the new owner's writes (epoch 2) land first, the stale epoch-1 writes after them, before decode reads
@@ -166,7 +166,7 @@ def test_abort_while_decoding() -> None:
     rig.settle()
     s = next(iter(rig.decode.by_slot))
     assert rig.decode.inst.get("d_state", s) == DState.READY
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.settle()
     assert rig.results[1].status == "aborted" and rig.free() == 2
 
@@ -180,7 +180,7 @@ def test_abort_after_one_rank_done() -> None:
     rig.complete()
     rig.deliver()
     assert rig.decode.inst.get("done_from", 1, 0) or rig.decode.inst.get("done_from", 0, 0)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.settle()
     assert rig.results[1].status == "aborted" and rig.free() == 2 and rig.decode.idle()
 
