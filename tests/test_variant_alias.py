@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from kvproof.runtime.hicache.cache import HiCacheConfig
+from kvproof.runtime.hicache.pages import HiCacheConfig
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.spec.core import variant_arg, variant_name
 from kvproof.spec.hicache_plan import hicache_plan

@@ -29,7 +29,7 @@ def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) 
             states, edges, complete = cap, None, False
         t_bfs = time.perf_counter() - t0
         rows.append({"slots": n, "induction_seconds": round(t_ind, 3), "proven": ind.proven,
-                     "prefix_bmc_seconds": round(t_bmc, 3), "prefix_cex_steps": len(cex.steps) if cex else None,
+                     "unfixed_bmc_seconds": round(t_bmc, 3), "unfixed_cex_steps": len(cex.steps) if cex else None,
                      "search_params": params, "search_complete": complete, "states": states,
                      "transitions": edges, "search_seconds": round(t_bfs, 3),
                      "states_per_second": round(states / t_bfs) if t_bfs else None})

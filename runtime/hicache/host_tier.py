@@ -12,7 +12,7 @@ keys and, with the Triton backend, the fp8 indexer pages):
   device page and records the swap on the sequence; the prefill batch that first reads the page
   runs as the HiCache stream plan (`spec.hicache_plan`): the load stream copies each layer's
   Indexer-cache pages, records `idx_ready[l]`, then its KV pages and `kv_ready[l]`
-  (`hicache.cache.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
+  (`hicache.pages.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
   the layer's Indexer cache, `attention[l]` runs the decoder layer on what the indexer read and
   on the KV. The `fixed` plan waits for both events; the plan is checked with
   `spec.streams.check_plan` (once per shape) and a racy plan (`unfixed`) is refused unless
@@ -25,8 +25,8 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from kvproof.runtime.hicache.cache import PagePool as HostPagePool
-from kvproof.runtime.hicache.cache import PlanRaceError, layer_copy
+from kvproof.runtime.hicache.pages import PagePool as HostPagePool
+from kvproof.runtime.hicache.pages import PlanRaceError, layer_copy
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
 from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync

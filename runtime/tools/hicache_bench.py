@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from kvproof.runtime.hicache.cache import HiCache, HiCacheConfig
+from kvproof.runtime.hicache.cache import HiCache
+from kvproof.runtime.hicache.pages import HiCacheConfig
 
 # GLM-5 per-token-per-layer sizes (bf16): KV 1152 B, Indexer cache 132 B; page size 64.
 KV_DIM, IDX_DIM, PAGE = 576, 66, 64

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import serving, wait_for
 from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.hicache.cache import PlanRaceError
+from kvproof.runtime.hicache.pages import PlanRaceError
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 

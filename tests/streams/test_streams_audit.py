@@ -27,9 +27,9 @@ def files(tmp_path: Path) -> dict[str, str]:
 def test_text(files: dict[str, str]) -> None:
     code, out = audit_streams(files["fixed"])
     assert code == 0 and "no races" in out
-    code, out = audit_streams(files["prefix_trace"])
+    code, out = audit_streams(files["unfixed_trace"])
     assert code == 1 and "2 race(s)" in out and "witness schedule" in out
-    assert f"{files['prefix_trace']}:8" in out          # line of indexer[0] in the trace (header is line 1)
+    assert f"{files['unfixed_trace']}:8" in out          # line of indexer[0] in the trace (header is line 1)
 
 
 def test_json(files: dict[str, str]) -> None:

@@ -16,7 +16,8 @@ L, P, D, I = 4, 16, 64, 32
 
 
 def _cache(variant: str = "fixed"):
-    from kvproof.runtime.hicache.cache import HiCache, HiCacheConfig
+    from kvproof.runtime.hicache.cache import HiCache
+    from kvproof.runtime.hicache.pages import HiCacheConfig
     return HiCache(HiCacheConfig(layers=L, page_size=P, kv_dim=D, idx_dim=I, device_pages=16, host_pages=64,
                                  topk=32, device="cuda", variant=variant, allow_races=variant == "unfixed"))
 
@@ -43,7 +44,8 @@ def test_cuda_reload_bit_identical_and_forward_matches() -> None:
 
 _CSAN_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from kvproof.runtime.hicache.cache import HiCache, HiCacheConfig
+    from kvproof.runtime.hicache.cache import HiCache
+    from kvproof.runtime.hicache.pages import HiCacheConfig
     v = sys.argv[1]
     c = HiCache(HiCacheConfig(layers=2, page_size=16, kv_dim=64, idx_dim=32, device_pages=8, host_pages=16,
                               topk=8, device="cuda", variant=v, allow_races=v == "unfixed"))

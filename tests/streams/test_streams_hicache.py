@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from kvproof.runtime.hicache.cache import CacheFullError, HiCache, HiCacheConfig, PlanRaceError, reference_forward
+from kvproof.runtime.hicache.cache import HiCache, reference_forward
+from kvproof.runtime.hicache.pages import CacheFullError, HiCacheConfig, PlanRaceError
 from kvproof.spec.stream_json import plan_loads
 
 L, P, D, I = 3, 4, 16, 8
