@@ -117,11 +117,12 @@ def structure_page(root: Path) -> str:
     for d in STRUCTURE_DIRS:
         lines += [f"## `{d}/`", ""]
         for p in sorted((root / d).rglob("*.py")):
-            if p.name == "__init__.py":
-                continue
             doc = ast.get_docstring(ast.parse(p.read_text())) or ""
             first = doc.strip().splitlines()[0] if doc.strip() else "(entry point)"
-            lines.append(f"- `{p.relative_to(root)}`: {first}")
+            if p.name != "__init__.py":
+                lines.append(f"- `{p.relative_to(root)}`: {first}")
+            elif p.parent != root / d and doc.strip():      # a sub-package: what it holds
+                lines.append(f"- `{p.parent.relative_to(root)}/` (package): {first}")
         lines.append("")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
     ClientAbort, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
-from kvproof.runtime.pd.process import channel_config
+from kvproof.runtime.pd.plumbing import channel_config
 
 _MODULE = "kvproof.runtime.pd.process"
 

@@ -1,7 +1,7 @@
 """The decode side: scheduler and KV slot table, driven only by firing the KV slot spec.
 
 `DecodeWorker` is the protocol logic of the decode process, free of threads and
-sockets so tests can drive it step by step: the process loop (pd_process.py)
+sockets so tests can drive it step by step: the process loop (pd/decode_process.py)
 calls `submit`, `abort`, `on_message`, `rank_dead` and `tick` from one thread,
 and the transports' receive threads call `on_land`. Slot state lives in the spec
 `Instance` (actor "decode"); this module keeps only derived indexes (a free-slot

@@ -250,7 +250,9 @@ class DecodeModel:
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry of a real-KV worker process."""
-    from kvproof.runtime.pd.process import run_decode, run_prefill, worker_args
+    from kvproof.runtime.pd.decode_process import run_decode
+    from kvproof.runtime.pd.prefill_process import run_prefill
+    from kvproof.runtime.pd.process import worker_args
     a = worker_args("python -m kvproof.runtime.pd.model_worker", argv,
                     lambda ap: ap.add_argument("--engine", required=True, help="EngineConfig as JSON"))
     cfg = PDConfig.from_json(a.config)

@@ -4,7 +4,7 @@ The KV is synthetic (`kv_chunk`) unless a `compute` hook is given (real-KV mode,
 pd_model_worker.PrefillModel: the model's exported KV, of which the rank writes its byte share).
 
 `PrefillRank` is the protocol logic of one rank (writer w), free of threads so
-tests can drive it step by step; the process loop (pd_process.py) feeds it
+tests can drive it step by step; the process loop (pd/prefill_process.py) feeds it
 control messages and write completions from one thread. Its per-slot transfer
 state lives in the spec `Instance` (actor "prefill"); `jobs` only remembers
 what to compute for the slot's current epoch (request id, prompt length, next

@@ -1,1 +1,1 @@
-"""Executing checked stream plans: a CPU emulator and CUDA streams/events."""
+"""Stream plans at run time: executing a checked plan on the CPU emulator or on CUDA streams."""
