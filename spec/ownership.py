@@ -49,12 +49,12 @@ def _bad_reads(layout: "Layout", reads: set[str], allowed: set[str]) -> list[tup
 
 def _trace(layout: "Layout", adef: "ActionDef", args: dict[str, Any], variant: str) -> Any:
     from kvproof.spec.compiled import TRACE, Expr
-    from kvproof.spec.machine import View, _receive_guard
+    from kvproof.spec.machine import View, receive_guard
     st = [Expr(f"st[{i}]") for i in range(len(layout))]
     full = {**args, **{p.name: Expr(f"arg_{p.name}") for p in adef.params if p.index is None}}
     m = View(layout, st, TRACE, variant)
     if adef.receives is not None:
-        _receive_guard(m, adef, full)
+        receive_guard(m, adef, full)
     adef.body(layout.protocol, m, **full)
     return m
 

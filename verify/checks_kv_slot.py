@@ -167,8 +167,8 @@ def checks() -> list[Check]:
                            functools.partial(_any_slots, "fixed", prop, writers)))
     for prop in ("no_cross_request_write", "no_write_into_free_slot"):
         p = {"slots": 1, "writers": 1}
-        out.append(Check(PROTOCOL, "prefix", prop, p, Status.REFUTED,
-                       functools.partial(_refutation, "prefix", prop, p)))
+        out.append(Check(PROTOCOL, "unfixed", prop, p, Status.REFUTED,
+                       functools.partial(_refutation, "unfixed", prop, p)))
     for guard in ESSENTIAL_GUARDS:
         p = {"slots": 1, "writers": 1}
         label = f"fixed-without-{guard}"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kvproof.spec.core import variant_arg
 from kvproof.verify.loader import LoadError
 from kvproof.verify.registry import Check, all_checks, unique
 from kvproof.verify.sanity import Sanity, sanity
@@ -19,7 +20,7 @@ from kvproof.verify.report import dump_json, summary_line, to_json, to_junit, to
 from kvproof.verify.verdict import Status, Verdict
 
 SPEC_FILES = {"kv_slot": "spec/kv_slot.py", "hicache": "spec/hicache_plan.py",
-              "layersplit": "spec/layersplit_plan.py", "spec_monitor": "spec/spec_monitor.py"}
+              "layersplit": "spec/layersplit_plan.py", "specdec_monitor": "spec/specdec_monitor.py"}
 
 
 class SelectionError(ValueError):
@@ -106,7 +107,7 @@ def add_prove_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--builtin", action="store_true",
                    help="with MODULE.py arguments: run the package's own checks too")
     p.add_argument("--protocol", action="append", help="run only this protocol's checks (repeatable)")
-    p.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--variant", action="append", type=variant_arg, help="run only this variant (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
     p.add_argument("--sarif", metavar="FILE", help="also write SARIF 2.1.0 here")

@@ -79,7 +79,7 @@ def test_net_actions_read_anything_but_write_only_net_and_ghosts():
 
 def test_the_shipped_protocols_pass_ownership():
     from kvproof.spec.ownership import check_ownership
-    from kvproof.spec.spec_monitor import AcceptMonitor
+    from kvproof.spec.specdec_monitor import AcceptMonitor
     assert check_ownership(KVSlot) == [] and check_ownership(AcceptMonitor) == []
 
 
