@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "lifecycle of disaggregated LLM serving.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prove", help="run every registered proof and refutation; exit 0 iff all as expected")
+    p = sub.add_parser("prove", help="run every proof and refutation (the package's, or those of MODULE.py files); "
+                       "exit 0 iff all as expected")
     add_prove_args(p)
     p.set_defaults(func=prove_main)
 
