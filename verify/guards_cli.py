@@ -34,7 +34,8 @@ def _params(pairs: list[str] | None) -> dict[str, int]:
 def add_guards_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof guards`."""
     p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
-    p.add_argument("--variant", default=None, type=variant_arg, help="default: the protocol's first variant (its fixed one)")
+    p.add_argument("--variant", default=None, type=variant_arg,
+                   help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N", help="instance size, e.g. writers=1")
     p.add_argument("--depth", type=int, default=14, help="BMC depth per dropped guard")
     p.add_argument("--guard", action="append", help="only these guards")
@@ -80,7 +81,8 @@ def guards_main(args: argparse.Namespace) -> int:
 def add_explore_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof explore`."""
     p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
-    p.add_argument("--variant", default=None, type=variant_arg, help="default: the protocol's first variant (its fixed one)")
+    p.add_argument("--variant", default=None, type=variant_arg,
+                   help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
     p.add_argument("--no-symmetry", action="store_true", help="do not reduce by slot symmetry")
