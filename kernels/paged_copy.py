@@ -198,11 +198,13 @@ def gather_pages(pool: torch.Tensor, layout: PagedLayout, page_table: torch.Tens
     """Pack the valid tokens of the given requests and layers into uint8 [n_layers, T, token_bytes]."""
     u8 = pool_bytes(pool, layout)                                                 # [L, P, page_bytes]
     layers = _layer_range(layers, u8.shape[0])
+    # Without a prebuilt work list the token count is checked (host syncs happen anyway);
+    # with work= and out= the call makes no host sync and out's row count is trusted.
+    n_tokens = None if work is not None and out is not None else int(seq_lens.sum())
     work = work or page_work_list(page_table, seq_lens, layout.page_size, u8.shape[1])
-    n_tokens = int(seq_lens.sum())
     if out is None:
         out = torch.empty(len(layers), n_tokens, layout.token_bytes, dtype=torch.uint8, device=pool.device)
-    _check_buf(out, len(layers), n_tokens, layout)
+    _check_buf(out, len(layers), out.shape[1] if n_tokens is None and out.dim() == 3 else n_tokens, layout)
     assert out.device == pool.device, f"out is on {out.device}, pool on {pool.device}"
     _launch(u8, out, layout, work, layers, scatter=False)
     return out
@@ -214,7 +216,8 @@ def scatter_pages(buf: torch.Tensor, pool: torch.Tensor, layout: PagedLayout,
     """Write a packed buffer uint8 [n_layers, T, token_bytes] back into the pool's pages."""
     u8 = pool_bytes(pool, layout)
     layers = _layer_range(layers, u8.shape[0])
+    n_tokens = buf.shape[1] if work is not None and buf.dim() == 3 else int(seq_lens.sum())
     work = work or page_work_list(page_table, seq_lens, layout.page_size, u8.shape[1])
-    _check_buf(buf, len(layers), int(seq_lens.sum()), layout)
+    _check_buf(buf, len(layers), n_tokens, layout)
     assert buf.device == pool.device, f"buf is on {buf.device}, pool on {pool.device}"
     _launch(u8, buf, layout, work, layers, scatter=True)

@@ -68,7 +68,7 @@ def _radix_topk_kernel(
         prefix = (n * 0).to(tl.uint32)          # bits of the k-th key found so far
         k_rem = n * 0 + K                       # how many of the k are still to place at `prefix`
         for p in tl.static_range(4):
-            SHIFT: tl.constexpr = 24 - 8 * p
+            SHIFT = 24 - 8 * p                 # constexpr arithmetic: p is a static_range index
             hist = tl.zeros([256], tl.int32)
             for s0 in range(0, n, BLOCK):
                 o = s0 + offs
