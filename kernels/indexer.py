@@ -73,7 +73,7 @@ def _indexer_scores_kernel(
     stride_tr, stride_ot,
     # constexpr
     H: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One program scores N_PER_PROG keys for a tile of up to BLOCK_M queries of one request.
 
@@ -97,23 +97,30 @@ def _indexer_scores_kernel(
     w = tl.load(w_ptr + t_r * stride_wt + offs_r % H, mask=ok_r, other=0.0).to(tl.float32)  # [BM*H]
     if DOT_F32:
         q = q.to(tl.float32)
-    for i in range(N_PER_PROG // BLOCK_N):
-        n0 = start + i * BLOCK_N
+    # Keys this tile can see: [start, hi). The loop bound, not an `if` around the loads, skips
+    # the rest, so the software pipeline (NUM_STAGES key blocks in flight) covers every load.
+    hi = tl.minimum(start + N_PER_PROG, qlen_max)
+    for n0 in tl.range(start, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-        if n0 < qlen_max:
-            # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
-            page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
-            slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < qlen_max
-            k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
-                        mask=key_ok[:, None], other=0.0)                          # [BN, D] fp8
-            ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=key_ok, other=0.0)  # [BN]
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                # [BM*H, BN] fp32
-            s = tl.maximum(s, 0.0) * w[:, None]
-            s = tl.sum(tl.reshape(s, [BLOCK_M, H, BLOCK_N]), axis=1) * ks[None, :]  # [BM, BN]
-            scores = tl.where(offs_n[None, :] < qlen[:, None], s, float("-inf"))
+        # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
+        page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
+        slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < qlen_max
+        k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)                              # [BN, D] fp8
+        ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=key_ok, other=0.0)  # [BN]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))                                    # [BM*H, BN] fp32
+        s = tl.maximum(s, 0.0) * w[:, None]
+        s = tl.sum(tl.reshape(s, [BLOCK_M, H, BLOCK_N]), axis=1) * ks[None, :]      # [BM, BN]
+        scores = tl.where(offs_n[None, :] < qlen[:, None], s, float("-inf"))
         tl.store(out_ptr + (t0 + offs_m)[:, None] * stride_ot + offs_n[None, :], scores,
+                 mask=row_ok[:, None] & (offs_n < max_len)[None, :])
+    # Positions no query of the tile sees: -inf, without touching the cache.
+    neg = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    first_dead = start + tl.cdiv(tl.maximum(hi - start, 0), BLOCK_N) * BLOCK_N
+    for n0 in range(first_dead, start + N_PER_PROG, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + (t0 + offs_m)[:, None] * stride_ot + offs_n[None, :], neg,
                  mask=row_ok[:, None] & (offs_n < max_len)[None, :])
 
 
@@ -151,7 +158,12 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
     block_n = block_n or min(64, page_size)
     assert block_n >= 16 and page_size % block_n == 0 and block_n & (block_n - 1) == 0, (
         f"block_n {block_n} must be a power of two >= 16 dividing page_size {page_size}")
-    n_per_prog = n_per_prog or block_n * 8
+    if n_per_prog is None:
+        # Up to 2048 keys per program (16 per query at 32k: 1,024 CTAs for a batch of 64, the q
+        # tile loaded once per 2048 keys), fewer when that would leave SMs idle (small batches).
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 132
+        fill = triton.next_power_of_2(max(1, T * max_len // (2 * sms)))
+        n_per_prog = max(block_n, min(2048, fill))
     assert n_per_prog % block_n == 0, f"n_per_prog {n_per_prog} must be a multiple of block_n {block_n}"
     if out is None:
         out = torch.empty(T, max_len, dtype=torch.float32, device=q.device)
@@ -169,7 +181,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),
         scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
         H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog,
-        DOT_F32=dot_in_fp32(q),
+        DOT_F32=dot_in_fp32(q), NUM_STAGES=3,
     )
     return out
 
