@@ -133,8 +133,11 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
                    page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                    page_size: int, max_len: int | None = None, out: torch.Tensor | None = None,
                    block_n: int | None = None, n_per_prog: int | None = None,
-                   block_m: int | None = None) -> torch.Tensor:
+                   block_m: int | None = None, tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """Indexer scores fp32 [T, max_len] of each query over its request's cached keys.
+
+    tiles: query_tiles(q_req, block_m) built once by the caller (no host sync per call).
 
     block_m queries of one request share each key load (prefill); None picks 4 when most
     neighbouring queries share a request, else 1. Host syncs: max_len=None, block_m=None,
@@ -173,7 +176,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         return out
     if block_m is None:
         block_m = 1 if T == 1 else (4 if (q_req[1:] == q_req[:-1]).float().mean() >= 0.5 else 1)
-    tile_start, tile_rows = query_tiles(q_req, block_m)
+    tile_start, tile_rows = tiles if tiles is not None else query_tiles(q_req, block_m)
     grid = (tile_start.shape[0], triton.cdiv(max_len, n_per_prog))
     _indexer_scores_kernel[grid](
         q, weights, keys, scales, page_table, q_req, q_len, tile_start, tile_rows, out,
