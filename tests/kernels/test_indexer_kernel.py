@@ -119,3 +119,18 @@ def test_production_shape_decode():
     _assert_scores_close(got, want)
     idx, counts = select_topk(got, q_len, 2048)
     _assert_topk_valid(idx, counts, q_len, want, 2048)
+
+
+@pytest.mark.parametrize("n_per_prog", [None, 64])
+def test_context_not_a_multiple_of_the_page_size(n_per_prog, gen):
+    # 150 and 33 keys on pages of 16: partial last pages, programs whose keys end mid-block,
+    # and (n_per_prog=64) programs past a short row that only write -inf.
+    page_size, H, D = 16, 16, 32
+    lens = [150, 33, 1]
+    cache, table, seq_lens = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), H, D, gen)
+    out = torch.full((len(lens), 160), float("nan"), device=DEVICE)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, max_len=160, out=out,
+                         n_per_prog=n_per_prog, block_m=1)
+    _assert_scores_close(got, indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, 160))
