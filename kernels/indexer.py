@@ -185,6 +185,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
         H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog,
         DOT_F32=dot_in_fp32(q), NUM_STAGES=3,
+        # a [256, BLOCK_N] fp32 score tile (4 queries x 64 heads) spills at 4 warps on sm_100
+        num_warps=8 if block_m * H >= 256 else 4,
     )
     return out
 
