@@ -136,8 +136,10 @@ def compile_launch(launch: Launch, arch: int, overrides: dict[str, Any] | None =
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as e:                       # the report carries the error; the test fails on it
-        first = str(e).strip().splitlines()
-        return dict(ok=False, error=f"{type(e).__name__}: {' | '.join(first[-6:])}"[:1200])
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # the cause is the last line; the two before it are the offending source line and caret
+        return dict(ok=False, error=f"{type(e).__name__}: {lines[-1] if lines else ''} | at: "
+                    f"{' | '.join(lines[-3:-1])}"[:1200])
     res = resources(k.asm["cubin"])
     shared = int(k.metadata.shared) + res["static_shared"]
     return dict(ok=True, num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
