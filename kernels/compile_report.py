@@ -96,17 +96,18 @@ def _copy_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .paged_copy import gather_pages, scatter_pages
     cases = []
     for layout in (kv_bf16_layout(), kv_fp8_layout(), indexer_fp8_layout()):
-        for scatter in (False, True):
-            def run(layout=layout, scatter=scatter) -> None:
+        for scatter, pages in ((False, None), (True, None), (False, 4)):
+            def run(layout=layout, scatter=scatter, pages=pages) -> None:
                 pool = torch.empty(4, 256, layout.page_bytes, dtype=torch.uint8, device=META)
                 work = (_i32(64), _i32(64), _i32(64))
                 buf = torch.empty(4, 64 * 64, layout.token_bytes, dtype=torch.uint8, device=META)
                 lens, table = _i32(8), _i32(8, 8)
                 if scatter:
-                    scatter_pages(buf, pool, layout, table, lens, work=work)
+                    scatter_pages(buf, pool, layout, table, lens, work=work, pages_per_prog=pages)
                 else:
-                    gather_pages(pool, layout, table, lens, out=buf, work=work)
-            cases.append((f"paged_copy {'scatter' if scatter else 'gather'} {layout.name}", True, run))
+                    gather_pages(pool, layout, table, lens, out=buf, work=work, pages_per_prog=pages)
+            name = f"paged_copy {'scatter' if scatter else 'gather'} {layout.name}" + (f" pages={pages}" if pages else "")
+            cases.append((name, pages is None, run))
     return cases
 
 
