@@ -40,19 +40,23 @@ def _indexer_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from ._common import indexer_fp8_layout
     cases = []
     for H in (32, 64):
-        for dt, dname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        for dt, dname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32"),
+                          (torch.float8_e4m3fn, "fp8")):
             for block_m in (1, 4):
                 T, P, page = 64, 4096, 64
 
                 def run(H=H, dt=dt, block_m=block_m, T=T, P=P, page=page) -> None:
-                    q = torch.empty(T, H, 128, dtype=dt, device=META)
+                    fp8 = dt == torch.float8_e4m3fn             # q_fp8=True: the launcher quantises q
+                    q = torch.empty(T, H, 128, dtype=torch.bfloat16 if fp8 else dt, device=META)
                     w = torch.empty(T, H, dtype=torch.float32, device=META)
                     cache = torch.empty(P, indexer_fp8_layout(page).page_bytes, dtype=torch.uint8, device=META)
                     with mock.patch.object(indexer, "query_tiles", lambda q_req, bm: (_i32(T), _i32(T))):
                         indexer.indexer_scores(q, w, cache, _i32(T, 512), _i32(T), _i32(T), page, 32_768,
-                                               out=torch.empty(T, 32_768, device=META), block_m=block_m)
+                                               out=torch.empty(T, 32_768, device=META), block_m=block_m,
+                                               q_fp8=fp8)
                 name = f"indexer H={H} D=128 q={dname} block_m={block_m}"
-                cases.append((name, dname == "bf16", run))
+                # defaults: bf16 q below 64 heads, fp8 q from 64 heads (the launcher's choice on CUDA)
+                cases.append((name, dname == ("fp8" if H >= 64 else "bf16"), run))
     return cases
 
 
@@ -172,7 +176,7 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
 
 
 def _production(name: str) -> bool:
-    return any(s in name for s in ("indexer H=64", "mla sparse kv=bf16 H=64", "mla sparse kv=fp8 H=64",
+    return any(s in name for s in ("indexer H=64 D=128 q=fp8", "mla sparse kv=bf16 H=64", "mla sparse kv=fp8 H=64",
                                    "H=128", "topk k=2048"))
 
 

@@ -74,7 +74,7 @@ def _radix_topk_kernel(
         for p in tl.static_range(PASSES):
             # digit p covers bits [SHIFT, HIGH): 11-bit digits from the top, the last one shorter
             HIGH = 32 - BITS * p                # constexpr arithmetic on the static_range index
-            SHIFT = max(HIGH - BITS, 0)
+            SHIFT = (HIGH - BITS) * (HIGH > BITS)    # max(HIGH - BITS, 0) in constexpr arithmetic
             hist = tl.zeros([1 << BITS], tl.int32)
             for s0 in range(0, n, BLOCK):
                 o = s0 + offs

@@ -41,7 +41,7 @@ def test_every_configuration_compiles(report):
 
 def test_production_shapes_are_compiled_for_hopper_and_blackwell(report):
     for arch in ("sm_90", "sm_100"):
-        assert _rows(report, config="indexer H=64 D=128 q=bf16", arch=arch)
+        assert _rows(report, config="indexer H=64 D=128 q=fp8", arch=arch)
         assert _rows(report, config="topk k=2048", arch=arch)
         for kv in ("bf16", "fp8"):
             assert _rows(report, config=f"mla sparse kv={kv} H=128", arch=arch)

@@ -134,3 +134,21 @@ def test_context_not_a_multiple_of_the_page_size(n_per_prog, gen):
     got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, max_len=160, out=out,
                          n_per_prog=n_per_prog, block_m=1)
     _assert_scores_close(got, indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, 160))
+
+
+def test_fp8_queries_fold_their_scale_into_the_weights(gen):
+    # q_fp8: q quantised per (query, head), scale folded into w; the kernel must equal the
+    # reference on the dequantised q, and stay near the bf16 scores (fp8 rounding of q only).
+    from kvproof.kernels.indexer import quantize_indexer_q
+    page_size, H, D = 16, 64, 128
+    lens = [70, 5]
+    cache, table, seq_lens = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), H, D, gen)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, max_len=70, block_m=1, q_fp8=True)
+    q8, w8 = quantize_indexer_q(q, w)
+    assert q8.dtype == torch.float8_e4m3fn and torch.all(w8 >= 0)
+    _assert_scores_close(got, indexer_scores_ref(q8.float(), w8, cache, table, q_req, q_len, page_size, 70))
+    exact = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, 70)
+    fin = torch.isfinite(exact)
+    assert float((got[fin].double() - exact[fin]).abs().max()) < 0.1 * float(exact[fin].abs().max())
