@@ -181,11 +181,11 @@ def _mla_combine_kernel(
 
 
 def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, device: torch.device) -> int:
-    """Flash-decoding splits so that T * head_programs * splits fills about two waves of the SMs,
-    with at least 4 key blocks per split (no host sync: uses only shapes)."""
+    """Flash-decoding splits: enough programs for one wave of the SMs, at least 8 key blocks per
+    split (each split writes an fp32 [heads, 512] partial, as large as 128 bf16 rows), no host sync."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    want = triton.cdiv(2 * sms, max(1, T * head_programs))
-    return int(max(1, min(want, 32, max_tokens // (4 * block_n))))
+    want = sms // max(1, T * head_programs)
+    return int(max(1, min(want, max_tokens // (8 * block_n))))
 
 
 def mla_block_h(H: int, block_h: int | None, kv_fp8: bool) -> int:
