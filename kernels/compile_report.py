@@ -110,7 +110,8 @@ def _copy_cases() -> list[tuple[str, bool, Callable[[], None]]]:
                     scatter_pages(buf, pool, layout, table, lens, work=work, pages_per_prog=pages)
                 else:
                     gather_pages(pool, layout, table, lens, out=buf, work=work, pages_per_prog=pages)
-            name = f"paged_copy {'scatter' if scatter else 'gather'} {layout.name}" + (f" pages={pages}" if pages else "")
+            name = (f"paged_copy {'scatter' if scatter else 'gather'} {layout.name}"
+                    + (f" pages={pages}" if pages else ""))
             cases.append((name, pages is None, run))
     return cases
 
