@@ -252,7 +252,10 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     if indices is not None:
         # Pre-resolved cache rows (as FlashMLA takes them): one gather here, no page-table
         # load on the kernel's critical path. Padding entries (index 0) are never read.
-        tok = (page_table[q_req.long()[:, None], (indices // S).long()] * S + indices % S).int()
+        # Entries past counts[t] are ignored by contract whatever they hold: clamp them into the
+        # table so the gather itself never goes out of bounds.
+        pos = indices.clamp(0, page_table.shape[1] * S - 1)
+        tok = (page_table[q_req.long()[:, None], (pos // S).long()] * S + pos % S).int()
     else:
         tok = counts                                     # unread placeholder when dense
     if num_splits == 1:
