@@ -23,7 +23,7 @@ import torch
 from .compile_target import Launch, compile_launch, recording
 
 KERNELS = {
-    "kvproof.kernels.indexer": ["_indexer_scores_kernel"],
+    "kvproof.kernels.indexer": ["indexer_scores_kernel"],
     "kvproof.kernels.topk": ["_radix_topk_kernel"],
     "kvproof.kernels.sparse_mla": ["_mla_attn_kernel", "_mla_combine_kernel"],
     "kvproof.kernels.paged_copy": ["_paged_copy_kernel"],
@@ -37,7 +37,7 @@ def _i32(*shape: int) -> torch.Tensor:
 
 def _indexer_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from . import indexer
-    from ._common import indexer_fp8_layout
+    from .common import indexer_fp8_layout
     cases = []
     for H in (32, 64):
         for dt, dname in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32"),
@@ -72,7 +72,7 @@ def _topk_cases() -> list[tuple[str, bool, Callable[[], None]]]:
 
 def _mla_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .sparse_mla import dense_mla_attention, sparse_mla_attention
-    from ._common import kv_fp8_token_bytes
+    from .common import kv_fp8_token_bytes
     cases = []
     for kv_kind in ("bf16", "fp8"):
         for H in (16, 32, 64, 128):
@@ -96,7 +96,7 @@ def _mla_cases() -> list[tuple[str, bool, Callable[[], None]]]:
 
 
 def _copy_cases() -> list[tuple[str, bool, Callable[[], None]]]:
-    from ._common import indexer_fp8_layout, kv_bf16_layout, kv_fp8_layout
+    from .common import indexer_fp8_layout, kv_bf16_layout, kv_fp8_layout
     from .paged_copy import gather_pages, scatter_pages
     cases = []
     for layout in (kv_bf16_layout(), kv_fp8_layout(), indexer_fp8_layout()):

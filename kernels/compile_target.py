@@ -104,7 +104,7 @@ def source_of(launch: Launch, overrides: dict[str, Any] | None = None) -> Any:
     return ASTSource(fn, signature, constexprs, attrs)
 
 
-def _tool(name: str) -> str:
+def cuda_tool(name: str) -> str:
     from triton.backends.nvidia import compiler as nv
     path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
     assert os.path.exists(path), f"{name} not found at {path}: this Triton wheel lacks the CUDA tools"
@@ -116,9 +116,9 @@ def resources(cubin: bytes) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+        usage = subprocess.run([cuda_tool("cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name],
+        sass = subprocess.run([cuda_tool("cuobjdump"), "-sass", f.name],
                               capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     assert m, f"cuobjdump printed no resource usage:\n{usage}"

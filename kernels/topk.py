@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int_vector
+from .common import check_int_vector
 
 # Bits per radix digit: 11 gives 3 histogram passes over the row (11 + 11 + 10) instead of 4
 # with 8-bit digits; a 2048-bin histogram is 16 registers per thread at 4 warps.

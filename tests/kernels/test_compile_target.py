@@ -13,8 +13,8 @@ from kvproof.kernels.compile_report import compile_report
 
 def _have_cuda_tools() -> bool:
     try:
-        from kvproof.kernels.compile_target import _tool
-        _tool("cuobjdump")
+        from kvproof.kernels.compile_target import cuda_tool
+        cuda_tool("cuobjdump")
         return True
     except (AssertionError, ImportError):
         return False
@@ -35,7 +35,7 @@ def _rows(report: dict, **match) -> list[dict]:
 def test_every_configuration_compiles(report):
     assert report["rows"] and report["summary"]["failed"] == []
     kernels = {r["kernel"] for r in report["rows"]}
-    assert kernels == {"_indexer_scores_kernel", "_radix_topk_kernel", "_mla_attn_kernel",
+    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_mla_attn_kernel",
                        "_mla_combine_kernel", "_paged_copy_kernel"}
 
 
@@ -61,7 +61,7 @@ def test_shared_memory_within_the_architecture_limit(report):
 
 def test_dots_run_on_tensor_cores(report):
     dots = [r for r in report["rows"] if r["has_dot"]]
-    assert {r["kernel"] for r in dots} == {"_indexer_scores_kernel", "_mla_attn_kernel"}
+    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "_mla_attn_kernel"}
     assert report["summary"]["dot_without_tensor_cores"] == []
     for r in dots:
         want = {"sm_90": {"HGMMA", "QGMMA", "HMMA"}, "sm_100": {"UTCHMMA", "UTCQMMA", "HMMA", "QMMA"}}[r["arch"]]
