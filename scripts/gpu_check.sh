@@ -52,7 +52,7 @@ dry_run() {
 describe() {
     case $1 in
         setup) echo "pip install .whl/*.whl and -e . offline; print torch/triton/z3/GPU";;
-        tests) echo "pytest tests/kernels tests/streams natively (gpu-marked included) -> \$OUT/tests.log";;
+        tests) echo "pytest tests/kernels tests/streams natively (gpu-marked included; -n 8 with xdist) -> \$OUT/tests.log";;
         bench) echo "kvproof bench kernels --quick --json --out \$OUT/bench_kernels.json";;
         memcheck) echo "compute-sanitizer memcheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1: $MEMCHECK_TESTS -> \$OUT/memcheck.log";;
         racecheck) echo "compute-sanitizer racecheck: $RACECHECK_TESTS, Triton reduction reports set aside -> \$OUT/racecheck.log";;
@@ -85,8 +85,11 @@ stage_setup() {
 }
 
 stage_tests() {
-    env -u TRITON_INTERPRET $PY -m pytest -q -p no:cacheprovider -p no:randomly -rs \
-        tests/kernels tests/streams > "$OUT/tests.log" 2>&1
+    # The compile-for-target test needs no GPU (CI runs it); xdist spreads the JIT compiles.
+    local xdist=()
+    $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)
+    env -u TRITON_INTERPRET $PY -m pytest -q -p no:cacheprovider -p no:randomly -rs "${xdist[@]}" \
+        --ignore=tests/kernels/test_compile_target.py tests/kernels tests/streams > "$OUT/tests.log" 2>&1
     local rc=$?
     tail -n 5 "$OUT/tests.log"
     return $rc
