@@ -73,15 +73,30 @@ def recording(targets: dict[str, list[str]]) -> Iterator[list[Launch]]:
             setattr(mod, n, k)
 
 
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+        torch.int64: "*i64", torch.int32: "*i32", torch.int16: "*i16", torch.int8: "*i8", torch.uint8: "*u8",
+        torch.bool: "*i1", torch.float8_e4m3fn: "*fp8e4nv", torch.float8_e5m2: "*fp8e5"}
+
+
 def _spec(value: Any) -> tuple[str, str | None]:
-    """Triton's own launch-time specialisation of one argument: (type, 'D' | '' | None)."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
+    """Triton's launch-time specialisation of one argument: (type, 'D' | '' | None)."""
     if isinstance(value, torch.Tensor):
-        ty, _ = native_specialize_impl(BaseBackend, value, False, True, True)
         # meta tensors report data_ptr 0: alignment is that of the view's offset (allocations are 256 B)
-        return ty, "D" if (value.storage_offset() * value.element_size()) % 16 == 0 else ""
-    return native_specialize_impl(BaseBackend, value, False, True, True)
+        return _PTR[value.dtype], "D" if (value.storage_offset() * value.element_size()) % 16 == 0 else ""
+    try:                                    # Triton's own rule where this version exposes it
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+        return native_specialize_impl(BaseBackend, value, False, True, True)
+    except ImportError:                     # the same rule, written out
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            return "constexpr", None
+        if isinstance(value, bool):
+            return "u1", None
+        if isinstance(value, int):
+            return ("i32" if -2**31 <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
+        if isinstance(value, float):
+            return "fp32", None
+        raise TypeError(f"cannot specialise a launch argument of type {type(value).__name__}")
 
 
 def source_of(launch: Launch, overrides: dict[str, Any] | None = None) -> Any:
