@@ -90,6 +90,11 @@ def _src(v: Any) -> str:
     return f"C[{len(_CONSTS) - 1}]"
 
 
+def source(v: Any) -> str:
+    """Python source of a traced expression or constant (what `spec/ownership.py` reads positions from)."""
+    return _src(v)
+
+
 class TraceOps(Ops):
     """Operators that build expressions (guards are collected, not checked)."""
 

@@ -35,8 +35,8 @@ GHOST, NET = "ghost", "net"
 
 def _read_vars(layout: "Layout", value: Any) -> set[str]:
     """Variables a traced expression reads."""
-    from kvproof.spec.compiled import _src
-    return {layout.names[int(p)][0] for p in _POS.findall(_src(value))}
+    from kvproof.spec.compiled import source
+    return {layout.names[int(p)][0] for p in _POS.findall(source(value))}
 
 
 def _owner(layout: "Layout", var: str) -> str:
