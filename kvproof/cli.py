@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "loadgen", "kvproof.runtime.loadgen", "add_loadgen_args", "loadgen_main",
                   "send a configurable load to a running server and report latency and throughput")
 
+    _add_optional(sub, "vllm-proxy", "kvproof.runtime.vllm_connector.proxy", "add_args", "main",
+                  "disaggregated proxy: each request to a vLLM prefill (1 token, remote decode), then decode")
+
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
     p.add_argument("--json", action="store_true", help="print JSON")

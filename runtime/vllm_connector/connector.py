@@ -75,7 +75,7 @@ class KVProofConnector(KVConnectorBase_V1):
         self._drop_arrival: set[str] = set()
         self._hold: dict[str, list[int]] = {}
         self._holding: set[str] = set()
-        self._freed_log = EventLog(trace_path(self.cfg, "events-sched")) if role == KVConnectorRole.SCHEDULER \
+        self._freed_log = EventLog(trace_path(self.cfg, "events/sched")) if role == KVConnectorRole.SCHEDULER \
             else None
         # worker side
         self.decode: DecodeSide | None = None

@@ -70,8 +70,9 @@ def trace_path(cfg: ConnectorConfig, name: str) -> str | None:
     """Where this process writes trace `name` (None: not tracing)."""
     if cfg.trace_dir is None:
         return None
-    os.makedirs(cfg.trace_dir, exist_ok=True)
-    return os.path.join(cfg.trace_dir, f"{name}-{os.getpid()}.jsonl")
+    path = os.path.join(cfg.trace_dir, f"{name}-{os.getpid()}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
 class DecodeSide:
@@ -83,7 +84,7 @@ class DecodeSide:
         self._connect = connect
         self.inst = Instance(KVSlot, cfg.spec_variant, cfg.spec_params, actor="decode",
                              trace=trace_path(cfg, "decode"))
-        self.events = EventLog(trace_path(cfg, "events-decode"))
+        self.events = EventLog(trace_path(cfg, "events/decode"))
         self.lock = threading.RLock()
         self.free: deque[int] = deque(range(cfg.slots))
         self.waiting: deque[Recv] = deque()

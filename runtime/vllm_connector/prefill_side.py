@@ -166,7 +166,7 @@ class PrefillSide:
         self.held: dict[str, Held] = {}
         self.finished_sending: set[str] = set()
         self.stats: Counter[str] = Counter()
-        self.events = EventLog(trace_path(cfg, f"events-prefill-r{rank}"))
+        self.events = EventLog(trace_path(cfg, f"events/prefill-r{rank}"))
         port = cfg.port + 2 * rank if cfg.port else 0
         self.ctrl_listener = ChannelListener(cfg.host, port)
         self.data_listener = TcpListener(cfg.host, port + 1 if port else 0)

@@ -85,5 +85,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the proxy until interrupted."""
-    web.run_app(make_app(args.prefill, args.decode), host=args.host, port=args.port, print=None)
+    # handler_cancellation: a client that disconnects cancels its handler at once, which closes
+    # the decode request mid-transfer (vLLM aborts it) instead of after the first token
+    web.run_app(make_app(args.prefill, args.decode), host=args.host, port=args.port, print=None,
+                handler_cancellation=True)
     return 0
