@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 import random
 import subprocess
 import sys
@@ -30,7 +32,9 @@ N_EQUAL, N_ABORT, ABORT_FRAC, MAX_TOKENS, DELAY_MS = 50, 60, 0.4, 8, 150
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """Five vLLM CPU instances started together: single, fixed prefill/decode, unfixed prefill/decode."""
-    wd = tmp_path_factory.mktemp("vllm")
+    wd = Path(os.environ["KVPROOF_VLLM_WORKDIR"]) if os.environ.get("KVPROOF_VLLM_WORKDIR") \
+        else tmp_path_factory.mktemp("vllm")
+    wd.mkdir(parents=True, exist_ok=True)
     model = tiny_llama(wd / "model")
     servers, pairs = [start_vllm("single", model, wd)], {}
     for variant in ("fixed", "unfixed"):
@@ -39,6 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         p = start_vllm(f"{variant}-prefill", model, wd, {"kv_role": "kv_producer", "kv_connector_extra_config": extra})
         d = start_vllm(f"{variant}-decode", model, wd, {"kv_role": "kv_consumer", "kv_connector_extra_config": extra})
         servers += [p, d]
+        time.sleep(10)                          # staggered: concurrent start-ups race for vLLM's internal ports
         pairs[variant] = (p, d, wd / variant)
     try:
         wait_ready(servers, timeout=600)

@@ -95,8 +95,10 @@ def wait_ready(servers: list[Server], timeout: float = 300.0) -> None:
     while pending:
         for s in list(pending):
             if s.proc.poll() is not None:
-                raise RuntimeError(f"vLLM {s.name} exited with {s.proc.returncode}:\n"
-                                   + s.log.read_text()[-4000:])
+                text = s.log.read_text()
+                first = [ln for ln in text.splitlines() if "Error" in ln and "File " not in ln][:5]
+                raise RuntimeError(f"vLLM {s.name} exited with {s.proc.returncode} (log {s.log}); first errors:\n"
+                                   + "\n".join(first) + "\n...\n" + text[-2000:])
             try:
                 with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
                     if r.status == 200:
