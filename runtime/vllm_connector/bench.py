@@ -1,5 +1,9 @@
-"""`kvproof bench vllm-connector`: the connector's transfer time per request, and end-to-end latency
-through proxy + prefill + decode against one vLLM instance (no transfer), same model, one run."""
+"""`kvproof bench vllm-connector`: transfer time per request, and latency against one vLLM instance.
+
+In one run on the same model: the connector's transfer time (decode's alloc to
+every rank's Done), and end-to-end latency through proxy + prefill + decode
+against a single vLLM instance (no transfer at all).
+"""
 from __future__ import annotations
 
 import asyncio
