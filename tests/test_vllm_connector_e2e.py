@@ -2,7 +2,7 @@
 
 One module-scoped set of servers: a single instance (reference), a fixed pair
 and an unfixed pair (the pre-fix negative control), each pair with every KV
-write delayed 400 ms (late writes). Skipped only where vllm is not installed.
+write delayed 600 ms (late writes). Skipped only where vllm is not installed.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from kvproof.verify.trace_audit import audit  # noqa: E402
 from kvproof.verify.trace_schema import check_file  # noqa: E402
 
 pytestmark = pytest.mark.slow
-N_EQUAL, N_ABORT, ABORT_FRAC, MAX_TOKENS, DELAY_MS = 50, 60, 0.5, 8, 400
+N_EQUAL, N_ABORT, ABORT_FRAC, MAX_TOKENS, DELAY_MS = 50, 60, 0.6, 8, 600
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,19 @@ def _reference(cluster, ps: list[list[int]]) -> list[list[int]]:
 def test_disaggregated_outputs_equal_single_instance(cluster) -> None:
     """Greedy outputs of 50 requests through proxy + prefill + decode equal one vLLM's, token for token."""
     ps = prompts(N_EQUAL, seed=1)
-    got = asyncio.run(run_requests(cluster["proxies"]["fixed"].url, ps, MAX_TOKENS, concurrency=8))
+    params: dict[int, dict] = {}
+    got = asyncio.run(run_requests(cluster["proxies"]["fixed"].url, ps, MAX_TOKENS, concurrency=8,
+                                   kv_params=params))
     want = _reference(cluster, ps)
     assert all(len(w) == MAX_TOKENS for w in want)
     assert [i for i in range(N_EQUAL) if got[i] != want[i]] == []
+    # decode's kv_transfer_params carry the slot and epoch the request's KV had; (slot, epoch) is unique
+    leases = [(params[i]["kvproof_slot"], params[i]["kvproof_epoch"]) for i in range(N_EQUAL)]
+    assert len(set(leases)) == N_EQUAL and all(e >= 1 for _, e in leases)
 
 
 def _abort_run(cluster, variant: str) -> dict:
-    """60 requests, half disconnected 10-60 ms after decode started (mid-transfer: writes land after 400 ms)."""
+    """60 requests, 60% disconnected 10-60 ms after decode started (mid-transfer: writes land after 600 ms)."""
     ps = prompts(N_ABORT, seed=2)
     rng = random.Random(3)
     aborts = {i: rng.uniform(0.01, 0.06) for i in rng.sample(range(N_ABORT), int(ABORT_FRAC * N_ABORT))}

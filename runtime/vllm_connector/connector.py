@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
 )
 
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
@@ -46,6 +47,18 @@ class KVProofMetadata(KVConnectorMetadata):
     finished: dict[str, bool] = field(default_factory=dict)                     # req -> aborted
     hold: dict[str, list[int]] = field(default_factory=dict)                    # prefill: req -> its blocks
     idle: bool = False
+
+
+@dataclass
+class SlotLeases(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: the (slot, epoch) each new request got, for its kv_transfer_params."""
+
+    leases: dict[str, list[int]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Union of two workers' leases."""
+        assert isinstance(other, SlotLeases)
+        return SlotLeases({**self.leases, **other.leases})
 
 
 class KVProofConnector(KVConnectorBase_V1):
@@ -75,6 +88,7 @@ class KVProofConnector(KVConnectorBase_V1):
         self._drop_arrival: set[str] = set()
         self._hold: dict[str, list[int]] = {}
         self._holding: set[str] = set()
+        self._lease: dict[str, list[int]] = {}            # decode: req -> [slot, epoch]
         self._freed_log = EventLog(trace_path(self.cfg, "events/sched")) if role == KVConnectorRole.SCHEDULER \
             else None
         # worker side
@@ -118,6 +132,9 @@ class KVProofConnector(KVConnectorBase_V1):
 
         vLLM frees such a request at its next finished_recving; an arrival is not a release.
         """
+        wm = connector_output.kv_connector_worker_meta
+        if isinstance(wm, SlotLeases):
+            self._lease.update(wm.leases)
         recving = set(connector_output.finished_recving or ())
         dropped = recving & self._drop_arrival - set(connector_output.failed_recving or ())
         if dropped:
@@ -149,15 +166,17 @@ class KVProofConnector(KVConnectorBase_V1):
             return False, None
         aborted = status not in _NORMAL_END
         self._finished[rid] = aborted
+        lease = self._lease.pop(rid, None)
+        out = {"kvproof_slot": lease[0], "kvproof_epoch": lease[1]} if lease else None
         if not aborted:
             self._recv_reqs.discard(rid)
             self._arrived.discard(rid)
-            return False, None
+            return False, out
         self._awaiting.add(rid)
         if rid in self._arrived:
-            return True, None                              # vLLM would free now: we hold until safe
+            return True, out                               # vLLM would free now: we hold until safe
         self._drop_arrival.add(rid)                        # vLLM holds it itself until our report
-        return False, None
+        return False, out
 
     def has_pending_push_work(self) -> bool:
         """Keep the engine stepping while prefill holds KV or decode waits for safe answers."""
@@ -213,6 +232,11 @@ class KVProofConnector(KVConnectorBase_V1):
         if getattr(self, "_idle", False) and not (sending or recving):
             time.sleep(0.002)                              # idle engine kept stepping for us: don't spin
         return KVConnectorTransferResults(sending, recving, failed)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """The slot leases made since the last step (the epoch goes back in kv_transfer_params)."""
+        leases = self.decode.take_leases() if self.decode is not None else {}
+        return SlotLeases(leases) if leases else None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(finished sending, finished receiving), for callers of the older API."""

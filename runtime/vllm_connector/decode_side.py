@@ -96,6 +96,7 @@ class DecodeSide:
         self.received: set[str] = set()
         self.released: set[str] = set()
         self.failed: set[str] = set()
+        self.leases: dict[str, list[int]] = {}
         self.stats: Counter[str] = Counter()
 
     # ------------------------------------------------------------ from vLLM's scheduler (metadata)
@@ -147,6 +148,12 @@ class DecodeSide:
         with self.lock:
             out = (self.released, self.received, self.failed)
             self.released, self.received, self.failed = set(), set(), set()
+            return out
+
+    def take_leases(self) -> dict[str, list[int]]:
+        """{request: [slot, epoch]} allocated since the last call."""
+        with self.lock:
+            out, self.leases = self.leases, {}
             return out
 
     # ------------------------------------------------------------ from the prefill ranks
@@ -213,6 +220,7 @@ class DecodeSide:
                 self._send(from_emission(em, req=rec.params["remote_request_id"], blocks=rec.blocks))
             rec.slot, rec.epoch, rec.started = s, self.inst.get("epoch", s), time.monotonic()
             self.by_slot[s] = rec
+            self.leases[rec.req_id] = [s, rec.epoch]
             self.events.write("alloc", req=rec.req_id, slot=s, epoch=rec.epoch, blocks=rec.blocks)
 
     def _freed(self, rec: Recv, report: bool) -> None:

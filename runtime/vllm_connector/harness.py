@@ -159,9 +159,11 @@ class ProxyThread:
 
 
 async def run_requests(url: str, prompts_: list[list[int]], max_tokens: int, concurrency: int,
-                       abort_after_s: dict[int, float] | None = None) -> list[list[int] | None]:
+                       abort_after_s: dict[int, float] | None = None,
+                       kv_params: dict[int, Any] | None = None) -> list[list[int] | None]:
     """Greedy completions; request i in abort_after_s disconnects that long after the response headers
-    (streamed, so headers come as decode starts: mid-transfer). Returns token ids, None if aborted."""
+    (streamed, so headers come as decode starts: mid-transfer). Returns token ids, None if aborted;
+    kv_params, if given, receives each served response's kv_transfer_params."""
     import asyncio
 
     import aiohttp
@@ -182,7 +184,10 @@ async def run_requests(url: str, prompts_: list[list[int]], max_tokens: int, con
             async with session.post(url + "/v1/completions", json=body) as r:
                 if r.status != 200:
                     raise RuntimeError(f"request {i}: HTTP {r.status}: {await r.text()}")
-                out[i] = (await r.json())["choices"][0]["token_ids"]
+                doc = await r.json()
+                out[i] = doc["choices"][0]["token_ids"]
+                if kv_params is not None:
+                    kv_params[i] = doc.get("kv_transfer_params")
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         await asyncio.gather(*(one(session, i) for i in range(len(prompts_))))
