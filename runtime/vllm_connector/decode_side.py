@@ -29,7 +29,7 @@ from kvproof.runtime.transport import make_transport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Alloc, Done, Hello, Safe, decode, encode, from_emission
-from kvproof.spec.kv_slot import DState, KVSlot
+from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Instance
 
 CONTROL = ChannelConfig(heartbeat_interval_s=None, heartbeat_timeout_s=None)
@@ -128,7 +128,7 @@ class DecodeSide:
             self._fire("abort", s=s)
             self.stats["aborted"] += 1
             self.events.write("abort", req=req_id, slot=s, epoch=rec.epoch, received=rec.received)
-            if self.inst.get("d_state", s) == DState.FREE:  # unfixed: freed at once
+            if self._is_free(s):                            # unfixed: the spec freed it at once
                 self._freed(rec, report=True)
 
     def tick(self) -> None:
@@ -140,7 +140,7 @@ class DecodeSide:
                     rec.timed_out = True
                     self._fire("timeout", s=s)
                     self.events.write("timeout", req=rec.req_id, slot=s, epoch=rec.epoch)
-                    if self.inst.get("d_state", s) == DState.FREE:
+                    if self._is_free(s):
                         self._freed(rec, report=True)
 
     def take_results(self) -> tuple[set[str], set[str], set[str]]:
@@ -182,7 +182,7 @@ class DecodeSide:
         with self.lock:
             self.inst.record("land", s=s, w=w, e=e)
             self.stats["landed"] += 1
-            if e != self.inst.get("epoch", s) or self.inst.get("d_state", s) == DState.FREE:
+            if e != self.inst.get("epoch", s) or self._is_free(s):
                 self.stats["foreign_landings"] += 1
                 self.events.write("foreign_landing", slot=s, writer=w, epoch=e, region=region, offset=offset)
 
@@ -226,7 +226,7 @@ class DecodeSide:
     def _freed(self, rec: Recv, report: bool) -> None:
         """The spec freed rec's slot: forget it, tell vLLM it may free the blocks (report), schedule."""
         s = rec.slot
-        assert s is not None and self.inst.get("d_state", s) == DState.FREE
+        assert s is not None and self._is_free(s)
         del self.by_slot[s]
         self.by_req.pop(rec.req_id, None)
         self.free.append(s)
@@ -241,6 +241,10 @@ class DecodeSide:
             self.released.add(rec.req_id)
         self.stats["released"] += 1
         self.events.write("release", req=rec.req_id, slot=rec.slot, epoch=rec.epoch, blocks=rec.blocks, why=why)
+
+    def _is_free(self, s: int) -> bool:
+        """Slot s is back in the free pool: the spec would let a new request have it."""
+        return self.inst.enabled("alloc", s=s)
 
     def _try(self, action: str, **args: int) -> bool:
         if not self.inst.enabled(action, **args):
