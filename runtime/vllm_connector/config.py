@@ -32,6 +32,7 @@ class ConnectorConfig:
     trace_dir: str | None = None            # JSON Lines traces for `kvproof audit` (and event logs)
     write_delay_ms: float | None = None     # prefill fault injection: late-landing writes
     write_delay_prob: float = 1.0
+    write_delay_dist: str = "fixed"         # fixed | uniform (U(0, 2*delay)) | exponential: reorders writes
     fault_seed: int | None = None
     transfer_timeout_s: float = 60.0        # decode: a transfer not done by then is terminated
     hold_timeout_s: float = 120.0           # prefill: KV no decode asked for is released then
@@ -50,6 +51,9 @@ class ConnectorConfig:
         if not 0.0 <= self.write_delay_prob <= 1.0:
             raise ValueError(f"kv_connector_extra_config: write_delay_prob={self.write_delay_prob!r}, "
                              "expected a probability in [0, 1]")
+        if self.write_delay_dist not in ("fixed", "uniform", "exponential"):
+            raise ValueError(f"kv_connector_extra_config: write_delay_dist={self.write_delay_dist!r}, "
+                             "expected fixed, uniform or exponential")
         for name in ("transfer_timeout_s", "hold_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"kv_connector_extra_config: {name}={getattr(self, name)!r}, expected > 0")

@@ -172,7 +172,7 @@ class PrefillSide:
         self.data_listener = TcpListener(cfg.host, port + 1 if port else 0)
         self.peers: list[Peer] = []
         self.faults = (FaultConfig(delay_ms=cfg.write_delay_ms, delay_prob=cfg.write_delay_prob,
-                                   delay_dist="fixed", seed=cfg.fault_seed)
+                                   delay_dist=cfg.write_delay_dist, seed=cfg.fault_seed)
                        if cfg.write_delay_ms is not None else None)
         threading.Thread(target=self._accept_loop, name=f"prefill-r{rank}-accept", daemon=True).start()
 
