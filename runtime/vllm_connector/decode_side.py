@@ -24,7 +24,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvproof.runtime.channel import Channel, ChannelConfig
+from kvproof.runtime.transport.control import Channel, ChannelConfig
 from kvproof.runtime.transport import make_transport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvproof.runtime.channel import Channel, ChannelListener
+from kvproof.runtime.transport.control import Channel, ChannelListener
 from kvproof.runtime.transport import FaultConfig, TcpListener, TcpTransport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.decode_side import CONTROL, EventLog, trace_path
