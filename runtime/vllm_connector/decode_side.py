@@ -46,7 +46,7 @@ class Recv:
     epoch: int | None = None
     started: float = field(default_factory=time.monotonic)
     received: bool = False          # "received" was reported to vLLM
-    timed_out: bool = False
+    failed: bool = False            # timed out or its rank died: vLLM recomputes the prompt itself
 
 
 class EventLog:
@@ -97,6 +97,7 @@ class DecodeSide:
         self.released: set[str] = set()
         self.failed: set[str] = set()
         self.leases: dict[str, list[int]] = {}
+        self.dead: dict[int, str] = {}                     # prefill rank -> why its connection died
         self.stats: Counter[str] = Counter()
 
     # ------------------------------------------------------------ from vLLM's scheduler (metadata)
@@ -105,6 +106,10 @@ class DecodeSide:
         with self.lock:
             self._ensure_peer(params)
             rec = Recv(req_id, list(blocks), params)
+            if self.dead:                                   # no transfer can complete: recompute locally
+                self.failed.add(req_id)
+                self.events.write("failed", req=req_id, why="prefill rank dead")
+                return
             self.by_req[req_id] = rec
             self.waiting.append(rec)
             self._schedule()
@@ -137,7 +142,7 @@ class DecodeSide:
         with self.lock:
             for s, rec in list(self.by_slot.items()):
                 if now - rec.started > self.cfg.transfer_timeout_s and self.inst.enabled("timeout", s=s):
-                    rec.timed_out = True
+                    rec.failed = True
                     self._fire("timeout", s=s)
                     self.events.write("timeout", req=rec.req_id, slot=s, epoch=rec.epoch)
                     if self._is_free(s):
@@ -149,6 +154,32 @@ class DecodeSide:
             out = (self.released, self.received, self.failed)
             self.released, self.received, self.failed = set(), set(), set()
             return out
+
+    def rank_dead(self, rank: int, reason: str) -> None:
+        """Rank `rank`'s control channel died: drain its transport, then nothing of it can land.
+
+        Transfers waiting for it are terminated (abort) and reported failed once reclaimed, so vLLM
+        recomputes their prompts; every aborting slot gets on_peer_dead for the rank, then reclaim.
+        """
+        if rank in self.dead or rank >= len(self.transports):
+            return
+        self.transports[rank].close_and_drain()             # outside the lock: on_land may still run
+        with self.lock:
+            self.dead[rank] = reason
+            self.inst.record("kill", w=rank)
+            self.events.write("rank_dead", rank=rank, why=reason)
+            for s, rec in list(self.by_slot.items()):
+                if self.inst.enabled("timeout", s=s):       # still waiting for KV
+                    rec.failed = True
+                    self._fire("abort", s=s)
+                    if self._is_free(s):
+                        self._freed(rec, report=True)
+                        continue
+                if self.inst.enabled("on_peer_dead", s=s, w=rank):
+                    self._fire("on_peer_dead", s=s, w=rank)
+                if self.inst.enabled("reclaim", s=s):
+                    self._fire("reclaim", s=s)
+                    self._freed(rec, report=True)
 
     def take_leases(self) -> dict[str, list[int]]:
         """{request: [slot, epoch]} allocated since the last call."""
@@ -200,7 +231,8 @@ class DecodeSide:
             return
         for rank, (ctrl, data) in enumerate(ports):
             ch = Channel.connect((host, ctrl), config=CONTROL, label=f"decode-r{rank}",
-                                 on_message=lambda m, r=rank: self.on_message(r, m))
+                                 on_message=lambda m, r=rank: self.on_message(r, m),
+                                 on_dead=lambda why, r=rank: self.rank_dead(r, why))
             tr = self._connect("tcp", connect=(host, data), on_land=self.on_land)
             for i, region in enumerate(self.regions):
                 tr.register(region, region_id=i)
@@ -211,6 +243,10 @@ class DecodeSide:
         self.peer = key
 
     def _schedule(self) -> None:
+        while self.waiting and self.dead:
+            rec = self.waiting.popleft()
+            self.by_req.pop(rec.req_id, None)
+            self.failed.add(rec.req_id)
         while self.waiting and self.free:
             s = self.free.popleft()
             if not self.inst.enabled("alloc", s=s):
@@ -235,7 +271,7 @@ class DecodeSide:
         self._schedule()
 
     def _release(self, rec: Recv, why: str) -> None:
-        if rec.timed_out:
+        if rec.failed:
             self.failed.add(rec.req_id)
         else:
             self.released.add(rec.req_id)

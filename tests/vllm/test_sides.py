@@ -12,6 +12,7 @@ from kvproof.runtime.vllm_connector.harness import free_port
 from kvproof.runtime.vllm_connector.kv_layout import layout_of, region_tensor
 from kvproof.runtime.vllm_connector.prefill_side import PrefillSide
 from kvproof.spec.kv_slot import DState
+from kvproof.verify.trace_audit import audit
 
 
 def _caches(num_blocks: int, seed: int) -> list[torch.Tensor]:
@@ -80,6 +81,29 @@ def test_abort_mid_transfer_with_late_writes(tmp_path, variant: str) -> None:
             assert released == {"d1"}
             _until(lambda: dec.stats["landed"] == 8)
             assert dec.stats["foreign_landings"] == 8
+        res = audit([str(tmp_path)])
+        assert res.ok == (variant == "fixed"), res.text()
+        assert res.ok or res.at.action == "land"
     finally:
         dec.close()
         pre.close()
+
+
+def test_prefill_death_mid_transfer_fails_over_to_local_recompute(tmp_path) -> None:
+    """The prefill rank dies with writes in flight: decode drains its connection, terminates the
+    transfer, frees the slot via on_peer_dead, and reports the request failed (vLLM recomputes)."""
+    pre, dec, pc, dc, params = _pair(tmp_path, write_delay_ms=300.0)
+    try:
+        pre.hold("p1", [3, 4])
+        dec.add("d1", [1, 5], params)
+        _until(lambda: pre.stats["writes_posted"] == 8)
+        pre.close()
+        failed: set[str] = set()
+        _until(lambda: failed.update(dec.take_results()[2]) or "d1" in failed)
+        assert dec.inst.enabled("alloc", s=0) and dec.dead == {0: dec.dead[0]}
+        dec.add("d2", [2], {**params, "remote_request_id": "p2"})      # no live rank: failed at once
+        assert dec.take_results()[2] == {"d2"}
+        res = audit([str(tmp_path)])                    # kill drains: nothing lands after it
+        assert res.ok, res.text()
+    finally:
+        dec.close()
