@@ -136,10 +136,12 @@ class KVProofConnector(KVConnectorBase_V1):
         if isinstance(wm, SlotLeases):
             self._lease.update(wm.leases)
         recving = set(connector_output.finished_recving or ())
-        dropped = recving & self._drop_arrival - set(connector_output.failed_recving or ())
+        failed = set(connector_output.failed_recving or ())
+        dropped = recving & self._drop_arrival - failed
         if dropped:
             connector_output.finished_recving = recving - dropped
-        self._arrived |= (recving - dropped) & self._recv_reqs
+        self._arrived |= (recving - dropped - failed) & self._recv_reqs
+        self._recv_reqs -= failed - self._awaiting          # recomputed locally: no transfer left
         for rid in set(connector_output.finished_sending or ()) | (recving - dropped):
             if rid in self._awaiting or rid in self._holding:
                 self._awaiting.discard(rid)
