@@ -37,8 +37,10 @@ def _bench(args: argparse.Namespace) -> int:
     if what == "verify":
         from kvproof.verify.bench import bench_verify
         doc = bench_verify(quick=quick)
+    elif what == "kernels" and args.compile_report:
+        doc = _lazy("kvproof.kernels.compile_report", "compile_report")(scope="ci" if quick else "full")
     elif what == "kernels":
-        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
+        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick, out_path=args.out)
     elif what == "hicache":
         doc = _lazy("kvproof.runtime.tools.hicache_bench", "bench_hicache")(quick=quick)
     elif what == "transitions":
@@ -117,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
+    p.add_argument("--compile-report", action="store_true",
+                   help="kernels: compile every kernel configuration for sm_90/sm_100 on the CPU and report "
+                   "registers, spills, shared memory and tensor-core use (no GPU needed)")
+    p.add_argument("--out", default=None,
+                   help="kernels: also write the JSON report to this file, rewritten as each row completes")
     p.set_defaults(func=_bench)
     return ap
 
