@@ -60,6 +60,13 @@ def _bench(args: argparse.Namespace) -> int:
             doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
         else:
             doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
+    elif what == "vllm-connector":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("kvproof bench vllm-connector: needs vllm (make venv-vllm installs kvproof[vllm])", file=sys.stderr)
+            return 2
+        doc = _lazy("kvproof.runtime.vllm_connector.bench", "bench_vllm_connector")(n=10 if quick else 30)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -104,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "loadgen", "kvproof.runtime.tools.loadgen", "add_loadgen_args", "loadgen_main",
                   "send a configurable load to a running server and report latency and throughput")
 
+    _add_optional(sub, "vllm-proxy", "kvproof.runtime.vllm_connector.proxy", "add_args", "main",
+                  "disaggregated proxy: each request to a vLLM prefill (1 token, remote decode), then decode")
+
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit",
+                                          "vllm-connector"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
