@@ -30,6 +30,7 @@ _CHECKS: list[Check] = []
 # Modules that register checks when imported. Each owns the checks of one protocol.
 CHECK_MODULES: tuple[str, ...] = (
     "kvproof.verify.checks_kv_slot",
+    "kvproof.verify.checks_kv_page",
     "kvproof.verify.checks_streams",
     "kvproof.verify.checks_monitor",
     "kvproof.verify.checks_layersplit",
