@@ -22,7 +22,7 @@ request, being written, not yet in the prefix index), CACHED (full page in the
 prefix index; SHARED while `refs` > 0, evictable at 0), EVICTING (write-back to
 host in flight; the content then lives ON_HOST, which is a state of the content,
 not of this frame), LOADING (a host copy is being loaded into it for the request
-that reserved it). Copies are asynchronous: a load's writes land (`land`) some
+that reserved and owns it). Copies are asynchronous: a load's writes land (`land`) some
 time after `load_start`, a write-back completes (`wb_done`) after `evict_start`.
 
 Variants: `fixed`; `evict_locked` (eviction ignores lock references);
@@ -104,7 +104,7 @@ class KVPage(Protocol):
     def unlock(P, m, p, e):
         """A request holding content epoch e of a cached page ends (finish, abort, preemption)."""
         cur = e == m.tag[p]
-        m.env(m.ite(cur, m.refs[p] > 0, m.all([e < m.tag[p], m.stale[p] > 0])), "holder_exists")
+        m.require(m.ite(cur, m.refs[p] > 0, m.all([e < m.tag[p], m.stale[p] > 0])), "holder_exists")
         m.require(m.ite(cur, m.all([m.st[p] != PState.OWNED, m.st[p] != PState.LOADING]), True),
                   "not_sole_owner")
         m.refs[p] = m.refs[p] - m.ite(cur, 1, 0)
@@ -114,7 +114,7 @@ class KVPage(Protocol):
     def read(P, m, p, e):
         """A request holding content epoch e reads the page (attention over its prefix)."""
         cur = e == m.tag[p]
-        m.env(m.ite(cur, m.refs[p] > 0, m.all([e < m.tag[p], m.stale[p] > 0])), "holder_exists")
+        m.require(m.ite(cur, m.refs[p] > 0, m.all([e < m.tag[p], m.stale[p] > 0])), "holder_exists")
         m.require(m.ite(cur, m.any([m.st[p] == PState.OWNED, m.st[p] == PState.CACHED]), True), "page_ready")
         m.bad_read[p] = m.any([m.bad_read[p], m.not_(cur), m.ld_fl[p] > 0,
                                m.all([m.st[p] != PState.OWNED, m.st[p] != PState.CACHED])])
@@ -133,6 +133,14 @@ class KVPage(Protocol):
         m.ld_fl[p] = 0
 
     # ------------------------------------------------------------ host tier
+    @action("pool", p="page")
+    def drop(P, m, p):
+        """Drop a cached page without keeping its content (no host tier, or the host is full)."""
+        m.require(m.st[p] == PState.CACHED, "cached")
+        if m.variant != "evict_locked":
+            m.require(m.refs[p] == 0, "no_lock_references")
+        m.st[p] = PState.FREE
+
     @action("pool", p="page")
     def evict_start(P, m, p):
         """Evict a cached page: start writing its content back to the host."""
@@ -154,11 +162,9 @@ class KVPage(Protocol):
 
     @action("pool", p="page")
     def load_start(P, m, p):
-        """A prefix match hits content on the host: take a free frame and start loading it (reserved)."""
-        m.require(m.st[p] == PState.FREE, "page_free")
+        """The owner of a fresh page starts loading a host copy into it (a prefix hit on the host)."""
+        m.require(m.st[p] == PState.OWNED, "owned")
         m.st[p] = PState.LOADING
-        m.tag[p] = m.tag[p] + 1
-        P._new_content(m, p)
         m.ld_fl[p] = m.ld_fl[p] + 1
 
     @action("net", p="page", e="data:max_epoch")
