@@ -41,7 +41,7 @@ def test_page_locality_holds_and_is_checked_per_page():
 def test_evicting_a_locked_page_hands_its_reader_foreign_content():
     cex = bmc(KVPage, "evict_locked", {"pages": 1}, ["reads_own_content"], 10)
     acts = [s.action for s in cex.steps]
-    assert "unlock" not in acts and acts.index("evict_start") < len(acts) - 1
+    assert "unlock" not in acts and {"drop", "evict_start"} & set(acts[:-1])
     assert acts[-1] == "read" and cex.final_state["bad_read[0]"] is True
 
 
