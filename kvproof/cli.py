@@ -41,6 +41,8 @@ def _bench(args: argparse.Namespace) -> int:
         doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
     elif what == "hicache":
         doc = _lazy("kvproof.runtime.hicache_bench", "bench_hicache")(quick=quick)
+    elif what == "eviction":
+        doc = _lazy("kvproof.runtime.eviction_bench", "bench_eviction")(quick=quick)
     elif what == "transitions":
         doc = _lazy("kvproof.runtime.bench_transitions", "bench_transitions")()
     elif what == "transport":
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "send a configurable load to a running server and report latency and throughput")
 
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "eviction", "transitions", "transport",
+                                          "layersplit"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
