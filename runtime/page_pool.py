@@ -71,25 +71,46 @@ class PagePool:
             raise RuntimeError(f"page pool exhausted: asked for {n} pages, {len(self._free)} free")
         out = []
         for _ in range(n):
-            p, _ = self._free.popitem(last=False)
-            h = self._hash_of.pop(p, None)
-            if h is not None:
-                del self._by_hash[h]
-            if h is not None and self.on_evict is not None:
-                self._fire("evict_start", p)
-                self.on_evict(p, h)                     # synchronous copy to the host tier
-                self._fire("wb_done", p)
-            else:
-                self._try("drop", p)                    # cached content nobody holds: gone
+            p = next(iter(self._free))                  # least recently used
+            if self.begin_evict(p):
+                self.end_evict(p)                       # the host copy is synchronous
+            self._free.pop(p)
             self._fire("alloc", p)
             out.append(p)
         return out
 
+    def begin_evict(self, p: int) -> bool:
+        """Evict unheld page p's cached content: write it back to the host tier (True: `end_evict`
+        follows) or drop it; a page without cached content is left as it is (False)."""
+        if not self.table.enabled("drop", p):           # no cached content, or someone holds it
+            return False
+        h = self._hash_of.pop(p, None)
+        if h is not None:
+            del self._by_hash[h]
+        if h is None or self.on_evict is None:
+            self._fire("drop", p)
+            return False
+        self._fire("evict_start", p)
+        self._free.pop(p)                               # not reusable before the write-back completes
+        self.on_evict(p, h)
+        return True
+
+    def end_evict(self, p: int) -> None:
+        """The write-back of page p completed: it is free, and the next page handed out."""
+        self._fire("wb_done", p)
+        self._free[p] = None
+        self._free.move_to_end(p, last=False)
+
     def free(self, pages: list[int], tags: list[int] | None = None) -> None:
         """Drop one holder of each page (with the epochs the holder read, if given); unheld pages become free."""
         for k, p in enumerate(pages):
-            if not self._try("free", p):                # not the sole owner of a private page: a shared one
-                self._fire("unlock", p, self.tag(p) if tags is None else tags[k])
+            e = self.tag(p) if tags is None else tags[k]
+            if not self._try("free", p) and not self._try("unlock", p, e):
+                # neither applies: raise with the guard of the one meant (a private page: free)
+                private = self.table.why_disabled("unlock", p, e) == "not_sole_owner"
+                if private:
+                    self.table.fire("free", p)
+                self.table.fire("unlock", p, e)
             if self.table.enabled("drop", p) or self.table.enabled("alloc", p):
                 self._free[p] = None
 

@@ -41,6 +41,24 @@ def _compile_local(layout: Layout, adef: ActionDef, arg: str, variant: str) -> C
     return ns["f"]
 
 
+_CACHE: dict[tuple[type[Protocol], str, str], dict[str, tuple[Callable[..., bool], tuple[str, ...], str]]] = {}
+
+
+def _compiled(protocol: type[Protocol], variant: str, index: str
+              ) -> dict[str, tuple[Callable[..., bool], tuple[str, ...], str]]:
+    """action -> (compiled one-index function, data parameter names, index parameter name), once per process."""
+    key = (protocol, variant, index)
+    if key not in _CACHE:
+        layout = Layout.build(protocol, {**protocol.bounds, protocol.indices[index]: 1})
+        fns = {}
+        for name, adef in protocol.actions.items():
+            arg = next(p.name for p in adef.params if p.index == index)
+            data = tuple(p.name for p in adef.params if p.index is None)
+            fns[name] = (_compile_local(layout, adef, arg, variant), data, arg)
+        _CACHE[key] = fns
+    return _CACHE[key]
+
+
 class LocalInstance:
     """N independent copies of a one-index protocol instance; the runtime's page table is one."""
 
@@ -63,11 +81,7 @@ class LocalInstance:
         self.stride = len(self.layout)
         self.state: list[Any] = list(self.layout.initial()) * n
         self._pos = {name: pos for (name, _), pos in self.layout.slots.items()}
-        self._fns: dict[str, tuple[Callable[..., bool], tuple[str, ...], str]] = {}
-        for name, adef in protocol.actions.items():
-            arg = next(p.name for p in adef.params if p.index == index)
-            data = tuple(p.name for p in adef.params if p.index is None)
-            self._fns[name] = (_compile_local(self.layout, adef, arg, variant), data, arg)
+        self._fns = _compiled(protocol, variant, index)
         self._trace = open(trace, "a") if isinstance(trace, str) else trace
         self._seq = 0
         if self._trace is not None:
