@@ -18,9 +18,9 @@ import os
 import time
 from typing import IO, Any, Callable
 
-from kvproof.spec.compiled import _CONSTS, TRACE, Expr, _src
-from kvproof.spec.core import ActionDef, Layout, Protocol, ProtocolViolation, SpecError
-from kvproof.spec.machine import CONCRETE, View, _GuardFailed, evaluate
+from kvproof.spec.compiled import TRACE, Expr, constants, source
+from kvproof.spec.core import ActionDef, Layout, Protocol, ProtocolViolation, SpecError, variant_name
+from kvproof.spec.machine import CONCRETE, GuardFailed, View, evaluate
 
 
 def _compile_local(layout: Layout, adef: ActionDef, arg: str, variant: str) -> Callable[..., bool]:
@@ -29,14 +29,14 @@ def _compile_local(layout: Layout, adef: ActionDef, arg: str, variant: str) -> C
     data = [p.name for p in adef.params if p.index is None]
     m = View(layout, st, TRACE, variant)
     adef.body(layout.protocol, m, **{arg: 0}, **{d: Expr(d) for d in data})
-    guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
+    guard = " and ".join(source(c) for _, _, c in m.guards) or "True"
     # Evaluate every new value from the pre-state first, then store (an effect reads the pre-state).
-    vals = "\n".join(f"    v{k} = {_src(v)}" for k, v in enumerate(m.writes.values()))
+    vals = "\n".join(f"    v{k} = {source(v)}" for k, v in enumerate(m.writes.values()))
     stores = "\n".join(f"    st[b + {pos}] = v{k}" for k, pos in enumerate(m.writes))
     src = (f"def f(st, b, {', '.join(data + [''])}C=C):\n"
            f"    if not ({guard}):\n        return False\n"
            f"{vals or '    pass'}\n{stores or '    pass'}\n    return True\n")
-    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    ns: dict[str, Any] = {"C": constants()}
     exec(compile(src, f"<local {adef.name}>", "exec"), ns)
     return ns["f"]
 
@@ -64,6 +64,7 @@ class LocalInstance:
 
     def __init__(self, protocol: type[Protocol], variant: str, index: str, n: int,
                  trace: IO[str] | str | None = None) -> None:
+        variant = variant_name(variant)
         if variant not in protocol.variants:
             raise SpecError(f"{protocol.name}: unknown variant {variant!r}; "
                             f"expected one of {', '.join(protocol.variants)}")
@@ -125,7 +126,7 @@ class LocalInstance:
         try:
             evaluate(self.layout, self.state[b:b + self.stride], self.protocol.actions[action],
                      {arg: 0, **dict(zip(names, data))}, CONCRETE, self.variant)
-        except _GuardFailed as g:
+        except GuardFailed as g:
             return g.guard
         return None
 

@@ -19,7 +19,7 @@ PAGES: dict[str, type[Protocol]] = {"kv_slot": KVSlot, "kv_page": KVPage}
 SMALL: dict[str, dict[str, int]] = {"kv_slot": {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1},
                                     "kv_page": {"pages": 1, "max_epoch": 2, "max_refs": 2}}
 BUGS: dict[str, list[tuple[str, str]]] = {
-    "kv_slot": [("prefix", "no_cross_request_write")],
+    "kv_slot": [("unfixed", "no_cross_request_write")],
     "kv_page": [("evict_locked", "reads_own_content"), ("free_while_loading", "no_load_into_foreign_content"),
                 ("reuse_before_writeback", "host_copy_intact")]}
 
@@ -127,11 +127,12 @@ def structure_page(root: Path) -> str:
     for d in STRUCTURE_DIRS:
         lines += [f"## `{d}/`", ""]
         for p in sorted((root / d).rglob("*.py")):
-            if p.name == "__init__.py":
-                continue
             doc = ast.get_docstring(ast.parse(p.read_text())) or ""
             first = doc.strip().splitlines()[0] if doc.strip() else "(entry point)"
-            lines.append(f"- `{p.relative_to(root)}`: {first}")
+            if p.name != "__init__.py":
+                lines.append(f"- `{p.relative_to(root)}`: {first}")
+            elif p.parent != root / d and doc.strip():      # a sub-package: what it holds
+                lines.append(f"- `{p.parent.relative_to(root)}/` (package): {first}")
         lines.append("")
     return "\n".join(lines)
 

@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.model_config import preset
-from kvproof.runtime.model_hicache import HostTier
-from kvproof.runtime.page_pool import PagePool
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.model.config import preset
+from kvproof.runtime.hicache.host_tier import HostTier
+from kvproof.runtime.model.page_pool import PagePool
 from kvproof.spec.core import ProtocolViolation
 from kvproof.spec.kv_page import KVPage
 from kvproof.spec.machine import Emission
