@@ -41,7 +41,7 @@ def add_guards_args(p: argparse.ArgumentParser) -> None:
 def guards_main(args: argparse.Namespace) -> int:
     """Drop each guard in turn; report which property breaks and how."""
     proto = _protocol(args.protocol)
-    params = {"slots": 1, "writers": 1, **_params(args.param)}
+    params = {**{size: 1 for size in proto.indices.values()}, **_params(args.param)}   # one of each index
     if args.variant not in proto.variants:
         print(f"kvproof guards: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)
