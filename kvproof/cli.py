@@ -43,6 +43,8 @@ def _bench(args: argparse.Namespace) -> int:
         doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick, out_path=args.out)
     elif what == "hicache":
         doc = _lazy("kvproof.runtime.tools.hicache_bench", "bench_hicache")(quick=quick)
+    elif what == "eviction":
+        doc = _lazy("kvproof.runtime.tools.eviction_bench", "bench_eviction")(quick=quick)
     elif what == "transitions":
         doc = _lazy("kvproof.runtime.tools.bench_transitions", "bench_transitions")()
     elif what == "transport":
@@ -115,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "disaggregated proxy: each request to a vLLM prefill (1 token, remote decode), then decode")
 
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit",
-                                          "vllm-connector"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "eviction", "transitions", "transport",
+                                    "layersplit", "vllm-connector"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")

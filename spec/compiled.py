@@ -91,8 +91,13 @@ def _src(v: Any) -> str:
 
 
 def source(v: Any) -> str:
-    """Python source of a traced expression or constant (what `spec/ownership.py` reads positions from)."""
+    """Python source of a traced expression or constant (`spec/ownership.py` reads positions from it); constants render as C[i] into `constants()`."""
     return _src(v)
+
+
+def constants() -> list[Any]:
+    """A snapshot of the constant table that traced sources index as C[i]."""
+    return list(_CONSTS)
 
 
 class TraceOps(Ops):

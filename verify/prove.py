@@ -19,7 +19,7 @@ from kvproof.verify.sanity import Sanity, sanity
 from kvproof.verify.report import dump_json, summary_line, to_json, to_junit, to_sarif, verdict_text
 from kvproof.verify.verdict import Status, Verdict
 
-SPEC_FILES = {"kv_slot": "spec/kv_slot.py", "hicache": "spec/hicache_plan.py",
+SPEC_FILES = {"kv_slot": "spec/kv_slot.py", "kv_page": "spec/kv_page.py", "hicache": "spec/hicache_plan.py",
               "layersplit": "spec/layersplit_plan.py", "specdec_monitor": "spec/specdec_monitor.py"}
 
 

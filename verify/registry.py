@@ -39,6 +39,7 @@ class Check:
 # The package's check modules, one per protocol; each exposes `checks()`.
 CHECK_MODULES: tuple[str, ...] = (
     "kvproof.verify.checks_kv_slot",
+    "kvproof.verify.checks_kv_page",
     "kvproof.verify.checks_streams",
     "kvproof.verify.checks_monitor",
     "kvproof.verify.checks_layersplit",
