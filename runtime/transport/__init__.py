@@ -3,6 +3,7 @@
     loopback  in-process, with a controllable mode for model-based tests
     tcp       real sockets, the embedded default; fault injection in faults.py
     verbs     RDMA RC through pyverbs, the production path
+    mooncake  Mooncake's Transfer Engine (SGLang's PD engine) for the bytes, MAC-checked landing
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .frames import FrameError
 from .loopback import LoopbackTransport, PendingWrite, loopback_pair
 from .tcp import TcpListener, TcpTransport
 
-TRANSPORTS = ("tcp", "loopback", "verbs")
+TRANSPORTS = ("tcp", "loopback", "verbs", "mooncake")
 
 __all__ = [
     "Completion", "FaultConfig", "FrameError", "LandHook", "LoopbackTransport", "PendingWrite",
@@ -47,9 +48,18 @@ def _endpoint_socket(name: str, kw: dict[str, Any]) -> socket.socket:
 
 
 def make_transport(name: str, **kw: Any) -> Transport:
-    """Create a transport endpoint by name: tcp | loopback | verbs."""
+    """Create a transport endpoint by name: tcp | loopback | verbs | mooncake.
+
+    key= (the auth handshake's connection key) MACs every write where the transport checks MACs
+    (mooncake); the others ride on the authenticated socket itself."""
+    key = kw.pop("key", None)
     if name == "loopback":
         return LoopbackTransport(**kw)
+    if name == "mooncake":
+        from .mooncake import MooncakeTransport, mooncake_engine_class
+
+        mooncake_engine_class()  # a clear TransportUnavailable before any socket is touched
+        return MooncakeTransport(_endpoint_socket(name, kw), key=key, **kw)
     if name == "tcp":
         return TcpTransport(_endpoint_socket(name, kw), **kw)
     if name == "verbs":
