@@ -23,7 +23,9 @@ from kvproof.runtime.pd_config import PDConfig
 from kvproof.runtime.pd_messages import (
     Cancel, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
+from kvproof.runtime.pd_launch import spawn_worker
 from kvproof.runtime.pd_process import channel_config
+from kvproof.runtime.transport.auth import Secret, accept_authenticated
 
 _MODULE = "kvproof.runtime.pd_process"
 
@@ -35,8 +37,10 @@ class ClusterError(RuntimeError):
 class PDCluster:
     """A decode process plus `writers` prefill-rank processes, driven from this (client) process."""
 
-    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0) -> None:
+    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0, secret: Secret | None = None) -> None:
         self.cfg, self.start_timeout_s = cfg, start_timeout_s
+        self.secret = secret or Secret.generate()          # per deployment; reaches workers on stdin only
+        self.ready: Ready | None = None                    # decode's listener addresses, once known
         self.results: queue.Queue[Result] = queue.Queue()
         self._control: queue.Queue[Any] = queue.Queue()
         self._listener: ChannelListener | None = None
@@ -51,10 +55,10 @@ class PDCluster:
             self._listener = ChannelListener()
             host, port = self._listener.address
             self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
-            self._client = self._listener.accept(self.start_timeout_s, config=channel_config(self.cfg),
-                                                 label="client", on_message=self._on_message,
-                                                 on_dead=lambda r: self._control.put(ClusterError(r)))
-            ready = self._expect(Ready)
+            sock, _ = self._accept_decode()
+            self._client = Channel(sock, config=channel_config(self.cfg), label="client",
+                                   on_message=self._on_message, on_dead=lambda r: self._control.put(ClusterError(r)))
+            ready = self.ready = self._expect(Ready)
             for w in range(self.cfg.writers):
                 (ch, cp), (dh, dp) = ready.control[w], ready.data[w]
                 self.prefill.append(self._spawn(["prefill", "--rank", str(w), "--control", f"{ch}:{cp}",
@@ -65,8 +69,22 @@ class PDCluster:
             self.close()
             raise
 
+    def _accept_decode(self) -> tuple[Any, bytes]:
+        """Accept decode's authenticated client connection (impostors are refused and counted)."""
+        assert self._listener is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                return accept_authenticated(self._listener.sock, self.secret, "client", 1.0)
+            except TimeoutError:
+                if self.decode is not None and self.decode.poll() is not None:
+                    raise ClusterError(f"decode process exited with code {self.decode.returncode} "
+                                       f"before connecting") from None
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"decode did not connect within {self.start_timeout_s} s") from None
+
     def _spawn(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", _MODULE, *args, "--config", self.cfg.to_json()])
+        return spawn_worker(_MODULE, args[0], [*args[1:], "--config", self.cfg.to_json()], self.secret)
 
     def _expect(self, cls: type) -> Any:
         deadline = time.monotonic() + self.start_timeout_s
@@ -150,6 +168,22 @@ class PDCluster:
             return self.results.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def kill_role(self, role: str) -> None:
+        """SIGKILL a worker by role name: decode or prefill-R."""
+        if role == "decode" and self.decode is not None:
+            self.decode.kill()
+        elif role.startswith("prefill-") and role[8:].isdigit():
+            self.kill_prefill(int(role[8:]))
+        else:
+            raise ValueError(f"role={role!r}, expected 'decode' or 'prefill-R' with 0 <= R < {len(self.prefill)}")
+
+    def dead_role(self) -> str | None:
+        """None while every worker runs, else which one exited and how."""
+        for name, p in [("decode", self.decode), *((f"prefill-{i}", q) for i, q in enumerate(self.prefill))]:
+            if p is not None and p.poll() is not None:
+                return f"{name} process exited with code {p.returncode}"
+        return None
 
     def kill_prefill(self, rank: int) -> None:
         """SIGKILL prefill rank `rank`'s process (a crash mid-run)."""

@@ -28,6 +28,7 @@ from kvproof.runtime.engine_api import StreamingMixin
 from kvproof.runtime.model_layersplit import engine_shape
 from kvproof.runtime.pd_cluster import ClusterError, PDCluster
 from kvproof.runtime.pd_config import PDConfig
+from kvproof.runtime.pd_launch import spawn_worker
 from kvproof.runtime.pd_messages import (
     Event, MessageError, Result, Stats, Submit, decode_message,
 )
@@ -91,8 +92,8 @@ class ModelCluster(PDCluster):
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
-        return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd_model_worker", *args,
-                                 "--config", self.cfg.to_json(), "--engine", ecfg])
+        return spawn_worker("kvproof.runtime.pd_model_worker", args[0],
+                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg], self.secret)
 
     def _on_message(self, raw: Any) -> None:
         try:

@@ -1,7 +1,13 @@
 """Process entry points: the decode process and one process per prefill rank.
 
-    python -m kvproof.runtime.pd_process decode  --client HOST:PORT --config JSON
-    python -m kvproof.runtime.pd_process prefill --rank W --control HOST:PORT --data HOST:PORT --config JSON
+    python -m kvproof.runtime.pd_process decode  --stdin     (launcher: pd_launch.spawn_worker)
+    python -m kvproof.runtime.pd_process prefill --stdin
+
+The arguments (--client HOST:PORT --config JSON for decode; --rank W --control HOST:PORT
+--data HOST:PORT --config JSON for a prefill rank) and the deployment secret arrive on stdin, never
+on the command line. Every connection (client, control, data) passes the secret's mutual
+challenge-response (transport/auth.py) for its purpose before it is used; a listener refuses and
+counts impostors and keeps waiting for the real rank.
 
 Each process runs one loop thread that owns its spec instance; the channel and
 transport threads only put events into the loop's inbox (and the decode
@@ -32,6 +38,7 @@ from kvproof.runtime.pd_messages import (
 )
 from kvproof.runtime.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
+from kvproof.runtime.transport.auth import REJECTED, Secret, accept_authenticated, connect_authenticated
 
 ACCEPT_TIMEOUT_S = 60.0
 LIVE_STATS_S = 0.2         # how often a prefill rank with live_stats reports them to decode
@@ -73,18 +80,21 @@ def _parse(msg: Any, who: str, stats: Any) -> Message | None:
 
 
 # ---------------------------------------------------------------- decode
-def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -> int:
+def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, secret: Secret | None = None,
+               listen_host: str = "127.0.0.1") -> int:
     """The decode process: slot table, KV pool, one control channel + data connection per rank.
 
     `model` (real-KV mode, pd_model_worker.DecodeModel): reads READY slots into its model, decodes,
     streams Event messages; None: synthetic KV compared byte for byte."""
+    if secret is None:
+        raise ValueError("run_decode needs the deployment secret (every connection is authenticated)")
     inbox: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     ccfg = channel_config(cfg)
-    client = Channel.connect(client_addr, config=ccfg, label="decode-client",
-                             on_message=lambda m: inbox.put(("client", -1, m)),
-                             on_dead=lambda r: inbox.put(("client_dead", -1, r)))
-    ctrl_l = [ChannelListener() for _ in range(cfg.writers)]
-    data_l = [TcpListener() for _ in range(cfg.writers)]
+    client = Channel(connect_authenticated(client_addr, secret, "client")[0], config=ccfg, label="decode-client",
+                     on_message=lambda m: inbox.put(("client", -1, m)),
+                     on_dead=lambda r: inbox.put(("client_dead", -1, r)))
+    ctrl_l = [ChannelListener(listen_host) for _ in range(cfg.writers)]
+    data_l = [TcpListener(listen_host) for _ in range(cfg.writers)]
     ctrls: dict[int, Channel] = {}
     datas: dict[int, Any] = {}
     pool = KVPool(cfg)
@@ -107,18 +117,22 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -
     try:
         client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
         for w in range(cfg.writers):
-            ctrls[w] = ctrl_l[w].accept(ACCEPT_TIMEOUT_S, config=ccfg, label=f"decode-ctrl{w}",
-                                        on_message=lambda m, w=w: inbox.put(("rank", w, m)),
-                                        on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
-            if cfg.transport == "tcp":
-                datas[w] = data_l[w].accept(ACCEPT_TIMEOUT_S, on_land=worker.on_land, label=f"decode-data{w}")
-            else:
-                raise ValueError(f"transport={cfg.transport!r}: the process runtime supports 'tcp'")
+            # an impostor on either port is refused and counted; the accept goes on for the real rank
+            sock, _ = accept_authenticated(ctrl_l[w].sock, secret, f"ctrl/{w}", ACCEPT_TIMEOUT_S)
+            ctrls[w] = Channel(sock, config=ccfg, label=f"decode-ctrl{w}",
+                               on_message=lambda m, w=w: inbox.put(("rank", w, m)),
+                               on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
+            sock, key = accept_authenticated(data_l[w].sock, secret, f"data/{w}", ACCEPT_TIMEOUT_S)
+            datas[w] = make_transport(cfg.transport, sock=sock, key=key, on_land=worker.on_land,
+                                      label=f"decode-data{w}")
             datas[w].register(pool.buffer, region_id=POOL_REGION)
+        if model is not None:
+            model.security = lambda: security_counters(datas)
         client.send(encode(Up(cfg.writers)))
         rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model)
         summary = worker.summary()
         summary["prefill"] = rank_stats
+        summary.update(security_counters(datas))
         client.send(encode(Stats(summary)))
         return 0
     except ChannelClosed as e:
@@ -136,6 +150,15 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -
             lst.close()
         worker.inst.close()
         client.close()
+
+
+def security_counters(datas: dict[int, Any]) -> dict[str, dict[str, int]]:
+    """Refused connections (handshake failures) and refused writes (outside a region, bad MAC), by reason."""
+    writes: dict[str, int] = {}
+    for t in datas.values():
+        for k, v in getattr(t, "refused_writes", {}).items():
+            writes[k] = writes.get(k, 0) + v
+    return {"rejected_connections_total{reason}": REJECTED.snapshot(), "kv_refused_writes_total{reason}": writes}
 
 
 def _rank_dead(worker: DecodeWorker, datas: dict[int, Any], ctrls: dict[int, Channel], w: int, why: str) -> None:
@@ -222,18 +245,22 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
 
 # ---------------------------------------------------------------- prefill
 def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int],
-                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None) -> int:
+                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None,
+                secret: Secret | None = None) -> int:
     """One prefill rank's process: control channel to decode, one data connection with fault injection.
 
     `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
     None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
+    if secret is None:
+        raise ValueError("run_prefill needs the deployment secret (every connection is authenticated)")
     who = f"prefill-{rank}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-    ch = Channel.connect(ctrl_addr, config=channel_config(cfg), label=f"{who}-ctrl",
-                         on_message=lambda m: inbox.put(("msg", m)),
-                         on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
+    ch = Channel(connect_authenticated(ctrl_addr, secret, f"ctrl/{rank}")[0], config=channel_config(cfg),
+                 label=f"{who}-ctrl", on_message=lambda m: inbox.put(("msg", m)),
+                 on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
     ch.send(encode(Hello(rank)))
-    t = make_transport(cfg.transport, connect=data_addr, faults=cfg.faults(rank), label=f"{who}-data")
+    sock, key = connect_authenticated(data_addr, secret, f"data/{rank}")
+    t = make_transport(cfg.transport, sock=sock, key=key, faults=cfg.faults(rank), label=f"{who}-data")
     prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who), compute=compute)
     stop = threading.Event()
 
@@ -292,8 +319,10 @@ def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str,
                 return payload
             if kind == "cq":
                 prank.on_completion(payload)
-                if not payload.ok:
+                if not payload.ok and prank.transport.is_dead:
                     return f"write failed: {payload.error}"
+                if not payload.ok:                  # refused alone (NAK); the connection lives on
+                    _log(who, f"write refused: {payload.error}")
             else:
                 msg = _parse(payload, who, prank.stats)
                 if isinstance(msg, Shutdown):
@@ -325,14 +354,30 @@ def worker_args(prog: str, argv: list[str] | None = None,
     """Parse and check a worker process's command line (decode, or one prefill rank)."""
     ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("role", choices=("decode", "prefill"))
-    ap.add_argument("--config", required=True, help="PDConfig as JSON")
+    ap.add_argument("--stdin", action="store_true",
+                    help="read the other arguments and the deployment secret from stdin (how launchers start workers)")
+    ap.add_argument("--config", help="PDConfig as JSON")
+    ap.add_argument("--listen-host", default="127.0.0.1", help="decode: address its rank listeners bind")
     ap.add_argument("--client", type=_addr, help="decode: the client's channel listener")
     ap.add_argument("--rank", type=int, help="prefill: this rank (writer index)")
     ap.add_argument("--control", type=_addr, help="prefill: decode's control listener for this rank")
     ap.add_argument("--data", type=_addr, help="prefill: decode's data listener for this rank")
     if extra is not None:
         extra(ap)
-    a = ap.parse_args(argv)
+    from kvproof.runtime.pd_launch import read_stdin_doc, secret_from_env
+    argv = sys.argv[1:] if argv is None else argv
+    if "--stdin" in argv:                   # the real arguments are on stdin
+        rest, secret = read_stdin_doc()
+        a = ap.parse_args([x for x in argv if x != "--stdin"] + rest)
+    else:                                   # started by hand: the secret from a 0600 file or the environment
+        a = ap.parse_args(argv)
+        try:
+            secret = secret_from_env()
+        except ValueError as e:
+            ap.error(str(e))
+    a.secret = secret
+    if a.config is None:
+        ap.error("--config is required")
     if a.role == "decode" and a.client is None:
         ap.error("decode needs --client")
     if a.role == "prefill" and (a.rank is None or a.control is None or a.data is None):
@@ -345,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     a = worker_args("python -m kvproof.runtime.pd_process", argv)
     cfg = PDConfig.from_json(a.config)
     if a.role == "decode":
-        return run_decode(cfg, a.client)
-    return run_prefill(cfg, a.rank, a.control, a.data)
+        return run_decode(cfg, a.client, secret=a.secret, listen_host=a.listen_host)
+    return run_prefill(cfg, a.rank, a.control, a.data, secret=a.secret)
 
 
 if __name__ == "__main__":

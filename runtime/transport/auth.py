@@ -214,11 +214,14 @@ def accept_authenticated(listen_sock: socket.socket, secret: Secret, purpose: st
 
 
 def connect_authenticated(address: tuple[str, int], secret: Secret, purpose: str,
-                          timeout: float = 5.0) -> tuple[socket.socket, bytes]:
-    """Connect to `address` and authenticate both ways for `purpose`; returns (socket, connection key)."""
+                          timeout: float = 5.0, wait_s: float = 60.0) -> tuple[socket.socket, bytes]:
+    """Connect to `address` and authenticate both ways for `purpose`; returns (socket, connection key).
+
+    wait_s bounds the wait for the listener's challenge: a legitimate listener may be accepting
+    other ranks first (we sit in its backlog meanwhile)."""
     sock = socket.create_connection(tuple(address), timeout=timeout)
     try:
-        key = client_handshake(sock, secret, purpose)
+        key = client_handshake(sock, secret, purpose, wait_s)
     except BaseException:
         sock.close()
         raise

@@ -69,6 +69,11 @@ class TcpListener:
         """Accept one connection and wrap it; kw go to TcpTransport."""
         return TcpTransport(self.accept_socket(timeout), **kw)
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (for an authenticating accept loop)."""
+        return self._sock
+
     def close(self) -> None:
         """Stop listening."""
         self._sock.close()
