@@ -25,6 +25,7 @@ from kvproof.runtime.pd_messages import (
 )
 from kvproof.runtime.pd_launch import spawn_worker
 from kvproof.runtime.pd_process import channel_config
+from kvproof.runtime.transport import check_available
 from kvproof.runtime.transport.auth import Secret, accept_authenticated
 
 _MODULE = "kvproof.runtime.pd_process"
@@ -37,8 +38,9 @@ class ClusterError(RuntimeError):
 class PDCluster:
     """A decode process plus `writers` prefill-rank processes, driven from this (client) process."""
 
-    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0, secret: Secret | None = None) -> None:
-        self.cfg, self.start_timeout_s = cfg, start_timeout_s
+    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0, secret: Secret | None = None,
+                 listen_host: str = "127.0.0.1") -> None:
+        self.cfg, self.start_timeout_s, self.listen_host = cfg, start_timeout_s, listen_host
         self.secret = secret or Secret.generate()          # per deployment; reaches workers on stdin only
         self.ready: Ready | None = None                    # decode's listener addresses, once known
         self.results: queue.Queue[Result] = queue.Queue()
@@ -51,8 +53,9 @@ class PDCluster:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "PDCluster":
         """Spawn decode, wait for its addresses, spawn the prefill ranks, wait until all are connected."""
+        check_available(self.cfg.transport)                # a missing library or device: say so before spawning
         try:
-            self._listener = ChannelListener()
+            self._listener = ChannelListener(self.listen_host)
             host, port = self._listener.address
             self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
             sock, _ = self._accept_decode()

@@ -289,7 +289,7 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
         else:
             _log(who, f"stopping: {reason}")
         return 0
-    except ChannelClosed as e:
+    except (ChannelClosed, TransportError) as e:         # decode gone: a post on the dead connection
         _log(who, f"stopping: {e}")
         return 0
     finally:

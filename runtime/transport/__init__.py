@@ -25,9 +25,30 @@ TRANSPORTS = ("tcp", "loopback", "verbs", "mooncake")
 __all__ = [
     "Completion", "FaultConfig", "FrameError", "LandHook", "LoopbackTransport", "PendingWrite",
     "RecvEvent", "Region", "Status", "Tag", "TcpListener", "TcpTransport", "Transport",
-    "TransportClosed", "TransportError", "TransportUnavailable", "TRANSPORTS", "loopback_pair",
-    "make_transport",
+    "TransportClosed", "TransportError", "TransportUnavailable", "TRANSPORTS", "PROCESS_TRANSPORTS",
+    "check_available", "loopback_pair", "make_transport",
 ]
+
+PROCESS_TRANSPORTS = ("tcp", "mooncake", "verbs")  # what a PD deployment of processes can run on
+
+
+def check_available(name: str) -> None:
+    """Raise ValueError (unknown name) or TransportUnavailable (library or device missing, saying how
+    to get it) before a deployment on transport `name` starts."""
+    if name not in PROCESS_TRANSPORTS:
+        raise ValueError(f"transport={name!r}, expected one of {', '.join(PROCESS_TRANSPORTS)}")
+    if name == "mooncake":
+        from .mooncake import mooncake_engine_class
+
+        mooncake_engine_class()
+    elif name == "verbs":
+        from .verbs import _pyverbs, rdma_devices
+
+        _pyverbs(), rdma_devices()
+        raise TransportUnavailable(
+            "verbs: an RDMA device is present, but the PD runtime's decode needs a landing hook per write "
+            "(on_land: slot, writer, epoch, layer) and a NIC places bytes without software; use "
+            "--transport mooncake (its RDMA protocol) or tcp")
 
 
 def _endpoint_socket(name: str, kw: dict[str, Any]) -> socket.socket:
