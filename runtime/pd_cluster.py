@@ -39,8 +39,10 @@ class PDCluster:
     """A decode process plus `writers` prefill-rank processes, driven from this (client) process."""
 
     def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0, secret: Secret | None = None,
-                 listen_host: str = "127.0.0.1") -> None:
-        self.cfg, self.start_timeout_s, self.listen_host = cfg, start_timeout_s, listen_host
+                 listen: tuple[str, int] | None = None) -> None:
+        # listen=None: spawn decode and the ranks here (one-command launch); (host, port): they are
+        # started elsewhere (`kvproof serve --role decode|prefill`) and decode connects to this address
+        self.cfg, self.start_timeout_s, self.listen = cfg, start_timeout_s, listen
         self.secret = secret or Secret.generate()          # per deployment; reaches workers on stdin only
         self.ready: Ready | None = None                    # decode's listener addresses, once known
         self.results: queue.Queue[Result] = queue.Queue()
@@ -55,14 +57,15 @@ class PDCluster:
         """Spawn decode, wait for its addresses, spawn the prefill ranks, wait until all are connected."""
         check_available(self.cfg.transport)                # a missing library or device: say so before spawning
         try:
-            self._listener = ChannelListener(self.listen_host)
+            self._listener = ChannelListener(*(self.listen or ("127.0.0.1", 0)))
             host, port = self._listener.address
-            self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
+            if self.listen is None:
+                self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
             sock, _ = self._accept_decode()
             self._client = Channel(sock, config=channel_config(self.cfg), label="client",
                                    on_message=self._on_message, on_dead=lambda r: self._control.put(ClusterError(r)))
             ready = self.ready = self._expect(Ready)
-            for w in range(self.cfg.writers):
+            for w in range(self.cfg.writers if self.listen is None else 0):
                 (ch, cp), (dh, dp) = ready.control[w], ready.data[w]
                 self.prefill.append(self._spawn(["prefill", "--rank", str(w), "--control", f"{ch}:{cp}",
                                                  "--data", f"{dh}:{dp}"]))
@@ -118,8 +121,12 @@ class PDCluster:
         """Let decode drain aborting slots, collect every process's Stats, and stop all processes."""
         timeout_s = timeout_s if timeout_s is not None else self.cfg.drain_timeout_s + 15.0
         try:
-            assert self._client is not None
-            self._client.send(encode(Shutdown()))
+            if self._client is None:
+                raise ClusterError("the cluster is not started")
+            try:
+                self._client.send(encode(Shutdown()))
+            except ChannelClosed as e:
+                raise ClusterError(f"decode is gone: {e}") from e
             stats: Stats = self._expect_within(Stats, timeout_s)
             return stats.data
         finally:

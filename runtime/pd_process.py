@@ -81,7 +81,8 @@ def _parse(msg: Any, who: str, stats: Any) -> Message | None:
 
 # ---------------------------------------------------------------- decode
 def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, secret: Secret | None = None,
-               listen_host: str = "127.0.0.1") -> int:
+               listen_host: str = "127.0.0.1", listen_port: int | None = None,
+               accept_timeout_s: float = ACCEPT_TIMEOUT_S) -> int:
     """The decode process: slot table, KV pool, one control channel + data connection per rank.
 
     `model` (real-KV mode, pd_model_worker.DecodeModel): reads READY slots into its model, decodes,
@@ -93,8 +94,10 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
     client = Channel(connect_authenticated(client_addr, secret, "client")[0], config=ccfg, label="decode-client",
                      on_message=lambda m: inbox.put(("client", -1, m)),
                      on_dead=lambda r: inbox.put(("client_dead", -1, r)))
-    ctrl_l = [ChannelListener(listen_host) for _ in range(cfg.writers)]
-    data_l = [TcpListener(listen_host) for _ in range(cfg.writers)]
+    # listen_port (per-role launch): fixed ports the ranks know in advance, rank w on base+2w (control)
+    # and base+2w+1 (data); else free ones, reported to the launcher in Ready
+    ctrl_l = [ChannelListener(listen_host, rank_ports(listen_port, w)[0]) for w in range(cfg.writers)]
+    data_l = [TcpListener(listen_host, rank_ports(listen_port, w)[1]) for w in range(cfg.writers)]
     ctrls: dict[int, Channel] = {}
     datas: dict[int, Any] = {}
     pool = KVPool(cfg)
@@ -118,11 +121,11 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
         for w in range(cfg.writers):
             # an impostor on either port is refused and counted; the accept goes on for the real rank
-            sock, _ = accept_authenticated(ctrl_l[w].sock, secret, f"ctrl/{w}", ACCEPT_TIMEOUT_S)
+            sock, _ = accept_authenticated(ctrl_l[w].sock, secret, f"ctrl/{w}", accept_timeout_s)
             ctrls[w] = Channel(sock, config=ccfg, label=f"decode-ctrl{w}",
                                on_message=lambda m, w=w: inbox.put(("rank", w, m)),
                                on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
-            sock, key = accept_authenticated(data_l[w].sock, secret, f"data/{w}", ACCEPT_TIMEOUT_S)
+            sock, key = accept_authenticated(data_l[w].sock, secret, f"data/{w}", accept_timeout_s)
             datas[w] = make_transport(cfg.transport, sock=sock, key=key, on_land=worker.on_land,
                                       label=f"decode-data{w}")
             datas[w].register(pool.buffer, region_id=POOL_REGION)
@@ -150,6 +153,11 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
             lst.close()
         worker.inst.close()
         client.close()
+
+
+def rank_ports(base: int | None, w: int) -> tuple[int, int]:
+    """(control, data) listener ports of rank w under base port `base` (None: 0, any free port)."""
+    return (0, 0) if base is None else (base + 2 * w, base + 2 * w + 1)
 
 
 def security_counters(datas: dict[int, Any]) -> dict[str, dict[str, int]]:

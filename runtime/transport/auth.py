@@ -217,9 +217,18 @@ def connect_authenticated(address: tuple[str, int], secret: Secret, purpose: str
                           timeout: float = 5.0, wait_s: float = 60.0) -> tuple[socket.socket, bytes]:
     """Connect to `address` and authenticate both ways for `purpose`; returns (socket, connection key).
 
-    wait_s bounds the wait for the listener's challenge: a legitimate listener may be accepting
-    other ranks first (we sit in its backlog meanwhile)."""
-    sock = socket.create_connection(tuple(address), timeout=timeout)
+    wait_s bounds the wait for the listener (roles started by hand come up in any order: a refused
+    connection is retried) and then for its challenge (a legitimate listener may be accepting
+    other ranks first; we sit in its backlog meanwhile)."""
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            sock = socket.create_connection(tuple(address), timeout=timeout)
+            break
+        except (ConnectionRefusedError, socket.timeout):
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
     try:
         key = client_handshake(sock, secret, purpose, wait_s)
     except BaseException:
