@@ -44,7 +44,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif what == "transitions":
         doc = _lazy("kvproof.runtime.bench_transitions", "bench_transitions")()
     elif what == "transport":
-        doc = _lazy("kvproof.runtime.transport.bench", "bench_tcp")(
+        doc = _lazy("kvproof.runtime.transport.bench", "bench_transports")(
             total_bytes=(64 << 20) if quick else (512 << 20), chunk=1 << 20)
     elif what == "layersplit":
         import torch
