@@ -35,7 +35,7 @@ SECRET_BYTES = 32
 NONCE_BYTES = 32
 MAC_BYTES = 32
 MAGIC, VERSION = b"KVAU", 1
-HANDSHAKE_TIMEOUT_S = 2.0
+HANDSHAKE_TIMEOUT_S = 10.0  # a loaded host may schedule a legitimate peer late; a silent impostor costs this much
 
 
 class AuthError(Exception):
@@ -181,7 +181,13 @@ def client_handshake(sock: socket.socket, secret: Secret, purpose: str,
         sock.sendall(nc + secret._mac(b"client", purpose, nonces))
     except OSError as e:
         raise AuthError("reset", f"cannot send the response: {e!r}") from None
-    proof = _recv_exact(sock, MAC_BYTES, deadline)
+    try:
+        proof = _recv_exact(sock, MAC_BYTES, deadline)
+    except AuthError as e:
+        if e.reason != "eof":
+            raise
+        raise AuthError("eof", f"the listener hung up after our proof for {purpose!r}: it holds a different "
+                               f"deployment secret, or we answered after its {HANDSHAKE_TIMEOUT_S} s limit") from None
     if not hmac.compare_digest(proof, secret._mac(b"server", purpose, nonces)):
         raise AuthError("bad_mac", f"listener did not prove the deployment secret for {purpose!r}")
     sock.settimeout(None)
@@ -224,14 +230,20 @@ def connect_authenticated(address: tuple[str, int], secret: Secret, purpose: str
     while True:
         try:
             sock = socket.create_connection(tuple(address), timeout=timeout)
-            break
         except (ConnectionRefusedError, socket.timeout):
             if time.monotonic() > end:
                 raise
             time.sleep(0.2)
-    try:
-        key = client_handshake(sock, secret, purpose, wait_s)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, key
+            continue
+        try:
+            return sock, client_handshake(sock, secret, purpose, max(1.0, end - time.monotonic()))
+        except AuthError as e:
+            sock.close()
+            # the listener hung up on us (we answered too late, or it was busy): try again; a wrong
+            # secret or a listener that cannot prove the secret is final
+            if e.reason not in ("eof", "reset") or time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+        except BaseException:
+            sock.close()
+            raise
