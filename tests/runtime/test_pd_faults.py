@@ -107,3 +107,20 @@ def test_bad_fault_options_are_named() -> None:
         PDConfig(writers=2, drop_rank=5, drop_after_writes=1)
     with pytest.raises(ValueError, match="transport='ib'"):
         PDConfig(transport="ib")
+
+
+def test_verbs_transport_without_a_device_is_a_clear_error(capsys) -> None:
+    """`--transport verbs` reaches the transport check before anything starts: exit 2, the reason in JSON."""
+    import argparse
+
+    from kvproof.runtime.stress_cli import add_stress_args, stress_main
+    from kvproof.runtime.transport import TransportUnavailable, check_available
+    try:
+        check_available("verbs")
+    except TransportUnavailable as e:
+        why = str(e)
+    ap = argparse.ArgumentParser()
+    add_stress_args(ap)
+    assert stress_main(ap.parse_args(["--transport", "verbs", "--requests", "10", "--json"])) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"] == why and ("pyverbs" in why or "RDMA device" in why or "landing hook" in why)
