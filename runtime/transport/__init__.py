@@ -42,9 +42,9 @@ def check_available(name: str) -> None:
 
         mooncake_engine_class()
     elif name == "verbs":
-        from .verbs import _pyverbs, rdma_devices
+        from .verbs_device import load_pyverbs, rdma_devices
 
-        _pyverbs(), rdma_devices()
+        load_pyverbs(), rdma_devices()
         raise TransportUnavailable(
             "verbs: an RDMA device is present, but the PD runtime's decode needs a landing hook per write "
             "(on_land: slot, writer, epoch, layer) and a NIC places bytes without software; use "
@@ -84,8 +84,8 @@ def make_transport(name: str, **kw: Any) -> Transport:
     if name == "tcp":
         return TcpTransport(_endpoint_socket(name, kw), **kw)
     if name == "verbs":
-        from .verbs import VerbsTransport, _pyverbs, rdma_devices
+        from .verbs import VerbsTransport, load_pyverbs, rdma_devices
 
-        _pyverbs(), rdma_devices()  # a clear TransportUnavailable before any socket is touched
+        load_pyverbs(), rdma_devices()  # a clear TransportUnavailable before any socket is touched
         return VerbsTransport(_endpoint_socket(name, kw), **kw)
     raise ValueError(f"unknown transport name={name!r}, expected one of {', '.join(TRANSPORTS)}")

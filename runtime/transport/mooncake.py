@@ -36,7 +36,7 @@ import numpy as np
 
 from .base import Buffer, TransportError, TransportUnavailable, check_write_args
 from .frames import MAX_ACKS, FrameType, Header, encode_acks, encode_header
-from .tcp import _BATCH_BUFS, TcpTransport
+from .tcp import BATCH_BUFS, TcpTransport
 
 HOWTO = ("Mooncake's Transfer Engine is not importable: `pip install 'kvproof[mooncake]'` "
          "(PyPI mooncake-transfer-engine-non-cuda) and `apt-get install libibverbs1` (needed even for TCP)")
@@ -150,7 +150,7 @@ class MooncakeTransport(TcpTransport):
             bufs += map(memoryview, encode_acks(self._acks[:MAX_ACKS]))
             del self._acks[:MAX_ACKS]
         self._ring_full = False
-        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < _BATCH_BUFS:
+        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < BATCH_BUFS:
             _, _, hdr, payload = self._wire[0]
             if hdr.type is FrameType.WRITE:
                 off = self._ring.alloc(hdr.wr_id, hdr.length)

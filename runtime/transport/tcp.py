@@ -38,7 +38,7 @@ from .frames import (
 )
 
 Address = tuple[str, int]
-_BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
+BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
 _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
 MAX_DISCARD = 64 << 20  # a refused write up to this long is skipped; a longer one drops the connection
 
@@ -231,7 +231,7 @@ class TcpTransport(Transport):
         if self._acks:
             bufs += map(memoryview, encode_acks(self._acks[:MAX_ACKS]))
             del self._acks[:MAX_ACKS]
-        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < _BATCH_BUFS \
+        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < BATCH_BUFS \
                 and nbytes < _BATCH_BYTES:
             _, _, hdr, payload = heapq.heappop(self._wire)
             if hdr.type is FrameType.WRITE and self._faults and self._faults.drop_now():

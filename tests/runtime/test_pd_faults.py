@@ -1,5 +1,5 @@
 """Issue #13 under `kvproof stress`: nothing private on worker command lines, the mooncake transport
-under the protocol (prefix corrupts, fixed does not), and kills of decode and prefill: no hang, no
+under the protocol (unfixed corrupts, fixed does not), and kills of decode and prefill: no hang, no
 zombie, clear exit codes and JSON."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from kvproof.runtime.pd_cluster import PDCluster
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.stress import run_stress
+from kvproof.runtime.pd.cluster import PDCluster
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.tools.stress import run_stress
 
 HOT = dict(requests=1000, abort_rate=0.3, delay_ms=5.0, concurrency=24, slots=16, writers=2)
 
@@ -48,7 +48,7 @@ def test_worker_command_lines_and_environment_carry_nothing_private() -> None:
         procs = [c.decode, *c.prefill]
         for p in procs:
             argv = open(f"/proc/{p.pid}/cmdline", "rb").read().split(b"\0")[:-1]
-            assert argv[1:3] == [b"-m", b"kvproof.runtime.pd_process"] and argv[4:] == [b"--stdin"], argv
+            assert argv[1:3] == [b"-m", b"kvproof.runtime.pd.process"] and argv[4:] == [b"--stdin"], argv
             assert secret.encode() not in open(f"/proc/{p.pid}/environ", "rb").read()
         c.submit(1, 8)
         r = c.next_result(timeout=10)
@@ -59,8 +59,8 @@ def test_worker_command_lines_and_environment_carry_nothing_private() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(_mooncake() is not None, reason=f"mooncake transport unavailable: {_mooncake()}")
-def test_stress_on_mooncake_prefix_corrupts_fixed_does_not() -> None:
-    pre = run_stress(protocol="prefix", seed=1, transport="mooncake", **HOT)
+def test_stress_on_mooncake_unfixed_corrupts_fixed_does_not() -> None:
+    pre = run_stress(protocol="unfixed", seed=1, transport="mooncake", **HOT)
     fix = run_stress(protocol="fixed", seed=1, transport="mooncake", **HOT)
     assert pre["transport"] == fix["transport"] == "mooncake"
     assert pre["corrupted"] > 0 and pre["foreign_landings"] > 0, pre
@@ -100,7 +100,7 @@ def test_stress_prefill_kill_and_connection_drop_fail_requests_cleanly() -> None
 
 
 def test_bad_fault_options_are_named() -> None:
-    from kvproof.runtime.stress import parse_kill
+    from kvproof.runtime.tools.stress import parse_kill
     with pytest.raises(ValueError, match="ROLE@SECONDS"):
         parse_kill("router@1")
     with pytest.raises(ValueError, match="drop_rank=5"):
@@ -113,7 +113,7 @@ def test_verbs_transport_without_a_device_is_a_clear_error(capsys) -> None:
     """`--transport verbs` reaches the transport check before anything starts: exit 2, the reason in JSON."""
     import argparse
 
-    from kvproof.runtime.stress_cli import add_stress_args, stress_main
+    from kvproof.runtime.tools.stress_cli import add_stress_args, stress_main
     from kvproof.runtime.transport import TransportUnavailable, check_available
     try:
         check_available("verbs")

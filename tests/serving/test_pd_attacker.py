@@ -11,11 +11,11 @@ import time
 import aiohttp
 import pytest
 
-from kvproof.runtime import pd_engine
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
-from kvproof.runtime.server import start_server
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.pd import engine as pd_engine
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.serving.server import start_server
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.runtime.transport.auth import AuthError, Secret, client_handshake
 from kvproof.runtime.transport.frames import FrameType, Header, encode_header
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.runtime.transport.auth import Secret
 
 TOK = ByteTokenizer()
@@ -181,7 +181,7 @@ def test_router_decode_prefill_in_three_namespaces(hosts: Hosts, tmp_path: Path,
 
 
 def _e2e_load(hosts: Hosts, url: str) -> None:
-    """tests/serving/test_serving_e2e.py's 240-request load with cancels and disconnects, from the router's host."""
+    """tests/serving/test_serving_e2e.py's 240-request load with aborts and disconnects, from the router's host."""
     sys.path.insert(0, str(Path(__file__).parent))
     import test_serving_e2e as e2e
 
