@@ -48,5 +48,5 @@ def secret_from_env() -> Secret:
     s = Secret.from_env()
     if s is None:
         raise ValueError(f"no deployment secret: set {SECRET_FILE_ENV} to a 0600 file holding it (hex; "
-                         f"`kvproof secret > FILE`) or {SECRET_ENV} to it; the same secret on every role")
+                         f"`kvproof secret FILE` makes one) or {SECRET_ENV} to it; the same secret on every role")
     return s

@@ -59,7 +59,8 @@ def check_role_args(args: argparse.Namespace) -> None:
         given = [f"--{k.replace('_', '-')}" for k in ("pd_listen", "router", "decode", "rank")
                  if getattr(args, k) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} need --role router|decode|prefill")
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --role "
+                             f"router|decode|prefill")
         return
     if args.engine != "pd":
         raise ValueError(f"--role {role} needs --engine pd (the roles are the PD engine's)")

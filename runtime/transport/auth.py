@@ -76,7 +76,7 @@ class Secret:
     def __post_init__(self) -> None:
         if not isinstance(self.key, bytes) or len(self.key) < 16:
             raise ValueError(f"secret of {len(self.key) if isinstance(self.key, bytes) else '?'} bytes, "
-                             f"expected bytes of at least 16 (generate one with `kvproof secret`)")
+                             f"expected bytes of at least 16 (`kvproof secret FILE` makes one)")
 
     @classmethod
     def generate(cls) -> "Secret":
@@ -89,7 +89,7 @@ class Secret:
         try:
             return cls(bytes.fromhex(text.strip()))
         except ValueError:
-            raise ValueError("secret is not hex: expected 32+ hex digits (e.g. from `kvproof secret`)") from None
+            raise ValueError("secret is not hex: expected 32+ hex digits (`kvproof secret FILE` makes one)") from None
 
     @classmethod
     def from_file(cls, path: str) -> "Secret":
