@@ -50,12 +50,22 @@ def test_both_ends_get_the_same_key_and_a_wrong_purpose_or_secret_fails() -> Non
 
 def test_a_listener_without_the_secret_is_not_trusted() -> None:
     lst = _listener()
-    t = threading.Thread(target=lambda: accept_authenticated(lst, Secret.generate(), "ctrl/0", 5, RejectCounter()),
-                         daemon=True)
+    rejected = RejectCounter()
+    outcome: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            accept_authenticated(lst, Secret.generate(), "ctrl/0", 3, rejected)
+        except TimeoutError as e:          # nobody with its secret came
+            outcome.append(e)
+
+    t = threading.Thread(target=serve)
     t.start()
     with pytest.raises(AuthError):
         connect_authenticated(lst.getsockname(), Secret.generate(), "ctrl/0", wait_s=1.0)
+    t.join(10)
     lst.close()
+    assert len(outcome) == 1 and rejected.snapshot().get("bad_mac", 0) >= 1
 
 
 def test_accept_times_out_naming_the_purpose() -> None:
