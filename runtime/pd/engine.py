@@ -29,7 +29,7 @@ from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
-    Event, MessageError, Result, Stats, Submit, decode_message,
+    Event, Message, Result, Stats, Submit,
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.model.tokenizer import ByteTokenizer
@@ -95,12 +95,7 @@ class ModelCluster(PDCluster):
         return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd.model_worker", *args,
                                  "--config", self.cfg.to_json(), "--engine", ecfg])
 
-    def _on_message(self, raw: Any) -> None:
-        try:
-            msg = decode_message(raw)
-        except MessageError as e:
-            self._control.put(ClusterError(f"malformed message from decode: {e}"))
-            return
+    def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
             self.on_event(msg)
         elif isinstance(msg, Result):
