@@ -44,14 +44,12 @@ from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
 from kvproof.spec.stream_machine import Machine
-from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait, check_plan
+from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
+from kvproof.runtime.streams.gate import checked_plan as gate
+from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait
 
 
 SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")
-
-
-class PlanRaceError(RuntimeError):
-    """The LayerSplit plan has a race or misroutes a layer; it is refused before it runs."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +110,7 @@ class LayerSplitConfig:
 def checked_plan(shape: LayerSplitShape, allow_races: bool = False) -> Plan:
     """The plan of ``shape``, checked once; PlanRaceError names the first race unless ``allow_races``."""
     plan = layersplit_plan(shape)
-    races = check_plan(plan)
-    misrouted = delivery_errors(shape, plan)
-    if (races or misrouted) and not allow_races:
-        what = races[0].message if races else misrouted[0]
-        raise PlanRaceError(f"refusing plan {plan.name}: {what} ({len(races)} race(s), {len(misrouted)} misrouted)")
-    return plan
+    return gate(plan, allow_races=allow_races, misrouted=delivery_errors(shape, plan))
 
 
 def _gen(cfg: LayerSplitConfig, layer: int, what: int) -> torch.Generator:
