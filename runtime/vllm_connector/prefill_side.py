@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvproof.runtime.pd.prefill_worker import ABORT_ACTIONS          # derived from the spec
 from kvproof.runtime.transport.control import Channel, ChannelListener
 from kvproof.runtime.transport import FaultConfig, TcpListener, TcpTransport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
@@ -26,8 +27,6 @@ from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode, from_emission
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Instance
-
-ABORT_ACTIONS = ("p_on_abort_unseen", "p_on_abort", "p_on_abort_busy")
 
 
 @dataclass
