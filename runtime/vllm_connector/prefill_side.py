@@ -144,14 +144,18 @@ class Peer:
             self.side.unuse(job.req_id, job.posted_all)
 
     def _try(self, action: str, **args: int) -> bool:
-        if not self.inst.enabled(action, **args):
+        f = self.inst.try_fire(action, **args)          # guards evaluated once
+        if f:
+            self._emit(f.emissions)
+        else:
             self.side.stats[f"ignored_{action}"] += 1
-            return False
-        self._fire(action, **args)
-        return True
+        return bool(f)
 
     def _fire(self, action: str, **args: int) -> None:
-        for em in self.inst.fire(action, **args):
+        self._emit(self.inst.fire(action, **args))
+
+    def _emit(self, emissions: list) -> None:
+        for em in emissions:
             if em.kind == "send":
                 self.ch.send(encode(from_emission(em)))
 
