@@ -46,7 +46,7 @@ import functools
 from dataclasses import dataclass
 
 from kvproof.spec.core import variant_name
-from kvproof.spec.streams import Instr, Op, Plan, Record, Wait
+from kvproof.spec.streams import Instr, Op, Plan, Record, Region, Wait
 
 VARIANTS: tuple[str, ...] = ("fixed", "unfixed")
 OWNERSHIPS: tuple[str, ...] = ("contiguous", "round_robin")
@@ -125,16 +125,27 @@ def shape_owner(shape: LayerSplitShape, layer: int) -> int:
     return owner_of(layer, shape.ranks, shape.layers, shape.ownership)
 
 
-def kv_source(shape: LayerSplitShape, layer: int, rank: int, owner: int | None = None) -> str:
+def kv_source(shape: LayerSplitShape, layer: int, rank: int, owner: int | None = None) -> Region:
     """The region ``attention[layer]`` reads on ``rank``: its own store or a receive buffer."""
     o = shape_owner(shape, layer) if owner is None else owner
-    return f"kv[{layer}]@r{o}" if o == rank else f"recv.kv[{layer % shape.depth}]@r{rank}"
+    return Region("kv", layer, o) if o == rank else Region("recv.kv", layer, rank, layer % shape.depth)
 
 
-def idx_source(shape: LayerSplitShape, layer: int, rank: int, owner: int | None = None) -> str:
+def idx_source(shape: LayerSplitShape, layer: int, rank: int, owner: int | None = None) -> Region:
     """The region ``indexer[layer]`` reads on ``rank``."""
     o = shape_owner(shape, layer) if owner is None else owner
-    return f"idx[{layer}]@r{o}" if o == rank else f"recv.idx[{layer % shape.depth}]@r{rank}"
+    return Region("idx", layer, o) if o == rank else Region("recv.idx", layer, rank, layer % shape.depth)
+
+
+def op_role(ins: Op) -> tuple[str, int]:
+    """What a LayerSplit op does and for which layer, read from its typed first read region:
+    ("send" | "recv" | "indexer" | "attention", layer)."""
+    src = ins.reads[0] if ins.reads else None
+    if not isinstance(src, Region):
+        raise TypeError(f"op {ins.name!r}: first read {src!r} is not a typed Region (build plans with layersplit_plan)")
+    if ins.kind == "copy":
+        return ("send" if src.kind in ("kv", "idx") else "recv"), src.layer
+    return ("indexer" if src.kind.endswith("idx") else "attention"), src.layer
 
 
 def layer_block(shape: LayerSplitShape, layer: int, owner: int | None = None) -> tuple[Instr, ...]:
@@ -147,9 +158,9 @@ def layer_block(shape: LayerSplitShape, layer: int, owner: int | None = None) ->
         raise ValueError(f"owner {o} of layer {layer} out of range 0..{shape.ranks - 1}")
     out: list[Instr] = []
     if shape.ranks > 1:
-        out += [Op(comm(o), f"send_idx[{l}]", (f"idx[{l}]@r{o}",), (f"wire.idx[{l}]",), "copy"),
+        out += [Op(comm(o), f"send_idx[{l}]", (Region("idx", l, o),), (Region("wire.idx", l),), "copy"),
                 Record(comm(o), f"sent_idx[{l}]"),
-                Op(comm(o), f"send_kv[{l}]", (f"kv[{l}]@r{o}",), (f"wire.kv[{l}]",), "copy"),
+                Op(comm(o), f"send_kv[{l}]", (Region("kv", l, o),), (Region("wire.kv", l),), "copy"),
                 Record(comm(o), f"sent_kv[{l}]")]
     for r in range(shape.ranks):
         if r == o:
@@ -158,10 +169,10 @@ def layer_block(shape: LayerSplitShape, layer: int, owner: int | None = None) ->
         if l - shape.prefetch >= 0:        # the buffer's previous reader must have finished
             out.append(Wait(c, f"released[{l - shape.prefetch}]@r{r}"))
         out += [Wait(c, f"sent_idx[{l}]"),
-                Op(c, f"recv_idx[{l}]@r{r}", (f"wire.idx[{l}]",), (f"recv.idx[{b}]@r{r}",), "copy"),
+                Op(c, f"recv_idx[{l}]@r{r}", (Region("wire.idx", l),), (Region("recv.idx", l, r, b),), "copy"),
                 Record(c, f"idx_ready[{l}]@r{r}"),
                 Wait(c, f"sent_kv[{l}]"),
-                Op(c, f"recv_kv[{l}]@r{r}", (f"wire.kv[{l}]",), (f"recv.kv[{b}]@r{r}",), "copy"),
+                Op(c, f"recv_kv[{l}]@r{r}", (Region("wire.kv", l),), (Region("recv.kv", l, r, b),), "copy"),
                 Record(c, f"kv_ready[{l}]@r{r}")]
     wb = shape.writeback
     own_wait = wb and shape.owner_wait and shape.ranks > 1
@@ -169,11 +180,11 @@ def layer_block(shape: LayerSplitShape, layer: int, owner: int | None = None) ->
         s, remote = compute(r), r != o
         idx, kv = idx_source(shape, l, r, o), kv_source(shape, l, r, o)
         out += [Wait(s, f"idx_ready[{l}]@r{r}")] if remote else [Wait(s, f"sent_idx[{l}]")] if own_wait else []
-        out.append(Op(s, f"indexer[{l}]@r{r}", (idx, f"hidden[{l}]@r{r}"),
-                      (f"topk[{l}]@r{r}",) + ((idx,) if wb else ())))
+        out.append(Op(s, f"indexer[{l}]@r{r}", (idx, Region("hidden", l, r)),
+                      (Region("topk", l, r),) + ((idx,) if wb else ())))
         out += [Wait(s, f"kv_ready[{l}]@r{r}")] if remote else [Wait(s, f"sent_kv[{l}]")] if own_wait else []
-        out += [Op(s, f"attention[{l}]@r{r}", (kv, f"topk[{l}]@r{r}", f"hidden[{l}]@r{r}"),
-                   (f"hidden[{l + 1}]@r{r}",) + ((kv,) if wb else ())),
+        out += [Op(s, f"attention[{l}]@r{r}", (kv, Region("topk", l, r), Region("hidden", l, r)),
+                   (Region("hidden", l + 1, r),) + ((kv,) if wb else ())),
                 Record(s, f"released[{l}]@r{r}")]
     return tuple(out)
 

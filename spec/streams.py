@@ -35,6 +35,35 @@ PROPERTIES: tuple[str, ...] = ("no_read_before_ready", "no_write_after_read", "n
 OP_KINDS: tuple[str, ...] = ("copy", "compute")
 
 
+class Region(str):
+    """A buffer region with typed parts: ``kind`` (``kv``, ``recv.idx``, ``wire.kv``...), ``layer``, ``rank``, ``slot``.
+
+    It *is* its name (``recv.kv[1]@r0``: the slot, else the layer, in brackets) for equality, hashing
+    and JSON, so the race check, stream_json and every verdict see the same atomic names as before;
+    executors read the typed fields instead of parsing the name. ``slot`` is a receive buffer's index
+    (two layers sharing a slot are one region); ``layer`` is the layer the op that names it moves.
+    """
+
+    kind: str
+    layer: int
+    rank: int | None
+    slot: int | None
+
+    def __new__(cls, kind: str, layer: int, rank: int | None = None, slot: int | None = None) -> "Region":
+        """The region ``kind[slot or layer]@r<rank>``."""
+        name = f"{kind}[{layer if slot is None else slot}]" + ("" if rank is None else f"@r{rank}")
+        self = super().__new__(cls, name)
+        for k, v in (("kind", kind), ("layer", layer), ("rank", rank), ("slot", slot)):
+            object.__setattr__(self, k, v)
+        return self
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"Region {str(self)!r} is immutable")
+
+    def __reduce__(self) -> tuple:
+        return (Region, (self.kind, self.layer, self.rank, self.slot))
+
+
 @dataclass(frozen=True)
 class Op:
     """An asynchronous operation enqueued on ``stream``; reads and writes named regions."""

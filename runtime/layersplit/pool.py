@@ -40,11 +40,11 @@ from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_to
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
 from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, emulate
 from kvproof.spec.core import variant_name
-from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
-                                          owner_of, rank_plan)
+from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, op_role,
+                                          owned_layers, owner_of, rank_plan)
 from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
 from kvproof.runtime.streams.gate import checked_plan as gate
-from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait
+from kvproof.spec.streams import HostSync, Op, Plan, Record, Region, Wait
 
 
 SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")
@@ -207,17 +207,13 @@ class LayerSplitPool:
         self._layer_kv_bytes = kv0.numel() * kv0.element_size()
         self._layer_idx_bytes = idx0.numel() * idx0.element_size()
 
-    def region(self, name: str) -> torch.Tensor:
-        """The tensor behind a plan region name of this rank (``kv[3]@r1``, ``recv.idx[0]@r2``)."""
-        head, _, at = name.partition("@r")
-        if at != str(self.rank):
-            raise KeyError(f"region {name!r} is not on rank {self.rank}")
-        stem, _, rest = head.partition("[")
-        i = int(rest.rstrip("]"))
-        table = {"kv": self.kv, "idx": self.idx, "recv.kv": self.recv_kv, "recv.idx": self.recv_idx}.get(stem)
-        if table is None:
-            raise KeyError(f"region {name!r}: unknown stem {stem!r}")
-        return table[i]
+    def region(self, r: Region) -> torch.Tensor:
+        """The tensor behind a plan region of this rank (``kv[3]@r1``, ``recv.idx[0]@r2``)."""
+        table = {"kv": self.kv, "idx": self.idx, "recv.kv": self.recv_kv,
+                 "recv.idx": self.recv_idx}.get(r.kind) if isinstance(r, Region) else None
+        if table is None or r.rank != self.rank:
+            raise KeyError(f"region {r!r} is not a cache region of rank {self.rank}")
+        return table[r.layer if r.slot is None else r.slot]
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds: KV and Indexer cache of its layers, staging (receive buffers)."""
@@ -241,10 +237,10 @@ class LayerSplitPool:
         for ins in self.my_plan.instrs:
             if not isinstance(ins, Op):
                 continue
-            l = int(ins.name.split("[", 1)[1].split("]", 1)[0])
+            role, l = op_role(ins)
             src = owner_of(l, self.ranks, self.cfg.layers, self.cfg.ownership)
-            if ins.name.startswith(("send_", "recv_")):
-                recv = ins.name.startswith("recv_")
+            if role in ("send", "recv"):
+                recv = role == "recv"
                 t = self.region(ins.writes[0] if recv else ins.reads[0])
 
                 def bcast(t: torch.Tensor = t, src: int = src, recv: bool = recv) -> Commit | None:
@@ -262,13 +258,13 @@ class LayerSplitPool:
                         works.append(w)
                     return None
                 impls[ins.name] = bcast
-            elif ins.name.startswith("indexer"):
-                def index(r: str = ins.reads[0], l: int = l) -> Commit:
+            elif role == "indexer":
+                def index(r: Region = ins.reads[0], l: int = l) -> Commit:
                     res = layer_attention(self.cfg, self.region(r), None, q, l)   # type: ignore[arg-type]
                     return lambda: topk.__setitem__(l, res)
                 impls[ins.name] = index
             else:
-                def attend(r: str = ins.reads[0], l: int = l) -> Commit:
+                def attend(r: Region = ins.reads[0], l: int = l) -> Commit:
                     res = layer_attention(self.cfg, None, self.region(r), q, l, topk.pop(l))  # type: ignore[arg-type]
                     return lambda: out[l].copy_(res)
                 impls[ins.name] = attend

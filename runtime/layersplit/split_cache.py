@@ -20,7 +20,6 @@ Issued with `layersplit.pool.run_host`: collectives overlap the host's compute, 
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -31,13 +30,13 @@ from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.config import ModelConfig
 from kvproof.runtime.streams.executor import OpImpl
 from kvproof.spec.core import variant_name
-from kvproof.spec.layersplit_plan import LayerSplitShape, comm, owned_layers, owner_of
-from kvproof.spec.streams import Op, Plan
+from kvproof.spec.layersplit_plan import LayerSplitShape, comm, op_role, owned_layers, owner_of
+from kvproof.spec.streams import Op, Plan, Region
 
 # engine variant -> plan shape fields: fixed, the too-deep prefetch, write-back without the owner's wait
 ENGINE_VARIANTS: dict[str, dict[str, Any]] = {"fixed": {}, "unfixed": {"variant": "unfixed"},
                                               "no_owner_wait": {"owner_wait": False}}
-_REGION = re.compile(r"^(kv|idx|recv\.kv|recv\.idx)\[(\d+)\]@r(\d+)$")
+_CACHE_KINDS = ("kv", "idx", "recv.kv", "recv.idx")
 
 
 def engine_shape(cfg: Any, n_layers: int) -> LayerSplitShape | None:
@@ -88,14 +87,12 @@ class SplitKVCache:
         self.kv = self.store.kv
         self._layer = KVCache(cfg, num_pages, torch.device("meta"), fp8_indexer, layers=1).nbytes()
 
-    def region(self, name: str) -> tuple[torch.Tensor, ...]:
+    def region(self, r: Region) -> tuple[torch.Tensor, ...]:
         """The tensors behind a plan region of this rank: ``kv[3]@r1`` -> (kv,), ``recv.idx[0]@r1`` -> (ik[, fp8])."""
-        m = _REGION.match(name)
-        if m is None or int(m.group(3)) != self.rank:
-            raise KeyError(f"region {name!r} is not a cache region of rank {self.rank}")
-        stem, i = m.group(1), int(m.group(2))
-        cache, at = (self.recv, i) if stem.startswith("recv.") else (self.store, self._pos[i])
-        if stem.endswith("kv"):
+        if not isinstance(r, Region) or r.rank != self.rank or r.kind not in _CACHE_KINDS:
+            raise KeyError(f"region {r!r} is not a cache region of rank {self.rank}")
+        cache, at = (self.recv, r.slot) if r.kind.startswith("recv.") else (self.store, self._pos[r.layer])
+        if r.kind.endswith("kv"):
             return (cache.kv[at],)
         return (cache.ik[at],) + (() if cache.ik_fp8 is None else (cache.ik_fp8[at],))
 
@@ -159,13 +156,13 @@ def split_forward(model: DSAModel, cache: SplitKVCache, plan: Plan, group: Any, 
                 works.append(_Landing(broadcast(group, buf, src), t, pages, buf))
         return start
 
-    def indexer(l: int, region: str) -> OpImpl:
+    def indexer(l: int, region: Region) -> OpImpl:
         def start() -> None:
             ik, *fp8 = cache.region(region)
             indexed[l] = model.layers[l].index(hidden[l], b, ik, fp8[0] if fp8 else None, backend)
         return start
 
-    def attention(l: int, region: str) -> OpImpl:
+    def attention(l: int, region: Region) -> OpImpl:
         def start() -> None:
             (kv,) = cache.region(region)
             hidden[l + 1] = model.layers[l].attend(hidden.pop(l), indexed.pop(l), b, kv, backend)
@@ -174,12 +171,12 @@ def split_forward(model: DSAModel, cache: SplitKVCache, plan: Plan, group: Any, 
     for ins in plan.instrs:
         if not isinstance(ins, Op):
             continue
-        l = int(ins.name.split("[", 1)[1].split("]", 1)[0])
-        if ins.name.startswith("send_"):
+        role, l = op_role(ins)
+        if role == "send":
             impls[ins.name] = send(cache.region(ins.reads[0]))
-        elif ins.name.startswith("recv_"):
+        elif role == "recv":
             impls[ins.name] = recv(cache.region(ins.writes[0]), owner_of(l, shape.ranks, shape.layers, shape.ownership))
-        elif ins.name.startswith("indexer"):
+        elif role == "indexer":
             impls[ins.name] = indexer(l, ins.reads[0])
         else:
             impls[ins.name] = attention(l, ins.reads[0])

@@ -178,3 +178,25 @@ def test_registered_checks_have_the_expected_outcomes() -> None:
             assert v.counterexample and "RACE" in " ".join(s.note for s in v.counterexample)
             owned = "without-owner_wait" in c.variant          # the owner's compute overwrites its stored layer
             assert ("<-- writes idx[0]@r0" if owned else "<-- writes recv.") in v.witness["timeline"]
+
+
+def test_regions_are_typed_and_read_as_their_names() -> None:
+    import json
+    import pickle
+    from kvproof.spec.layersplit_plan import op_role
+    from kvproof.spec.streams import Region
+    r = Region("recv.kv", 5, 1, slot=1)
+    assert (r, r.kind, r.layer, r.rank, r.slot) == ("recv.kv[1]@r1", "recv.kv", 5, 1, 1)
+    assert r == Region("recv.kv", 3, 1, slot=1) and json.dumps([r]) == '["recv.kv[1]@r1"]'   # one buffer, one region
+    assert pickle.loads(pickle.dumps(r)).layer == 5
+    with pytest.raises(AttributeError, match="immutable"):
+        r.rank = 2                                                                           # type: ignore[misc]
+    shape = LayerSplitShape(ranks=3, layers=5, depth=2)
+    roles = {(ins.name.split("[")[0], op_role(ins)) for ins in layersplit_plan(shape).instrs if isinstance(ins, Op)}
+    by_name = {(name, role) for name, (role, _) in roles}
+    assert by_name == {("send_idx", "send"), ("send_kv", "send"), ("recv_idx", "recv"), ("recv_kv", "recv"),
+                       ("indexer", "indexer"), ("attention", "attention")}
+    assert all(int(n.split("[")[1].split("]")[0]) == l for ins in layersplit_plan(shape).instrs if isinstance(ins, Op)
+               for n, (_, l) in [(ins.name, op_role(ins))])
+    with pytest.raises(TypeError, match="not a typed Region"):
+        op_role(Op("s", "x[0]", ("kv[0]@r0",), ()))

@@ -9,6 +9,7 @@ import torch
 from kvproof.runtime.layersplit.pool import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
                                         make_queries)
 from kvproof.runtime.layersplit.group import run_group, run_groups, run_unsplit
+from kvproof.spec.streams import Region
 
 CFG = LayerSplitConfig(layers=6, tokens=100, page_size=16, topk=24)
 QUERIES = 8
@@ -64,9 +65,11 @@ def test_pool_errors_name_the_bad_input() -> None:
     with pytest.raises(ValueError, match="count must be in 1..100"):
         make_queries(CFG, 101)
     pool = LayerSplitPool(CFG)
-    with pytest.raises(KeyError, match="not on rank 0"):
-        pool.region("kv[0]@r1")
-    assert pool.region("kv[3]@r0") is pool.kv[3]
+    with pytest.raises(KeyError, match="not a cache region of rank 0"):
+        pool.region(Region("kv", 0, 1))
+    with pytest.raises(KeyError, match="not a cache region of rank 0"):
+        pool.region("kv[3]@r0")                     # a bare name is not parsed: regions are typed
+    assert pool.region(Region("kv", 3, 0)) is pool.kv[3]
 
 
 @pytest.mark.timeout(30)
