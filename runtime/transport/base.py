@@ -236,7 +236,6 @@ class Transport(ABC):
             return self._regions.get(region_id)
 
     # -- writes and completions ----------------------------------------------
-    @abstractmethod
     def post_write(
         self,
         src: Buffer,
@@ -250,8 +249,15 @@ class Transport(ABC):
         """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id.
 
         The source is read when the write goes on the wire, at any time before its
-        completion; do not modify it until then (as with RDMA).
+        completion; do not modify it until then (as with RDMA). Bad arguments raise
+        here, for every transport, before the transport's `_post` sees them.
         """
+        mv, length = check_write_args(src, region, offset, length)
+        return self._post(mv, region, offset, length, check_tag(tag), check_imm(imm))
+
+    @abstractmethod
+    def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
+        """Post a write whose arguments post_write has checked; returns its wr_id."""
 
     def poll(self, max_n: int | None = None, timeout: float | None = 0.0) -> list[Completion]:
         """Take completed writes (landed or failed), waiting up to timeout for the first."""

@@ -17,8 +17,7 @@ import threading
 from dataclasses import dataclass
 
 from .base import (
-    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed,
-    TransportError, check_bounds, check_imm, check_tag, check_write_args,
+    Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportClosed, TransportError, check_bounds,
 )
 
 
@@ -61,19 +60,8 @@ class LoopbackTransport(Transport):
         peer._lock = self._lock
 
     # -- posting ---------------------------------------------------------------
-    def post_write(
-        self,
-        src: Buffer,
-        region: int,
-        offset: int,
-        length: int | None = None,
-        *,
-        tag: Tag = (),
-        imm: int | None = None,
-    ) -> int:
-        """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id."""
-        mv, length = check_write_args(src, region, offset, length)
-        tag, imm = check_tag(tag), check_imm(imm)
+    def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
+        """Queue a checked write to the peer's region at offset; returns its wr_id."""
         with self._lock:
             self._check_postable()
             if self._peer is None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Buffer, TransportError, TransportUnavailable, check_write_args
+from .base import Tag, TransportError, TransportUnavailable
 from .frames import MAX_ACKS, FrameType, Header, encode_acks, encode_header
 from .tcp import BATCH_BUFS, TcpTransport
 
@@ -138,12 +138,12 @@ class MooncakeTransport(TcpTransport):
         super().__init__(sock, **kw)
 
     # -- sender ---------------------------------------------------------------------
-    def post_write(self, src: Buffer, region: int, offset: int, length: int | None = None, **kw: Any) -> int:
-        """Post a one-sided write (see Transport.post_write); at most the staging ring's size."""
-        _, n = check_write_args(src, region, offset, length)
-        if n > self._ring.size:
-            raise ValueError(f"write of {n} bytes: a mooncake write is at most the staging ring, {self._ring.size} bytes")
-        return super().post_write(src, region, offset, length, **kw)
+    def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
+        """Post a checked write (see Transport.post_write); at most the staging ring's size."""
+        if length > self._ring.size:
+            raise ValueError(f"write of {length} bytes: a mooncake write is at most the staging ring, "
+                             f"{self._ring.size} bytes")
+        return super()._post(mv, region, offset, length, tag, imm)
 
     def _take_ready(self) -> tuple[list[Any], bool]:
         bufs: list[Any] = []

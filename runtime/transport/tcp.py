@@ -28,8 +28,7 @@ from collections import Counter
 from typing import Any
 
 from .base import (
-    Buffer, Completion, LandHook, RecvEvent, Region, Status, Tag, Transport, TransportError, check_bounds, check_imm,
-    check_tag, check_write_args,
+    Completion, LandHook, RecvEvent, Region, Status, Tag, Transport, TransportError, check_bounds,
 )
 from .faults import FaultConfig, FaultInjector
 from .frames import (
@@ -139,19 +138,8 @@ class TcpTransport(Transport):
         return a, b
 
     # -- posting ---------------------------------------------------------------
-    def post_write(
-        self,
-        src: Buffer,
-        region: int,
-        offset: int,
-        length: int | None = None,
-        *,
-        tag: Tag = (),
-        imm: int | None = None,
-    ) -> int:
-        """Post a one-sided write of src[:length] to the peer's region at offset; returns its wr_id."""
-        mv, length = check_write_args(src, region, offset, length)
-        tag, imm = check_tag(tag), check_imm(imm)
+    def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
+        """Queue a checked write to the peer's region at offset; returns its wr_id."""
         now = time.monotonic()
         with self._lock:
             self._check_postable()

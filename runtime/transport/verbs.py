@@ -33,7 +33,7 @@ from typing import Any
 
 from .base import (
     Buffer, Completion, LandHook, Region, RecvEvent, Status, Tag, Transport,
-    TransportError, TransportUnavailable, check_bounds, check_imm, check_tag, check_write_args,
+    TransportError, TransportUnavailable, check_bounds,
 )
 from .verbs_device import VerbsConfig, address_of, connect_qp, load_pyverbs, rdma_devices
 
@@ -210,14 +210,11 @@ class VerbsTransport(Transport):
                          "verbs writes need a registered source (call register() on it)")
 
     # -- writes ----------------------------------------------------------------------
-    def post_write(self, src: Buffer, region: int, offset: int, length: int | None = None, *,
-                   tag: Tag = (), imm: int | None = None) -> int:
-        """Post an RDMA WRITE (WRITE_WITH_IMM if imm is given); returns its wr_id."""
+    def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
+        """Post a checked RDMA WRITE (WRITE_WITH_IMM if imm is given); returns its wr_id."""
         from pyverbs.wr import SGE, SendWR
 
         e = self._e
-        mv, length = check_write_args(src, region, offset, length)
-        tag, imm = check_tag(tag), check_imm(imm)
         addr, lkey = self._source(mv)
         with self._lock:
             self._check_postable()
