@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
+from .endpoint import Liveness
+
 # An opaque label carried with a write, e.g. (slot, epoch, chunk).
 Tag = tuple[int, ...]
 TAG_MAX_LEN = 4
@@ -183,7 +185,7 @@ class CompletionQueue:
             return [self._done.popleft() for _ in range(n)]
 
 
-class Transport(ABC):
+class Transport(Liveness, ABC):
     """One endpoint of a connection with one-sided remote writes."""
 
     name: str = "abstract"
@@ -289,17 +291,7 @@ class Transport(ABC):
             self._recv_q.append(ev)
             self._recv_cv.notify_all()
 
-    # -- liveness -------------------------------------------------------------
-    @property
-    def is_dead(self) -> bool:
-        """Whether the connection failed (peer death, malformed traffic, drop) or was closed locally."""
-        return self._dead_reason is not None
-
-    @property
-    def dead_reason(self) -> str | None:
-        """Why the connection is dead, or None while it is alive."""
-        return self._dead_reason
-
+    # -- liveness (is_dead / dead_reason: Liveness) ------------------------------
     def _check_postable(self) -> None:
         if self._closed:
             raise TransportClosed(f"{self.name}: post_write on a closed transport")

@@ -23,12 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .endpoint import Address, SocketEndpoint
+
 MAGIC = b"KVCH"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHI")
 
 Message = dict[str, Any]
-Address = tuple[str, int]
 
 
 class Kind(enum.IntEnum):
@@ -138,7 +139,7 @@ class ChannelListener:
         self._sock.close()
 
 
-class Channel:
+class Channel(SocketEndpoint):
     """A framed, heartbeated, thread-safe message channel over one stream socket."""
 
     def __init__(
@@ -168,21 +169,8 @@ class Channel:
             t.start()
 
     @classmethod
-    def connect(cls, address: Address, timeout: float = 5.0, **kw: Any) -> "Channel":
-        """Connect to a ChannelListener."""
-        sock = socket.create_connection(address, timeout=timeout)
-        sock.settimeout(None)
-        return cls(sock, **kw)
-
-    @classmethod
-    def pair(cls, **kw: Any) -> tuple["Channel", "Channel"]:
-        """Two connected channels over loopback TCP (for tests)."""
-        lst = ChannelListener()
-        try:
-            a = cls.connect(lst.address, **kw)
-            return a, lst.accept(**kw)
-        finally:
-            lst.close()
+    def _listener(cls) -> ChannelListener:
+        return ChannelListener()
 
     # -- sending -----------------------------------------------------------------
     def send(self, msg: Mapping[str, Any]) -> None:
@@ -268,17 +256,7 @@ class Channel:
             except ChannelClosed:
                 return
 
-    # -- liveness and close ------------------------------------------------------
-    @property
-    def is_dead(self) -> bool:
-        """Whether the peer is gone or the channel failed."""
-        return self._dead_reason is not None
-
-    @property
-    def dead_reason(self) -> str | None:
-        """Why the channel is dead, or None while it is alive."""
-        return self._dead_reason
-
+    # -- liveness and close (is_dead / dead_reason: Liveness) -----------------------
     def _die(self, reason: str) -> None:
         with self._state_lock:
             if self._dead_reason is not None:

@@ -30,13 +30,13 @@ from typing import Any
 from .base import (
     Completion, LandHook, RecvEvent, Region, Status, Tag, Transport, TransportError, check_bounds,
 )
+from .endpoint import Address, SocketEndpoint
 from .faults import FaultConfig, FaultInjector
 from .frames import (
     HEADER, MAX_ACKS, MAX_REASON, FrameError, FrameType, Header, SocketReader, decode_acks, decode_header,
     encode_acks, encode_header,
 )
 
-Address = tuple[str, int]
 BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
 _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
 MAX_DISCARD = 64 << 20  # a refused write up to this long is skipped; a longer one drops the connection
@@ -84,7 +84,7 @@ class TcpListener:
         self.close()
 
 
-class TcpTransport(Transport):
+class TcpTransport(Transport, SocketEndpoint):
     """One endpoint of a TCP connection carrying one-sided writes."""
 
     name = "tcp"
@@ -123,19 +123,8 @@ class TcpTransport(Transport):
         self._wire_thread.start()
 
     @classmethod
-    def connect(cls, address: Address, timeout: float = 5.0, **kw: Any) -> "TcpTransport":
-        """Connect to a TcpListener at address; kw go to TcpTransport."""
-        sock = socket.create_connection(address, timeout=timeout)
-        sock.settimeout(None)
-        return cls(sock, **kw)
-
-    @classmethod
-    def pair(cls, **kw: Any) -> tuple["TcpTransport", "TcpTransport"]:
-        """Two connected endpoints over loopback TCP (for tests and benchmarks)."""
-        with TcpListener() as lst:
-            a = cls.connect(lst.address, **kw)
-            b = lst.accept(**kw)
-        return a, b
+    def _listener(cls) -> TcpListener:
+        return TcpListener()
 
     # -- posting ---------------------------------------------------------------
     def _post(self, mv: memoryview, region: int, offset: int, length: int, tag: Tag, imm: int | None) -> int:
