@@ -15,9 +15,10 @@ Process plumbing: Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Mapping, Union
 
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Emission
@@ -156,14 +157,16 @@ class Event:
 Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats, Event]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
-# the kv_slot spec's channels, each carried by the message type of the same name
-_SPEC_CHANNELS: dict[str, type] = {c: MESSAGE_TYPES[c] for c in KVSlot.channels}
-_HINTS: dict[type, dict[str, Any]] = {c: typing.get_type_hints(c) for c in MESSAGE_TYPES.values()}
 
 
-def encode(msg: Message) -> dict[str, Any]:
-    """The JSON object for one message (what Channel.send takes)."""
-    if type(msg) not in _HINTS:
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def encode(msg: Any, types: Mapping[str, type] = MESSAGE_TYPES) -> dict[str, Any]:
+    """The JSON object for one message (what Channel.send takes); `types` is the message set it belongs to."""
+    if types.get(getattr(msg, "TYPE", None)) is not type(msg):
         raise MessageError(f"encode: {type(msg).__name__} is not a control message type")
     return {"type": msg.TYPE, **asdict(msg)}
 
@@ -185,15 +188,15 @@ def _check(tname: str, name: str, value: Any, hint: Any) -> None:
     raise MessageError(f"{tname} message: field {name!r}={value!r}, expected {want}")
 
 
-def decode_message(raw: Any) -> Message:
-    """Parse and validate one received JSON object into its message dataclass."""
+def decode_message(raw: Any, types: Mapping[str, type] = MESSAGE_TYPES) -> Any:
+    """Parse and validate one received JSON object into its message dataclass, one of `types`."""
     if not isinstance(raw, dict):
         raise MessageError(f"control message is a {type(raw).__name__}, expected a JSON object")
     tname = raw.get("type")
-    cls = MESSAGE_TYPES.get(tname) if isinstance(tname, str) else None
+    cls = types.get(tname) if isinstance(tname, str) else None
     if cls is None:
-        raise MessageError(f"control message type={tname!r}, expected one of {sorted(MESSAGE_TYPES)}")
-    hints = _HINTS[cls]
+        raise MessageError(f"control message type={tname!r}, expected one of {sorted(types)}")
+    hints = _hints(cls)
     names = [f.name for f in fields(cls)]
     got = set(raw) - {"type"}
     required = {f.name for f in fields(cls) if f.default is MISSING}
@@ -208,10 +211,11 @@ def decode_message(raw: Any) -> Message:
     return cls(**{k: raw[k] for k in got})
 
 
-def from_emission(em: Emission, **extra: Any) -> Alloc | Abort | Done | Safe:
-    """The message for a spec `send` emission (index [slot, writer], epoch); extra adds Alloc's payload."""
-    if em.kind != "send" or em.fields.get("channel") not in _SPEC_CHANNELS:
-        raise MessageError(f"emission {em!r} is not a send on one of {sorted(_SPEC_CHANNELS)}")
+def from_emission(em: Emission, types: Mapping[str, type] = MESSAGE_TYPES, **extra: Any) -> Any:
+    """The message for a kv_slot spec `send` emission (index [slot, writer], epoch), of the type in `types`
+    named by its channel; extra adds Alloc's payload."""
+    if em.kind != "send" or em.fields.get("channel") not in KVSlot.channels or em.fields["channel"] not in types:
+        raise MessageError(f"emission {em!r} is not a send on one of {sorted(KVSlot.channels)}")
     s, w = em.fields["index"]
-    return _SPEC_CHANNELS[em.fields["channel"]](slot=s, writer=w, epoch=em.fields["epoch"], **extra)
+    return types[em.fields["channel"]](slot=s, writer=w, epoch=em.fields["epoch"], **extra)
 

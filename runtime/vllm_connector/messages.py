@@ -1,17 +1,17 @@
 """Control messages of the vLLM connector: the KV slot spec's channels plus the connection hello.
 
 Each is a frozen dataclass; `encode` gives the JSON object the control channel
-(runtime/channel.py) carries and `decode` checks the type tag and the exact
-field set, naming what was wrong.
+(runtime/transport/control.py) carries and `decode` checks the type tag, the exact
+field set and the field types, naming what was wrong -- both are runtime/pd/messages.py's,
+over this module's message set.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
-
-class MessageError(ValueError):
-    """A control message is malformed."""
+from kvproof.runtime.pd import messages as pd_messages
+from kvproof.runtime.pd.messages import MessageError  # noqa: F401  (re-exported: one error for every control message)
 
 
 @dataclass(frozen=True)
@@ -70,32 +70,18 @@ class Safe:
 
 Message = Union[Hello, Alloc, Abort, Done, Safe]
 TYPES: dict[str, type] = {c.TYPE: c for c in (Hello, Alloc, Abort, Done, Safe)}
-SPEC_CHANNELS = {"alloc": Alloc, "abort": Abort, "done": Done, "safe": Safe}
 
 
 def encode(msg: Message) -> dict[str, Any]:
     """The JSON object for one message."""
-    return {"type": msg.TYPE, **asdict(msg)}
+    return pd_messages.encode(msg, TYPES)
 
 
 def decode(raw: Any) -> Message:
-    """Parse and check one received JSON object."""
-    if not isinstance(raw, dict) or raw.get("type") not in TYPES:
-        raise MessageError(f"control message {raw!r}: expected an object with type in {sorted(TYPES)}")
-    cls = TYPES[raw["type"]]
-    names = {f.name: f.type for f in fields(cls)}
-    got = set(raw) - {"type"}
-    if got != set(names):
-        raise MessageError(f"{raw['type']} message: fields {sorted(got)}, expected {sorted(names)}")
-    for name, typ in names.items():
-        want = {"int": int, "str": str, "list": list}[typ]
-        v = raw[name]
-        if not isinstance(v, want) or isinstance(v, bool):
-            raise MessageError(f"{raw['type']} message: field {name!r}={v!r}, expected {typ}")
-    return cls(**{k: raw[k] for k in names})
+    """Parse and check one received JSON object (type tag, exact field set, field types)."""
+    return pd_messages.decode_message(raw, TYPES)
 
 
 def from_emission(em: Any, **extra: Any) -> Alloc | Abort | Done | Safe:
     """The message for a spec `send` emission (index [slot, writer], epoch); extra adds Alloc's payload."""
-    s, w = em.fields["index"]
-    return SPEC_CHANNELS[em.fields["channel"]](slot=s, writer=w, epoch=em.fields["epoch"], **extra)
+    return pd_messages.from_emission(em, TYPES, **extra)

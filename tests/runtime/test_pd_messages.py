@@ -100,3 +100,15 @@ def test_kv_content_detects_any_foreign_chunk() -> None:
         offset(cfg, 0, 0, 3)
     with pytest.raises(ValueError, match="n_tokens=9"):
         pool.bad_bytes(0, 1, 9)
+
+
+def test_vllm_connector_messages_use_the_one_validator() -> None:
+    from kvproof.runtime.vllm_connector import messages as vm
+    assert vm.MessageError is MessageError
+    assert vm.decode(vm.encode(vm.Alloc(1, 0, 2, "req-1", [3, 4]))) == vm.Alloc(1, 0, 2, "req-1", [3, 4])
+    with pytest.raises(MessageError, match=r"field 'slot'=-1, expected an int >= 0"):
+        vm.decode({"type": "done", "slot": -1, "writer": 0, "epoch": 0})
+    with pytest.raises(MessageError, match="expected one of"):
+        vm.decode({"type": "submit", "rid": 0, "n_tokens": 1})          # a pd message is not a vLLM one
+    with pytest.raises(MessageError, match="not a control message type"):
+        vm.encode(Done(0, 0, 0))
