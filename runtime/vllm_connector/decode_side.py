@@ -29,6 +29,7 @@ from kvproof.runtime.transport import make_transport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Alloc, Done, Hello, Safe, decode, encode, from_emission
+from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Instance
 
@@ -75,7 +76,7 @@ def trace_path(cfg: ConnectorConfig, name: str) -> str | None:
     return path
 
 
-class DecodeSide:
+class DecodeSide(SpecDriver):
     """Decode's slot table over vLLM's blocks; connections to every prefill rank."""
 
     def __init__(self, cfg: ConnectorConfig, regions: list[Any], layouts: list[LayerLayout],
@@ -282,21 +283,9 @@ class DecodeSide:
         """Slot s is back in the free pool: the spec would let a new request have it."""
         return self.inst.enabled("alloc", s=s)
 
-    def _try(self, action: str, **args: int) -> bool:
-        f = self.inst.try_fire(action, **args)          # guards evaluated once
-        if f:
-            self._emit(f.emissions)
-        else:
-            self.stats[f"ignored_{action}"] += 1
-        return bool(f)
-
-    def _fire(self, action: str, **args: int) -> None:
-        self._emit(self.inst.fire(action, **args))
-
-    def _emit(self, emissions: list) -> None:
-        for em in emissions:
-            if em.kind == "send":
-                self._send(from_emission(em))
+    @property
+    def _counts(self) -> Counter:
+        return self.stats
 
     def _send(self, msg: Any) -> None:
         ch = self.channels[msg.writer]

@@ -24,7 +24,8 @@ from kvproof.runtime.transport import FaultConfig, TcpListener, TcpTransport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.decode_side import CONTROL, EventLog, trace_path
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
-from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode, from_emission
+from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode
+from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Instance
 
@@ -49,7 +50,7 @@ class Job:
     posted_all: bool = False
 
 
-class Peer:
+class Peer(SpecDriver):
     """One connected decode instance: its spec instance, control channel and transport."""
 
     def __init__(self, side: "PrefillSide", ch: Channel, tr: TcpTransport, hello: Hello, n: int) -> None:
@@ -143,21 +144,12 @@ class Peer:
         if job is not None:
             self.side.unuse(job.req_id, job.posted_all)
 
-    def _try(self, action: str, **args: int) -> bool:
-        f = self.inst.try_fire(action, **args)          # guards evaluated once
-        if f:
-            self._emit(f.emissions)
-        else:
-            self.side.stats[f"ignored_{action}"] += 1
-        return bool(f)
+    @property
+    def _counts(self) -> Counter:
+        return self.side.stats
 
-    def _fire(self, action: str, **args: int) -> None:
-        self._emit(self.inst.fire(action, **args))
-
-    def _emit(self, emissions: list) -> None:
-        for em in emissions:
-            if em.kind == "send":
-                self.ch.send(encode(from_emission(em)))
+    def _send(self, msg: Any) -> None:
+        self.ch.send(encode(msg))
 
 
 class PrefillSide:
