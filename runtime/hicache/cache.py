@@ -21,12 +21,12 @@ from typing import Sequence
 import torch
 
 from kvproof.runtime.hicache.pages import BatchResult, CacheFullError, HiCacheConfig, TierPages, layer_copy
-from kvproof.runtime.streams.gate import checked_plan
+from kvproof.runtime.streams.gate import PlanGate
 from kvproof.runtime.model.radix import RadixIndex, RadixNode
-from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, execute
 from kvproof.spec.hicache_plan import hicache_plan
 from kvproof.spec.stream_json import trace_dumps
-from kvproof.spec.streams import Plan, Violation, check_plan
+from kvproof.spec.streams import Plan, Violation
 
 
 class HiCache:
@@ -49,7 +49,7 @@ class HiCache:
         self.dev_pool = TierPages(cfg.device_pages, "device")
         self.host_pool = TierPages(cfg.host_pages, "host")
         self._stats: Counter[str] = Counter()
-        self._verdicts: dict[str, tuple[Plan, tuple[Violation, ...]]] = {}
+        self._gate = PlanGate()
         self._executor = CudaExecutor(self.device) if self.cuda else None
         self._last: tuple[Plan, dict[int, tuple[float, float]]] | None = None
 
@@ -181,14 +181,7 @@ class HiCache:
 
     def check(self, plan: Plan) -> tuple[Violation, ...]:
         """The plan's races, checked once per plan shape (plans carry no page data)."""
-        hit = self._verdicts.get(plan.name)
-        # hicache_plan returns one shared object per shape, so `is` keeps hashing off the hot path
-        if hit is not None and (hit[0] is plan or hit[0] == plan):
-            self._stats["plan_cache_hits"] += 1
-            return hit[1]
-        self._verdicts[plan.name] = (plan, check_plan(plan))
-        self._stats["plans_checked"] += 1
-        return self._verdicts[plan.name][1]
+        return self._gate.races(plan)
 
     def load(self, tokens: Sequence[int], q: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
              compute: bool = True, schedule: str | None = None) -> BatchResult:
@@ -199,7 +192,7 @@ class HiCache:
         self._stats["hits"] += len(nodes)
         self._stats["misses"] += total - len(nodes)
         plan = hicache_plan(cfg.layers, cfg.variant)
-        checked_plan(plan, self.check(plan), cfg.allow_races)
+        self._gate(plan, cfg.allow_races)
         held = self.hold(nodes)
         swapped: list[RadixNode] = []
         try:
@@ -255,18 +248,15 @@ class HiCache:
 
     def stats(self) -> dict[str, int]:
         """Counters: hits/misses (pages), evictions, swap_ins, dropped, batches, plan checks and cache hits."""
-        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted", "batches",
-                "plans_checked", "plan_cache_hits")
+        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted", "batches")
         return {k: self._stats[k] for k in keys} | {
+            "plans_checked": self._gate.checked, "plan_cache_hits": self._gate.hits,
             "device_pages_used": len(self.dev_pool.used), "host_pages_used": len(self.host_pool.used)}
 
     # ------------------------------------------------------------ plan execution
     def _execute(self, plan: Plan, impls: dict[str, OpImpl], schedule: str) -> ExecResult:
-        if self._executor is not None:
-            return self._executor.run(plan, impls, timing=self.cfg.record_times)
-        if schedule == "sync":
-            return run_sync(plan, impls)
-        return emulate(plan, impls, schedule, self.cfg.seed + self._stats["batches"])
+        return execute(plan, impls, schedule, self.cfg.seed + self._stats["batches"], cuda=self._executor,
+                       timing=self.cfg.record_times)
 
     def _impls(self, dev_pages: list[int | None], swaps: list[tuple[int, int]], q: torch.Tensor,
                h0: torch.Tensor, compute: bool) -> tuple[dict[str, OpImpl], dict]:

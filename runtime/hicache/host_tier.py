@@ -26,15 +26,15 @@ from collections import Counter, OrderedDict, deque
 import torch
 
 from kvproof.runtime.hicache.pages import layer_copy
-from kvproof.runtime.streams.gate import checked_plan
+from kvproof.runtime.streams.gate import PlanGate
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
-from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, execute
 from kvproof.spec.core import variant_name
 from kvproof.spec.kv_page import KVPage, PState
 from kvproof.spec.local import LocalInstance
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
-from kvproof.spec.streams import Plan, Violation, check_plan
+from kvproof.spec.streams import Plan, Violation
 
 SCHEDULES: tuple[str, ...] = POLICIES + ("sync",)
 
@@ -76,20 +76,17 @@ class HostTier:
         self.free_pages: deque[int] = deque(range(pages))
         self.by_hash: OrderedDict[bytes, int] = OrderedDict()    # least recently used first
         self.counts: Counter[str] = Counter()
-        self._verdicts: dict[str, tuple[Violation, ...]] = {}
+        self._gate = PlanGate()
         self._executor = CudaExecutor(dev) if self.cuda else None
         self.last: dict | None = None                            # the last swap-in batch (tests, audits)
         self.plan = hicache_plan(cache.cfg.n_layers, variant)
-        checked_plan(self.plan, self.check(self.plan), allow_races)    # fail fast, before serving
+        self._gate(self.plan, allow_races)                              # fail fast, before serving
         pool.on_evict = self.evict
 
     # ------------------------------------------------------------ host pages
     def check(self, plan: Plan) -> tuple[Violation, ...]:
         """The plan's races (spec.streams.check_plan), checked once per plan shape."""
-        if plan.name not in self._verdicts:
-            self._verdicts[plan.name] = check_plan(plan)
-            self.counts["plans_checked"] += 1
-        return self._verdicts[plan.name]
+        return self._gate.races(plan)
 
     @property
     def pins(self) -> dict[int, int]:
@@ -151,7 +148,7 @@ class HostTier:
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor, batch: object,
                 swaps: list[tuple[int, int]]) -> torch.Tensor:
         """Model forward (tokens [T] -> hidden [T, D]) of a batch that first swaps `swaps` [(host, device)] in."""
-        checked_plan(self.plan, self.check(self.plan), self.allow_races)
+        self._gate(self.plan, self.allow_races)
         cache, L = self.cache, len(model.layers)
         for _, p in swaps:
             self.pool.start_load(p)
@@ -199,18 +196,14 @@ class HostTier:
         return hidden[L]
 
     def _execute(self, impls: dict[str, OpImpl]) -> ExecResult:
-        if self._executor is not None:
-            return self._executor.run(self.plan, impls)
-        if self.schedule == "sync":
-            return run_sync(self.plan, impls)
-        return emulate(self.plan, impls, self.schedule, self.seed + self.counts["swap_batches"])
+        return execute(self.plan, impls, self.schedule, self.seed + self.counts["swap_batches"], cuda=self._executor)
 
     def stats(self) -> dict:
         """Counters for /metrics (pages unless named otherwise)."""
         c = self.counts
         out = {f"hicache_{k}_total": c[k] for k in (
             "device_hits", "host_hits", "misses", "evictions", "writebacks", "swap_ins", "swap_batches",
-            "dropped", "plans_checked", "stale_indexer_reads")}
+            "dropped", "stale_indexer_reads")} | {"hicache_plans_checked_total": self._gate.checked}
         free = self.table.count("st", PState.FREE)
         out["hicache_host_pages{state}"] = {"used": self.num_pages - free, "free": free}
         return out

@@ -38,13 +38,13 @@ import torch.distributed as dist
 from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
-from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, emulate
+from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, execute, run_host
 from kvproof.spec.core import variant_name
-from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, op_role,
+from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, compute, delivery_errors, layersplit_plan, op_role,
                                           owned_layers, owner_of, rank_plan)
 from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
 from kvproof.runtime.streams.gate import checked_plan as gate
-from kvproof.spec.streams import HostSync, Op, Plan, Record, Region, Wait
+from kvproof.spec.streams import Op, Plan, Region
 
 
 SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")
@@ -278,48 +278,14 @@ class LayerSplitPool:
                           device=self.cfg.device)
         works: list = []
         impls = self._impls(q, out, works, staged=self.cfg.schedule != "host")
-        if self.cfg.device.startswith("cuda"):
-            ex = CudaExecutor(self.cfg.device, main=f"compute@r{self.rank}")
-            ex.run(self.my_plan, impls)
-            ex.synchronize()
-        elif self.cfg.schedule == "host":
-            self._run_cpu(impls, works)
-        else:
-            self._run_emulated(impls)
-        return out
-
-    def _run_emulated(self, impls: dict[str, OpImpl]) -> None:
-        """Fire the spec machine's transitions on CPU (streams.executor.emulate): ``comm_ahead`` runs
-        the comm stream as far as its waits allow, ``random`` picks among enabled ones."""
-        emulate(self.my_plan, impls, "random", self.cfg.seed,
+        if self.cfg.schedule == "host" and not self.cfg.device.startswith("cuda"):
+            run_host(self.my_plan, comm(self.rank), impls, works)   # collectives overlap host-ordered compute
+            return out
+        # CUDA streams, or the spec machine's transitions on CPU: ``comm_ahead`` runs the comm stream
+        # as far as its waits allow, ``random`` picks among the enabled ones
+        cuda = CudaExecutor(self.cfg.device, main=compute(self.rank)) if self.cfg.device.startswith("cuda") else None
+        execute(self.my_plan, impls, "random", self.cfg.seed, cuda=cuda,
                 ahead=comm(self.rank) if self.cfg.schedule == "comm_ahead" else None)
-
-    def _run_cpu(self, impls: dict[str, OpImpl], works: list) -> None:
-        """Issue the rank's plan on CPU: async collectives on the comm stream, host-ordered compute."""
-        run_host(self.my_plan, comm(self.rank), impls, works)
-
-
-def run_host(plan: Plan, comm_stream: str, impls: dict[str, OpImpl], works: list) -> None:
-    """Issue one rank's plan on CPU (the ``host`` schedule): ops in issue order on the host.
-
-    A collective's op appends its asynchronous work (anything with ``wait()``) to ``works``,
-    so its transfer overlaps the host's compute; a record on ``comm_stream`` stands for the
-    works issued so far and a wait on it waits them; compute ops ran on the host, so their
-    records are complete when issued. All works are waited at the end.
-    """
-    events: dict[str, list] = {}
-    for ins in plan.instrs:
-        if isinstance(ins, Op):
-            commit = impls[ins.name]()
-            if commit is not None:
-                commit()
-        elif isinstance(ins, Record):
-            # comm: the works issued so far on the stream; compute ran on the host, already complete
-            events[ins.event] = list(works) if ins.stream == comm_stream else []
-        elif isinstance(ins, Wait):
-            for w in events.get(ins.event, []):   # a never-recorded event is a no-op, as in CUDA
-                w.wait()
-        elif isinstance(ins, HostSync):
-            raise ValueError(f"plan {plan.name!r}: host syncs are not part of a LayerSplit plan")
-    for w in works:
-        w.wait()
+        if cuda is not None:
+            cuda.synchronize()
+        return out

@@ -16,7 +16,7 @@ its stored layer, asynchronous broadcast), `recv_*[l]` (the broadcast into a pri
 scattered into receive buffer l % depth when it lands), `indexer[l]` (`DecoderLayer.index`:
 writes the new tokens' indexer keys into the region it reads, top-k) and `attention[l]`
 (`DecoderLayer.attend`: writes their KV rows into the region it reads, sparse MLA, MLP).
-Issued with `layersplit.pool.run_host`: collectives overlap the host's compute, waits wait them.
+Issued with `streams.executor.run_host`: collectives overlap the host's compute, waits wait them.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from kvproof.runtime.layersplit.group import broadcast
 from kvproof.runtime.model.decoder import AttnBatch, DSAModel
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.config import ModelConfig
-from kvproof.runtime.streams.executor import OpImpl
+from kvproof.runtime.streams.executor import OpImpl, run_host
 from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import LayerSplitShape, comm, op_role, owned_layers, owner_of
 from kvproof.spec.streams import Op, Plan, Region
@@ -137,7 +137,6 @@ def split_forward(model: DSAModel, cache: SplitKVCache, plan: Plan, group: Any, 
 
     ``plan`` is the rank's plan (`rank_plan`); ``pages`` [N] every page the batch reads.
     """
-    from kvproof.runtime.layersplit.pool import run_host          # (imports the kernels: not at engine import)
     shape, rank, backend = cache.shape, cache.rank, model.backend
     hidden: dict[int, torch.Tensor] = {0: model.embed(tokens)}
     indexed: dict[int, Any] = {}

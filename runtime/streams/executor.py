@@ -7,7 +7,9 @@ transitions of ``spec.stream_machine.Machine`` in an order the happens-before re
 allows, chosen at random (seeded) or adversarially (writes delayed as long as
 possible), so a read that is not ordered after its write sees stale data,
 exactly as on a GPU whose load stream is late. ``run_sync`` is the synchronous
-reference. ``CudaExecutor`` issues the plan on ``torch.cuda`` streams and events.
+reference. ``run_host`` issues a plan whose copies are asynchronous collectives on the
+host (LayerSplit on CPU/gloo). ``CudaExecutor`` issues the plan on ``torch.cuda`` streams
+and events. ``execute`` is the one entry that picks among them.
 """
 from __future__ import annotations
 
@@ -101,6 +103,44 @@ def run_sync(plan: Plan, impls: Mapping[str, OpImpl]) -> ExecResult:
                 commit()
             res.times[i] = (float(i), float(i) + 1)
     return res
+
+
+def run_host(plan: Plan, comm_stream: str, impls: Mapping[str, OpImpl], works: list) -> None:
+    """Issue one rank's plan on CPU (the ``host`` schedule): ops in issue order on the host.
+
+    A collective's op appends its asynchronous work (anything with ``wait()``) to ``works``,
+    so its transfer overlaps the host's compute; a record on ``comm_stream`` stands for the
+    works issued so far and a wait on it waits them; compute ops ran on the host, so their
+    records are complete when issued. All works are waited at the end.
+    """
+    events: dict[str, list] = {}
+    for ins in plan.instrs:
+        if isinstance(ins, Op):
+            commit = impls[ins.name]()
+            if commit is not None:
+                commit()
+        elif isinstance(ins, Record):
+            # comm: the works issued so far on the stream; compute ran on the host, already complete
+            events[ins.event] = list(works) if ins.stream == comm_stream else []
+        elif isinstance(ins, Wait):
+            for w in events.get(ins.event, []):   # a never-recorded event is a no-op, as in CUDA
+                w.wait()
+        elif isinstance(ins, HostSync):
+            raise ValueError(f"plan {plan.name!r}: run_host issues collectives and host-ordered compute, "
+                             f"not host syncs (instr {ins!r})")
+    for w in works:
+        w.wait()
+
+
+def execute(plan: Plan, impls: Mapping[str, OpImpl], schedule: str, seed: int = 0,
+            cuda: "CudaExecutor | None" = None, timing: bool = False, ahead: str | None = None) -> ExecResult:
+    """Run a checked plan the way its owner is configured: on CUDA streams when `cuda` is given, else
+    synchronously in issue order (`schedule` "sync"), else emulated on CPU (a POLICIES schedule, `seed`)."""
+    if cuda is not None:
+        return cuda.run(plan, impls, timing=timing)
+    if schedule == "sync":
+        return run_sync(plan, impls)
+    return emulate(plan, impls, schedule, seed, ahead=ahead)
 
 
 class CudaExecutor:

@@ -20,3 +20,28 @@ def checked_plan(plan: Plan, races: Sequence[Violation] | None = None, allow_rac
         raise PlanRaceError(f"refusing plan {plan.name}: {what} ({len(races)} race(s), {len(misrouted)} misrouted); "
                             f"set allow_races only to demonstrate the bug")
     return plan
+
+
+class PlanGate:
+    """`checked_plan` for a runtime that issues a few plan shapes again and again: each shape's
+    verdicts are computed once (plans carry no page data); `checked` and `hits` count both paths."""
+
+    def __init__(self) -> None:
+        self._verdicts: dict[str, tuple[Plan, tuple[Violation, ...]]] = {}
+        self.checked = 0
+        self.hits = 0
+
+    def races(self, plan: Plan) -> tuple[Violation, ...]:
+        """The plan's races (spec.streams.check_plan), checked once per plan shape."""
+        hit = self._verdicts.get(plan.name)
+        # plan builders return one shared object per shape, so `is` keeps hashing off the hot path
+        if hit is not None and (hit[0] is plan or hit[0] == plan):
+            self.hits += 1
+            return hit[1]
+        self._verdicts[plan.name] = (plan, tuple(check_plan(plan)))
+        self.checked += 1
+        return self._verdicts[plan.name][1]
+
+    def __call__(self, plan: Plan, allow_races: bool = False) -> Plan:
+        """`plan` when it has no race (or `allow_races`), else PlanRaceError (see checked_plan)."""
+        return checked_plan(plan, self.races(plan), allow_races)
