@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .endpoint import Address, SocketEndpoint
+from .endpoint import SocketEndpoint, SocketListener
 
 MAGIC = b"KVCH"
 VERSION = 1
@@ -108,35 +108,12 @@ def decode_message(payload: bytes) -> Message:
     return msg
 
 
-class ChannelListener:
+class ChannelListener(SocketListener):
     """A listening socket that accepts Channel connections."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._sock = socket.create_server((host, port))
-
-    @property
-    def address(self) -> Address:
-        """The (host, port) peers connect to."""
-        return self._sock.getsockname()[:2]
 
     def accept(self, timeout: float | None = 5.0, **kw: Any) -> "Channel":
         """Accept one peer; kw go to Channel."""
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except socket.timeout:
-            raise TimeoutError(f"no peer connected to {self.address} within timeout={timeout} s") from None
-        conn.settimeout(None)
-        return Channel(conn, **kw)
-
-    @property
-    def sock(self) -> socket.socket:
-        """The listening socket (for an authenticating accept loop)."""
-        return self._sock
-
-    def close(self) -> None:
-        """Stop listening."""
-        self._sock.close()
+        return Channel(self.accept_socket(timeout), **kw)
 
 
 class Channel(SocketEndpoint):

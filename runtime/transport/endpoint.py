@@ -1,4 +1,4 @@
-"""What every connection endpoint shares: liveness (is_dead / dead_reason) and dialing a peer over TCP."""
+"""What every connection endpoint shares: liveness (is_dead / dead_reason), listening and dialing over TCP."""
 from __future__ import annotations
 
 import socket
@@ -6,6 +6,7 @@ from typing import Any, Protocol, TypeVar
 
 Address = tuple[str, int]
 E = TypeVar("E", bound="SocketEndpoint")
+L = TypeVar("L", bound="SocketListener")
 
 
 class Liveness:
@@ -22,6 +23,44 @@ class Liveness:
     def dead_reason(self) -> str | None:
         """Why the connection is dead, or None while it is alive."""
         return self._dead_reason
+
+
+class SocketListener:
+    """A listening TCP socket; a subclass's `accept` wraps `accept_socket()` in its endpoint class."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 16) -> None:
+        self._sock = socket.create_server((host, port), backlog=backlog)
+
+    @property
+    def address(self) -> Address:
+        """The (host, port) peers connect to."""
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    def accept_socket(self, timeout: float | None = 5.0) -> socket.socket:
+        """Accept one connection and return its blocking socket."""
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except socket.timeout:
+            raise TimeoutError(f"no peer connected to {self.address} within timeout={timeout} s") from None
+        conn.settimeout(None)
+        return conn
+
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (for an authenticating accept loop)."""
+        return self._sock
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._sock.close()
+
+    def __enter__(self: L) -> L:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Listener(Protocol):

@@ -30,7 +30,7 @@ from typing import Any
 from .base import (
     Completion, LandHook, RecvEvent, Region, Status, Tag, Transport, TransportError, check_bounds,
 )
-from .endpoint import Address, SocketEndpoint
+from .endpoint import SocketEndpoint, SocketListener
 from .faults import FaultConfig, FaultInjector
 from .frames import (
     HEADER, MAX_ACKS, MAX_REASON, FrameError, FrameType, Header, SocketReader, decode_acks, decode_header,
@@ -42,46 +42,12 @@ _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / 
 MAX_DISCARD = 64 << 20  # a refused write up to this long is skipped; a longer one drops the connection
 
 
-class TcpListener:
+class TcpListener(SocketListener):
     """A listening socket that accepts TcpTransport connections."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, backlog: int = 16) -> None:
-        self._sock = socket.create_server((host, port), backlog=backlog)
-
-    @property
-    def address(self) -> Address:
-        """The (host, port) peers connect to."""
-        host, port = self._sock.getsockname()[:2]
-        return host, port
-
-    def accept_socket(self, timeout: float | None = 5.0) -> socket.socket:
-        """Accept one connection and return its blocking socket."""
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except socket.timeout:
-            raise TimeoutError(f"no peer connected to {self.address} within timeout={timeout} s") from None
-        conn.settimeout(None)
-        return conn
 
     def accept(self, timeout: float | None = 5.0, **kw: Any) -> "TcpTransport":
         """Accept one connection and wrap it; kw go to TcpTransport."""
         return TcpTransport(self.accept_socket(timeout), **kw)
-
-    @property
-    def sock(self) -> socket.socket:
-        """The listening socket (for an authenticating accept loop)."""
-        return self._sock
-
-    def close(self) -> None:
-        """Stop listening."""
-        self._sock.close()
-
-    def __enter__(self) -> "TcpListener":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class TcpTransport(Transport, SocketEndpoint):
