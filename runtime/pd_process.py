@@ -28,7 +28,7 @@ from kvproof.runtime.decode_worker import DecodeWorker
 from kvproof.runtime.kv_pool import POOL_REGION, KVPool
 from kvproof.runtime.pd_config import PDConfig
 from kvproof.runtime.pd_messages import (
-    Cancel, Hello, Message, MessageError, Ready, Shutdown, Stats, Submit, Up, decode_message, encode,
+    Cancel, Hello, Message, MessageError, Ready, Shutdown, Stats, StatsRequest, Submit, Up, decode_message, encode,
 )
 from kvproof.runtime.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
@@ -177,7 +177,10 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
             elif isinstance(msg, Cancel):
                 worker.cancel(msg.rid)
                 if model is not None:
-                    model.cancel(msg.rid)
+                    model.cancel(msg.rid, msg.cause)
+            elif isinstance(msg, StatsRequest):
+                if model is not None:
+                    model.send_stats(worker, msg.nonce)
             elif isinstance(msg, Shutdown) and deadline is None:
                 deadline = time.monotonic() + cfg.drain_timeout_s
         elif kind == "client_dead":
@@ -249,11 +252,18 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
     poller.start()
     next_live = 0.0
 
+    last_live: dict[str, Any] = {}
+
     def report_live() -> None:
-        nonlocal next_live
-        if live_stats is not None and time.monotonic() >= next_live:
-            next_live = time.monotonic() + LIVE_STATS_S
-            ch.send(encode(Stats({"live": 1, "rank": rank, **live_stats()})))
+        # at once when a counter changed (so decode's view is current when its Done arrives), else
+        # every LIVE_STATS_S as a heartbeat
+        nonlocal next_live, last_live
+        if live_stats is None:
+            return
+        now_stats = live_stats()
+        if now_stats != last_live or time.monotonic() >= next_live:
+            next_live, last_live = time.monotonic() + LIVE_STATS_S, now_stats
+            ch.send(encode(Stats({"live": 1, "rank": rank, **now_stats})))
 
     try:
         reason = _prefill_loop(prank, inbox, who, report_live)
