@@ -226,7 +226,7 @@ class DecodeModel:
             "kv_transfer_failures_total": ws["failed"],
             "kv_requests_aborted_total": ws["aborted"],
             "slots_reclaimed_total": ws["slots_reclaimed"],
-            "reclaim_latency_seconds": histogram(lat),
+            **histogram("reclaim_latency_seconds", lat),
             "kv_transferred_bytes_total": sum(worker.bytes_landed),
             "kv_foreign_landings_total": sum(worker.foreign_landings),
             "kv_imported_tokens_total": self.imported_tokens,
