@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvproof.runtime.engine_api import STOP_STRING, Engine, GenerationRequest, TokenEvent
@@ -146,12 +146,13 @@ class Server:
         t0 = time.perf_counter()
         self._count("route", request.path)
         raw = await request.read()                     # 413 past the body limit (the middleware answers)
-        req = await asyncio.get_running_loop().run_in_executor(None, parse_body, raw, chat)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(None, parse_body, raw, chat)      # off the loop: /health answers
         if req.model is not None and req.model != self.engine.model_name:
             raise RequestError(404, f"model {req.model!r} does not exist; this server serves "
                                     f"{self.engine.model_name!r}", "model", "model_not_found")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        p = plan(req, self.engine, rid)
+        p = await loop.run_in_executor(None, plan, req, self.engine, rid)  # tokenising a long prompt too
         streams = self._submit(p)
         self.running[rid] = [s.engine_id for s in p.subs]
         states = [ChoiceState(s, self.engine.tokenizer, p.stop) for s in p.subs]
@@ -327,6 +328,28 @@ class Server:
         return resp
 
 
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the app (unparsable HTTP) in JSON too."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The error as OpenAI-shaped JSON (aiohttp's default is plain text)."""
+        plain = super().handle_error(request, status, exc, message)     # logs it (debug for non-HTTP bytes)
+        count = getattr(self._manager, "on_error", None)             # the _JsonErrorServer's
+        if count is not None:
+            count(status)
+        why = f"malformed HTTP request: {exc}" if exc is not None and status < 500 else plain.reason
+        resp = web.json_response(RequestError(status, why, code="bad_http" if status < 500 else None).body(),
+                                 status=status)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
 async def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, manage_engine: bool = True,
                        api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
                        ) -> tuple[web.AppRunner, str]:
@@ -336,6 +359,9 @@ async def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000
     server = Server(engine, api_key, max_body_bytes)
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    assert isinstance(runner.server, web.Server)
+    runner.server.__class__ = _JsonErrorServer                  # bad HTTP bytes get JSON errors too
+    runner.server.on_error = lambda status: server._count("status", str(status))  # type: ignore[attr-defined]
     site = web.TCPSite(runner, host, port)
     await site.start()
     sock = site._server.sockets[0]          # the bound port when port=0
