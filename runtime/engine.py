@@ -280,6 +280,7 @@ class LocalEngine(StreamingMixin):
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stats: dict = {}
+        self._snapshots = 0                    # snapshots taken (refresh_stats waits for the next one)
         self.error: BaseException | None = None
 
     @property
@@ -355,6 +356,17 @@ class LocalEngine(StreamingMixin):
         """The latest snapshot of the engine's counters and gauges."""
         return self._stats
 
+    async def refresh_stats(self, timeout_s: float = 1.0) -> bool:
+        """Wait for a snapshot taken after this call (a /metrics scrape: every counter current); False on timeout."""
+        seen = self._snapshots
+        self._wake.set()
+        end = time.monotonic() + timeout_s
+        while self._snapshots == seen and self._thread is not None:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
     def _drain_inbox(self, core: EngineCore) -> None:
         with self._mu:
             items, self._inbox = self._inbox, []
@@ -375,6 +387,7 @@ class LocalEngine(StreamingMixin):
                 self._drain_inbox(core)
                 busy = core.step()
                 self._stats = core.stats()
+                self._snapshots += 1
                 if not busy:
                     self._wake.wait(0.05)
         except BaseException as e:             # surface model errors to every waiting request
