@@ -126,7 +126,7 @@ class EngineCore:
         if n == 0 or n + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
                              f"1..{self.max_model_len} tokens")
-        mon = RequestMonitor(self.cfg.monitor) if self.cfg.num_drafts else None
+        mon = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name) if self.cfg.num_drafts else None
         seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
         if prefilled is not None:
             pages, cached = prefilled

@@ -41,9 +41,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
     parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
     parser.add_argument("--no-monitor", action="store_true", help="do not abort on the anomaly rule")
-    parser.add_argument("--monitor-min-tokens", type=int, default=128)
-    parser.add_argument("--monitor-min-accept-length", type=float, default=1.4)
-    parser.add_argument("--monitor-max-accept-rate", type=float, default=0.96)
+    parser.add_argument("--monitor-min-tokens", type=int, default=None,
+                        help="arm the rule after this many tokens (default: the spec's value for the model)")
+    parser.add_argument("--monitor-min-accept-length", type=float, default=None,
+                        help="abort below this mean accept length (default: the spec's per-model value; "
+                             "post-mortem 1.4, tiny 1.0 = off)")
+    parser.add_argument("--monitor-max-accept-rate", type=float, default=None,
+                        help="abort above this accept rate (default: the spec's per-model value, 0.96)")
     pd = parser.add_argument_group("--engine pd (prefill/decode processes over the PD runtime)")
     pd.add_argument("--writers", type=int, default=1, help="prefill ranks, one process each (default 1)")
     pd.add_argument("--slots", type=int, default=16, help="decode KV slots (default 16)")

@@ -12,6 +12,7 @@ import pytest
 
 from serving_testing import wait_for
 from kvproof.runtime.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.monitor import MonitorConfig
 from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
 from kvproof.runtime.server import start_server
 from kvproof.runtime.tokenizer import ByteTokenizer
@@ -110,9 +111,11 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
     params = SamplingParams(max_tokens=200, ignore_eos=True)
     ref = generate_reference(EngineConfig(), prompts, params)
     affected = {0, 3, 6, 9}
+    # the post-mortem's thresholds: the tiny model's own leave the low-accept rule off (spec THRESHOLDS)
+    cfg = EngineConfig(monitor=MonitorConfig.of("post_mortem"))
 
     async def main() -> list:
-        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=4, writers=1))
+        engine = PDEngine(cfg, PDEngineConfig(slots=4, writers=1))
         await engine.start()
         try:
             for i in affected:
