@@ -64,6 +64,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
+    return_token_ids: bool = False                   # vLLM: each choice (chunk) carries its token ids
 
 
 class CompletionRequest(_Sampling):

@@ -191,8 +191,8 @@ class Server:
         return streams
 
     async def _events(self, states: list[ChoiceState], streams: list[AsyncIterator[TokenEvent]],
-                      t0: float) -> AsyncIterator[tuple[int, str, list]]:
-        """(choice, new text, new logprob pairs) as events arrive from every engine request, interleaved."""
+                      t0: float) -> AsyncIterator[tuple[int, str, list, list[int]]]:
+        """(choice, new text, new logprob pairs, new token ids) as events arrive from every engine request."""
         q: asyncio.Queue[tuple[int, TokenEvent | None]] = asyncio.Queue()
 
         async def pump(i: int, it: AsyncIterator[TokenEvent]) -> None:
@@ -218,14 +218,14 @@ class Server:
                         for _ in ev.tokens:
                             self.hist.itl.observe((now - last[i]) / len(ev.tokens))
                     last[i] = now
-                text, lps = st.feed(ev)
+                text, lps, ids = st.feed(ev)
                 if st.wants_abort:
                     st.abort_sent = True
                     self.engine.abort(st.sub.engine_id, STOP_STRING)
                 if ev.finished:
                     left -= 1
                     self.hist.e2e.observe(now - t0)
-                yield i, text, lps
+                yield i, text, lps, ids
         finally:
             for t in tasks:
                 t.cancel()
@@ -266,6 +266,8 @@ class Server:
                 c["message"] = {"role": "assistant", "content": st.text.text}
             else:
                 c["text"] = echo + st.text.text
+            if p.token_ids:
+                c["token_ids"] = st.ids
             choices.append(c)
         choices.sort(key=lambda c: c["index"])
         return web.json_response({"id": rid, "object": "chat.completion" if p.chat else "text_completion",
@@ -288,14 +290,18 @@ class Server:
                 msg["usage"] = None
             await resp.write(b"data: " + json.dumps(msg).encode() + b"\n\n")
 
-        def choice(st: ChoiceState, text: str | None, lps: list, reason: str | None, first: bool = False
-                   ) -> dict[str, Any]:
+        def choice(st: ChoiceState, text: str | None, lps: list, reason: str | None, first: bool = False,
+                   ids: list[int] | None = None) -> dict[str, Any]:
             idx = self._choice_index(p, st)
             lp = self._logprobs(p, lps, offsets[idx]) if lps else None
             if p.chat:
                 delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
-                return {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            return {"index": idx, "text": text or "", "logprobs": lp, "finish_reason": reason}
+                c = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            else:
+                c = {"index": idx, "text": text or "", "logprobs": lp, "finish_reason": reason}
+            if p.token_ids:
+                c["token_ids"] = ids or []
+            return c
 
         for st in states:
             if p.chat:
@@ -305,10 +311,10 @@ class Server:
                 offsets[self._choice_index(p, st)] = len(echo)
                 await send([choice(st, echo, [], None)])
         try:
-            async for i, text, lps in self._events(states, streams, t0):
+            async for i, text, lps, ids in self._events(states, streams, t0):
                 st = states[i]
-                if text or lps:
-                    await send([choice(st, text, lps, None)])
+                if text or lps or (ids and p.token_ids):
+                    await send([choice(st, text, lps, None, ids=ids)])
                     offsets[self._choice_index(p, st)] += len(text)
                 if st.finished:
                     await send([choice(st, None, [], st.finish_reason)], kvproof=st.extra())

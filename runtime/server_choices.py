@@ -52,6 +52,7 @@ class Plan:
     echo: bool
     want_logprobs: bool
     prompts: tuple[tuple[int, ...], ...]
+    token_ids: bool = False
 
 
 class TextStream:
@@ -150,7 +151,7 @@ def plan(req: CompletionRequest | ChatRequest, engine: Any, rid: str) -> Plan:
     stops = () if req.stop is None else ((req.stop,) if isinstance(req.stop, str) else tuple(req.stop))
     opts = req.stream_options
     return Plan(tuple(subs), chat, req.n, req.stream, stops, bool(opts and opts.include_usage), echo, want,
-                tuple(tuple(p) for p in prompts))
+                tuple(tuple(p) for p in prompts), req.return_token_ids)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class ChoiceState:
     text: TextStream = field(init=False)
     tokens: int = 0                    # completion tokens counted (up to a stop string's last token)
     logprobs: list = field(default_factory=list)     # (token, entry) of the counted tokens
+    ids: list[int] = field(default_factory=list)     # the counted tokens
     cum_logprob: float = 0.0
     finished: bool = False
     finish_reason: str | None = None
@@ -172,14 +174,15 @@ class ChoiceState:
     def __post_init__(self) -> None:
         self.text = TextStream(self.stop)
 
-    def feed(self, ev: TokenEvent) -> tuple[str, list]:
-        """Consume an event: (new text, new (token, logprob entry) pairs); asks for an abort at a stop string."""
-        out, new_lps = [], []
+    def feed(self, ev: TokenEvent) -> tuple[str, list, list[int]]:
+        """Consume an event: (new text, new (token, logprob entry) pairs, new token ids counted)."""
+        out, new_lps, new_ids = [], [], []
         lps = ev.logprobs or ()
         for i, t in enumerate(ev.tokens):
             if self.text.stopped:
                 break                          # generated after the stop string: not the client's
             self.tokens += 1
+            new_ids.append(t)
             if i < len(lps):
                 entry = lps[i]
                 self.cum_logprob += entry[0]
@@ -189,10 +192,11 @@ class ChoiceState:
         if ev.finished and not ev.tokens:
             out.append(self.text.feed(b"", final=True))
         self.logprobs.extend(new_lps)
+        self.ids.extend(new_ids)
         if ev.finished:
             self.finished, self.last = True, ev
             self.finish_reason = _finish_reason(ev, self.text.stopped)
-        return "".join(out), new_lps
+        return "".join(out), new_lps, new_ids
 
     @property
     def wants_abort(self) -> bool:

@@ -237,8 +237,19 @@ COMPLETION_CASES: dict[str, Callable[[Client], Awaitable[None]]] = {
     "logit_bias": c_logit_bias, "user": c_user, "top_k": c_top_k, "min_p": c_min_p,
     "repetition_penalty": c_repetition_penalty, "ignore_eos": c_ignore_eos, "min_tokens": c_min_tokens,
     "stop_token_ids": c_stop_token_ids, "best_of": c_best_of, "echo": c_echo, "logprobs": c_logprobs,
-    "suffix": c_suffix,
+    "suffix": c_suffix, "return_token_ids": None,   # set below
 }
+
+
+async def c_return_token_ids(c: Client) -> None:
+    st, d = await c.cmpl(return_token_ids=True, max_tokens=8, ignore_eos=True)
+    ids = d["choices"][0]["token_ids"]
+    assert len(ids) == 8 and bytes(ids).decode() == d["choices"][0]["text"]
+    chunks = await c.stream(False, return_token_ids=True)
+    assert [t for ch in chunks for t in ch["choices"][0]["token_ids"]] == list((await c.text()).encode())
+
+
+COMPLETION_CASES["return_token_ids"] = c_return_token_ids
 
 
 # ------------------------------------------------------------ chat
