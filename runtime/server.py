@@ -193,30 +193,42 @@ class Server:
     async def _events(self, states: list[ChoiceState], streams: list[AsyncIterator[TokenEvent]],
                       t0: float) -> AsyncIterator[tuple[int, str, list, list[int]]]:
         """(choice, new text, new logprob pairs, new token ids) as events arrive from every engine request."""
-        q: asyncio.Queue[tuple[int, TokenEvent | None]] = asyncio.Queue()
+        tasks: list[asyncio.Task] = []
+        if len(streams) == 1:                              # the common case: no merging task, no queue
+            async def one() -> AsyncIterator[tuple[int, TokenEvent]]:
+                async for ev in streams[0]:
+                    yield 0, ev
+            source = one()
+        else:
+            q: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
 
-        async def pump(i: int, it: AsyncIterator[TokenEvent]) -> None:
-            async for ev in it:
-                await q.put((i, ev))
-                if ev.finished:
-                    break
+            async def pump(i: int, it: AsyncIterator[TokenEvent]) -> None:
+                async for ev in it:
+                    await q.put((i, ev))
+                    if ev.finished:
+                        break
 
-        tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+            async def merged() -> AsyncIterator[tuple[int, TokenEvent]]:
+                while True:
+                    yield await q.get()
+            tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+            source = merged()
         last = [t0] * len(states)
+        hist = self.hist
         try:
             left = len(states)
-            while left:
-                i, ev = await q.get()
+            async for i, ev in source:
                 st = states[i]
                 now = time.perf_counter()
                 if ev.queue_s is not None:
-                    self.hist.queue.observe(ev.queue_s)
+                    hist.queue.observe(ev.queue_s)
                 if ev.tokens:
                     if st.tokens == 0:
-                        self.hist.ttft.observe(now - t0)
+                        hist.ttft.observe(now - t0)
                     else:
+                        gap = (now - last[i]) / len(ev.tokens)
                         for _ in ev.tokens:
-                            self.hist.itl.observe((now - last[i]) / len(ev.tokens))
+                            hist.itl.observe(gap)
                     last[i] = now
                 text, lps, ids = st.feed(ev)
                 if st.wants_abort:
@@ -224,8 +236,10 @@ class Server:
                     self.engine.abort(st.sub.engine_id, STOP_STRING)
                 if ev.finished:
                     left -= 1
-                    self.hist.e2e.observe(now - t0)
+                    hist.e2e.observe(now - t0)
                 yield i, text, lps, ids
+                if not left:
+                    break
         finally:
             for t in tasks:
                 t.cancel()

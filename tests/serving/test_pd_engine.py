@@ -90,8 +90,9 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
                 await wait_for(lambda: engine.stats()["queue_depth{queue}"]["router"] == 0, what="disconnect")
                 await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
                 metrics = await (await s.get(f"{url}/metrics")).text()
-            for needle in ('kvproof_slots{state="FREE"} 6', "kvproof_kv_transfers_total",
-                           "kvproof_reclaim_latency_seconds_sum", 'kvproof_aborts_total{cause="disconnect"}'):
+            for needle in ('kvproof_kv_slots{model_name="kvproof-tiny",state="FREE"} 6', "kvproof_kv_transfers_total",
+                           "kvproof_kv_slot_reclaim_latency_seconds_sum",
+                           'kvproof_aborts_total{cause="disconnect",model_name="kvproof-tiny"}'):
                 assert needle in metrics, needle
             return st
         finally:
