@@ -8,6 +8,7 @@ import os
 import time
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import serving, wait_for
@@ -156,3 +157,31 @@ def test_client_disconnect_logs_one_line_and_abort_endpoint() -> None:
     mine = [r for r in records if "disconnect" in r.getMessage()]
     assert len(mine) == 1 and "\n" not in mine[0].getMessage(), [r.getMessage() for r in mine]
     assert not [r for r in records if r.exc_info], [r.getMessage() for r in records if r.exc_info]
+
+
+def test_serve_flags_api_key_env_log_level_and_max_model_len(monkeypatch) -> None:
+    import argparse
+
+    from kvproof.runtime.serve_cli import add_serve_args, engine_config
+    monkeypatch.setenv("KVPROOF_API_KEY", "from-env")
+    p = argparse.ArgumentParser()
+    add_serve_args(p)
+    args = p.parse_args(["--max-model-len", "64", "--log-level", "warning"])
+    assert args.api_key == "from-env" and args.log_level == "warning"
+    assert p.parse_args(["--api-key", "flag"]).api_key == "flag"
+    cfg = engine_config(args)
+    assert cfg.max_model_len == 64
+    with pytest.raises(ValueError, match="--max-model-len 1"):
+        engine_config(p.parse_args(["--max-model-len", "1"]))
+
+    async def main() -> None:
+        async with serving(cfg) as (engine, url), aiohttp.ClientSession() as s:
+            async with s.get(f"{url}/v1/models/{MODEL}") as r:
+                assert r.status == 200 and (await r.json())["max_model_len"] == 64
+            async with s.post(f"{url}/v1/completions", json={"prompt": "x" * 40, "max_tokens": 30}) as r:
+                doc = await r.json()
+                assert r.status == 400 and doc["error"]["code"] == "context_length_exceeded", doc
+            async with s.post(f"{url}/v1/completions", json={"prompt": "x" * 40, "max_tokens": 20}) as r:
+                assert r.status == 200
+
+    asyncio.run(main())
