@@ -110,10 +110,10 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
     # the prompt family of test_kv_corruption_fires_the_rule_on_the_affected_requests
     prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n") for i in range(12)]
     params = SamplingParams(max_tokens=200, ignore_eos=True)
-    ref = generate_reference(EngineConfig(), prompts, params)
-    affected = {0, 3, 6, 9}
     # the post-mortem's thresholds: the tiny model's own leave the low-accept rule off (spec THRESHOLDS)
     cfg = EngineConfig(monitor=MonitorConfig.of("post_mortem"))
+    ref = generate_reference(cfg, prompts, params)
+    affected = {0, 3, 6, 9}
 
     async def main() -> list:
         engine = PDEngine(cfg, PDEngineConfig(slots=4, writers=1))
