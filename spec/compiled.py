@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol
-from kvproof.spec.machine import Ops, _receive_guard, data_domain, deliverable_epochs
+from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
 
 
 class Expr:
@@ -130,7 +130,7 @@ def _compile(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict
     full = {**args, **{d: Expr(d) for d in data}}
     m = View(layout, st, TRACE, variant, dropped)
     if adef.receives is not None:
-        _receive_guard(m, adef, full)
+        receive_guard(m, adef, full)
     adef.body(layout.protocol, m, **full)
     guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
     bounds = []
@@ -163,6 +163,7 @@ class Compiled:
 
     def __init__(self, protocol: type[Protocol], params: dict[str, int], variant: str,
                  dropped: frozenset[str] = frozenset()) -> None:
+        variant = variant_name(variant)
         self.layout = Layout.build(protocol, params)
         self.params = params
         self.entries: list[tuple[str, dict[str, int], ActionDef, Callable, list[str]]] = []

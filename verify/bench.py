@@ -10,7 +10,7 @@ from kvproof.verify.explore import explore
 
 
 def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) -> dict[str, Any]:
-    """Time the inductive proof, the prefix refutation and bounded explicit search per slot count."""
+    """Time the inductive proof, the unfixed refutation and bounded explicit search per slot count."""
     cap = 20_000 if quick else 200_000
     rows = []
     for n in slot_counts:
@@ -18,7 +18,7 @@ def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) 
         ind = induction(KVSlot, "fixed", {"slots": n, "writers": 2}, list(KVSlot.invariants))
         t_ind = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cex = bmc(KVSlot, "prefix", {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
+        cex = bmc(KVSlot, "unfixed", {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
         t_bmc = time.perf_counter() - t0
         params = {"slots": n, "writers": 1, "max_epoch": 1, "max_chunks": 1}
         t0 = time.perf_counter()
@@ -29,7 +29,7 @@ def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) 
             states, edges, complete = cap, None, False
         t_bfs = time.perf_counter() - t0
         rows.append({"slots": n, "induction_seconds": round(t_ind, 3), "proven": ind.proven,
-                     "prefix_bmc_seconds": round(t_bmc, 3), "prefix_cex_steps": len(cex.steps) if cex else None,
+                     "unfixed_bmc_seconds": round(t_bmc, 3), "unfixed_cex_steps": len(cex.steps) if cex else None,
                      "search_params": params, "search_complete": complete, "states": states,
                      "transitions": edges, "search_seconds": round(t_bfs, 3),
                      "states_per_second": round(states / t_bfs) if t_bfs else None})

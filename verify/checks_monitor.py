@@ -10,12 +10,12 @@ import time
 from functools import partial
 
 from kvproof.spec.core import Protocol
-from kvproof.spec.spec_monitor import PROPERTIES, THRESHOLDS, AcceptMonitor, monitor_protocol
+from kvproof.spec.specdec_monitor import PROPERTIES, THRESHOLDS, AcceptMonitor, monitor_protocol
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.registry import Check, register
 from kvproof.verify.verdict import Status, Verdict
 
-PROTOCOL = "spec_monitor"
+PROTOCOL = "specdec_monitor"
 BMC_DEPTH = 6
 PARAMS = {"min_tokens": AcceptMonitor.MIN_TOKENS,
           "min_accept_length": f"{AcceptMonitor.LEN_NUM}/{AcceptMonitor.LEN_DEN}",

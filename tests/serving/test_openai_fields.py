@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from serving_testing import serving
-from kvproof.runtime.engine import EngineConfig
-from kvproof.runtime.openai_protocol import ChatRequest, CompletionRequest
-from kvproof.runtime.server import start_server
+from kvproof.runtime.serving.engine import EngineConfig
+from kvproof.runtime.serving.openai_protocol import ChatRequest, CompletionRequest
+from kvproof.runtime.serving.server import start_server
 
 MODEL = "kvproof-tiny"
 P = "def fib(n):"
@@ -367,7 +367,7 @@ def test_every_field_local_engine() -> None:
 @pytest.mark.timeout(300)
 def test_sampling_fields_pd_engine() -> None:
     """PD decode samples in its own process: the sampling fields behave the same there."""
-    from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig
+    from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
 
     async def main() -> None:
         engine = PDEngine(EngineConfig(), PDEngineConfig(slots=4, writers=1))

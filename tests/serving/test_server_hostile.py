@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import serving, wait_for
-from kvproof.runtime.engine import EngineConfig
+from kvproof.runtime.serving.engine import EngineConfig
 
 MODEL = "kvproof-tiny"
 
@@ -94,8 +94,8 @@ def test_hostile_client_gets_json_errors_and_health_keeps_answering() -> None:
 
 def test_api_key() -> None:
     async def main() -> None:
-        from kvproof.runtime.engine import LocalEngine
-        from kvproof.runtime.server import start_server
+        from kvproof.runtime.serving.engine import LocalEngine
+        from kvproof.runtime.serving.server import start_server
         engine = LocalEngine(EngineConfig())
         runner, url = await start_server(engine, "127.0.0.1", 0, api_key="s3cret")
         try:
@@ -162,7 +162,7 @@ def test_client_disconnect_logs_one_line_and_abort_endpoint() -> None:
 def test_serve_flags_api_key_env_log_level_and_max_model_len(monkeypatch) -> None:
     import argparse
 
-    from kvproof.runtime.serve_cli import add_serve_args, engine_config
+    from kvproof.runtime.serving.serve_cli import add_serve_args, engine_config
     monkeypatch.setenv("KVPROOF_API_KEY", "from-env")
     p = argparse.ArgumentParser()
     add_serve_args(p)

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import serving
-from kvproof.runtime.engine import EngineConfig, EngineCore
-from kvproof.runtime.server import start_server
-from kvproof.runtime.server_metrics import describe
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore
+from kvproof.runtime.serving.server import start_server
+from kvproof.runtime.serving.server_metrics import describe
 
 MODEL = "kvproof-tiny"
 HISTOGRAMS = ("kvproof_time_to_first_token_seconds", "kvproof_inter_token_latency_seconds",
@@ -71,7 +71,7 @@ def test_every_engine_stat_has_a_name_and_help() -> None:
 
 @pytest.mark.timeout(300)
 def test_pd_metrics_are_current_when_scraped() -> None:
-    from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig
+    from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
 
     async def main() -> None:
         engine = PDEngine(EngineConfig(), PDEngineConfig(slots=4, writers=1))

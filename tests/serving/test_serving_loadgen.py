@@ -9,7 +9,7 @@ import json
 from aiohttp import web
 
 from serving_testing import serving, wait_for
-from kvproof.runtime.loadgen import add_loadgen_args, run_loadgen
+from kvproof.runtime.tools.loadgen import add_loadgen_args, run_loadgen
 
 
 def _args(url: str, *extra: str) -> argparse.Namespace:
