@@ -47,7 +47,7 @@ def test_degenerate_fires_above_max_rate() -> None:
 def test_thresholds_come_from_the_spec_per_model() -> None:
     """The default model's greedy loops look like corruption to the accept-length rule (see THRESHOLDS), so
     on it only the degenerate rule is armed; other models get the post-mortem rule."""
-    from kvproof.spec.spec_monitor import THRESHOLDS
+    from kvproof.spec.specdec_monitor import THRESHOLDS
     assert RequestMonitor(MonitorConfig(), model="tiny").cfg == MonitorConfig(True, 128, 1.0, 0.96)
     assert RequestMonitor(MonitorConfig(), model="glm5").cfg == MonitorConfig(True, 128, 1.4, 0.96)
     assert _run(RequestMonitor(MonitorConfig(), model="tiny"), 0, 2, 1000)[1] is None      # accept length 1.0
