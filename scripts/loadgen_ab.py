@@ -7,7 +7,8 @@ shim (its top-level folders linked under kvproof/, as pyproject's package-dir ma
 puts it ahead of this checkout's editable install. For each round and engine (pd, local) it starts the
 base server, then this tree's, each fresh on a free port, runs the same `kvproof loadgen --json` load
 (this tree's client: it reads usage from either server), and stops it. Prints JSON: every run, and per
-engine the median output tok/s of each side and their ratio.
+engine the median output tok/s of each side and their ratio, and the servers' CPU time per output token
+(server process and its workers; on a shared box far steadier than tok/s).
 """
 from __future__ import annotations
 
@@ -58,6 +59,27 @@ def _serve(engine: str, pythonpath: str | None) -> tuple[subprocess.Popen, str]:
     return proc, line.split(" on ", 1)[1].split(" ", 1)[0]
 
 
+def _cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by process `root` and its descendants (Linux /proc)."""
+    stats = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                stats[int(d)] = (int(parts[1]), int(parts[11]) + int(parts[12]))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        for pid, (ppid, _) in stats.items():
+            if ppid == p and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
 def _loadgen(url: str, args: argparse.Namespace) -> dict:
     out = subprocess.run([sys.executable, "-m", "kvproof", "loadgen", "--url", url, "--requests", str(args.requests),
                           "--concurrency", str(args.concurrency), "--json"], capture_output=True, text=True,
@@ -83,14 +105,18 @@ def main() -> int:
                     proc, url = _serve(engine, pp)
                     try:
                         time.sleep(1.0)
+                        cpu0 = _cpu_s(proc.pid)
                         rep = _loadgen(url, args)
+                        cpu = _cpu_s(proc.pid) - cpu0
                     finally:
                         proc.send_signal(signal.SIGINT)
                         try:
                             proc.wait(60)
                         except subprocess.TimeoutExpired:
                             proc.kill()
-                    runs.append({"round": rnd, "engine": engine, "side": side,
+                    # CPU time per token: much less sensitive than tok/s to other jobs on a shared box
+                    runs.append({"round": rnd, "engine": engine, "side": side, "server_cpu_s": round(cpu, 2),
+                                 "server_cpu_ms_per_token": round(1000 * cpu / max(1, rep["output_tokens"]), 3),
                                  **{k: rep[k] for k in ("completed", "errors", "output_tokens", "output_tokens_per_s",
                                                         "requests_per_s", "ttft_ms", "itl_ms")}})
                     print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
@@ -98,8 +124,12 @@ def main() -> int:
     for engine in args.engines.split(","):
         tps = {side: statistics.median(r["output_tokens_per_s"] for r in runs
                                        if r["engine"] == engine and r["side"] == side) for side in ("before", "after")}
+        cpu = {side: statistics.median(r["server_cpu_ms_per_token"] for r in runs
+                                       if r["engine"] == engine and r["side"] == side) for side in ("before", "after")}
         summary[engine] = {"before_tok_s": tps["before"], "after_tok_s": tps["after"],
-                           "ratio": round(tps["after"] / tps["before"], 3)}
+                           "ratio": round(tps["after"] / tps["before"], 3),
+                           "before_cpu_ms_per_token": cpu["before"], "after_cpu_ms_per_token": cpu["after"],
+                           "cpu_ratio": round(cpu["after"] / cpu["before"], 3)}
     print(json.dumps({"base": args.base, "requests": args.requests, "concurrency": args.concurrency,
                       "summary": summary, "runs": runs}, indent=2))
     return 0
