@@ -60,6 +60,9 @@ def _bench(args: argparse.Namespace) -> int:
             doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
         else:
             doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
+    elif what == "monitor":
+        doc = _lazy("kvproof.runtime.tools.monitor_bench", "bench_monitor")(
+            requests=100 if quick else 1000, corrupted=20 if quick else 100)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -104,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "send a configurable load to a running server and report latency and throughput")
 
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit",
+                                          "monitor"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")

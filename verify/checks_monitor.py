@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor
+from kvproof.spec.core import Protocol
+from kvproof.spec.specdec_monitor import PROPERTIES, THRESHOLDS, AcceptMonitor, monitor_protocol
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.registry import Check, register
 from kvproof.verify.verdict import Status, Verdict
@@ -25,8 +26,9 @@ def _expected(variant: str, prop: str) -> Status:
     return Status.REFUTED if (variant, prop) == ("naive", "never_aborts_before_min_tokens") else Status.PROVEN
 
 
-def _check(variant: str, prop: str) -> Verdict:
+def _check(variant: str, prop: str, proto: type[Protocol] = AcceptMonitor, params: dict | None = None) -> Verdict:
     """BMC for a shortest counterexample, then 1-induction of the properties expected to hold."""
+    AcceptMonitor, PARAMS = proto, params if params is not None else globals()["PARAMS"]  # noqa: N806
     t0 = time.perf_counter()
     expected = _expected(variant, prop)
     cex = bmc(AcceptMonitor, variant, {}, [prop], BMC_DEPTH)
@@ -53,6 +55,19 @@ def _register() -> None:
         for prop in PROPERTIES:
             register(Check(PROTOCOL, variant, prop, PARAMS, _expected(variant, prop),
                            partial(_check, variant, prop)))
+    # every other per-model threshold set of the spec (the runtime's defaults for those models)
+    for model, (mt, length, rate) in THRESHOLDS.items():
+        if (mt, length.numerator, length.denominator, rate.numerator, rate.denominator) == (
+                AcceptMonitor.MIN_TOKENS, AcceptMonitor.LEN_NUM, AcceptMonitor.LEN_DEN, AcceptMonitor.RATE_NUM,
+                AcceptMonitor.RATE_DEN):
+            continue                                        # the checks above
+        proto = monitor_protocol(mt, length, rate)
+        params = {"model": model, "min_tokens": mt, "min_accept_length": f"{length.numerator}/{length.denominator}",
+                  "max_accept_rate": f"{rate.numerator}/{rate.denominator}"}
+        for variant in proto.variants:
+            for prop in PROPERTIES:
+                register(Check(PROTOCOL, variant, prop, params, _expected(variant, prop),
+                               partial(_check, variant, prop, proto, params)))
 
 
 _register()

@@ -46,6 +46,7 @@ class Request:
     slot: int | None = None
     epoch: int | None = None
     extra: dict[str, Any] | None = None     # real-KV mode: Alloc payload (prompt tokens, fault flag)
+    allocated: float | None = None          # when it got its slot (its queue time ends)
 
 
 class DecodeWorker:
@@ -146,6 +147,7 @@ class DecodeWorker:
         """Give free slot s to request req (a fresh epoch); Alloc goes to every rank."""
         self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens, **(req.extra or {})})
         req.slot, req.epoch = s, self.inst.get("epoch", s)
+        req.allocated = self.clock()
         self.by_rid[req.rid] = req
         self.by_slot[s] = req
         self._timer(self.cfg.transfer_timeout_s, "timeout", s, req.epoch)

@@ -113,6 +113,15 @@ class ClientAbort:
 
     TYPE: ClassVar[str] = "client_abort"
     rid: int
+    cause: str = "client"                # why: client, disconnect, stop_string, ...
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """client -> decode: send a live Stats snapshot now, tagged with this nonce (a /metrics scrape)."""
+
+    TYPE: ClassVar[str] = "stats_request"
+    nonce: int
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,8 @@ class Event:
     event: dict
 
 
-Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats, Event]
+Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, StatsRequest, Result, Shutdown,
+                Stats, Event]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
 _SPEC_CHANNELS: dict[str, type] = {"alloc": Alloc, "abort": Abort, "done": Done, "safe": Safe}

@@ -34,6 +34,7 @@ from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import Alloc, Event, Message, Result, Stats, Submit
 from kvproof.runtime.serving.scheduler import Sequence
+from kvproof.runtime.serving.server_metrics import histogram
 from kvproof.spec.kv_slot import DState
 
 STATS_INTERVAL_S = 0.2
@@ -184,16 +185,24 @@ class DecodeModel:
         rid = req.rid
         try:
             core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n))
+            # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
+            seq = core.seqs[greq.request_id]
+            seq.arrival = req.submitted
+            seq.scheduled_at = req.allocated if req.allocated is not None else req.submitted
         except ValueError as e:                             # the router validates; never strand the slot
             core.pool.free(pages)
             self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}",
                                         len(greq.prompt_tokens)))
         return 0
 
-    def abort(self, rid: int) -> None:
+    def abort(self, rid: int, cause: str = "client") -> None:
         """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
         self.pending.pop(rid, None)
-        self.core.abort(str(rid), "client")
+        self.core.abort(str(rid), cause)
+
+    def send_stats(self, worker: Any, nonce: int) -> None:
+        """A live Stats snapshot now, tagged with the router's nonce (its /metrics scrape waits for it)."""
+        self._send_msg(Stats({**self.snapshot(worker), "nonce": nonce}))
 
     def step(self, worker: Any) -> bool:
         """One model step (if any work) and, now and then, a live Stats snapshot; True when busy."""
@@ -217,9 +226,8 @@ class DecodeModel:
             "kv_transfer_failures_total": ws["failed"],
             "kv_requests_aborted_total": ws["aborted"],
             "slots_reclaimed_total": ws["slots_reclaimed"],
-            "reclaim_latency_seconds_sum": float(sum(lat)),
-            "reclaim_latency_seconds_count": len(lat),
-            "kv_bytes_transferred_total": sum(worker.bytes_landed),
+            **histogram("reclaim_latency_seconds", lat),
+            "kv_transferred_bytes_total": sum(worker.bytes_landed),
             "kv_foreign_landings_total": sum(worker.foreign_landings),
             "kv_imported_tokens_total": self.imported_tokens,
             "pd_waiting_for_slot": len(worker.waiting),

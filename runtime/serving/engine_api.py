@@ -11,9 +11,19 @@ from typing import AsyncIterator, Callable, Protocol
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 
+STOP_STRING = "stop_string"   # abort cause of a request the server stopped at a stop string: finishes as "stop"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to generate: greedy when temperature is 0; `seed` makes sampling reproducible."""
+    """How to generate: greedy when temperature is 0; `seed` makes sampling reproducible.
+
+    Logit processing (in this order, on the model's logits): `logit_bias`, `min_tokens` (EOS and
+    `stop_token_ids` masked until that many tokens), repetition penalty (prompt and output tokens),
+    frequency and presence penalties (output tokens); then greedy argmax, or temperature, `top_k`,
+    `top_p`, `min_p` and one draw. `logprobs=k` returns, per output token, its log-probability and
+    the k most likely alternatives (of the processed logits, before temperature).
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -21,14 +31,42 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    top_k: int | None = None                       # None: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: int | None = None                    # None: no logprobs; k: the token's and k alternatives
 
     def __post_init__(self) -> None:
+        # JSON round trips (the PD engine's Submit) turn tuples into lists: normalise
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r}; expected an integer >= 1")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature={self.temperature!r}; expected 0 <= temperature <= 100")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r}; expected 0 < top_p <= 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k!r}; expected None (off) or an integer >= 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p!r}; expected 0 <= min_p <= 1")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty!r}; expected > 0")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens!r}; expected 0 <= min_tokens <= max_tokens")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs={self.logprobs!r}; expected None (off) or an integer >= 0")
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logit processing or logprobs is asked for (the per-row slow path)."""
+        return bool(self.top_k is not None or self.min_p or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias or self.min_tokens
+                    or self.logprobs is not None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +91,9 @@ class TokenEvent:
     completion_tokens: int = 0
     accept_length: float = 0.0
     accept_rate: float = 0.0
+    # per token of `tokens` when SamplingParams.logprobs is set: (logprob, ((token, logprob), ...))
+    logprobs: tuple | None = None
+    queue_s: float | None = None           # on the first event: seconds from arrival to first scheduled
 
 
 class Engine(Protocol):
