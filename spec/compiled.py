@@ -13,7 +13,7 @@ import itertools
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
+from kvproof.spec.machine import Emission, Instance, Ops, data_domain, deliverable_epochs, receive_guard
 
 
 class Expr:
@@ -198,3 +198,80 @@ class Compiled:
                 nxt = fn(state, *combo)
                 if nxt is not None:
                     yield name, {**args, **dict(zip(data, combo))}, nxt
+
+
+def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str
+                  ) -> Callable[..., tuple | None] | None:
+    """One action instance as `f(state, *data) -> next state | None` (guard false), for a live instance.
+
+    Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none.
+    None when the action receives or emits: those effects need the interpreted view.
+    """
+    from kvproof.spec.machine import View
+    if adef.receives is not None:
+        return None
+    st = [Expr(f"st[{i}]") for i in range(len(layout))]
+    data = [p.name for p in adef.params if p.index is None]
+    m = View(layout, st, TRACE, variant, frozenset())
+    adef.body(layout.protocol, m, **{**args, **{d: Expr(d) for d in data}})
+    if m.emissions:
+        return None
+    guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
+    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in m.writes.items())
+    src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
+           f"    if not ({guard}):\n        return None\n"
+           f"    n = list(st)\n{assigns or '    pass'}\n    return n\n")
+    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    exec(compile(src, f"<fire {adef.name}{tuple(args.values())}>", "exec"), ns)
+    return ns["f"]
+
+
+# (protocol, params, variant, action, index args) -> (data names, compiled fn or None); shared by
+# every instance of one protocol class, so a per-request instance compiles nothing after the first
+_FIRE_CACHE: dict[tuple, tuple[list[str], Callable | None]] = {}
+
+
+class FastInstance(Instance):
+    """An `Instance` whose emission-free actions run compiled from the same spec (traced once).
+
+    Same behaviour as `Instance` (a test compares them): a false guard raises the same
+    ProtocolViolation (its guard name from the interpreted path), and tracing, receiving or
+    emitting actions take the interpreted path. For per-token firings (the anomaly monitor).
+    """
+
+    def _fast(self, action: str, args: dict[str, Any]) -> tuple[list[str], Callable | None]:
+        local = self.__dict__.setdefault("_unindexed", {})     # actions without index parameters
+        hit = local.get(action)
+        if hit is not None and len(args) == len(hit[0]) and all(d in args for d in hit[0]):
+            return hit
+        adef = self._adef(action)
+        idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
+        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, action, idx)
+        hit = _FIRE_CACHE.get(key)
+        if hit is None:
+            data = [p.name for p in adef.params if p.index is None]
+            if set(args) != {p.name for p in adef.params} or any(v is None for _, v in idx):
+                return data, None                              # let the interpreted path name the error
+            hit = _FIRE_CACHE[key] = (data, _compile_fire(self.layout, adef, dict(idx), self.variant))
+        if not idx:
+            local[action] = hit
+        return hit
+
+    def enabled(self, action: str, **args: Any) -> bool:
+        """Whether `action(args)` may fire now."""
+        data, fn = self._fast(action, args)
+        if fn is None:
+            return super().enabled(action, **args)
+        return fn(self.state, *[args[d] for d in data]) is not None
+
+    def fire(self, action: str, **args: Any) -> list[Emission]:
+        """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
+        data, fn = self._fast(action, args)
+        if fn is None or self._trace is not None:
+            return super().fire(action, **args)
+        with self._lock:
+            nxt = fn(self.state, *[args[d] for d in data])
+            if nxt is not None:
+                self.state[:] = nxt
+                return []
+        return super().fire(action, **args)                    # raises ProtocolViolation naming the guard

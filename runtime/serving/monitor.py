@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kvproof.spec.machine import Instance
+from kvproof.spec.compiled import FastInstance
 from kvproof.spec.specdec_monitor import Phase, monitor_protocol, thresholds_for
 
 
@@ -54,7 +54,7 @@ class RequestMonitor:
         assert cfg.min_tokens is not None and cfg.min_accept_length is not None and cfg.max_accept_rate is not None
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
                                  Fraction(cfg.max_accept_rate).limit_denominator(1000))
-        self.inst = Instance(proto, variant, {}, actor="monitor")
+        self.inst = FastInstance(proto, variant, {}, actor="monitor")   # per-token: compiled firings
         self.reason: str | None = None
         self._plain = [0, 0, 0]            # steps, accepted, drafted when the rule is disabled
 

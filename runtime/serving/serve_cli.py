@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
-from kvproof.runtime.model.config import PRESETS, preset
+from kvproof.runtime.model.config import PRESETS, ModelConfig, preset
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.spec.core import variant_arg
@@ -23,6 +23,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="model preset with seeded weights (default: tiny)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint directory (config.json + safetensors shards); overrides --model")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
+                        help="parameter and KV dtype (default: the preset's, float32 where the preset is "
+                             "float64 — float64 is for bit-exactness tests, not serving; a checkpoint's own)")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model'")
     parser.add_argument("--engine", default="pd", choices=("pd", "local"),
                         help="pd (default): a router plus prefill and decode worker processes, KV moved "
@@ -74,7 +77,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the parsed arguments describe."""
     mon = MonitorConfig(not args.no_monitor, args.monitor_min_tokens, args.monitor_min_accept_length,
                         args.monitor_max_accept_rate)
-    cfg = EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
+    cfg = EngineConfig(model=serving_model(args), checkpoint=args.checkpoint, backend=args.backend,
                        num_pages=args.num_pages, max_batch=args.max_batch,
                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
                        monitor=mon, device=args.device, threads=args.threads or None,
@@ -88,6 +91,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         mc = read_config(args.checkpoint)
     engine_shape(cfg, mc.n_layers)
     return cfg
+
+
+def serving_model(args: argparse.Namespace) -> ModelConfig:
+    """The preset --model names, in the --dtype asked for (float64 presets serve in float32 by default)."""
+    mc = preset(args.model)
+    dtype = getattr(args, "dtype", None) or ("float32" if mc.dtype == "float64" else mc.dtype)
+    return mc.replace(dtype=dtype)
 
 
 def _layersplit(args: argparse.Namespace) -> int:
