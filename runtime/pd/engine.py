@@ -29,7 +29,7 @@ from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
-    Event, MessageError, Result, Stats, StatsRequest, Submit, decode_message,
+    Event, Events, MessageError, Result, Stats, StatsRequest, Submit, decode_message, events_of,
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.serving.server_metrics import histogram
@@ -104,6 +104,14 @@ class ModelCluster(PDCluster):
             return
         if isinstance(msg, Event):
             self.on_event(msg)
+        elif isinstance(msg, Events):
+            try:
+                evs = events_of(msg)
+            except MessageError as e:
+                self._control.put(ClusterError(f"malformed message from decode: {e}"))
+                return
+            for ev in evs:
+                self.on_event(ev)
         elif isinstance(msg, Result):
             self.on_result(msg)
         elif isinstance(msg, Stats) and msg.data.get("live"):

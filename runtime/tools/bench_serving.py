@@ -123,7 +123,8 @@ def load_args(url: str, args: argparse.Namespace) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     add_loadgen_args(p)
     return p.parse_args(["--url", url, "--requests", str(args.requests), "--concurrency", str(args.concurrency),
-                         "--max-tokens", str(args.max_tokens), "--abort-fraction", "0", "--ignore-eos",
+                         "--max-tokens", str(args.max_tokens), "--min-max-tokens", str(min(16, args.max_tokens)),
+                         "--abort-fraction", "0", "--ignore-eos",
                          "--json", "--seed", "0"])
 
 
