@@ -141,10 +141,11 @@ def bench_one(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str,
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         _wait_ready(proc, url, log, args.start_timeout)
+        cpu0 = _cpu_seconds(proc.pid)                # start-up (model load, vLLM's compile) is not the load's
         rep = asyncio.run(run_loadgen(load_args(url, args)))
-        cpu = _cpu_seconds(proc.pid)
-        if cpu is not None and rep.get("output_tokens"):
-            rep["server_cpu_ms_per_token"] = round(1000 * cpu / rep["output_tokens"], 3)
+        cpu1 = _cpu_seconds(proc.pid)
+        if cpu0 is not None and cpu1 is not None and rep.get("output_tokens"):
+            rep["server_cpu_ms_per_token"] = round(1000 * (cpu1 - cpu0) / rep["output_tokens"], 3)
         return rep
     except Exception as e:                      # one failed server is a row with its error, not a dead bench
         return {"error": f"{type(e).__name__}: {e}"}
@@ -153,13 +154,24 @@ def bench_one(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str,
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) of a process and its children so far, from /proc (None where absent)."""
+    """CPU seconds (user + system) so far of a process and all its descendants, from /proc (None where absent)."""
     try:
-        out = subprocess.run(["ps", "-o", "pid=,times=", "--ppid", str(pid), "-p", str(pid)],
-                             capture_output=True, text=True, check=True).stdout
-        return float(sum(int(line.split()[1]) for line in out.splitlines() if line.strip()))
-    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        procs = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                procs[int(d)] = (int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
+    except OSError:
         return None
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, (pp, _) in procs.items() if pp == p and c not in tree]
+    return sum(procs[p][1] for p in tree if p in procs)
 
 
 def ratios(kv: dict[str, Any], ref: dict[str, Any]) -> dict[str, float | None]:
