@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
 from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
 
 
@@ -88,6 +88,16 @@ def _src(v: Any) -> str:
         return repr(v)
     _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
     return f"C[{len(_CONSTS) - 1}]"
+
+
+def source(v: Any) -> str:
+    """Python source of a traced expression or constant (`spec/ownership.py` reads positions from it); constants render as C[i] into `constants()`."""
+    return _src(v)
+
+
+def constants() -> list[Any]:
+    """A snapshot of the constant table that traced sources index as C[i]."""
+    return list(_CONSTS)
 
 
 class TraceOps(Ops):
@@ -173,12 +183,15 @@ class Compiled:
                 fn = _compile(self.layout, params, adef, args, variant, dropped)
                 data = [p.name for p in adef.params if p.index is None]
                 self.entries.append((name, args, adef, fn, data))
+        self._nats = self.layout.nat_positions()
         self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
                            for name, inv in protocol.invariants.items() if not inv.strengthening
                            for args in self.layout.instances(inv.params)]
 
     def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
-        """(property, args) of the user properties `state` violates."""
+        """(property, args) of the user properties `state` violates (NAT_PROPERTY: a negative Nat)."""
+        if any(state[p] < 0 for p in self._nats):
+            return [(NAT_PROPERTY, {})]     # the runtime rejects this state; nothing else is meaningful
         return [(name, args) for name, args, f in self.invariants if not f(state)]
 
     def successors(self, state: tuple) -> Iterator[tuple[str, dict[str, Any], tuple]]:
