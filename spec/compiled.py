@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
 from kvproof.spec.machine import Emission, Instance, Ops, data_domain, deliverable_epochs, receive_guard
 
 
@@ -88,6 +88,16 @@ def _src(v: Any) -> str:
         return repr(v)
     _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
     return f"C[{len(_CONSTS) - 1}]"
+
+
+def source(v: Any) -> str:
+    """Python source of a traced expression or constant (`spec/ownership.py` reads positions from it); constants render as C[i] into `constants()`."""
+    return _src(v)
+
+
+def constants() -> list[Any]:
+    """A snapshot of the constant table that traced sources index as C[i]."""
+    return list(_CONSTS)
 
 
 class TraceOps(Ops):
@@ -173,12 +183,15 @@ class Compiled:
                 fn = _compile(self.layout, params, adef, args, variant, dropped)
                 data = [p.name for p in adef.params if p.index is None]
                 self.entries.append((name, args, adef, fn, data))
+        self._nats = self.layout.nat_positions()
         self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
                            for name, inv in protocol.invariants.items() if not inv.strengthening
                            for args in self.layout.instances(inv.params)]
 
     def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
-        """(property, args) of the user properties `state` violates."""
+        """(property, args) of the user properties `state` violates (NAT_PROPERTY: a negative Nat)."""
+        if any(state[p] < 0 for p in self._nats):
+            return [(NAT_PROPERTY, {})]     # the runtime rejects this state; nothing else is meaningful
         return [(name, args) for name, args, f in self.invariants if not f(state)]
 
     def successors(self, state: tuple) -> Iterator[tuple[str, dict[str, Any], tuple]]:
@@ -200,12 +213,14 @@ class Compiled:
                     yield name, {**args, **dict(zip(data, combo))}, nxt
 
 
-def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str
-                  ) -> Callable[..., tuple | None] | None:
+def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str, local: bool
+                  ) -> tuple[Callable[..., list | None], list[int]] | None:
     """One action instance as `f(state, *data) -> next state | None` (guard false), for a live instance.
 
-    Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none.
-    None when the action receives or emits: those effects need the interpreted view.
+    Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none; an
+    actor-local instance (`local`) keeps no 'net' writes (`Instance._kept`). Also returns the Nat
+    positions written, which `fire` checks for negatives. None when the action receives or emits:
+    those effects need the interpreted view.
     """
     from kvproof.spec.machine import View
     if adef.receives is not None:
@@ -217,18 +232,21 @@ def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant
     if m.emissions:
         return None
     guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
-    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in m.writes.items())
+    writes = {p: v for p, v in m.writes.items()
+              if not local or layout.vars[layout.names[p][0]].owner != "net"}
+    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in writes.items())
     src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
            f"    if not ({guard}):\n        return None\n"
            f"    n = list(st)\n{assigns or '    pass'}\n    return n\n")
     ns: dict[str, Any] = {"C": list(_CONSTS)}
     exec(compile(src, f"<fire {adef.name}{tuple(args.values())}>", "exec"), ns)
-    return ns["f"]
+    nats = [p for p in writes if isinstance(layout.vars[layout.names[p][0]].type, Nat)]
+    return ns["f"], nats
 
 
 # (protocol, params, variant, action, index args) -> (data names, compiled fn or None); shared by
 # every instance of one protocol class, so a per-request instance compiles nothing after the first
-_FIRE_CACHE: dict[tuple, tuple[list[str], Callable | None]] = {}
+_FIRE_CACHE: dict[tuple, tuple[list[str], Callable | None, list[int]]] = {}
 
 
 class FastInstance(Instance):
@@ -239,39 +257,40 @@ class FastInstance(Instance):
     emitting actions take the interpreted path. For per-token firings (the anomaly monitor).
     """
 
-    def _fast(self, action: str, args: dict[str, Any]) -> tuple[list[str], Callable | None]:
+    def _fast(self, action: str, args: dict[str, Any]) -> tuple[list[str], Callable | None, list[int]]:
         local = self.__dict__.setdefault("_unindexed", {})     # actions without index parameters
         hit = local.get(action)
         if hit is not None and len(args) == len(hit[0]) and all(d in args for d in hit[0]):
             return hit
         adef = self._adef(action)
         idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
-        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, action, idx)
+        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None, action, idx)
         hit = _FIRE_CACHE.get(key)
         if hit is None:
             data = [p.name for p in adef.params if p.index is None]
             if set(args) != {p.name for p in adef.params} or any(v is None for _, v in idx):
-                return data, None                              # let the interpreted path name the error
-            hit = _FIRE_CACHE[key] = (data, _compile_fire(self.layout, adef, dict(idx), self.variant))
+                return data, None, []                          # let the interpreted path name the error
+            fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None)
+            hit = _FIRE_CACHE[key] = (data, *fn) if fn is not None else (data, None, [])
         if not idx:
             local[action] = hit
         return hit
 
     def enabled(self, action: str, **args: Any) -> bool:
         """Whether `action(args)` may fire now."""
-        data, fn = self._fast(action, args)
+        data, fn, _ = self._fast(action, args)
         if fn is None:
             return super().enabled(action, **args)
         return fn(self.state, *[args[d] for d in data]) is not None
 
     def fire(self, action: str, **args: Any) -> list[Emission]:
         """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
-        data, fn = self._fast(action, args)
+        data, fn, nats = self._fast(action, args)
         if fn is None or self._trace is not None:
             return super().fire(action, **args)
         with self._lock:
             nxt = fn(self.state, *[args[d] for d in data])
-            if nxt is not None:
+            if nxt is not None and not any(nxt[p] < 0 for p in nats):
                 self.state[:] = nxt
                 return []
-        return super().fire(action, **args)                    # raises ProtocolViolation naming the guard
+        return super().fire(action, **args)          # raises ProtocolViolation naming the guard (or the Nat)

@@ -6,13 +6,14 @@ refutes `never_aborts_before_min_tokens` with a shortest trace; the rest still h
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 
 from kvproof.spec.core import Protocol
 from kvproof.spec.specdec_monitor import PROPERTIES, THRESHOLDS, AcceptMonitor, monitor_protocol
 from kvproof.verify.bmc import bmc, induction
-from kvproof.verify.registry import Check, register
+from kvproof.verify.registry import Check
 from kvproof.verify.verdict import Status, Verdict
 
 PROTOCOL = "specdec_monitor"
@@ -50,11 +51,14 @@ def _check(variant: str, prop: str, proto: type[Protocol] = AcceptMonitor, param
                    seconds=time.perf_counter() - t0)
 
 
-def _register() -> None:
+def checks() -> list[Check]:
+    """The checks `kvproof prove` runs for this protocol (collected explicitly; importing registers nothing)."""
+    out: list[Check] = []
     for variant in AcceptMonitor.variants:
         for prop in PROPERTIES:
-            register(Check(PROTOCOL, variant, prop, PARAMS, _expected(variant, prop),
+            out.append(Check(PROTOCOL, variant, prop, PARAMS, _expected(variant, prop),
                            partial(_check, variant, prop)))
+    out = [dataclasses.replace(c, spec=AcceptMonitor) for c in out]
     # every other per-model threshold set of the spec (the runtime's defaults for those models)
     for model, (mt, length, rate) in THRESHOLDS.items():
         if (mt, length.numerator, length.denominator, rate.numerator, rate.denominator) == (
@@ -64,10 +68,7 @@ def _register() -> None:
         proto = monitor_protocol(mt, length, rate)
         params = {"model": model, "min_tokens": mt, "min_accept_length": f"{length.numerator}/{length.denominator}",
                   "max_accept_rate": f"{rate.numerator}/{rate.denominator}"}
-        for variant in proto.variants:
-            for prop in PROPERTIES:
-                register(Check(PROTOCOL, variant, prop, params, _expected(variant, prop),
-                               partial(_check, variant, prop, proto, params)))
-
-
-_register()
+        out += [dataclasses.replace(Check(PROTOCOL, variant, prop, params, _expected(variant, prop),
+                                          partial(_check, variant, prop, proto, params)), spec=proto)
+                for variant in proto.variants for prop in PROPERTIES]
+    return out

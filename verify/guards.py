@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvproof.spec.core import Protocol
+from kvproof.spec.core import NAT_PROPERTY, Protocol
 from kvproof.verify.bmc import Counterexample, bmc, induction
 from kvproof.verify.symbolic import Encoding
 
@@ -53,7 +53,9 @@ def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
     to `depth` (a counterexample: needed); else an exhaustive explicit-state search of the
     instance, up to `max_states` states, which either finds a longer counterexample or shows
     that no reachable state of this instance violates a property."""
-    props = [n for n, i in protocol.invariants.items() if not i.strengthening]
+    # The type property is a property here: a guard that only keeps a counter from going
+    # negative is needed, since the runtime rejects the negative value (no Z3 type hides it).
+    props = [n for n, i in protocol.invariants.items() if not i.strengthening] + [NAT_PROPERTY]
     allprops = list(protocol.invariants)
     out = []
     for name, (kind, actions) in guards_of(protocol, variant, params).items():

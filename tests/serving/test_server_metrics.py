@@ -29,6 +29,7 @@ def _check_conventions(fams: dict) -> None:
     for name, f in fams.items():
         assert name.startswith("kvproof_") and re.fullmatch(r"[a-z][a-z0-9_]*", name), name
         assert f.documentation and not f.documentation.startswith("engine stat"), (name, f.documentation)
+        assert "no HELP yet" not in f.documentation, (name, "add it to server_metrics.METRICS")
         for unit in UNITS:                      # a unit is the last word (before _total for counters)
             assert f"_{unit}_" not in name + "_" or name.endswith(f"_{unit}"), (name, unit)
         for s in f.samples:
