@@ -13,7 +13,7 @@ import itertools
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Emission, Instance, Ops, data_domain, deliverable_epochs, receive_guard
+from kvproof.spec.machine import Emission, Firing, Instance, Ops, data_domain, deliverable_epochs, receive_guard
 
 
 class Expr:
@@ -213,8 +213,8 @@ class Compiled:
                     yield name, {**args, **dict(zip(data, combo))}, nxt
 
 
-def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str, local: bool
-                  ) -> tuple[Callable[..., list | None], list[int]] | None:
+def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str, local: bool,
+                  env_checked: frozenset[str]) -> tuple[Callable[..., list | None], list[int]] | None:
     """One action instance as `f(state, *data) -> next state | None` (guard false), for a live instance.
 
     Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none; an
@@ -227,7 +227,7 @@ def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant
         return None
     st = [Expr(f"st[{i}]") for i in range(len(layout))]
     data = [p.name for p in adef.params if p.index is None]
-    m = View(layout, st, TRACE, variant, frozenset())
+    m = View(layout, st, TRACE, variant, frozenset(), local, None, env_checked)   # as Instance._eval sees it
     adef.body(layout.protocol, m, **{**args, **{d: Expr(d) for d in data}})
     if m.emissions:
         return None
@@ -264,13 +264,14 @@ class FastInstance(Instance):
             return hit
         adef = self._adef(action)
         idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
-        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None, action, idx)
+        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None,
+               self.env_checked, action, idx)
         hit = _FIRE_CACHE.get(key)
         if hit is None:
             data = [p.name for p in adef.params if p.index is None]
             if set(args) != {p.name for p in adef.params} or any(v is None for _, v in idx):
                 return data, None, []                          # let the interpreted path name the error
-            fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None)
+            fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None, self.env_checked)
             hit = _FIRE_CACHE[key] = (data, *fn) if fn is not None else (data, None, [])
         if not idx:
             local[action] = hit
@@ -294,3 +295,15 @@ class FastInstance(Instance):
                 self.state[:] = nxt
                 return []
         return super().fire(action, **args)          # raises ProtocolViolation naming the guard (or the Nat)
+
+    def try_fire(self, action: str, **args: Any) -> Firing:
+        """Fire `action(args)` if enabled (see Instance.try_fire); compiled as `fire` is."""
+        data, fn, nats = self._fast(action, args)
+        if fn is None or self._trace is not None:
+            return super().try_fire(action, **args)
+        with self._lock:
+            nxt = fn(self.state, *[args[d] for d in data])
+            if nxt is not None and not any(nxt[p] < 0 for p in nats):
+                self.state[:] = nxt
+                return Firing(None, [])
+        return super().try_fire(action, **args)      # the guard's name (or the Nat violation) from the view

@@ -21,6 +21,10 @@ def test_monitor_runs_identically_compiled_and_interpreted(variant: str) -> None
         action = rng.choice(["step", "step", "step", "flag_low_accept", "flag_degenerate"])
         args = {"accepted": rng.randrange(4), "drafted": rng.randrange(4)} if action == "step" else {}
         assert fast.enabled(action, **args) == slow.enabled(action, **args)
+        if rng.random() < 0.3:                              # try_fire: the same firing or the same guard
+            assert fast.try_fire(action, **args).guard == slow.try_fire(action, **args).guard
+            assert fast.state == slow.state
+            continue
         outcomes = []
         for inst in (slow, fast):
             try:
