@@ -99,7 +99,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def vllm_missing(python: str) -> str | None:
     """Why vLLM cannot be benched with this Python, or None when it can."""
-    r = subprocess.run([python, "-c", "import vllm, transformers, tokenizers"], capture_output=True, text=True)
+    try:
+        r = subprocess.run([python, "-c", "import vllm, transformers, tokenizers"], capture_output=True, text=True)
+    except OSError as e:
+        return f"cannot run --vllm-python {python}: {e}"
     if r.returncode:
         lines = (r.stderr or "").strip().splitlines()
         return f"vllm not importable in {python}: {lines[-1] if lines else r.returncode}"
