@@ -125,7 +125,9 @@ class KVPage(Protocol):
         m.require(m.any([m.st[p] == PState.OWNED, m.st[p] == PState.LOADING]), "owned_or_loading")
         m.require(m.refs[p] == 1, "sole_holder")
         if m.variant != "free_while_loading":
-            m.require(m.ld_fl[p] == 0, "no_load_in_flight")
+            # The pool cannot see the copy engine's state: it asks its completion event (an
+            # environment fact, like querying a CUDA event), never a counter of its own.
+            m.env(m.ld_fl[p] == 0, "no_load_in_flight")
         m.st[p] = PState.FREE
         m.refs[p] = 0
         # Load writes still in flight stay in flight, now foreign to the frame's next content.
@@ -152,9 +154,9 @@ class KVPage(Protocol):
         m.wb_fl[p] = True
         m.wb_e[p] = m.tag[p]
 
-    @action("net", p="page")
+    @action("pool", p="page")
     def wb_done(P, m, p):
-        """The write-back completes: the host copy holds whatever the frame holds now."""
+        """The pool sees the write-back's completion event: the host copy holds whatever the frame holds now."""
         m.env(m.wb_fl[p], "writeback_in_flight")
         m.bad_host[p] = m.any([m.bad_host[p], m.wb_e[p] != m.tag[p]])
         m.wb_fl[p] = False
@@ -180,7 +182,7 @@ class KVPage(Protocol):
     def load_done(P, m, p):
         """Every load write landed: the page is ready and enters the prefix index."""
         m.require(m.st[p] == PState.LOADING, "loading")
-        m.require(m.ld_fl[p] == 0, "load_landed")
+        m.env(m.ld_fl[p] == 0, "load_landed")
         m.st[p] = PState.CACHED
 
     # ------------------------------------------------------------ properties

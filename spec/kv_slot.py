@@ -157,6 +157,7 @@ class KVSlot(Protocol):
         """The connection to a rank was closed and drained: none of its writes can land."""
         m.env(m.dead[w], "connection_drained")
         m.require(m.d_state[s] == DState.ABORTING, "aborting")
+        m.require(m.not_(m.safe_from[s, w]), "not_yet_safe")
         m.safe_from[s, w] = True
 
     @action("decode", s="slot")
@@ -260,8 +261,8 @@ class KVSlot(Protocol):
         m.fl_n[s, w] = m.fl_n[s, w] - m.ite(cur, 1, 0)
         m.fl_old[s, w] = m.fl_old[s, w] - m.ite(cur, 0, 1)
         m.cq_n[s, w] = m.cq_n[s, w] + m.ite(cur, 1, 0)
-        m.corrupt[s] = m.any([m.corrupt[s], e != m.epoch[s]])
-        m.into_free[s] = m.any([m.into_free[s], m.d_state[s] == DState.FREE])
+        m.corrupt[s] = m.any([m.corrupt[s], P.lands_in_other_owner(m, s, e)])
+        m.into_free[s] = m.any([m.into_free[s], P.slot_free(m, s)])
 
     @action("net", w="writer")
     def kill(P, m, w):
@@ -271,6 +272,33 @@ class KVSlot(Protocol):
         for s in m.range("slot"):
             m.fl_n[s, w] = 0        # drained: every write either landed before or never will
             m.fl_old[s, w] = 0
+
+    # ------------------------------------------------------------ predicates
+    # Conditions the runtime asks by name (Instance.holds) instead of restating them.
+    @staticmethod
+    def slot_free(m, s):
+        """The slot is in the free pool."""
+        return m.d_state[s] == DState.FREE
+
+    @staticmethod
+    def drained(m, w):
+        """Rank w's connection is closed and drained: none of its writes can land any more."""
+        return m.dead[w]
+
+    @staticmethod
+    def waiting_for_kv(m, s):
+        """The slot is allocated and waits for KV from the prefill ranks."""
+        return m.d_state[s] == DState.WAIT
+
+    @staticmethod
+    def lands_in_other_owner(m, s, e):
+        """A write of epoch e landing now would hit another request's slot (ghost `corrupt`)."""
+        return e != m.epoch[s]
+
+    @staticmethod
+    def lands_foreign(m, s, e):
+        """A write of epoch e landing now is foreign: another owner's slot or a free one."""
+        return m.any([KVSlot.lands_in_other_owner(m, s, e), KVSlot.slot_free(m, s)])
 
     # ------------------------------------------------------------ properties
     @invariant(s="slot")

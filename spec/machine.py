@@ -63,6 +63,17 @@ class Emission:
     fields: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Firing:
+    """What `Instance.try_fire` did: fired (true, with its emissions), or not (the first false guard)."""
+
+    guard: str | None                   # None: it fired
+    emissions: list[Emission]
+
+    def __bool__(self) -> bool:
+        return self.guard is None
+
+
 class _Ref:
     """A variable (family) as seen from an action body: m.var[i] reads, m.var[i] = x writes."""
 
@@ -83,9 +94,10 @@ class View:
 
     def __init__(self, layout: Layout, state: Any, ops: Ops, variant: str,
                  dropped: frozenset[str] = frozenset(), local: bool = False,
-                 track: set[str] | None = None) -> None:
+                 track: set[str] | None = None, env_checked: frozenset[str] = frozenset()) -> None:
         self._layout, self._state, self.ops, self.variant = layout, state, ops, variant
         self._dropped, self._local, self._track = dropped, local, track
+        self._env_checked = env_checked
         self.writes: dict[int, Any] = {}
         self.guards: list[tuple[str, str, Any]] = []        # (kind, name, condition) when symbolic
         self.emissions: list[Emission] = []
@@ -153,7 +165,8 @@ class View:
 
     def env(self, cond: Any, name: str) -> None:
         """A guard the environment guarantees (message delivered, connection drained)."""
-        if not self._local:
+        # an actor-local instance checks only the environment facts it is told (Instance.observe)
+        if not self._local or name in self._env_checked:
             self._guard("env", name, cond)
 
     def _guard(self, kind: str, name: str, cond: Any) -> None:
@@ -190,9 +203,9 @@ def receive_guard(m: View, adef: ActionDef, args: dict[str, Any]) -> None:
 
 def evaluate(layout: Layout, state: Any, adef: ActionDef, args: dict[str, Any], ops: Ops,
              variant: str, dropped: frozenset[str] = frozenset(), local: bool = False,
-             track: set[str] | None = None) -> View:
+             track: set[str] | None = None, env_checked: frozenset[str] = frozenset()) -> View:
     """Run one action body against `state`; concretely raises GuardFailed on a false guard."""
-    m = View(layout, state, ops, variant, dropped, local, track)
+    m = View(layout, state, ops, variant, dropped, local, track, env_checked)
     if adef.receives is not None:
         receive_guard(m, adef, args)
     adef.body(layout.protocol, m, **args)
@@ -267,7 +280,10 @@ class Instance:
     """One live protocol instance: the runtime's slot table *is* this object."""
 
     def __init__(self, protocol: type[Protocol], variant: str, params: dict[str, int],
-                 actor: str | None = None, trace: IO[str] | str | None = None) -> None:
+                 actor: str | None = None, trace: IO[str] | str | None = None,
+                 env_checked: tuple[str, ...] = ()) -> None:
+        # env_checked: environment guards this actor-local instance checks itself, on the
+        # environment facts the runtime reports with `observe` (e.g. "connection_drained")
         variant = variant_name(variant)
         if variant not in protocol.variants:
             raise SpecError(f"{protocol.name}: unknown variant {variant!r}; "
@@ -275,6 +291,7 @@ class Instance:
         if actor is not None and actor not in protocol.actors:
             raise SpecError(f"{protocol.name}: unknown actor {actor!r}; expected one of {protocol.actors}")
         self.protocol, self.variant, self.params, self.actor = protocol, variant, dict(params), actor
+        self.env_checked = frozenset(env_checked)
         self.layout = Layout.build(protocol, params)
         self.state = list(self.layout.initial())
         self._lock = threading.Lock()
@@ -296,12 +313,31 @@ class Instance:
 
     def _eval(self, adef: ActionDef, args: dict[str, Any]) -> View:
         return evaluate(self.layout, self.state, adef, args, CONCRETE, self.variant,
-                        local=self.actor is not None)
+                        local=self.actor is not None, env_checked=self.env_checked)
+
+    def _apply(self, adef: ActionDef, action: str, args: dict[str, Any]) -> Firing:
+        """Evaluate once and, if every guard holds, apply and trace (the caller holds the lock)."""
+        try:
+            m = self._eval(adef, args)
+        except GuardFailed as g:
+            return Firing(g.guard, [])
+        writes = self._kept(m.writes)
+        neg = [self.layout.label(p) for p, v in writes.items()
+               if isinstance(self.layout.vars[self.layout.names[p][0]].type, Nat) and v < 0]
+        if neg:
+            raise ProtocolViolation(self.protocol.name, action, args, NAT_PROPERTY,
+                                    f"{', '.join(neg)} would become negative: a Nat is never < 0")
+        for pos, val in writes.items():
+            self.state[pos] = val
+        if self._trace is not None:
+            self._write_trace({"kind": "fire", "actor": adef.actor, "action": action,
+                               "params": _jsonable(args)})
+        return Firing(None, m.emissions)
 
     def _kept(self, writes: dict[int, Any]) -> dict[int, Any]:
         """The writes this instance maintains: an actor's own instance does not keep 'net' state,
         which its process cannot observe (ownership: it reads net state only in env facts, which
-        an actor-local instance does not evaluate)."""
+        an actor-local instance evaluates only for `env_checked` guards, fed by `observe`)."""
         if self.actor is None:
             return writes
         return {p: v for p, v in writes.items() if self.layout.vars[self.layout.names[p][0]].owner != "net"}
@@ -322,22 +358,40 @@ class Instance:
         """Fire `action(args)`: apply its effect, trace it, return its I/O effects."""
         adef = self._adef(action)
         with self._lock:
-            try:
-                m = self._eval(adef, args)
-            except GuardFailed as g:
-                raise ProtocolViolation(self.protocol.name, action, args, g.guard) from None
-            writes = self._kept(m.writes)
-            neg = [self.layout.label(p) for p, v in writes.items()
-                   if isinstance(self.layout.vars[self.layout.names[p][0]].type, Nat) and v < 0]
-            if neg:
-                raise ProtocolViolation(self.protocol.name, action, args, NAT_PROPERTY,
-                                        f"{', '.join(neg)} would become negative: a Nat is never < 0")
-            for pos, val in writes.items():
+            f = self._apply(adef, action, args)
+        if f.guard is not None:
+            raise ProtocolViolation(self.protocol.name, action, args, f.guard)
+        return f.emissions
+
+    def try_fire(self, action: str, **args: Any) -> Firing:
+        """Fire `action(args)` if it is enabled, evaluating its guards once; falsy with the guard if not."""
+        adef = self._adef(action)
+        with self._lock:
+            return self._apply(adef, action, args)
+
+    def observe(self, action: str, **args: Any) -> None:
+        """Apply an environment action this process observed (e.g. `kill`: a connection drained)
+        to an actor-local instance, so the guards in `env_checked` see the fact; traced."""
+        adef = self.protocol.actions.get(action)
+        if adef is None or adef.actor in self.protocol.actors:
+            envs = sorted(a for a, d in self.protocol.actions.items() if d.actor not in self.protocol.actors)
+            raise SpecError(f"{self.protocol.name}: observe({action!r}): expected an environment action, "
+                            f"one of {envs}")
+        with self._lock:
+            m = evaluate(self.layout, self.state, adef, args, CONCRETE, self.variant, local=True)
+            for pos, val in m.writes.items():
                 self.state[pos] = val
             if self._trace is not None:
                 self._write_trace({"kind": "fire", "actor": adef.actor, "action": action,
                                    "params": _jsonable(args)})
-        return m.emissions
+
+    def holds(self, predicate: str, **args: Any) -> bool:
+        """Evaluate a named predicate of the protocol (a staticmethod over `m`) on the current state."""
+        fn = getattr(self.protocol, predicate, None)
+        if predicate.startswith("_") or not callable(fn) or predicate in self.protocol.actions:
+            raise SpecError(f"{self.protocol.name}: no predicate {predicate!r}")
+        with self._lock:
+            return bool(fn(View(self.layout, self.state, CONCRETE, self.variant), **args))
 
     def record(self, action: str, **args: Any) -> None:
         """Trace an environment event this process observed (e.g. a write landing) without firing it."""

@@ -110,6 +110,11 @@ def _no_abort_while_healthy(P: Any, m: Any) -> Any:
     return m.implies(m.steps[()] == 0, m.phase[()] == Phase.RUNNING)
 
 
+def _running(m: Any) -> Any:
+    """The generation is not aborted (a predicate the runtime asks through Instance.holds)."""
+    return m.phase[()] == Phase.RUNNING
+
+
 PROPERTIES = ("never_aborts_before_min_tokens", "aborts_only_on_threshold", "counts_consistent",
               "no_abort_while_healthy")
 
@@ -148,6 +153,7 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
         "step": action("monitor", accepted="data:max_draft", drafted="data:max_draft")(_step),
         "flag_low_accept": action("monitor")(_flag_low_accept),
         "flag_degenerate": action("monitor")(_flag_degenerate),
+        "running": staticmethod(_running),
     }
     for prop in PROPERTIES:
         ns[prop] = invariant(globals()["_" + prop])

@@ -53,7 +53,7 @@ def test_runtime_never_writes_protocol_state_directly():
 
 def test_runtime_fires_the_kv_slot_spec():
     text = "\n".join(p.read_text() for p in (ROOT / "runtime" / "pd").glob("*_worker.py"))
-    assert "Instance(" in text and ".fire(" in text
+    assert "Instance(" in text and "fire(" in text
 
 
 # The modules that own KV pages: the engine's page pool, HiCache's tiers, the engine's host tier.
@@ -157,3 +157,80 @@ def test_no_private_name_crosses_modules():
                     offenders += [f"{p.relative_to(ROOT)}:{node.lineno} imports {a.name} from {mod}"
                                   for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not offenders, offenders
+
+
+def _spec_enum_vars():
+    """Names of the enum-typed state variables of every catalogued protocol (d_state, p_state, phase)."""
+    from kvproof.spec.catalog import PROTOCOLS
+    from kvproof.spec.core import EnumT
+    return {n for p in PROTOCOLS.values() for n, v in p.vars.items() if isinstance(v.type, EnumT)}
+
+
+def _spec_enums(tree):
+    """Names bound by `from kvproof.spec... import X` where X is an Enum class (DState, PState, Phase)."""
+    import enum
+    import importlib
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvproof.spec"):
+            mod = importlib.import_module(node.module)
+            out |= {a.asname or a.name for a in node.names
+                    if isinstance(getattr(mod, a.name, None), type) and issubclass(getattr(mod, a.name), enum.Enum)}
+    return out
+
+
+def _spec_state_reads(source):
+    """Line numbers where runtime code reads protocol state by hand instead of asking the spec:
+    a comparison against a spec enum member, an enum-typed variable read with `.get("x_state", ...)` and
+    compared, a `*_state` name compared with an ALL-CAPS state, or an instance's `.state` vector touched."""
+    tree = ast.parse(source)
+    enums, enum_vars, lines = _spec_enums(tree), _spec_enum_vars(), []
+
+    def is_enum_member(n):          # DState.READY (but not DState.READY.name, which is a label)
+        return isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in enums
+
+    def is_state_get(n):            # inst.get("d_state", s)
+        return (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+                and n.args and isinstance(n.args[0], ast.Constant) and n.args[0].value in enum_vars)
+
+    def is_state_name(n):           # d_state, self.p_state
+        name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else ""
+        return name.endswith("_state") or name in enum_vars
+
+    def is_caps(n):                 # READY, State.READY
+        name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else ""
+        return len(name) > 1 and name.isupper()
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            ops = [node.left, *node.comparators]
+            if (any(is_enum_member(o) or is_state_get(o) for o in ops)
+                    or (any(is_state_name(o) for o in ops) and any(is_caps(o) for o in ops))):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr in ("state", "layout") \
+                and "inst" in ast.unparse(node.value):
+            lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_state_read_check_flags_reintroduced_comparisons():
+    """The check below is not vacuous: each way of reading spec state by hand is caught, the spec API is not."""
+    bad = [
+        "from kvproof.spec.kv_slot import DState\nif self.inst.get('d_state', s) == DState.READY:\n    pass\n",
+        "d_state = inst.get('d_state', s)\nok = d_state == READY\n",
+        "ok = self.inst.get('p_state', s, w) != 1\n",
+        "from kvproof.spec.specdec_monitor import Phase\nok = phase is Phase.RUNNING\n",
+        "ok = self.inst.state[3] == 2\n",
+    ]
+    for src in bad:
+        assert _spec_state_reads(src), f"not flagged: {src!r}"
+    good = ("from kvproof.spec.kv_slot import DState\n"
+            "ok = self.inst.enabled('finish', s=s) and self.inst.holds('slot_free', s=s)\n"
+            "names = {st.name: 0 for st in DState}\nfree = st[DState.FREE.name] == 3\n")
+    assert _spec_state_reads(good) == []
+
+
+def test_runtime_never_reads_protocol_state_by_hand():
+    """runtime/ asks the spec (enabled, try_fire, holds) instead of comparing its state."""
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for p in _modules("runtime") for n in _spec_state_reads(p.read_text())]
+    assert not offenders, f"spec state read by hand (ask enabled/try_fire/holds instead): {offenders}"

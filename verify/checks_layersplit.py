@@ -41,7 +41,7 @@ from kvproof.spec.layersplit_plan import (DELIVERY, VARIANTS, LayerSplitShape, c
                                           delivery_errors, layer_block, layersplit_plan)
 from kvproof.spec.streams import (PROPERTIES, Dependency, Op, Plan, Record, Violation, check_plan,
                                   dependencies, happens_before)
-from kvproof.verify.race import render_timeline, waits_needed, witness_schedule, witness_steps
+from kvproof.verify.race import race_refutation, waits_needed
 from kvproof.verify.registry import Check
 from kvproof.verify.verdict import Status, Verdict
 
@@ -219,17 +219,12 @@ def _check(variant: str, prop: str, expected: Status) -> Verdict:
     f = found.get(prop)
     if f is not None and f.violation is not None:
         plan, v = layersplit_plan(f.shape), f.violation
-        sched = witness_schedule(plan, v)
-        return Verdict(PROTOCOL, variant, prop, PARAMS, Status.REFUTED, expected,
-                       method=f"HB sweep (first violation at R={f.shape.ranks}, L={f.shape.layers}, "
-                              f"{f.shape.ownership}) + Z3 witness schedule",
-                       detail=f"{v.message}; {f.count} such race(s) in {plan.name}",
-                       counterexample=witness_steps(plan, sched, v),
-                       witness={"plan": plan.name, "ranks": f.shape.ranks, "layers": f.shape.layers,
-                                "ownership": f.shape.ownership, "timeline": render_timeline(plan, sched, v),
-                                "schedule": sched.to_json(plan), "region": v.region,
-                                "write": plan.instrs[v.after].name, "overtaken": plan.instrs[v.before].name},
-                       seconds=time.perf_counter() - t0)
+        return race_refutation((PROTOCOL, variant, prop, PARAMS, expected), plan, v,
+                               f"HB sweep (first violation at R={f.shape.ranks}, L={f.shape.layers}, {f.shape.ownership})",
+                               f"{v.message}; {f.count} such race(s) in {plan.name}",
+                               {"ranks": f.shape.ranks, "layers": f.shape.layers, "ownership": f.shape.ownership,
+                                "write": plan.instrs[v.after].name},
+                               time.perf_counter() - t0)
     if f is not None:
         return Verdict(PROTOCOL, variant, prop, PARAMS, Status.REFUTED, expected, method="issue-order dataflow",
                        detail=f.detail, seconds=time.perf_counter() - t0)

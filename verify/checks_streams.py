@@ -6,7 +6,7 @@ from functools import partial
 
 from kvproof.spec.hicache_plan import PROLOGUE, STREAMS, VARIANTS, hicache_plan, layer_block, layer_template
 from kvproof.spec.streams import PROPERTIES, check_plan
-from kvproof.verify.race import prove_template, render_timeline, waits_needed, witness_schedule, witness_steps
+from kvproof.verify.race import prove_template, race_refutation, waits_needed
 from kvproof.verify.registry import Check
 from kvproof.verify.verdict import Status, Verdict
 
@@ -24,16 +24,11 @@ def _check_property(variant: str, prop: str, expected: Status) -> Verdict:
         bad = [v for v in check_plan(plan) if v.property == prop]
         if bad:
             v = bad[0]
-            sched = witness_schedule(plan, v)
-            return Verdict(PROTOCOL, variant, prop, params, Status.REFUTED, expected,
-                           method=f"HB-graph (first violation at L={layers}, {batches} batch(es)) "
-                                  f"+ Z3 witness schedule",
-                           detail=f"{v.message}; {len(bad)} such race(s) at L={layers}",
-                           counterexample=witness_steps(plan, sched, v),
-                           witness={"layers": layers, "batches": batches, "plan": plan.name, "timeline": render_timeline(plan, sched, v),
-                                    "schedule": sched.to_json(plan), "read": plan.instrs[v.after].name,
-                                    "overtaken": plan.instrs[v.before].name, "region": v.region},
-                           seconds=time.perf_counter() - t0)
+            return race_refutation((PROTOCOL, variant, prop, params, expected), plan, v,
+                                   f"HB-graph (first violation at L={layers}, {batches} batch(es))",
+                                   f"{v.message}; {len(bad)} such race(s) at L={layers}",
+                                   {"layers": layers, "batches": batches, "read": plan.instrs[v.after].name},
+                                   time.perf_counter() - t0)
     par = prove_template(layer_template(variant), STREAMS, prop, partial(layer_block, variant=variant), PROLOGUE)
     sweep = f"HB-graph for every L in 1..{MAX_LAYERS} (1 and 2 back-to-back batches)"
     if par.proven:

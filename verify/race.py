@@ -19,7 +19,7 @@ import z3
 from kvproof.spec.hicache_plan import drop_wait, event_stem, offset_of
 from kvproof.spec.streams import (HappensBefore, HostSync, Instr, Op, Plan, Record, Violation, Wait,
                                   check_plan, dependencies, happens_before, resolve_waits)
-from kvproof.verify.verdict import Step
+from kvproof.verify.verdict import Status, Step, Verdict
 
 
 def hb_graph(plan: Plan) -> nx.DiGraph:
@@ -252,3 +252,16 @@ def waits_needed(plan: Plan) -> list[tuple[str, bool]]:
 def unresolved_waits(plan: Plan) -> list[int]:
     """Waits (and event syncs) on an event with no earlier record: no-ops under CUDA semantics."""
     return [i for i, r in resolve_waits(plan).items() if r is None]
+
+
+def race_refutation(check: tuple[str, str, str, dict[str, Any], Status], plan: Plan, v: Violation, method: str,
+                    detail: str, witness: dict[str, Any], seconds: float) -> Verdict:
+    """The REFUTED verdict of a stream-plan race: a Z3 witness schedule, its steps and timeline.
+    check = (protocol, variant, property, params, expected)."""
+    sched = witness_schedule(plan, v)
+    return Verdict(*check[:4], Status.REFUTED, check[4], method=method + " + Z3 witness schedule", detail=detail,
+                   counterexample=witness_steps(plan, sched, v),
+                   witness={**witness, "plan": plan.name, "timeline": render_timeline(plan, sched, v),
+                            "schedule": sched.to_json(plan), "region": v.region,
+                            "overtaken": plan.instrs[v.before].name},
+                   seconds=seconds)

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from kvproof.runtime.hicache.pages import (BatchResult, CacheFullError, HiCacheConfig, PlanRaceError, TierPages,
-                                           layer_copy)
+from kvproof.runtime.hicache.pages import BatchResult, CacheFullError, HiCacheConfig, TierPages, layer_copy
+from kvproof.runtime.streams.gate import checked_plan
 from kvproof.runtime.model.radix import RadixIndex, RadixNode
 from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, emulate, run_sync
 from kvproof.spec.hicache_plan import hicache_plan
@@ -199,10 +199,7 @@ class HiCache:
         self._stats["hits"] += len(nodes)
         self._stats["misses"] += total - len(nodes)
         plan = hicache_plan(cfg.layers, cfg.variant)
-        races = self.check(plan)
-        if races and not cfg.allow_races:
-            raise PlanRaceError(f"refusing plan {plan.name}: {races[0].message} "
-                                f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
+        checked_plan(plan, self.check(plan), cfg.allow_races)
         held = self.hold(nodes)
         swapped: list[RadixNode] = []
         try:

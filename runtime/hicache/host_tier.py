@@ -25,7 +25,8 @@ from collections import Counter, OrderedDict, deque
 
 import torch
 
-from kvproof.runtime.hicache.pages import PlanRaceError, layer_copy
+from kvproof.runtime.hicache.pages import layer_copy
+from kvproof.runtime.streams.gate import checked_plan
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
 from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
@@ -79,10 +80,7 @@ class HostTier:
         self._executor = CudaExecutor(dev) if self.cuda else None
         self.last: dict | None = None                            # the last swap-in batch (tests, audits)
         self.plan = hicache_plan(cache.cfg.n_layers, variant)
-        races = self.check(self.plan)                            # fail fast, before serving
-        if races and not allow_races:
-            raise PlanRaceError(f"refusing HiCache plan {self.plan.name}: {races[0].message} "
-                                f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
+        checked_plan(self.plan, self.check(self.plan), allow_races)    # fail fast, before serving
         pool.on_evict = self.evict
 
     # ------------------------------------------------------------ host pages
@@ -153,9 +151,7 @@ class HostTier:
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor, batch: object,
                 swaps: list[tuple[int, int]]) -> torch.Tensor:
         """Model forward (tokens [T] -> hidden [T, D]) of a batch that first swaps `swaps` [(host, device)] in."""
-        races = self.check(self.plan)
-        if races and not self.allow_races:
-            raise PlanRaceError(f"refusing HiCache plan {self.plan.name}: {races[0].message}")
+        checked_plan(self.plan, self.check(self.plan), self.allow_races)
         cache, L = self.cache, len(model.layers)
         for _, p in swaps:
             self.pool.start_load(p)

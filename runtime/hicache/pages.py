@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvproof.runtime.streams.executor import POLICIES, ExecResult, OpImpl
+from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
 from kvproof.spec.core import variant_name
 from kvproof.spec.hicache_plan import VARIANTS
 from kvproof.spec.kv_page import KVPage
@@ -22,10 +23,6 @@ from kvproof.spec.streams import Plan
 
 class CacheFullError(RuntimeError):
     """No page can be freed: every candidate is locked by the running batch."""
-
-
-class PlanRaceError(RuntimeError):
-    """The plan a batch would execute has a race; it is refused before it runs."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +38,16 @@ import torch.distributed as dist
 from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
-from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl
+from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, emulate
 from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, delivery_errors, layersplit_plan, owned_layers,
                                           owner_of, rank_plan)
-from kvproof.spec.stream_machine import Machine
-from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait, check_plan
+from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
+from kvproof.runtime.streams.gate import checked_plan as gate
+from kvproof.spec.streams import HostSync, Op, Plan, Record, Wait
 
 
 SCHEDULES: tuple[str, ...] = ("host", "comm_ahead", "random")
-
-
-class PlanRaceError(RuntimeError):
-    """The LayerSplit plan has a race or misroutes a layer; it is refused before it runs."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +108,7 @@ class LayerSplitConfig:
 def checked_plan(shape: LayerSplitShape, allow_races: bool = False) -> Plan:
     """The plan of ``shape``, checked once; PlanRaceError names the first race unless ``allow_races``."""
     plan = layersplit_plan(shape)
-    races = check_plan(plan)
-    misrouted = delivery_errors(shape, plan)
-    if (races or misrouted) and not allow_races:
-        what = races[0].message if races else misrouted[0]
-        raise PlanRaceError(f"refusing plan {plan.name}: {what} ({len(races)} race(s), {len(misrouted)} misrouted)")
-    return plan
+    return gate(plan, allow_races=allow_races, misrouted=delivery_errors(shape, plan))
 
 
 def _gen(cfg: LayerSplitConfig, layer: int, what: int) -> torch.Generator:
@@ -302,27 +293,10 @@ class LayerSplitPool:
         return out
 
     def _run_emulated(self, impls: dict[str, OpImpl]) -> None:
-        """Fire the spec machine's transitions on CPU: ``comm_ahead`` runs the comm stream as far
-        as its waits allow (a fast interconnect prefetching), ``random`` picks among enabled ones."""
-        m, rng = Machine(self.my_plan), random.Random(self.cfg.seed)
-        st, pending = m.initial(), {}
-        comm_stream = comm(self.rank)
-        while not m.is_final(st):
-            ts = m.enabled(st)
-            if not ts:
-                raise RuntimeError(f"plan {self.my_plan.name!r} deadlocked at {st}")
-            if self.cfg.schedule == "random":
-                t = rng.choice(ts)
-            else:       # host issues first, then the comm stream, then compute
-                t = min(ts, key=lambda x: 0 if x.kind in ("issue", "sync") else
-                        1 if self.my_plan.instrs[x.instr].stream == comm_stream else 2)
-            if t.kind == "start":
-                pending[t.instr] = impls[self.my_plan.instrs[t.instr].name]()   # type: ignore[union-attr]
-            elif t.kind == "end":
-                commit = pending.pop(t.instr)
-                if commit is not None:
-                    commit()
-            st = m.fire(st, t, check=False)
+        """Fire the spec machine's transitions on CPU (streams.executor.emulate): ``comm_ahead`` runs
+        the comm stream as far as its waits allow, ``random`` picks among enabled ones."""
+        emulate(self.my_plan, impls, "random", self.cfg.seed,
+                ahead=comm(self.rank) if self.cfg.schedule == "comm_ahead" else None)
 
     def _run_cpu(self, impls: dict[str, OpImpl], works: list) -> None:
         """Issue the rank's plan on CPU: async collectives on the comm stream, host-ordered compute."""

@@ -21,7 +21,7 @@ from typing import Any
 from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
-    ClientAbort, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
+    ClientAbort, Message, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.plumbing import channel_config
@@ -110,11 +110,20 @@ class PDCluster:
                 return item
 
     def _on_message(self, raw: Any) -> None:
+        msg = self._decode(raw)
+        if msg is not None:
+            self._route(msg)
+
+    def _decode(self, raw: Any) -> Message | None:
+        """The message decode sent, or None after queueing a ClusterError for a malformed one."""
         try:
-            msg = decode_message(raw)
+            return decode_message(raw)
         except MessageError as e:
             self._control.put(ClusterError(f"malformed message from decode: {e}"))
-            return
+            return None
+
+    def _route(self, msg: Message) -> None:
+        """Results to `results`, everything else to the control queue (a subclass routes more)."""
         (self.results if isinstance(msg, Result) else self._control).put(msg)
 
     def shutdown(self, timeout_s: float | None = None) -> dict[str, Any]:

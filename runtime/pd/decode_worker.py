@@ -28,8 +28,9 @@ from typing import IO, Any, Callable
 from kvproof.runtime.pd.kv_pool import KVPool
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Safe, from_emission
-from kvproof.spec.kv_slot import DState, KVSlot
-from kvproof.spec.machine import Emission, Instance
+from kvproof.spec.kv_slot import KVSlot
+from kvproof.spec.core import ProtocolViolation
+from kvproof.spec.machine import Emission, Firing, Instance
 
 SendFn = Callable[[int, Message], None]       # (rank, message)
 ReportFn = Callable[[Result], None]
@@ -60,12 +61,14 @@ class DecodeWorker:
         self.cfg, self.pool, self._send, self._report, self.clock = cfg, pool, send, report, clock
         self.auto = auto
         self.read = read                                    # None: synthetic KV, compared by KVPool
-        self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="decode", trace=trace)
+        # decode checks "connection_drained" itself: rank_dead reports the drained connection (observe kill)
+        self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="decode", trace=trace,
+                             env_checked=("connection_drained",))
         self.free: deque[int] = deque(range(cfg.slots))    # candidates; the spec decides
         self.waiting: deque[Request] = deque()
         self.by_rid: dict[int, Request] = {}
         self.by_slot: dict[int, Request] = {}
-        self.dead: dict[int, str] = {}                      # rank -> why its connection died
+        self.why_dead: dict[int, str] = {}                  # rank -> why its connection died (text only)
         self.aborted_at: dict[int, float] = {}              # slot -> when it entered ABORTING
         self._timers: list[tuple[float, int, str, int, int]] = []
         self._seq = itertools.count()
@@ -84,7 +87,7 @@ class DecodeWorker:
             raise ValueError(f"submit: n_tokens={n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
         req = Request(rid, n_tokens, self.clock(), extra=extra)
         self.stats["submitted"] += 1
-        if self.dead:
+        if self.why_dead:
             self._result(req, "failed", self._dead_reason())
             return
         self.by_rid[rid] = req
@@ -109,9 +112,8 @@ class DecodeWorker:
         if isinstance(msg, (Done, Safe)) and msg.writer != rank:
             raise ValueError(f"{msg.TYPE} from rank {rank} names writer={msg.writer}")
         if isinstance(msg, Done):
-            if self._try("on_done", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto \
-                    and self.inst.enabled("start_decode", s=msg.slot):
-                self.start_decode(msg.slot)
+            if self._try("on_done", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto:
+                self._after_start(msg.slot, bool(self._emit(self.inst.try_fire("start_decode", s=msg.slot))))
         elif isinstance(msg, Safe):
             if self._try("on_safe", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto:
                 self._maybe_reclaim(msg.slot)
@@ -123,20 +125,20 @@ class DecodeWorker:
         s, w, e = tag[0], tag[1], tag[2]
         self.inst.record("land", s=s, w=w, e=e)
         self.bytes_landed[w] += length
-        if e != self.inst.get("epoch", s) or self.inst.get("d_state", s) == DState.FREE:
+        if self.inst.holds("lands_foreign", s=s, e=e):
             self.foreign_landings[w] += 1
             self.foreign_slots.add(s)
 
     def rank_dead(self, rank: int, reason: str) -> None:
         """Rank `rank`'s connection is closed AND drained by the caller: none of its writes can land."""
-        if rank in self.dead:
+        if self.is_dead(rank):
             return
-        self.dead[rank] = reason
-        self.inst.record("kill", w=rank)
+        self.why_dead[rank] = reason
+        self.inst.observe("kill", w=rank)
         if not self.auto:
             return
         why = self._dead_reason()
-        for req in [r for r in self.by_slot.values() if self.inst.get("d_state", r.slot) == DState.WAIT]:
+        for req in [r for r in self.by_slot.values() if self.inst.holds("waiting_for_kv", s=r.slot)]:
             self._abort_request(req, "abort", "failed", why)
         self._schedule()                                    # fails every waiting request
         for s in range(self.cfg.slots):
@@ -145,7 +147,10 @@ class DecodeWorker:
     # ------------------------------------------------------------ single steps
     def alloc(self, s: int, req: Request) -> None:
         """Give free slot s to request req (a fresh epoch); Alloc goes to every rank."""
-        self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens, **(req.extra or {})})
+        self._allocated(s, req, self._fire("alloc", s=s, extra={"rid": req.rid, "n_tokens": req.n_tokens,
+                                                                 **(req.extra or {})}))
+
+    def _allocated(self, s: int, req: Request, _ems: list[Emission]) -> None:
         req.slot, req.epoch = s, self.inst.get("epoch", s)
         req.allocated = self.clock()
         self.by_rid[req.rid] = req
@@ -155,7 +160,11 @@ class DecodeWorker:
     def start_decode(self, s: int) -> None:
         """Every rank's KV landed: decode starts reading slot s (and finishes now or after decode_ms)."""
         self._fire("start_decode", s=s)
-        if not self.auto:
+        self._after_start(s, True)
+
+    def _after_start(self, s: int, started: bool) -> None:
+        """Decoding of slot s started: finish it now or after decode_ms."""
+        if not started or not self.auto:
             return
         if self.cfg.decode_ms > 0:
             self._timer(self.cfg.decode_ms / 1000, "decoded", s, self.inst.get("epoch", s))
@@ -178,13 +187,19 @@ class DecodeWorker:
 
     def peer_dead(self, s: int, w: int) -> None:
         """Rank w (already declared dead and drained) can write nothing more into aborting slot s."""
-        if w not in self.dead:
+        f = self.inst.try_fire("on_peer_dead", s=s, w=w)
+        if f.guard == "connection_drained":
             raise ValueError(f"peer_dead: rank {w} was not declared dead (rank_dead) and drained")
-        self._fire("on_peer_dead", s=s, w=w)
+        if not f:
+            raise ProtocolViolation(KVSlot.name, "on_peer_dead", {"s": s, "w": w}, f.guard)
+        self._emit(f)
 
     def reclaim(self, s: int) -> None:
         """Return aborted slot s to the free pool."""
         self._fire("reclaim", s=s)
+        self._reclaimed(s)
+
+    def _reclaimed(self, s: int) -> None:
         self.stats["slots_reclaimed"] += 1
         self.reclaim_latency_s.append(self.clock() - self.aborted_at.pop(s))
         self._freed(s)
@@ -200,33 +215,48 @@ class DecodeWorker:
                 continue                                    # that request is gone already
             if kind == "timeout" and self.inst.enabled("timeout", s=s):
                 self.timeout(s)
-            elif kind == "decoded" and self.inst.get("d_state", s) == DState.READY:
+            elif kind == "decoded" and self.inst.enabled("finish", s=s):
                 self.finish(s)
         return max(0.0, self._timers[0][0] - now) if self._timers else None
 
     # ------------------------------------------------------------ queries
     def idle(self) -> bool:
         """No request in flight and every slot back in the free pool."""
-        return not self.by_rid and self.inst.count("d_state", DState.FREE) == self.cfg.slots
+        return not self.by_rid and self._free_slots() == self.cfg.slots
 
     def summary(self) -> dict[str, Any]:
         """Counters for the stress report."""
         return {**self.stats, "slots": self.cfg.slots,
-                "slots_free": self.inst.count("d_state", DState.FREE),
+                "slots_free": self._free_slots(),
                 "bytes_landed": sum(self.bytes_landed), "foreign_landings": sum(self.foreign_landings),
-                "reclaim_latency_s": list(self.reclaim_latency_s), "dead_ranks": dict(self.dead)}
+                "reclaim_latency_s": list(self.reclaim_latency_s), "dead_ranks": self.dead}
+
+    @property
+    def dead(self) -> dict[int, str]:
+        """Ranks whose connection is closed and drained (the spec's `dead`), with why."""
+        return {w: self.why_dead.get(w, "dead") for w in range(self.cfg.writers) if self.is_dead(w)}
+
+    def is_dead(self, w: int) -> bool:
+        """Whether rank w's connection is closed and drained, as the spec instance records it."""
+        return self.inst.holds("drained", w=w)
+
+    def _free_slots(self) -> int:
+        return sum(self.inst.holds("slot_free", s=s) for s in range(self.cfg.slots))
 
     # ------------------------------------------------------------ internals
     def _schedule(self) -> None:
-        if self.dead:
+        if self.why_dead:
             while self.waiting:
                 self._result(self.waiting.popleft(), "failed", self._dead_reason())
             return
         while self.waiting and self.free:
             s = self.free.pop()                             # most recently freed first (warm slot)
-            if not self.inst.enabled("alloc", s=s):
+            req = self.waiting[0]
+            f = self.inst.try_fire("alloc", s=s)
+            if not f:
                 continue                                    # stale candidate; the spec says no
-            self.alloc(s, self.waiting.popleft())
+            self.waiting.popleft()
+            self._allocated(s, req, self._emit(f, {"rid": req.rid, "n_tokens": req.n_tokens, **(req.extra or {})}))
 
     def _abort_request(self, req: Request, action: str, status: str, reason: str) -> None:
         s = req.slot
@@ -234,7 +264,7 @@ class DecodeWorker:
         self._fire(action, s=s)
         del self.by_slot[s]
         self._result(req, status, reason)
-        if self.inst.get("d_state", s) == DState.FREE:     # unfixed: freed at once
+        if self.inst.holds("slot_free", s=s):               # unfixed: freed at once
             self.stats["slots_reclaimed"] += 1
             self.reclaim_latency_s.append(0.0)
             self._freed(s)
@@ -244,20 +274,17 @@ class DecodeWorker:
                 self._peer_dead(s)
 
     def _peer_dead(self, s: int) -> None:
-        if self.inst.get("d_state", s) != DState.ABORTING:
-            return
-        for w in self.dead:
-            if not self.inst.get("safe_from", s, w):
-                self.peer_dead(s, w)
+        for w in range(self.cfg.writers):                   # the spec's guard picks the dead, unsafe ones
+            self._emit(self.inst.try_fire("on_peer_dead", s=s, w=w))
         self._maybe_reclaim(s)
 
     def _maybe_reclaim(self, s: int) -> None:
-        if self.inst.enabled("reclaim", s=s):
-            self.reclaim(s)
+        if self._emit(self.inst.try_fire("reclaim", s=s)):
+            self._reclaimed(s)
 
     def _freed(self, s: int) -> None:
         """Keep the derived free deque in step with the spec after a firing that freed s."""
-        assert self.inst.get("d_state", s) == DState.FREE, s
+        assert self.inst.holds("slot_free", s=s), s
         self.free.append(s)
         if self.auto:
             self._schedule()
@@ -272,23 +299,31 @@ class DecodeWorker:
 
     def _try(self, action: str, **args: int) -> bool:
         """Fire a receive action if enabled; a stale or duplicate message is counted and ignored."""
-        if not self.inst.enabled(action, **args):
+        f = self._emit(self.inst.try_fire(action, **args))
+        if not f:
             self.stats[f"ignored_{action}"] += 1
-            return False
-        self._fire(action, **args)
-        return True
+        return bool(f)
 
     def _fire(self, action: str, extra: dict[str, int] | None = None, **args: int) -> list[Emission]:
-        ems = self.inst.fire(action, **args)
+        f = self.inst.try_fire(action, **args)
+        if not f:
+            raise ProtocolViolation(KVSlot.name, action, args, f.guard)
+        self._emit(f, extra)
+        return f.emissions
+
+    def _emit(self, f: Firing, extra: dict[str, Any] | None = None) -> Firing:
+        """Count a firing and send its messages (a dead rank gets none); passes `f` through."""
+        if not f:
+            return f
         self.stats["fired"] += 1
-        for em in ems:
+        for em in f.emissions:
             msg = from_emission(em, **(extra or {})) if em.fields["channel"] == "alloc" else from_emission(em)
             assert isinstance(msg, (Alloc, Abort))
-            if msg.writer in self.dead:
+            if self.is_dead(msg.writer):
                 self.stats["sends_to_dead_rank"] += 1
             else:
                 self._send(msg.writer, msg)
-        return ems
+        return f
 
     def _dead_reason(self) -> str:
-        return "; ".join(f"prefill rank {w} dead: {why}" for w, why in sorted(self.dead.items()))
+        return "; ".join(f"prefill rank {w} dead: {why}" for w, why in sorted(self.why_dead.items()))

@@ -30,11 +30,12 @@ from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
-    Event, MessageError, Result, Stats, StatsRequest, Submit, decode_message,
+    Event, Message, Result, Stats, StatsRequest, Submit,
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.serving.server_metrics import histogram
 from kvproof.runtime.model.tokenizer import ByteTokenizer
+from kvproof.spec.kv_slot import DState
 
 Sink = Callable[[TokenEvent], None]
 
@@ -102,12 +103,7 @@ class ModelCluster(PDCluster):
         return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
                             [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg], self.secret)
 
-    def _on_message(self, raw: Any) -> None:
-        try:
-            msg = decode_message(raw)
-        except MessageError as e:
-            self._control.put(ClusterError(f"malformed message from decode: {e}"))
-            return
+    def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
             self.on_event(msg)
         elif isinstance(msg, Result):
@@ -351,7 +347,7 @@ class PDEngine(StreamingMixin):
         cl = self.cluster
         live = dict(cl.live) if cl is not None else {}
         live.pop("live", None)
-        out: dict = {"slots{state}": {"FREE": self.pd.slots, "WAIT": 0, "READY": 0, "ABORTING": 0},
+        out: dict = {"slots{state}": {st.name: 0 for st in DState} | {DState.FREE.name: self.pd.slots},
                      "kv_transfers_total": 0, **histogram("reclaim_latency_seconds", [])}
         out.update(live)
         out.pop("nonce", None)
@@ -389,7 +385,7 @@ def wait_idle(engine: PDEngine, timeout_s: float = 30.0) -> dict:
         elif quiet_since is None:
             quiet_since = time.monotonic()
         fresh = cl is not None and quiet_since is not None and cl.live_at > quiet_since
-        if fresh and st["slots{state}"].get("FREE") == engine.pd.slots:
+        if fresh and st["slots{state}"].get(DState.FREE.name) == engine.pd.slots:
             return st
         if time.monotonic() > end:
             raise TimeoutError(f"PD engine not idle after {timeout_s} s: {st['slots{state}']}, "

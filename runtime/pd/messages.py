@@ -19,6 +19,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, ClassVar, Union
 
+from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Emission
 
 
@@ -165,7 +166,8 @@ Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort,
                 Stats, Event]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
-_SPEC_CHANNELS: dict[str, type] = {"alloc": Alloc, "abort": Abort, "done": Done, "safe": Safe}
+# the kv_slot spec's channels, each carried by the message type of the same name
+_SPEC_CHANNELS: dict[str, type] = {c: MESSAGE_TYPES[c] for c in KVSlot.channels}
 _HINTS: dict[type, dict[str, Any]] = {c: typing.get_type_hints(c) for c in MESSAGE_TYPES.values()}
 
 

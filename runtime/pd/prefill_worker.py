@@ -7,8 +7,8 @@ pd_model_worker.PrefillModel: the model's exported KV, of which the rank writes 
 tests can drive it step by step; the process loop (pd/prefill_process.py) feeds it
 control messages and write completions from one thread. Its per-slot transfer
 state lives in the spec `Instance` (actor "prefill"); `jobs` only remembers
-what to compute for the slot's current epoch (request id, prompt length, next
-layer to push).
+what to compute for the slot's current epoch (request id, prompt length); the
+next layer to push is the spec's `posted`.
 
 Alloc -> p_on_alloc; then per `pump()` call one layer per active slot: p_post ->
 post_write(tag=(slot, writer, epoch, layer)); each completion -> p_complete;
@@ -29,10 +29,12 @@ from kvproof.runtime.pd.kv_pool import POOL_REGION, kv_chunk, offset
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import Abort, Alloc, Message, from_emission
 from kvproof.runtime.transport import Completion, Transport
-from kvproof.spec.kv_slot import KVSlot, PState
-from kvproof.spec.machine import Instance
+from kvproof.spec.core import ProtocolViolation
+from kvproof.spec.kv_slot import KVSlot
+from kvproof.spec.machine import Firing, Instance
 
-ABORT_ACTIONS = ("p_on_abort_unseen", "p_on_abort", "p_on_abort_busy")
+# the prefill actions that receive an abort; their guards are disjoint, at most one is enabled
+ABORT_ACTIONS = tuple(a for a, d in KVSlot.actions.items() if d.receives == "abort" and d.actor == "prefill")
 
 
 @dataclass
@@ -42,7 +44,6 @@ class Job:
     rid: int
     n_tokens: int
     epoch: int
-    next_layer: int = 0
     data: np.ndarray | None = None          # real-KV mode: uint8 [layers, n_tokens, bytes_per_token]
 
 
@@ -79,11 +80,10 @@ class PrefillRank:
                 self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch, data=data)
         elif isinstance(msg, Abort):
             args = {"s": msg.slot, "w": self.rank, "e": msg.epoch}
-            act = next((a for a in ABORT_ACTIONS if self.inst.enabled(a, **args)), None)
+            act = next((a for a in ABORT_ACTIONS if self._emit(self.inst.try_fire(a, **args))), None)
             if act is None:
                 self.stats["ignored_abort"] += 1
                 return
-            self._fire(act, **args)
             if act == "p_on_abort_unseen":
                 self.jobs.pop(msg.slot, None)
         else:
@@ -97,12 +97,10 @@ class PrefillRank:
             return
         s, w, e = c.tag[0], c.tag[1], c.tag[2]
         self.stats["writes_completed"] += 1
-        self._fire("p_complete", s=s, w=w, e=e)             # an older epoch's completion is a no-op
+        self._emit(self._fire("p_complete", s=s, w=w, e=e))             # an older epoch's completion is a no-op
         if not self.auto:
             return
-        if self.inst.enabled("p_answer_safe", s=s, w=w):
-            self.answer_safe(s)
-        else:
+        if not self._emit(self.inst.try_fire("p_answer_safe", s=s, w=w)):
             self._maybe_finish(s)
 
     def pump(self, max_posts: int | None = None) -> int:
@@ -111,9 +109,12 @@ class PrefillRank:
         for s, job in list(self.jobs.items()):
             if max_posts is not None and posted >= max_posts:
                 break
-            if job.next_layer >= self.cfg.layers or not self.inst.enabled("p_post", s=s, w=self.rank):
+            if self._next_layer(s) >= self.cfg.layers:
                 continue
-            self.post(s)
+            f = self.inst.try_fire("p_post", s=s, w=self.rank)
+            if not f:
+                continue
+            self._posted(job, self._emit(f))
             posted += 1
             self._maybe_finish(s)
         return posted
@@ -121,30 +122,35 @@ class PrefillRank:
     # ------------------------------------------------------------ single steps
     def post(self, s: int) -> None:
         """Compute slot s's next layer and post it as one write tagged (slot, writer, epoch, layer)."""
-        job = self.jobs[s]
-        for em in self._fire("p_post", s=s, w=self.rank):
-            self._post(job, em.fields)
-        job.next_layer += 1
+        self._posted(self.jobs[s], self._emit(self._fire("p_post", s=s, w=self.rank)))
 
     def finish(self, s: int) -> None:
         """Every posted layer of slot s completed: report Done."""
-        self._fire("p_finish", s=s, w=self.rank)
+        self._emit(self._fire("p_finish", s=s, w=self.rank))
         self.jobs.pop(s, None)
 
     def answer_safe(self, s: int) -> None:
         """The last write of an aborted transfer completed: answer Safe."""
-        self._fire("p_answer_safe", s=s, w=self.rank)
+        self._emit(self._fire("p_answer_safe", s=s, w=self.rank))
 
     def has_work(self) -> bool:
         """Whether some slot still has layers to post."""
-        return any(j.next_layer < self.cfg.layers and self.inst.get("p_state", s, self.rank) == PState.SENDING
-                   for s, j in self.jobs.items())
+        return any(self._next_layer(s) < self.cfg.layers and self.inst.enabled("p_post", s=s, w=self.rank)
+                   for s in self.jobs)
 
     def summary(self) -> dict[str, Any]:
         """Counters for the stress report."""
         return {**self.stats, "rank": self.rank}
 
     # ------------------------------------------------------------ internals
+    def _next_layer(self, s: int) -> int:
+        return self.inst.get("posted", s, self.rank)
+
+    def _posted(self, job: Job, f: Firing) -> None:
+        for em in f.emissions:
+            if em.kind == "post_write":
+                self._post(job, em.fields)
+
     def _post(self, job: Job, f: dict[str, Any]) -> None:
         s, w, e, layer = f["slot"], f["writer"], f["epoch"], f["chunk"]
         if job.data is None:
@@ -159,20 +165,27 @@ class PrefillRank:
 
     def _maybe_finish(self, s: int) -> None:
         job = self.jobs.get(s)
-        if job is not None and job.next_layer >= self.cfg.layers and self.inst.enabled("p_finish", s=s, w=self.rank):
-            self.finish(s)
+        if job is not None and self._next_layer(s) >= self.cfg.layers \
+                and self._emit(self.inst.try_fire("p_finish", s=s, w=self.rank)):
+            self.jobs.pop(s, None)
 
     def _try(self, action: str, **args: int) -> bool:
-        if not self.inst.enabled(action, **args):
+        f = self._emit(self.inst.try_fire(action, **args))
+        if not f:
             self.stats[f"ignored_{action}"] += 1
-            return False
-        self._fire(action, **args)
-        return True
+        return bool(f)
 
-    def _fire(self, action: str, **args: int) -> list:
-        ems = self.inst.fire(action, **args)
-        self.stats["fired"] += 1
-        for em in ems:
-            if em.kind == "send":
-                self._send(from_emission(em))
-        return [em for em in ems if em.kind == "post_write"]
+    def _fire(self, action: str, **args: int) -> Firing:
+        f = self.inst.try_fire(action, **args)
+        if not f:
+            raise ProtocolViolation(KVSlot.name, action, args, f.guard)
+        return f
+
+    def _emit(self, f: Firing) -> Firing:
+        """Count a firing and send its messages; passes `f` through (its posts are the caller's)."""
+        if f:
+            self.stats["fired"] += 1
+            for em in f.emissions:
+                if em.kind == "send":
+                    self._send(from_emission(em))
+        return f

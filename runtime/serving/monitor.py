@@ -46,6 +46,10 @@ class MonitorConfig:
                              d.max_accept_rate if self.max_accept_rate is None else self.max_accept_rate)
 
 
+# the abort reason each aborted phase reports
+_REASONS = {Phase.ABORTED_LOW_ACCEPT: "low_accept_length", Phase.ABORTED_DEGENERATE: "degenerate_accept_rate"}
+
+
 class RequestMonitor:
     """Accept statistics of one generation, kept in a spec instance; says when to abort."""
 
@@ -54,24 +58,29 @@ class RequestMonitor:
         assert cfg.min_tokens is not None and cfg.min_accept_length is not None and cfg.max_accept_rate is not None
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
                                  Fraction(cfg.max_accept_rate).limit_denominator(1000))
-        self.inst = Instance(proto, variant, {}, actor="monitor")
-        self.reason: str | None = None
-        self._plain = [0, 0, 0]            # steps, accepted, drafted when the rule is disabled
+        # rule disabled: the naive variant's `step` has no threshold guard, so the instance only
+        # keeps the statistics (its flags are never asked)
+        self.inst = Instance(proto, variant if cfg.enabled else "naive", {}, actor="monitor")
 
     @property
     def steps(self) -> int:
         """Verification steps so far."""
-        return self.inst.get("steps") if self.cfg.enabled else self._plain[0]
+        return self.inst.get("steps")
 
     @property
     def accepted(self) -> int:
         """Accepted drafts so far."""
-        return self.inst.get("accepted") if self.cfg.enabled else self._plain[1]
+        return self.inst.get("accepted")
 
     @property
     def drafted(self) -> int:
         """Proposed drafts so far."""
-        return self.inst.get("drafted") if self.cfg.enabled else self._plain[2]
+        return self.inst.get("drafted")
+
+    @property
+    def reason(self) -> str | None:
+        """Why the rule fired (from the spec's phase), or None while running."""
+        return _REASONS.get(Phase(self.inst.get("phase")))
 
     @property
     def accept_length(self) -> float:
@@ -87,19 +96,15 @@ class RequestMonitor:
 
     def step(self, accepted: int, drafted: int) -> str | None:
         """Record one verification step; returns the abort reason when the rule fires, else None."""
-        if not self.cfg.enabled:           # statistics only; the spec instance stays idle
-            self._plain = [self._plain[0] + 1, self._plain[1] + accepted, self._plain[2] + drafted]
-            return None
         self.inst.fire("step", accepted=accepted, drafted=drafted)
-        for action, reason in (("flag_low_accept", "low_accept_length"),
-                               ("flag_degenerate", "degenerate_accept_rate")):
-            if self.inst.enabled(action):
-                self.inst.fire(action)
-                self.reason = reason
-                return reason
+        if not self.cfg.enabled:           # statistics only
+            return None
+        for action in ("flag_low_accept", "flag_degenerate"):
+            if self.inst.try_fire(action):
+                return self.reason
         return None
 
     @property
     def aborted(self) -> bool:
         """Whether the rule fired."""
-        return self.inst.get("phase") != Phase.RUNNING
+        return not self.inst.holds("running")

@@ -52,8 +52,11 @@ def _rank(plan: Plan, t: Transition, policy: str) -> int:
     return 3 if ins.kind == "compute" else 4
 
 
-def emulate(plan: Plan, impls: Mapping[str, OpImpl], policy: str = "random", seed: int = 0) -> ExecResult:
-    """Run a plan on CPU tensors in one order the happens-before relation allows."""
+def emulate(plan: Plan, impls: Mapping[str, OpImpl], policy: str = "random", seed: int = 0,
+            ahead: str | None = None) -> ExecResult:
+    """Run a plan on CPU tensors in one order the happens-before relation allows; with `ahead`
+    (a stream name) the order is fixed instead: host issues first, then that stream as far as its
+    waits allow (a fast interconnect prefetching), then the rest."""
     if policy not in POLICIES:
         raise ValueError(f"unknown schedule policy {policy!r}; expected one of {POLICIES}")
     _missing(plan, impls)
@@ -63,7 +66,10 @@ def emulate(plan: Plan, impls: Mapping[str, OpImpl], policy: str = "random", see
         ts = m.enabled(st)
         if not ts:
             raise RuntimeError(f"plan {plan.name!r} deadlocked at {st}")
-        if policy == "eager":
+        if ahead is not None:
+            t = min(ts, key=lambda x: 0 if x.kind in ("issue", "sync") else
+                    1 if plan.instrs[x.instr].stream == ahead else 2)
+        elif policy == "eager":
             t = ts[0]
         elif policy == "random":
             t = rng.choice(ts)

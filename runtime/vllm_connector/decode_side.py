@@ -283,14 +283,18 @@ class DecodeSide:
         return self.inst.enabled("alloc", s=s)
 
     def _try(self, action: str, **args: int) -> bool:
-        if not self.inst.enabled(action, **args):
+        f = self.inst.try_fire(action, **args)          # guards evaluated once
+        if f:
+            self._emit(f.emissions)
+        else:
             self.stats[f"ignored_{action}"] += 1
-            return False
-        self._fire(action, **args)
-        return True
+        return bool(f)
 
     def _fire(self, action: str, **args: int) -> None:
-        for em in self.inst.fire(action, **args):
+        self._emit(self.inst.fire(action, **args))
+
+    def _emit(self, emissions: list) -> None:
+        for em in emissions:
             if em.kind == "send":
                 self._send(from_emission(em))
 

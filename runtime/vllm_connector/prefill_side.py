@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvproof.runtime.pd.prefill_worker import ABORT_ACTIONS          # derived from the spec
 from kvproof.runtime.transport.control import Channel, ChannelListener
 from kvproof.runtime.transport import FaultConfig, TcpListener, TcpTransport
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
@@ -26,8 +27,6 @@ from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode, from_emission
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Instance
-
-ABORT_ACTIONS = ("p_on_abort_unseen", "p_on_abort", "p_on_abort_busy")
 
 
 @dataclass
@@ -145,14 +144,18 @@ class Peer:
             self.side.unuse(job.req_id, job.posted_all)
 
     def _try(self, action: str, **args: int) -> bool:
-        if not self.inst.enabled(action, **args):
+        f = self.inst.try_fire(action, **args)          # guards evaluated once
+        if f:
+            self._emit(f.emissions)
+        else:
             self.side.stats[f"ignored_{action}"] += 1
-            return False
-        self._fire(action, **args)
-        return True
+        return bool(f)
 
     def _fire(self, action: str, **args: int) -> None:
-        for em in self.inst.fire(action, **args):
+        self._emit(self.inst.fire(action, **args))
+
+    def _emit(self, emissions: list) -> None:
+        for em in emissions:
             if em.kind == "send":
                 self.ch.send(encode(from_emission(em)))
 
