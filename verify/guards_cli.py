@@ -7,7 +7,7 @@ import sys
 
 from kvproof.spec.catalog import protocol_named
 from kvproof.spec.core import Protocol
-from kvproof.verify.explore import explore, fair_liveness_violations, render_state
+from kvproof.verify.explore import explore, fair_liveness_violations, path_steps, render_state
 from kvproof.verify.guards import necessity
 from kvproof.verify.report import step_table
 
@@ -79,34 +79,75 @@ def add_explore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="fixed")
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
-    p.add_argument("--no-symmetry", action="store_true", help="do not reduce by slot symmetry")
-    p.add_argument("--max-states", type=int, default=500_000, help="stop (exit 2) beyond this many states")
+    p.add_argument("--engine", choices=("python", "spin"), default="python",
+                   help="python: the built-in breadth-first search (default); spin: generated Promela "
+                        "checked by SPIN (Debian package 'spin' and a C compiler)")
+    p.add_argument("--no-symmetry", action="store_true", help="do not reduce by slot symmetry (python engine)")
+    p.add_argument("--no-liveness", action="store_true", help="skip the fair-liveness goals")
+    p.add_argument("--max-states", type=int, default=500_000,
+                   help="python engine: stop (exit 2) beyond this many states")
     p.add_argument("--json", action="store_true")
 
 
 def explore_main(args: argparse.Namespace) -> int:
-    """Breadth-first search: reachable states, violations, deadlocks, liveness."""
+    """Exhaustive search of one instance: reachable states, violations, deadlocks, liveness."""
     proto = _protocol(args.protocol)
     if args.variant not in proto.variants:
         print(f"kvproof explore: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)
         return 2
+    params = {**proto.search_bounds, **_params(args.param)}
     try:
-        ex = explore(proto, args.variant, _params(args.param), symmetry=None if args.no_symmetry else "slot",
-                     max_states=args.max_states)
-    except RuntimeError as e:          # the state space outgrew the cap: the bounds are too loose
+        doc, tables = (_explore_spin if args.engine == "spin" else _explore_python)(proto, args, params)
+    except RuntimeError as e:   # state space past the cap, SPIN missing or failing: say which
         print(f"kvproof explore: {e}", file=sys.stderr)
         return 2
-    live = {g: len(fair_liveness_violations(ex, g)) for g in proto.goals}
-    doc = {"protocol": proto.name, "variant": args.variant, "params": ex.params, "states": ex.states,
-           "transitions": ex.edges, "seconds": round(ex.seconds, 3),
-           "states_per_second": round(ex.states / ex.seconds) if ex.seconds else None,
-           "violations": {k: render_state(ex.layout, v) for k, v in ex.violations.items()},
-           "deadlocks": len(ex.deadlocks), "liveness_violations": live}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"{proto.name}/{args.variant} {ex.params}: {ex.states} states, {ex.edges} transitions "
-              f"in {ex.seconds:.2f}s; violated: {sorted(ex.violations) or 'none'}; deadlocks: "
-              f"{len(ex.deadlocks)}; liveness violations: {live}")
-    return 1 if ex.violations or ex.deadlocks or any(live.values()) else 0
+        live = doc["liveness_violations"]
+        print(f"{proto.name}/{args.variant} {doc['params']} [{doc['engine']}, symmetry "
+              f"{'on' if doc['symmetry'] else 'off'}]: {doc['states']} states, {doc['transitions']} "
+              f"transitions in {doc['seconds']:.2f}s ({doc['states_per_second']} states/s); violated: "
+              f"{sorted(doc['violations']) or 'none'}; deadlocks: {doc['deadlocks']}; liveness violations: "
+              f"{live if not args.no_liveness else 'not checked'}")
+        for prop, table in tables.items():
+            print(f"\n{prop}: shortest counterexample ({len(doc['counterexamples'][prop])} steps)\n{table}")
+    bad = doc["violations"] or doc["deadlocks"] or any(doc["liveness_violations"].values())
+    return 1 if bad else 0
+
+
+def _explore_python(proto: type[Protocol], args: argparse.Namespace, params: dict[str, int]
+                    ) -> tuple[dict, dict[str, str]]:
+    ex = explore(proto, args.variant, params, symmetry=None if args.no_symmetry else "slot",
+                 max_states=args.max_states)
+    live = {} if args.no_liveness else {g: len(fair_liveness_violations(ex, g)) for g in proto.goals}
+    cex = {k: path_steps(ex, v) for k, v in ex.violations.items()}
+    doc = {"protocol": proto.name, "variant": args.variant, "engine": "python", "params": ex.params,
+           "symmetry": ex.symmetric and not args.no_symmetry, "states": ex.states,
+           "transitions": ex.edges, "seconds": round(ex.seconds, 3),
+           "states_per_second": round(ex.states / ex.seconds) if ex.seconds else None,
+           "violations": {k: render_state(ex.layout, v) for k, v in ex.violations.items()},
+           "counterexamples": {k: [s.to_json() for s in v] for k, v in cex.items()},
+           "deadlocks": len(ex.deadlocks), "liveness_violations": live,
+           "fairness": "strong, per action instance (fair strongly connected components)"}
+    return doc, {k: step_table(v) for k, v in cex.items()}
+
+
+def _explore_spin(proto: type[Protocol], args: argparse.Namespace, params: dict[str, int]
+                  ) -> tuple[dict, dict[str, str]]:
+    from kvproof.verify.spin import explore_spin
+    ex = explore_spin(proto, args.variant, params, liveness=not args.no_liveness)
+    live = {g: int(v is not None) for g, v in ex.liveness.items()}
+    doc = {"protocol": proto.name, "variant": args.variant, "engine": "spin", "params": ex.params,
+           "symmetry": False, "states": ex.states, "transitions": ex.transitions,
+           "seconds": round(ex.seconds, 3), "search_seconds": round(ex.search_seconds, 3),
+           "compile_seconds": round(ex.compile_seconds, 3),
+           "states_per_second": round(ex.states_per_second) if ex.states_per_second else None,
+           "states_per_cpu_second": round(ex.states_per_cpu_second) if ex.states_per_cpu_second else None,
+           "violations": ex.final_states,
+           "counterexamples": {k: [s.to_json() for s in v] for k, v in ex.violations.items()},
+           "deadlocks": ex.deadlocks, "liveness_violations": live,
+           "liveness_counterexamples": {g: [s.to_json() for s in v] for g, v in ex.liveness.items() if v},
+           "fairness": "weak, per action instance (SPIN -f, one process per action instance)"}
+    return doc, {k: step_table(v) for k, v in ex.violations.items()}
