@@ -195,7 +195,8 @@ class Compiled:
     """All action instances of one (protocol, sizes, variant, dropped guards), compiled."""
 
     def __init__(self, protocol: type[Protocol], params: dict[str, int], variant: str,
-                 dropped: frozenset[str] = frozenset()) -> None:
+                 dropped: frozenset[str] = frozenset(), properties: list[str] | None = None) -> None:
+        """`properties`: the user properties `violated` checks (default: all of them)."""
         self.layout = Layout.build(protocol, params)
         self.params = params
         self.entries: list[tuple[str, dict[str, int], ActionDef, None, list[str]]] = []
@@ -205,13 +206,13 @@ class Compiled:
                 self.entries.append((name, args, adef, None, [p.name for p in adef.params if p.index is None]))
         self.step = _successor_function(self.layout, params, self.entries, variant, dropped)
         self._args: dict[tuple[int, tuple], dict[str, Any]] = {}
+        props = [(name, inv) for name, inv in protocol.invariants.items() if not inv.strengthening
+                 and (properties is None or name in properties)]
         self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
-                           for name, inv in protocol.invariants.items() if not inv.strengthening
-                           for args in self.layout.instances(inv.params)]
+                           for name, inv in props for args in self.layout.instances(inv.params)]
         # One call for the common case (every property holds) instead of one per property instance.
         self._all_hold = _compile_conjunction(self.layout, [
-            (inv.body, args) for inv in protocol.invariants.values() if not inv.strengthening
-            for args in self.layout.instances(inv.params)], variant)
+            (inv.body, args) for _, inv in props for args in self.layout.instances(inv.params)], variant)
 
     def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
         """(property, args) of the user properties `state` violates."""
