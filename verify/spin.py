@@ -138,8 +138,11 @@ def _pan(d: Path, args: list[str], target: str | None = None, timeout: float | N
     t0, c0 = time.perf_counter(), _child_cpu()
     out = _run(["./pan", *args], d, env, timeout)
     wall, cpu = time.perf_counter() - t0, _child_cpu() - c0
-    if "out of memory" in out or "memory limit" in out.lower():
-        raise SpinError(f"pan ran out of memory (-DMEMLIM): lower the bounds\n{out[-800:]}")
+    if "MEMLIM bound" in out or "out of memory" in out or "Search not completed" in out:
+        raise SpinError(f"pan ran out of memory ({[f for f in SAFETY_FLAGS if 'MEMLIM' in f][0]} MB) before "
+                        f"searching every state: lower the bounds\n{out[-600:]}")
+    if not (_STORED.search(out) and _TRANS.search(out) and _ERRORS.search(out)):
+        raise SpinError(f"unexpected pan output (no state count):\n{out[-800:]}")
     rep = _REPORT.search(out)
     return SpinRun(int(_STORED.search(out).group(1)), int(_TRANS.search(out).group(1)),
                    int(_ERRORS.search(out).group(1)), wall, cpu,
