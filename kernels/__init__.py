@@ -1,6 +1,6 @@
 """kvproof.kernels: Triton kernels for DSA-style KV and their torch references.
 
 Modules (import them directly; this package imports nothing, so `import kvproof.kernels`
-needs no Triton): `_common` (layouts, fp8 references), `paged_copy`, `indexer`, `topk`,
+needs no Triton): `common` (layouts, fp8 references), `paged_copy`, `indexer`, `topk`,
 `sparse_mla`, `bench`. See docs/kernels.md.
 """

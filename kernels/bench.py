@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from ._common import dequantize_kv_fp8, indexer_fp8_layout, indexer_views, kv_bf16_layout, quantize_kv_fp8
-from .indexer import _indexer_scores_kernel, indexer_scores, select_topk
+from .common import dequantize_kv_fp8, indexer_fp8_layout, indexer_views, kv_bf16_layout, quantize_kv_fp8
+from .indexer import indexer_scores_kernel, indexer_scores, select_topk
 from .paged_copy import gather_pages, page_work_list, scatter_pages
 from .sparse_mla import dense_mla_attention, sparse_mla_attention
 from .topk import radix_topk
@@ -280,7 +280,7 @@ def bench_kernels(quick: bool = False, device: str | None = None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     assert device in ("cuda", "cpu"), f"device must be 'cuda' or 'cpu', got {device!r}"
     assert device == "cpu" or torch.cuda.is_available(), "device 'cuda' requested but CUDA is not available"
-    interpreted = type(_indexer_scores_kernel).__name__ == "InterpretedFunction"
+    interpreted = type(indexer_scores_kernel).__name__ == "InterpretedFunction"
     run_kernels = device == "cuda" or interpreted
     mode = "cpu" if device == "cpu" else ("quick" if quick else "full")
     spec = SHAPES[mode]

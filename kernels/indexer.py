@@ -5,7 +5,7 @@ score[t, s] = k_scale[s] * sum_h w[t, h] * relu(q[t, h] . k_fp8[s])   for s < q_
 
 One query row t belongs to request q_req[t] (a page-table row) and sees its first
 q_len[t] cached keys: decode is one query per request with q_len = seq_len; causal
-prefill is many queries with q_len = position + 1 (see `_common.prefill_queries`).
+prefill is many queries with q_len = position + 1 (see `common.prefill_queries`).
 The scores are computed by a Triton kernel; the top-k selection uses torch.topk by
 default, or the Triton radix-select kernel of topk.py with method="triton".
 
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DEFAULT_TOPK, check_int_vector, check_page_table, dequantize_fp8, dot_in_fp32,
+from .common import (DEFAULT_TOPK, check_int_vector, check_page_table, dequantize_fp8, dot_in_fp32,
                        indexer_views)
 from .topk import radix_topk
 
@@ -63,7 +63,7 @@ def indexer_topk_ref(scores: torch.Tensor, q_len: torch.Tensor, topk: int
 
 
 @triton.jit
-def _indexer_scores_kernel(
+def indexer_scores_kernel(
     # pointers
     q_ptr, w_ptr, k_ptr, ks_ptr, table_ptr, q_req_ptr, q_len_ptr, tile_start_ptr, tile_rows_ptr, out_ptr,
     # sizes
@@ -163,7 +163,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         block_m = 1 if T == 1 else (4 if (q_req[1:] == q_req[:-1]).float().mean() >= 0.5 else 1)
     tile_start, tile_rows = query_tiles(q_req, block_m)
     grid = (tile_start.shape[0], triton.cdiv(max_len, n_per_prog))
-    _indexer_scores_kernel[grid](
+    indexer_scores_kernel[grid](
         q, weights, keys, scales, page_table, q_req, q_len, tile_start, tile_rows, out,
         max_len,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),

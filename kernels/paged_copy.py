@@ -3,7 +3,7 @@ buffer, and scatter a packed buffer back into the pool.
 
 Pool: any tensor [L, P, ...] whose trailing dims hold one page of one layer
 contiguously in the byte layout of a `PagedLayout` (KV bf16, KV fp8 or the fp8
-indexer cache; see `_common.py`). Packed buffer: uint8 [n_layers, T, token_bytes]
+indexer cache; see `common.py`). Packed buffer: uint8 [n_layers, T, token_bytes]
 with T = sum(seq_lens), tokens request-major in position order, each row the
 token's bytes of every plane side by side (for the indexer: 128 B keys | 4 B scale).
 Only valid tokens move: the tail of a partial last page is neither read nor written.
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PagedLayout, check_int_vector, check_page_table, pool_bytes, token_pages
+from .common import PagedLayout, check_int_vector, check_page_table, pool_bytes, token_pages
 
 # ---------------------------------------------------------------------------------
 # torch reference

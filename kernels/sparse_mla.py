@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FP8_BLOCK, KV_LATENT_DIM, check_int_vector, check_page_table, dequantize_kv_fp8,
+from .common import (FP8_BLOCK, KV_LATENT_DIM, check_int_vector, check_page_table, dequantize_kv_fp8,
                       dot_in_fp32, kv_fp8_token_bytes)
 
 # ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_int_vector
+from .common import check_int_vector
 
 # ---------------------------------------------------------------------------------
 # torch reference

@@ -40,11 +40,11 @@ def _bench(args: argparse.Namespace) -> int:
     elif what == "kernels":
         doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
     elif what == "hicache":
-        doc = _lazy("kvproof.runtime.hicache_bench", "bench_hicache")(quick=quick)
+        doc = _lazy("kvproof.runtime.tools.hicache_bench", "bench_hicache")(quick=quick)
     elif what == "transitions":
-        doc = _lazy("kvproof.runtime.bench_transitions", "bench_transitions")()
+        doc = _lazy("kvproof.runtime.tools.bench_transitions", "bench_transitions")()
     elif what == "transport":
-        doc = _lazy("kvproof.runtime.transport.bench", "bench_tcp")(
+        doc = _lazy("kvproof.runtime.transport.throughput", "tcp_throughput")(
             total_bytes=(64 << 20) if quick else (512 << 20), chunk=1 << 20)
     elif what == "layersplit":
         import torch
@@ -52,9 +52,12 @@ def _bench(args: argparse.Namespace) -> int:
             print("kvproof bench layersplit: the measured mode (KV-broadcast copy vs the indexer kernel) needs "
                   "CUDA (an NVIDIA GPU); --simulate runs the throughput model anywhere", file=sys.stderr)
             return 2
-        doc = _lazy("kvproof.runtime.layersplit_sim", "bench_layersplit")(simulate=args.simulate)
-        if args.simulate:           # the unpublished session mix decides the long-context gains
-            doc["session_mix"] = _lazy("kvproof.runtime.layersplit_sim", "mix_sensitivity")()
+        if args.simulate:
+            doc = _lazy("kvproof.runtime.tools.layersplit_sim", "bench_layersplit")()
+            # the unpublished session mix decides the long-context gains
+            doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
+        else:
+            doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -91,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_explore_args(p)
     p.set_defaults(func=explore_main)
 
-    _add_optional(sub, "stress", "kvproof.runtime.stress_cli", "add_stress_args", "stress_main",
+    _add_optional(sub, "stress", "kvproof.runtime.tools.stress_cli", "add_stress_args", "stress_main",
                   "run the PD runtime under load with aborts and delays; count corrupted outputs")
-    _add_optional(sub, "serve", "kvproof.runtime.serve_cli", "add_serve_args", "serve_main",
+    _add_optional(sub, "serve", "kvproof.runtime.serving.serve_cli", "add_serve_args", "serve_main",
                   "serve the model over an OpenAI-compatible HTTP API")
-    _add_optional(sub, "loadgen", "kvproof.runtime.loadgen", "add_loadgen_args", "loadgen_main",
+    _add_optional(sub, "loadgen", "kvproof.runtime.tools.loadgen", "add_loadgen_args", "loadgen_main",
                   "send a configurable load to a running server and report latency and throughput")
 
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kvproof.spec.core import Protocol
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.spec_monitor import AcceptMonitor
+from kvproof.spec.specdec_monitor import AcceptMonitor
 
 PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (KVSlot, AcceptMonitor)}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol
-from kvproof.spec.machine import Ops, _receive_guard, data_domain, deliverable_epochs
+from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
 
 
 class Expr:
@@ -129,7 +129,7 @@ def _fragment(layout: Layout, params: dict[str, int], adef: ActionDef, args: dic
     full = {**args, **{d: Expr(d) for d in data}}
     m = View(layout, st, TRACE, variant, dropped)
     if adef.receives is not None:
-        _receive_guard(m, adef, full)
+        receive_guard(m, adef, full)
     adef.body(layout.protocol, m, **full)
     guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
     bounds = [f"n[{pos}] <= {params[t.bound]}" for pos in m.writes
@@ -197,6 +197,7 @@ class Compiled:
     def __init__(self, protocol: type[Protocol], params: dict[str, int], variant: str,
                  dropped: frozenset[str] = frozenset(), properties: list[str] | None = None) -> None:
         """`properties`: the user properties `violated` checks (default: all of them)."""
+        variant = variant_name(variant)
         self.layout = Layout.build(protocol, params)
         self.params = params
         self.entries: list[tuple[str, dict[str, int], ActionDef, None, list[str]]] = []

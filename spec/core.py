@@ -15,8 +15,32 @@ from __future__ import annotations
 import enum
 import inspect
 import itertools
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
+
+# Variants renamed since release: the old name is still accepted (deprecated). "prefix" (the pre-fix
+# variant) collided with prefix caching in the same modules.
+RENAMED_VARIANTS: dict[str, str] = {"prefix": "unfixed"}
+
+
+def variant_name(variant: str) -> str:
+    """The current name of `variant`: a renamed one maps to its new name, with a DeprecationWarning."""
+    new = RENAMED_VARIANTS.get(variant)
+    if new is None:
+        return variant
+    warnings.warn(f"variant {variant!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+    return new
+
+
+def variant_arg(value: str) -> str:
+    """argparse `type=` for a variant: a renamed one is accepted with a deprecation message on stderr."""
+    new = RENAMED_VARIANTS.get(value)
+    if new is None:
+        return value
+    print(f"kvproof: variant {value!r} is deprecated; use {new!r}", file=sys.stderr)
+    return new
 
 
 class ProtocolViolation(Exception):

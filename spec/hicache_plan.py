@@ -10,7 +10,7 @@ layer's input).
 
 - ``fixed``: the forward stream waits ``idx_ready[l]`` before ``indexer[l]``
   and ``kv_ready[l]`` before ``attention[l]``: it computes only on ready data.
-- ``prefix``: no wait before the indexer, as before the GLM-5 fix (SGLang PR
+- ``unfixed``: no wait before the indexer, as before the GLM-5 fix (SGLang PR
   #22811: Indexer-cache accessors skipped the per-layer ``wait_until(layer)``
   the KV accessors did), so the indexer can read a half-loaded Indexer cache.
 
@@ -25,15 +25,17 @@ from __future__ import annotations
 import functools
 import re
 
+from kvproof.spec.core import variant_name
 from kvproof.spec.streams import Instr, Op, Plan, Record, Wait
 
-VARIANTS: tuple[str, ...] = ("fixed", "prefix")
+VARIANTS: tuple[str, ...] = ("fixed", "unfixed")
 STREAMS: tuple[str, ...] = ("load", "forward")
 LOAD, FORWARD = STREAMS
 
 
 def layer_template(variant: str) -> tuple[Instr, ...]:
     """The instructions issued for one layer, with ``{l}`` / ``{l+1}`` placeholders in names."""
+    variant = variant_name(variant)
     if variant not in VARIANTS:
         raise ValueError(f"unknown HiCache variant {variant!r}; expected one of {VARIANTS}")
     # The Indexer cache (~1/8 of the KV bytes) goes first so indexer[l] can overlap the KV copy.
@@ -83,9 +85,13 @@ def layer_block(layer: int, variant: str) -> tuple[Instr, ...]:
 PROLOGUE: tuple[Instr, ...] = (Record(FORWARD, "pages_free"), Wait(LOAD, "pages_free"))
 
 
-@functools.lru_cache(maxsize=64)
 def hicache_plan(layers: int, variant: str = "fixed", batches: int = 1) -> Plan:
     """The swap-in + forward plan of ``batches`` back-to-back batches over ``layers`` layers."""
+    return _hicache_plan(layers, variant_name(variant), batches)
+
+
+@functools.lru_cache(maxsize=64)
+def _hicache_plan(layers: int, variant: str, batches: int) -> Plan:
     if not isinstance(layers, int) or layers < 1:
         raise ValueError(f"layers must be a positive int, got {layers!r}")
     if not isinstance(batches, int) or batches < 1:

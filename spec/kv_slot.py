@@ -5,7 +5,7 @@ owns a pool of KV slots; for each request it allocates a slot, tells every
 prefill rank (tensor/context-parallel writers of disjoint parts of the slot)
 the slot and its epoch (generation), and the prefill ranks push the KV with
 chunked one-sided writes (RDMA WRITE) that land later. When a request is
-terminated, the pre-fix decode freed the slot at once (variant `prefix`); a
+terminated, the pre-fix decode freed the slot at once (variant `unfixed`); a
 prefill write still in flight then landed in the slot's next owner: garbled
 output. The fix (variant `fixed`): decode notifies every prefill rank; a rank
 answers "safe to recycle" only if no write has started or all started writes
@@ -55,7 +55,7 @@ class KVSlot(Protocol):
     """The KV slot lifecycle between decode, prefill ranks and the transport."""
 
     name = "kv_slot"
-    variants = ("fixed", "prefix")
+    variants = ("fixed", "unfixed")
     actors = ("decode", "prefill")
     indices = {"slot": "slots", "writer": "writers"}
     bounds = {"slots": 1, "writers": 2, "max_epoch": 2, "max_chunks": 2}
@@ -126,8 +126,8 @@ class KVSlot(Protocol):
         m.owners[s] = m.owners[s] - 1
 
     @staticmethod
-    def _terminate(m, s):
-        if m.variant == "prefix":
+    def _abort_slot(m, s):
+        if m.variant == "unfixed":
             # Pre-fix behaviour: free the slot at once; prefill is told but not waited for.
             m.d_state[s] = DState.FREE
             m.owners[s] = m.owners[s] - 1
@@ -140,13 +140,13 @@ class KVSlot(Protocol):
     def abort(P, m, s):
         """Terminate the request (client abort, disconnect, anomaly) at any point."""
         m.require(m.any([m.d_state[s] == DState.WAIT, m.d_state[s] == DState.READY]), "slot_in_use")
-        P._terminate(m, s)
+        P._abort_slot(m, s)
 
     @action("decode", s="slot")
     def timeout(P, m, s):
         """The transfer took too long: terminate it. Proves nothing about writes in flight."""
         m.require(m.d_state[s] == DState.WAIT, "waiting_for_kv")
-        P._terminate(m, s)
+        P._abort_slot(m, s)
 
     @action("decode", receives="safe", s="slot", w="writer", e="data:max_epoch")
     def on_safe(P, m, s, w, e):

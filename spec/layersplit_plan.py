@@ -23,7 +23,7 @@ kernel cannot finish before the owner's data has left. This allows *more*
 schedules than a real rendezvous (the send may finish before anyone receives),
 so a plan proven race-free here is race-free under the stricter collective.
 
-Variants: ``fixed`` waits ``released[l-depth]`` (prefetch = depth); ``prefix``
+Variants: ``fixed`` waits ``released[l-depth]`` (prefetch = depth); ``unfixed``
 prefetches one layer too deep (waits ``released[l-depth-1]``): the receive of
 layer l overwrites buffer l % depth while ``attention[l-depth]`` may still read
 it, a write-after-read race that ``verify/checks_layersplit.py`` must refute.
@@ -45,9 +45,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from kvproof.spec.core import variant_name
 from kvproof.spec.streams import Instr, Op, Plan, Record, Wait
 
-VARIANTS: tuple[str, ...] = ("fixed", "prefix")
+VARIANTS: tuple[str, ...] = ("fixed", "unfixed")
 OWNERSHIPS: tuple[str, ...] = ("contiguous", "round_robin")
 DELIVERY = "every_layer_delivered"
 
@@ -71,6 +72,7 @@ class LayerSplitShape:
                 raise ValueError(f"LayerSplitShape.{name} must be a positive int, got {v!r}")
         if self.ownership not in OWNERSHIPS:
             raise ValueError(f"unknown ownership {self.ownership!r}; expected one of {OWNERSHIPS}")
+        object.__setattr__(self, "variant", variant_name(self.variant))
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown LayerSplit variant {self.variant!r}; expected one of {VARIANTS}")
         if not self.owner_wait and not self.writeback:

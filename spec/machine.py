@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator
 
-from kvproof.spec.core import (ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError)
+from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError, variant_name
 
 
 class Ops:
@@ -46,7 +46,9 @@ class Ops:
 CONCRETE = Ops()
 
 
-class _GuardFailed(Exception):
+class GuardFailed(Exception):
+    """A named guard of an action was false (raised by concrete evaluation)."""
+
     def __init__(self, guard: str) -> None:
         super().__init__(guard)
         self.guard = guard
@@ -159,7 +161,7 @@ class View:
         if self.ops.symbolic:
             self.guards.append((kind, name, cond))
         elif not cond:
-            raise _GuardFailed(name)
+            raise GuardFailed(name)
 
     def send(self, channel: str, idx: tuple, epoch: Any) -> None:
         """Send a message tagged with `epoch` on `channel` at index `idx`."""
@@ -175,7 +177,8 @@ class View:
         self.emissions.append(Emission(kind, fields))
 
 
-def _receive_guard(m: View, adef: ActionDef, args: dict[str, Any]) -> None:
+def receive_guard(m: View, adef: ActionDef, args: dict[str, Any]) -> None:
+    """Guard of a receiving action: a message tagged with the given epoch is on its channel."""
     ch = m._layout.protocol.channels[adef.receives]
     by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
     idx = tuple(by_index[i] for i in ch.index)
@@ -187,10 +190,10 @@ def _receive_guard(m: View, adef: ActionDef, args: dict[str, Any]) -> None:
 def evaluate(layout: Layout, state: Any, adef: ActionDef, args: dict[str, Any], ops: Ops,
              variant: str, dropped: frozenset[str] = frozenset(), local: bool = False,
              track: set[str] | None = None) -> View:
-    """Run one action body against `state`; concretely raises _GuardFailed on a false guard."""
+    """Run one action body against `state`; concretely raises GuardFailed on a false guard."""
     m = View(layout, state, ops, variant, dropped, local, track)
     if adef.receives is not None:
-        _receive_guard(m, adef, args)
+        receive_guard(m, adef, args)
     adef.body(layout.protocol, m, **args)
     return m
 
@@ -249,7 +252,7 @@ def successors(layout: Layout, params: dict[str, int], state: tuple, variant: st
         for args in _candidate_args(layout, params, state, adef):
             try:
                 m = evaluate(layout, state, adef, args, CONCRETE, variant, dropped)
-            except _GuardFailed:
+            except GuardFailed:
                 continue
             if not _within_bounds(layout, params, m.writes):
                 continue
@@ -264,6 +267,7 @@ class Instance:
 
     def __init__(self, protocol: type[Protocol], variant: str, params: dict[str, int],
                  actor: str | None = None, trace: IO[str] | str | None = None) -> None:
+        variant = variant_name(variant)
         if variant not in protocol.variants:
             raise SpecError(f"{protocol.name}: unknown variant {variant!r}; "
                             f"expected one of {', '.join(protocol.variants)}")
@@ -297,7 +301,7 @@ class Instance:
         """The first false guard of `action(args)`, or None when it is enabled."""
         try:
             self._eval(self._adef(action), args)
-        except _GuardFailed as g:
+        except GuardFailed as g:
             return g.guard
         return None
 
@@ -311,7 +315,7 @@ class Instance:
         with self._lock:
             try:
                 m = self._eval(adef, args)
-            except _GuardFailed as g:
+            except GuardFailed as g:
                 raise ProtocolViolation(self.protocol.name, action, args, g.guard) from None
             for pos, val in m.writes.items():
                 self.state[pos] = val

@@ -3,7 +3,7 @@
 State: the host issue counter, per stream its program counter and whether its current op is
 running. ``Machine`` gives the enabled transitions (issue, sync, start, end, record, wait) and
 fires them (``ProtocolViolation`` naming the failing guard); emulators execute plans by firing
-them (``runtime/stream_exec.py``), and ``explore`` searches every interleaving of a tiny plan.
+them (``runtime/streams/executor.py``), and ``explore`` searches every interleaving of a tiny plan.
 The tests check that the races this machine can exhibit are exactly the ones
 ``streams.check_plan`` (the happens-before graph) reports.
 """

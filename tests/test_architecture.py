@@ -52,5 +52,69 @@ def test_runtime_never_writes_protocol_state_directly():
 
 
 def test_runtime_fires_the_kv_slot_spec():
-    text = "\n".join(p.read_text() for p in (ROOT / "runtime").glob("*_worker.py"))
+    text = "\n".join(p.read_text() for p in (ROOT / "runtime" / "pd").glob("*_worker.py"))
     assert "Instance(" in text and ".fire(" in text
+
+
+def _module_name(path):
+    rel = path.relative_to(ROOT / "runtime").with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(["kvproof.runtime", *parts])
+
+
+def _runtime_import_graph():
+    """Module -> the kvproof.runtime modules it imports (a package import counts as its __init__)."""
+    mods = {_module_name(p): p for p in _modules("runtime")}
+    graph = {}
+    for name, p in mods.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:         # relative: from .x import y
+                base = name if p.name == "__init__.py" else name.rsplit(".", 1)[0]
+                target = ".".join([base, node.module]) if node.module else base
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                target = node.module
+            elif isinstance(node, ast.Import):
+                target = None
+                for a in node.names:
+                    if a.name in mods:
+                        graph[name].add(a.name)
+            else:
+                continue
+            if target:
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+                graph[name] |= {t for t in names if t in mods and t != name}
+    return graph
+
+
+def test_runtime_has_no_import_cycle():
+    import networkx as nx
+    g = nx.DiGraph([(a, b) for a, bs in _runtime_import_graph().items() for b in bs])
+    cycles = list(nx.simple_cycles(g))
+    assert not cycles, f"import cycles in runtime/: {cycles}"
+
+
+def test_nothing_in_runtime_imports_the_tools():
+    """Benches, the stress harness, the load generator and the simulator sit at the edge: only the CLI and tests
+    import them, and a bench is imported by nothing but the CLI."""
+    for name, deps in _runtime_import_graph().items():
+        tools = {d for d in deps if d.startswith("kvproof.runtime.tools.")}
+        if not name.startswith("kvproof.runtime.tools."):
+            assert not tools, f"{name} imports {tools}: runtime/tools/ sits at the edge"
+        benches = {d for d in tools if "bench" in d.rsplit(".", 1)[1]}
+        assert not benches, f"{name} imports the bench {benches}: move the shared code out of the bench"
+
+
+def test_no_private_name_crosses_modules():
+    """`from x import _y` reaches into another module's private names; such a name should be public."""
+    offenders = []
+    for folder in ("spec", "verify", "runtime", "kernels"):
+        for p in _modules(folder):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    mod = node.module or ""
+                    if any(part.startswith("_") and not part.startswith("__") for part in mod.split(".")):
+                        offenders.append(f"{p.relative_to(ROOT)}:{node.lineno} imports module {mod}")
+                    offenders += [f"{p.relative_to(ROOT)}:{node.lineno} imports {a.name} from {mod}"
+                                  for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, offenders

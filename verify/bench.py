@@ -8,9 +8,6 @@ from kvproof.spec.kv_slot import KVSlot
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.explore import explore
 
-# The pre-fix variant's name ("unfixed" once renamed, "prefix" before).
-UNFIXED = "unfixed" if "unfixed" in KVSlot.variants else "prefix"
-
 
 def _python_search(params: dict[str, int], cap: int) -> dict[str, Any]:
     """The built-in search without symmetry reduction (SPIN has none: like with like)."""
@@ -55,7 +52,7 @@ def bench_verify(quick: bool = False, slot_counts: tuple[int, ...] = (2, 3, 4)) 
         ind = induction(KVSlot, "fixed", {"slots": n, "writers": 2}, list(KVSlot.invariants))
         t_ind = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cex = bmc(KVSlot, UNFIXED, {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
+        cex = bmc(KVSlot, "unfixed", {"slots": n, "writers": 1}, ["no_cross_request_write"], 10)
         t_bmc = time.perf_counter() - t0
         params = {"slots": n, "writers": 1, "max_epoch": 1, "max_chunks": 1}
         py = _python_search(params, cap)

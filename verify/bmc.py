@@ -8,7 +8,7 @@ from typing import Any
 import z3
 
 from kvproof.spec.core import Protocol
-from kvproof.spec.machine import CONCRETE, _GuardFailed, evaluate
+from kvproof.spec.machine import CONCRETE, GuardFailed, evaluate
 from kvproof.verify.symbolic import Encoding
 from kvproof.verify.verdict import Step
 
@@ -37,7 +37,7 @@ def extract(enc: Encoding, model: z3.ModelRef, depth: int, prop: str) -> Counter
         args = {**inst.args, **data}
         try:    # the concrete evaluator must agree with the symbolic one: one definition
             m = evaluate(enc.layout, state, inst.adef, args, CONCRETE, enc.variant, enc.dropped)
-        except _GuardFailed as g:
+        except GuardFailed as g:
             raise AssertionError(f"symbolic/concrete mismatch at step {k}: guard {g.guard}") from None
         nxt = list(state)
         for pos, val in m.writes.items():

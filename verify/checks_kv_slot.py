@@ -152,8 +152,8 @@ def _register() -> None:
                            functools.partial(_any_slots, "fixed", prop, writers)))
     for prop in ("no_cross_request_write", "no_write_into_free_slot"):
         p = {"slots": 1, "writers": 1}
-        register(Check(PROTOCOL, "prefix", prop, p, Status.REFUTED,
-                       functools.partial(_refutation, "prefix", prop, p)))
+        register(Check(PROTOCOL, "unfixed", prop, p, Status.REFUTED,
+                       functools.partial(_refutation, "unfixed", prop, p)))
     for guard in ESSENTIAL_GUARDS:
         p = {"slots": 1, "writers": 1}
         label = f"fixed-without-{guard}"

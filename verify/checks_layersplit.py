@@ -1,4 +1,4 @@
-"""Checks of the LayerSplit broadcast plan for `kvproof prove`: fixed proven, prefix refuted.
+"""Checks of the LayerSplit broadcast plan for `kvproof prove`: fixed proven, unfixed refuted.
 
 Two methods, reported together:
 
@@ -18,7 +18,7 @@ Two methods, reported together:
   Every such window is, up to renaming ranks and layers, one of the few built here
   (r = 0, owners among 1..3, k in 1..2), and Z3 shows each of its dependencies ordered.
 
-Check variants: the plan variants ``fixed`` and ``prefix``, ``writeback`` (the
+Check variants: the plan variants ``fixed`` and ``unfixed``, ``writeback`` (the
 serving forward: compute ops also write the new tokens' rows, the owner's compute
 waits its own sends first; proven the same two ways, with a smaller contiguous
 sweep) and ``writeback-without-owner_wait`` (the owner's wait dropped: refuted).
@@ -54,14 +54,14 @@ _LAYER = re.compile(r"\[(\d+)\]")
 # check variant -> LayerSplitShape fields (besides ranks, layers, depth, ownership)
 CHECK_VARIANTS: dict[str, dict[str, object]] = {
     "fixed": {"variant": "fixed"},
-    "prefix": {"variant": "prefix"},
+    "unfixed": {"variant": "unfixed"},
     "writeback": {"variant": "fixed", "writeback": True},
     "writeback-without-owner_wait": {"variant": "fixed", "writeback": True, "owner_wait": False},
 }
 
 
 def shape_of(variant: str, ranks: int, layers: int, ownership: str, depth: int = DEPTH) -> LayerSplitShape:
-    """The plan shape of a check variant (``fixed``, ``prefix``, ``writeback``, ...)."""
+    """The plan shape of a check variant (``fixed``, ``unfixed``, ``writeback``, ...)."""
     if variant not in CHECK_VARIANTS:
         raise ValueError(f"unknown LayerSplit check variant {variant!r}; expected one of {sorted(CHECK_VARIANTS)}")
     return LayerSplitShape(ranks, layers, depth, ownership, **CHECK_VARIANTS[variant])  # type: ignore[arg-type]
@@ -267,7 +267,7 @@ def _check_waits_needed(shape: LayerSplitShape) -> Verdict:
 def _register() -> None:
     for variant in VARIANTS + ("writeback",):
         for prop in PROPERTIES + (DELIVERY,):
-            expected = Status.REFUTED if (variant, prop) == ("prefix", "no_write_after_read") else Status.PROVEN
+            expected = Status.REFUTED if (variant, prop) == ("unfixed", "no_write_after_read") else Status.PROVEN
             register(Check(PROTOCOL, variant, prop, PARAMS, expected, partial(_check, variant, prop, expected)))
     unwaited = "writeback-without-owner_wait"
     register(Check(PROTOCOL, unwaited, "no_write_after_read", PARAMS, Status.REFUTED,

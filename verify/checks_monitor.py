@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from kvproof.spec.spec_monitor import PROPERTIES, AcceptMonitor
+from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.registry import Check, register
 from kvproof.verify.verdict import Status, Verdict
 
-PROTOCOL = "spec_monitor"
+PROTOCOL = "specdec_monitor"
 BMC_DEPTH = 6
 PARAMS = {"min_tokens": AcceptMonitor.MIN_TOKENS,
           "min_accept_length": f"{AcceptMonitor.LEN_NUM}/{AcceptMonitor.LEN_DEN}",

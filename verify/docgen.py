@@ -85,11 +85,11 @@ def protocol_page(proto: type[Protocol]) -> str:
         lines.append(f"- `{name}` ({kind}): {inv.doc}")
     for name, g in proto.goals.items():
         lines.append(f"- `{name}` (liveness, under strong fairness): {g.doc}")
-    if "prefix" in proto.variants:
-        steps = _shortest_violation(proto, "prefix", "no_cross_request_write")
+    if "unfixed" in proto.variants:
+        steps = _shortest_violation(proto, "unfixed", "no_cross_request_write")
         if steps:
             lines += ["", "## The pre-fix bug, as the verifier finds it", "",
-                      f"The shortest run of variant `prefix` that violates `no_cross_request_write` "
+                      f"The shortest run of variant `unfixed` that violates `no_cross_request_write` "
                       f"({len(steps)} steps; `kvproof prove` finds one of the same length with Z3):", "",
                       "```", step_table(steps), "```", "", "```mermaid", mermaid(steps), "```"]
     return "\n".join(lines) + "\n"
@@ -117,11 +117,12 @@ def structure_page(root: Path) -> str:
     for d in STRUCTURE_DIRS:
         lines += [f"## `{d}/`", ""]
         for p in sorted((root / d).rglob("*.py")):
-            if p.name == "__init__.py":
-                continue
             doc = ast.get_docstring(ast.parse(p.read_text())) or ""
             first = doc.strip().splitlines()[0] if doc.strip() else "(entry point)"
-            lines.append(f"- `{p.relative_to(root)}`: {first}")
+            if p.name != "__init__.py":
+                lines.append(f"- `{p.relative_to(root)}`: {first}")
+            elif p.parent != root / d and doc.strip():      # a sub-package: what it holds
+                lines.append(f"- `{p.parent.relative_to(root)}/` (package): {first}")
         lines.append("")
     return "\n".join(lines)
 

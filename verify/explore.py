@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 
-from kvproof.spec.core import Layout, Protocol
+from kvproof.spec.core import Layout, Protocol, variant_name
 from kvproof.spec.compiled import Compiled
 from kvproof.spec.machine import CONCRETE, evaluate, holds
 from kvproof.verify.verdict import Step
@@ -76,6 +76,7 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
             dropped: frozenset[str] = frozenset(), symmetry: str | None = None,
             max_states: int = 2_000_000) -> Exploration:
     """Breadth-first search of every state reachable within the instance's bounds."""
+    variant = variant_name(variant)
     full = {**protocol.bounds, **params}
     layout = Layout.build(protocol, full)
     canon = _slot_canonical(layout, symmetry) if symmetry in layout.sizes else (lambda st: st)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from kvproof.spec.catalog import protocol_named
-from kvproof.spec.core import Protocol
+from kvproof.spec.core import Protocol, variant_arg
 from kvproof.verify.explore import explore, fair_liveness_violations, path_steps, render_state
 from kvproof.verify.guards import necessity
 from kvproof.verify.report import step_table
@@ -33,7 +33,7 @@ def _params(pairs: list[str] | None) -> dict[str, int]:
 def add_guards_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof guards`."""
     p.add_argument("--protocol", default="kv_slot")
-    p.add_argument("--variant", default="fixed")
+    p.add_argument("--variant", default="fixed", type=variant_arg)
     p.add_argument("--param", action="append", metavar="NAME=N", help="instance size, e.g. writers=1")
     p.add_argument("--depth", type=int, default=14, help="BMC depth per dropped guard")
     p.add_argument("--guard", action="append", help="only these guards")
@@ -90,7 +90,7 @@ def guards_main(args: argparse.Namespace) -> int:
 def add_explore_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof explore`."""
     p.add_argument("--protocol", default="kv_slot")
-    p.add_argument("--variant", default="fixed")
+    p.add_argument("--variant", default="fixed", type=variant_arg)
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
     p.add_argument("--engine", choices=("python", "spin"), default="python",

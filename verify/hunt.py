@@ -25,7 +25,7 @@ from hypothesis import target
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvproof.spec.compiled import Compiled, _compile_predicate
-from kvproof.spec.core import Protocol
+from kvproof.spec.core import Protocol, variant_name
 
 _RESOLUTION = 1 << 16           # weighted choice: one integer draw, shrinking towards the first action
 
@@ -61,6 +61,7 @@ def hunter_for(protocol: type[Protocol], variant: str, params: dict[str, int],
                dropped: frozenset[str] = frozenset(),
                properties: list[str] | None = None) -> type[RuleBasedStateMachine]:
     """A RuleBasedStateMachine that hunts violations of `properties` (default: every user property)."""
+    variant = variant_name(variant)
     full = {**protocol.bounds, **params}
     user = [n for n, i in protocol.invariants.items() if not i.strengthening]
     unknown = sorted(set(properties or ()) - set(user))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvproof.spec.core import ActionDef, Bool, EnumT, Layout, Nat, Protocol
-from kvproof.spec.machine import Ops, View, _receive_guard, data_domain, holds
+from kvproof.spec.machine import Ops, View, data_domain, holds, receive_guard
 
 
 class PExpr:
@@ -189,7 +189,7 @@ def _option(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict[
     st = [PExpr(names[i], frozenset({i})) for i in range(len(layout))]
     m = View(layout, st, PROMELA, variant, dropped)
     if adef.receives is not None:
-        _receive_guard(m, adef, args)
+        receive_guard(m, adef, args)
     adef.body(layout.protocol, m, **args)
     conds = [_src(c) for _, _, c in m.guards]
     for pos, val in m.writes.items():      # a write past a search bound disables the step (as in Python)

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kvproof.spec.core import variant_arg
 from kvproof.verify.registry import Check, all_checks
 from kvproof.verify.report import dump_json, summary_line, to_json, to_junit, to_sarif, verdict_text
 from kvproof.verify.verdict import Status, Verdict
 
 SPEC_FILES = {"kv_slot": "spec/kv_slot.py", "hicache": "spec/hicache_plan.py",
-              "layersplit": "spec/layersplit_plan.py", "spec_monitor": "spec/spec_monitor.py"}
+              "layersplit": "spec/layersplit_plan.py", "specdec_monitor": "spec/specdec_monitor.py"}
 
 
 class SelectionError(ValueError):
@@ -59,7 +60,7 @@ def run_checks(checks: list[Check], on_done: Callable[[Verdict], None] | None = 
 def add_prove_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof prove`."""
     p.add_argument("--protocol", action="append", help="run only this protocol's checks (repeatable)")
-    p.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    p.add_argument("--variant", action="append", type=variant_arg, help="run only this variant (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML here")
     p.add_argument("--sarif", metavar="FILE", help="also write SARIF 2.1.0 here")

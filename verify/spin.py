@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvproof.spec.compiled import Compiled
-from kvproof.spec.core import Layout, Protocol, SpecError
+from kvproof.spec.core import Layout, Protocol, SpecError, variant_name
 from kvproof.spec.machine import CONCRETE, evaluate
 from kvproof.verify.explore import render_state
 from kvproof.verify.promela import Model, generate
@@ -196,6 +196,7 @@ def explore_spin(protocol: type[Protocol], variant: str, params: dict[str, int],
                  workdir: str | Path | None = None, timeout: float | None = None) -> SpinExploration:
     """Every reachable state of the instance, searched by SPIN: properties, deadlocks, fair liveness."""
     t0 = time.perf_counter()
+    variant = variant_name(variant)
     full = {**protocol.bounds, **params}
     tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="kvproof-spin-")
     work = Path(workdir if workdir is not None else tmp.name)  # type: ignore[union-attr]

@@ -6,7 +6,7 @@ from typing import Any
 
 import z3
 
-from kvproof.spec.core import ActionDef, Bool, EnumT, Layout, Nat, Protocol
+from kvproof.spec.core import ActionDef, Bool, EnumT, Layout, Nat, Protocol, variant_name
 from kvproof.spec.machine import Ops, View, evaluate, holds
 
 
@@ -59,7 +59,7 @@ class Encoding:
 
     def __init__(self, protocol: type[Protocol], variant: str, params: dict[str, int],
                  dropped: frozenset[str] = frozenset()) -> None:
-        self.protocol, self.variant, self.dropped = protocol, variant, dropped
+        self.protocol, self.variant, self.dropped = protocol, variant_name(variant), dropped
         self.layout = Layout.build(protocol, params)
         self.instances = [ActionInstance(a, args) for a in protocol.actions.values()
                           for args in self.layout.instances(tuple(p for p in a.params if p.index))]

@@ -53,8 +53,8 @@ def make_transport(name: str, **kw: Any) -> Transport:
     if name == "tcp":
         return TcpTransport(_endpoint_socket(name, kw), **kw)
     if name == "verbs":
-        from .verbs import VerbsTransport, _pyverbs, rdma_devices
+        from .verbs import VerbsTransport, load_pyverbs, rdma_devices
 
-        _pyverbs(), rdma_devices()  # a clear TransportUnavailable before any socket is touched
+        load_pyverbs(), rdma_devices()  # a clear TransportUnavailable before any socket is touched
         return VerbsTransport(_endpoint_socket(name, kw), **kw)
     raise ValueError(f"unknown transport name={name!r}, expected one of {', '.join(TRANSPORTS)}")

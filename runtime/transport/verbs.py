@@ -1,7 +1,7 @@
 """RDMA RC transport through pyverbs (rdma-core's Python bindings), the production path.
 
-pyverbs is imported lazily: without it, or without an RDMA device, constructing
-a VerbsTransport raises TransportUnavailable saying how to get one. The
+pyverbs is imported lazily (verbs_device.py): without it, or without an RDMA device,
+constructing a VerbsTransport raises TransportUnavailable saying how to get one. The
 connection is bootstrapped over a TCP socket that stays open: it carries the
 queue-pair handshake, region announcements (id, address, rkey, length) and an
 orderly close, and its EOF is how peer death is noticed besides QP errors.
@@ -24,82 +24,20 @@ safe-to-recycle handshake.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
-import random
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from .base import (
     Buffer, Completion, LandHook, Region, RecvEvent, Status, Tag, Transport,
     TransportError, TransportUnavailable, check_bounds, check_imm, check_tag, check_write_args,
 )
+from .verbs_device import VerbsConfig, address_of, connect_qp, load_pyverbs, rdma_devices
 
-HOWTO = (
-    "pyverbs (rdma-core's Python bindings) is not importable. On Debian/Ubuntu: "
-    "`apt-get install python3-pyverbs`, then make it visible to the venv, e.g. "
-    "`ln -s /usr/lib/python3/dist-packages/pyverbs .venv/lib/python3.X/site-packages/` "
-    "(the Python minor version must match the system one); or build rdma-core "
-    "(https://github.com/linux-rdma/rdma-core, `./build.sh`, then add build/python to PYTHONPATH). "
-    "See docs/transports.md."
-)
-_MTU = {256: 1, 512: 2, 1024: 3, 2048: 4, 4096: 5}  # enum ibv_mtu
-_CTL_BIT = 1 << 63  # marks the wr_id of a memory-window work request
-
-
-@dataclass(frozen=True)
-class VerbsConfig:
-    """Device and queue-pair settings."""
-
-    device: str | None = None  # None: the first device listed
-    port: int = 1
-    gid_index: int | None = None  # None: InfiniBand (LID routing); RoCE needs a GID index (often 1 or 3)
-    path_mtu: int = 1024
-    max_send_wr: int = 1024
-    max_recv_wr: int = 256
-    cq_depth: int = 4096
-    timeout: int = 14  # local ACK timeout exponent (4.096 us * 2**timeout)
-    retry_cnt: int = 7
-    rnr_retry: int = 7
-
-    def __post_init__(self) -> None:
-        if self.path_mtu not in _MTU:
-            raise ValueError(f"path_mtu={self.path_mtu}, expected one of {sorted(_MTU)}")
-
-
-def _pyverbs() -> Any:
-    """Import pyverbs or raise TransportUnavailable with instructions."""
-    try:
-        import pyverbs.device  # noqa: F401
-        import pyverbs.enums  # noqa: F401
-        import pyverbs.pyverbs_error  # noqa: F401
-    except ImportError as e:
-        raise TransportUnavailable(f"{HOWTO} (import error: {e})") from e
-    return sys.modules["pyverbs"]
-
-
-def rdma_devices() -> list[str]:
-    """Names of the RDMA devices present; raises TransportUnavailable if none."""
-    pv = _pyverbs()
-    try:
-        devs = pv.device.get_device_list()
-    except pv.pyverbs_error.PyverbsRDMAError as e:
-        raise TransportUnavailable(f"no RDMA device found: get_device_list() failed ({e}); "
-                                   "is an RDMA NIC present and its kernel driver (ib_uverbs) loaded?") from e
-    names = [d.name.decode() if isinstance(d.name, bytes) else str(d.name) for d in devs]
-    if not names:
-        raise TransportUnavailable("no RDMA device found: get_device_list() returned no devices "
-                                   "(check `ibv_devices`; for a software device try `rdma link add rxe0 type rxe netdev eth0`)")
-    return names
-
-
-def _address_of(mv: memoryview) -> int:
-    return ctypes.addressof(ctypes.c_ubyte.from_buffer(mv))
+CTL_BIT = 1 << 63  # marks the wr_id of a memory-window work request
 
 
 class VerbsTransport(Transport):
@@ -109,7 +47,7 @@ class VerbsTransport(Transport):
 
     def __init__(self, bootstrap: socket.socket, *, config: VerbsConfig = VerbsConfig(),
                  on_land: LandHook | None = None) -> None:
-        pv = _pyverbs()
+        pv = load_pyverbs()
         names = rdma_devices()
         if on_land is not None:
             raise TransportError("verbs: on_land cannot be observed (the NIC places bytes without software); "
@@ -144,7 +82,7 @@ class VerbsTransport(Transport):
         self._boot_rx = bootstrap.makefile("rb")
         self._boot_lock = threading.Lock()
         self._recv_mr = MR(self._pd, 64, e.IBV_ACCESS_LOCAL_WRITE)  # the SGE receive WRs must carry
-        self._connect_qp()
+        connect_qp(e, config, self._ctx, self._qp, self._send_boot, self._recv_boot, self._post_recv)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, name=f"verbs-{n}", daemon=True)
                          for n, f in (("poll", self._poll_loop), ("boot", self._boot_loop))]
@@ -154,7 +92,7 @@ class VerbsTransport(Transport):
     @classmethod
     def connect(cls, address: tuple[str, int], timeout: float = 10.0, **kw: Any) -> "VerbsTransport":
         """Bootstrap over TCP to a peer accepting at address."""
-        _pyverbs(), rdma_devices()  # fail fast, before touching the network
+        load_pyverbs(), rdma_devices()  # fail fast, before touching the network
         sock = socket.create_connection(address, timeout=timeout)
         sock.settimeout(None)
         return cls(sock, **kw)
@@ -167,38 +105,6 @@ class VerbsTransport(Transport):
     def _recv_boot(self) -> dict | None:
         line = self._boot_rx.readline()
         return json.loads(line) if line else None
-
-    def _connect_qp(self) -> None:
-        from pyverbs.addr import AHAttr, GlobalRoute
-        from pyverbs.qp import QPAttr
-
-        e, c = self._e, self.config
-        port = self._ctx.query_port(c.port)
-        gid = str(self._ctx.query_gid(c.port, c.gid_index)) if c.gid_index is not None else None
-        psn = random.getrandbits(24)
-        self._send_boot({"op": "hello", "qpn": self._qp.qp_num, "psn": psn, "lid": port.lid, "gid": gid})
-        peer = self._recv_boot()
-        if peer is None or peer.get("op") != "hello":
-            raise TransportError(f"verbs bootstrap: expected a hello message from the peer, got {peer!r}")
-        attr = QPAttr(qp_state=e.IBV_QPS_INIT)
-        attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE
-        attr.port_num = c.port
-        self._qp.to_init(attr)
-        for _ in range(c.max_recv_wr):  # before RTR: a WRITE_WITH_IMM must never find the queue empty
-            self._post_recv()
-        attr = QPAttr(qp_state=e.IBV_QPS_RTR)
-        attr.path_mtu, attr.dest_qp_num, attr.rq_psn = _MTU[c.path_mtu], peer["qpn"], peer["psn"]
-        attr.max_dest_rd_atomic, attr.min_rnr_timer = 1, 12
-        if peer["gid"] is not None:
-            from pyverbs.addr import GID
-            gr = GlobalRoute(dgid=GID(peer["gid"]), sgid_index=c.gid_index)
-            attr.ah_attr = AHAttr(port_num=c.port, is_global=1, grh=gr, dlid=peer["lid"])
-        else:
-            attr.ah_attr = AHAttr(port_num=c.port, dlid=peer["lid"])
-        self._qp.to_rtr(attr)
-        attr.qp_state, attr.sq_psn = e.IBV_QPS_RTS, psn
-        attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic = c.timeout, c.retry_cnt, c.rnr_retry, 1
-        self._qp.to_rts(attr)
 
     def _boot_loop(self) -> None:
         try:
@@ -231,7 +137,7 @@ class VerbsTransport(Transport):
         e = self._e
         region = super().register(buf, region_id)
         _, mv = self._lookup(region.id)  # type: ignore[misc]
-        addr = _address_of(mv)
+        addr = address_of(mv)
         access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_MW_BIND
         self._mrs[region.id] = MR(self._pd, region.length, access, address=addr)
         self._send_boot({"op": "region", "id": region.id, "addr": addr,
@@ -258,7 +164,7 @@ class VerbsTransport(Transport):
             raise ValueError(f"window_id={window_id} is already bound; invalidate it first")
         mw = MW(self._pd, e.IBV_MW_TYPE_2)
         wr = SendWR(opcode=e.IBV_WR_BIND_MW, send_flags=e.IBV_SEND_SIGNALED)
-        addr = _address_of(mv) + offset
+        addr = address_of(mv) + offset
         wr.set_bind_wr(mw, MWBindInfo(self._mrs[region_id], addr, length, e.IBV_ACCESS_REMOTE_WRITE))
         rkey = wr.rkey  # set_bind_wr derives the window's next rkey; the peer must use this one
         self._post_and_wait(wr, f"bind window {window_id}")
@@ -283,7 +189,7 @@ class VerbsTransport(Transport):
         """Post a memory-window work request and wait for its completion."""
         done = threading.Event()
         with self._lock:
-            wr.wr_id = next(self._wr_ids) | _CTL_BIT
+            wr.wr_id = next(self._wr_ids) | CTL_BIT
             self._ctl[wr.wr_id] = (done, [])
         self._qp.post_send(wr)
         if not done.wait(timeout):
@@ -294,10 +200,10 @@ class VerbsTransport(Transport):
 
     def _source(self, mv: memoryview) -> tuple[int, int]:
         """(address, lkey) of a source inside a locally registered region."""
-        addr = _address_of(mv) if not mv.readonly else None
+        addr = address_of(mv) if not mv.readonly else None
         if addr is not None:
             for rid, mr in self._mrs.items():
-                base = _address_of(self._lookup(rid)[1])  # type: ignore[index]
+                base = address_of(self._lookup(rid)[1])  # type: ignore[index]
                 if base <= addr and addr + mv.nbytes <= base + mr.length:
                     return addr, mr.lkey
         raise ValueError("src is not inside a region registered on this endpoint; "
@@ -347,7 +253,7 @@ class VerbsTransport(Transport):
             n, wcs = self._send_cq.poll(num_entries=64)
             for wc in wcs[:n]:
                 busy = True
-                if wc.wr_id & _CTL_BIT:  # a memory-window bind or invalidate
+                if wc.wr_id & CTL_BIT:  # a memory-window bind or invalidate
                     done, status = self._ctl.get(wc.wr_id, (None, []))
                     status.append(wc.status)
                     if done is not None:

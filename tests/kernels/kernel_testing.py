@@ -24,7 +24,7 @@ def random_page_table(lens: list[int], page_size: int, gen: torch.Generator,
 def build_indexer_cache(lens: list[int], page_size: int, dim: int, gen: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer of fp8 indexer cache holding random keys for each request, poisoned elsewhere."""
-    from kvproof.kernels._common import indexer_fp8_layout, write_indexer_keys
+    from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 
     layout = indexer_fp8_layout(page_size, dim)
     table, seq_lens, num_pages = random_page_table(lens, page_size, gen)
@@ -38,7 +38,7 @@ def build_indexer_cache(lens: list[int], page_size: int, dim: int, gen: torch.Ge
 def build_kv_cache(lens: list[int], page_size: int, dl: int, dr: int, gen: torch.Generator,
                    fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer of latent KV, bf16 [P, S, dl + dr] or fp8-layout uint8 rows; NaN where unwritten."""
-    from kvproof.kernels._common import kv_fp8_token_bytes, quantize_kv_fp8
+    from kvproof.kernels.common import kv_fp8_token_bytes, quantize_kv_fp8
 
     table, seq_lens, num_pages = random_page_table(lens, page_size, gen)
     if fp8:      # 0xFF is NaN as fp8, as fp32 scale and as bf16

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvproof.kernels._common import decode_queries, prefill_queries
+from kvproof.kernels.common import decode_queries, prefill_queries
 from kvproof.kernels.indexer import (indexer_scores, indexer_scores_ref, indexer_topk, query_tiles,
                                      select_topk)
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvproof.kernels._common import PagedLayout
+from kvproof.kernels.common import PagedLayout
 from kvproof.kernels.paged_copy import gather_pages, gather_pages_ref, scatter_pages
 from kvproof.kernels.topk import radix_topk
 
@@ -61,7 +61,7 @@ def test_radix_topk_takes_the_k_largest(rows, k, data):
 
 
 def test_empty_batches_launch_nothing_and_return_empty(gen):
-    from kvproof.kernels._common import kv_bf16_layout
+    from kvproof.kernels.common import kv_bf16_layout
     from kvproof.kernels.indexer import indexer_topk
     from kvproof.kernels.sparse_mla import sparse_mla_attention
 

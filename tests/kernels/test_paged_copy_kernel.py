@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvproof.kernels._common import (indexer_fp8_layout, indexer_views, kv_bf16_layout, kv_fp8_layout,
+from kvproof.kernels.common import (indexer_fp8_layout, indexer_views, kv_bf16_layout, kv_fp8_layout,
                                      write_indexer_keys)
 from kvproof.kernels.paged_copy import gather_pages, gather_pages_ref, scatter_pages, scatter_pages_ref
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvproof.kernels._common import decode_queries, prefill_queries
+from kvproof.kernels.common import decode_queries, prefill_queries
 from kvproof.kernels.sparse_mla import dense_mla_attention, mla_attention_ref, sparse_mla_attention
 
 from kernel_testing import DEVICE, build_kv_cache

@@ -1,4 +1,4 @@
-"""The LayerSplit plan: ownership, shape, fixed race-free, prefix refuted, the window proof's lemmas."""
+"""The LayerSplit plan: ownership, shape, fixed race-free, unfixed refuted, the window proof's lemmas."""
 from __future__ import annotations
 
 import pytest
@@ -45,7 +45,7 @@ def test_fixed_is_race_free_and_delivers(ownership: str, ranks: int, depth: int)
 
 
 def test_prefix_refuted_with_a_valid_witness() -> None:
-    plan = layersplit_plan(LayerSplitShape(2, 3, 2, "round_robin", "prefix"))
+    plan = layersplit_plan(LayerSplitShape(2, 3, 2, "round_robin", "unfixed"))
     vs = check_plan(plan)
     assert vs and {v.property for v in vs} == {"no_write_after_read"}
     v = vs[0]
@@ -56,9 +56,9 @@ def test_prefix_refuted_with_a_valid_witness() -> None:
     assert b[1] <= a[0]                                # the overwrite ends before the read starts
 
 
-def test_prefix_is_race_free_without_buffer_reuse() -> None:
+def test_unfixed_is_race_free_without_buffer_reuse() -> None:
     # contiguous R=2, L=3: rank 1 receives layers 0 and 1 only -- no buffer is reused
-    assert check_plan(layersplit_plan(LayerSplitShape(2, 3, 2, "contiguous", "prefix"))) == ()
+    assert check_plan(layersplit_plan(LayerSplitShape(2, 3, 2, "contiguous", "unfixed"))) == ()
 
 
 def test_tiny_plan_exhaustive_search_agrees() -> None:
@@ -67,9 +67,9 @@ def test_tiny_plan_exhaustive_search_agrees() -> None:
     ex = explore(fixed)
     assert ex.complete and ex.deadlocks == 0 and not ex.races
     assert ex.states == 112_433          # pinned: an unintended change to the plan or the machine fails loudly
-    prefix = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "prefix"))
-    ex = explore(prefix, max_states=60_000)             # search partially: races show up early
-    found = {(v.property, v.before, v.after) for v in check_plan(prefix)}
+    unfixed = layersplit_plan(LayerSplitShape(2, 3, 1, "contiguous", "unfixed"))
+    ex = explore(unfixed, max_states=60_000)             # search partially: races show up early
+    found = {(v.property, v.before, v.after) for v in check_plan(unfixed)}
     assert ex.races and set(ex.races) <= found
 
 
@@ -147,7 +147,7 @@ def test_window_proof() -> None:
     assert len(windows("fixed")) > 10
     for prop in ("no_read_before_ready", "no_write_after_read", "no_unordered_writes"):
         assert window_proof("fixed", prop)[0]
-    ok, why = window_proof("prefix", "no_write_after_read")
+    ok, why = window_proof("unfixed", "no_write_after_read")
     assert not ok and "may overtake" in why
     assert len(windows("writeback")) == len(windows("fixed")) + 1        # plus the window owned by rank 0
     for prop in ("no_read_before_ready", "no_write_after_read", "no_unordered_writes"):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kvproof.runtime.layersplit import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
+from kvproof.runtime.layersplit.pool import (LayerSplitConfig, LayerSplitPool, PlanRaceError, checked_plan,
                                         make_queries)
-from kvproof.runtime.layersplit_group import run_group, run_groups, run_unsplit
+from kvproof.runtime.layersplit.group import run_group, run_groups, run_unsplit
 
 CFG = LayerSplitConfig(layers=6, tokens=100, page_size=16, topk=24)
 QUERIES = 8
@@ -46,10 +46,10 @@ def test_unsplit_pool_owns_everything_and_has_no_staging(unsplit: dict) -> None:
 
 @pytest.mark.timeout(30)
 def test_prefix_plan_is_refused_before_it_runs() -> None:
-    bad = LayerSplitConfig(layers=6, tokens=32, variant="prefix", ownership="round_robin")
-    with pytest.raises(PlanRaceError, match="refusing plan layersplit/prefix/R=2.*recv"):
+    bad = LayerSplitConfig(layers=6, tokens=32, variant="unfixed", ownership="round_robin")
+    with pytest.raises(PlanRaceError, match="refusing plan layersplit/unfixed/R=2.*recv"):
         checked_plan(bad.shape(2))
-    assert checked_plan(bad.shape(2), allow_races=True).name.startswith("layersplit/prefix")
+    assert checked_plan(bad.shape(2), allow_races=True).name.startswith("layersplit/unfixed")
     checked_plan(bad.shape(1))                         # one rank: nothing to receive, nothing to race
 
 
@@ -93,14 +93,14 @@ def test_triton_kernel_path_matches_the_references() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_prefix_plan_visibly_corrupts_when_the_comm_stream_runs_ahead() -> None:
-    """Two-phase emulation on the spec machine: fixed stays exact under every schedule, prefix does not."""
+def test_unfixed_plan_visibly_corrupts_when_the_comm_stream_runs_ahead() -> None:
+    """Two-phase emulation on the spec machine: fixed stays exact under every schedule, unfixed does not."""
     base = LayerSplitConfig(layers=6, tokens=64, ownership="round_robin", topk=24, allow_races=True)
     ref = run_unsplit(base, 4)["out"]
     cfgs = [LayerSplitConfig(**{**base.__dict__, "variant": v, "schedule": s})
-            for v, s in (("fixed", "comm_ahead"), ("fixed", "random"), ("prefix", "comm_ahead"))]
-    fixed_ahead, fixed_random, prefix_ahead = (r["out"] for r in run_groups(cfgs, 2, 4))
+            for v, s in (("fixed", "comm_ahead"), ("fixed", "random"), ("unfixed", "comm_ahead"))]
+    fixed_ahead, fixed_random, unfixed_ahead = (r["out"] for r in run_groups(cfgs, 2, 4))
     assert torch.equal(fixed_ahead, ref) and torch.equal(fixed_random, ref)
-    bad = [l for l in range(base.layers) if not torch.equal(prefix_ahead[l], ref[l])]
+    bad = [l for l in range(base.layers) if not torch.equal(unfixed_ahead[l], ref[l])]
     # each receive of layer l + 2 lands in the buffer before attention[l] on the receiver reads it
     assert bad == [0, 1, 2, 3]

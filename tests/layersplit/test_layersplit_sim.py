@@ -6,7 +6,7 @@ from dataclasses import fields, replace
 import pytest
 import torch
 
-from kvproof.runtime.layersplit_sim import (LENGTHS, SOURCES, SimParams, bench_layersplit, calibrate_sessions,
+from kvproof.runtime.tools.layersplit_sim import (LENGTHS, SOURCES, SimParams, bench_layersplit, calibrate_sessions,
                                             capacity_tokens, layer_comm, sensitivity, simulate, token_bytes)
 
 pytestmark = pytest.mark.timeout(60)
@@ -17,7 +17,7 @@ def test_every_parameter_has_a_source() -> None:
 
 
 def test_table_covers_40k_to_120k_and_gain_grows_with_length() -> None:
-    rows = bench_layersplit(simulate=True)["rows"]
+    rows = bench_layersplit()["rows"]
     assert [r["context"] for r in rows] == list(LENGTHS)
     gains = [r["gain"] for r in rows]
     assert gains == sorted(gains) and gains[-1] > gains[0] > 0
@@ -26,7 +26,7 @@ def test_table_covers_40k_to_120k_and_gain_grows_with_length() -> None:
 
 
 def test_default_is_calibrated_to_the_published_40k_point() -> None:
-    assert abs(bench_layersplit(True)["rows"][0]["gain"] - 0.10) < 0.02
+    assert abs(bench_layersplit()["rows"][0]["gain"] - 0.10) < 0.02
     assert abs(calibrate_sessions() - SimParams().sessions) < 0.1
 
 
@@ -59,22 +59,23 @@ def test_errors_and_sensitivity() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 def test_measure_mode_needs_cuda() -> None:
+    from kvproof.runtime.tools.layersplit_bench import bench_overlap
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        bench_layersplit(simulate=False)
+        bench_overlap()
 
 
 def test_docs_table_is_the_simulators_output() -> None:
     from pathlib import Path
 
-    from kvproof.runtime.layersplit_sim import table_markdown
+    from kvproof.runtime.tools.layersplit_sim import table_markdown
     docs = Path(__file__).resolve().parents[2] / "docs" / "layersplit.md"
-    assert table_markdown(bench_layersplit(True)) in docs.read_text()
+    assert table_markdown(bench_layersplit()) in docs.read_text()
 
 
 def test_session_mix_spans_the_published_120k_point_and_the_docs_show_it() -> None:
     from pathlib import Path
 
-    from kvproof.runtime.layersplit_sim import PUBLISHED_GAIN, mix_sensitivity, mix_table_markdown
+    from kvproof.runtime.tools.layersplit_sim import PUBLISHED_GAIN, mix_sensitivity, mix_table_markdown
     rows = mix_sensitivity()
     assert all(abs(r["gains"][0] - PUBLISHED_GAIN[40_000]) < 0.02 for r in rows)     # each calibrated at 40k
     at_120k = [r["gains"][-1] for r in rows]

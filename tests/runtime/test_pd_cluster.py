@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from kvproof.runtime.pd_cluster import PDCluster
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.stress import run_stress
-from kvproof.runtime.stress_cli import add_stress_args, stress_main
+from kvproof.runtime.pd.cluster import PDCluster
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.tools.stress import run_stress
+from kvproof.runtime.tools.stress_cli import add_stress_args, stress_main
 
-# A small, hot configuration: many aborts and long write delays make the prefix race show up in 1000 requests.
+# A small, hot configuration: many aborts and long write delays make the unfixed race show up in 1000 requests.
 HOT = dict(requests=1000, abort_rate=0.3, delay_ms=5.0, concurrency=24, slots=16, writers=2)
 
 
 @pytest.mark.timeout(60)
-def test_stress_prefix_corrupts() -> None:
+def test_stress_unfixed_corrupts() -> None:
     """Pre-fix protocol: freed-at-abort slots receive stale writes, and decode reads foreign KV."""
-    r = run_stress(protocol="prefix", seed=1, **HOT)
+    r = run_stress(protocol="unfixed", seed=1, **HOT)
     assert r["corrupted"] > 0 and r["corrupted_bytes"] > 0, r
     assert r["foreign_landings"] > 0
     assert r["served"] + r["corrupted"] + r["aborted"] + r["failed"] == HOT["requests"]
@@ -73,7 +73,7 @@ def test_malformed_client_messages_are_counted_and_ignored() -> None:
         assert c._client is not None
         c._client.send({"type": "submit", "rid": -1, "n_tokens": 1})
         c._client.send({"type": "nonsense"})
-        c._client.send({"type": "cancel"})
+        c._client.send({"type": "client_abort"})
         c.submit(7, 3)
         res = c.next_result(timeout=10)
         assert res is not None and res.rid == 7 and res.status == "served"
@@ -115,21 +115,21 @@ def test_stress_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.timeout(90)
 def test_compare_runs_both_protocols_in_halves() -> None:
-    """run_compare: prefix and fixed reports (two halves each, merged) and the throughput ratio."""
-    from kvproof.runtime.stress import run_compare
+    """run_compare: unfixed and fixed reports (two halves each, merged) and the throughput ratio."""
+    from kvproof.runtime.tools.stress import run_compare
 
     out = run_compare(requests=201, abort_rate=0.2, seed=5)
-    assert out["prefix"]["requests"] == out["fixed"]["requests"] == 201
+    assert out["unfixed"]["requests"] == out["fixed"]["requests"] == 201
     assert out["fixed"]["corrupted"] == 0 and out["fixed"]["all_slots_free"]
-    assert out["prefix"]["seed"] == out["fixed"]["seed"] == [5, 6]
-    assert out["throughput_ratio_fixed_over_prefix"] > 0
+    assert out["unfixed"]["seed"] == out["fixed"]["seed"] == [5, 6]
+    assert out["throughput_ratio_fixed_over_unfixed"] > 0
     assert out["fixed"]["reclaim_latency_ms"]["n"] == out["fixed"]["slots_reclaimed"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("protocol", ["fixed", "prefix"])
+@pytest.mark.parametrize("protocol", ["fixed", "unfixed"])
 def test_transfer_timeouts_alone(protocol: str) -> None:
-    """Decode-side timeouts with slow writes and no client aborts: failed with the reason; only prefix corrupts."""
+    """Decode-side timeouts with slow writes and no client aborts: failed with the reason; only unfixed corrupts."""
     r = run_stress(protocol=protocol, requests=400, abort_rate=0.0, delay_ms=20.0, transfer_timeout_s=0.05, seed=4)
     assert r["failed"] > 0 and all(k.startswith("transfer timeout") for k in r["failure_reasons"]), r
     assert r["all_slots_free"] and r["slots_reclaimed"] == r["failed"]

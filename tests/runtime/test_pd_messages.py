@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvproof.runtime.kv_pool import KVPool, expected_kv, kv_chunk, offset
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import (
-    MESSAGE_TYPES, Abort, Alloc, Cancel, Done, MessageError, Ready, Result, Safe, Shutdown, Stats, Submit,
+from kvproof.runtime.pd.kv_pool import KVPool, expected_kv, kv_chunk, offset
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
+    MESSAGE_TYPES, Abort, Alloc, ClientAbort, Done, MessageError, Ready, Result, Safe, Shutdown, Stats, Submit,
     decode_message, encode, from_emission,
 )
 from kvproof.spec.machine import Emission
 
 
 @pytest.mark.parametrize("msg", [
-    Alloc(3, 1, 7, 42, 16), Abort(0, 0, 1), Done(2, 1, 9), Safe(5, 0, 2), Submit(1, 8), Cancel(4), Shutdown(),
+    Alloc(3, 1, 7, 42, 16), Abort(0, 0, 1), Done(2, 1, 9), Safe(5, 0, 2), Submit(1, 8), ClientAbort(4), Shutdown(),
     Result(1, "served", None, 3, 0.25), Result(2, "failed", "transfer timeout", None, 1.0, 0),
     Ready([["127.0.0.1", 1]], [["127.0.0.1", 2]]), Stats({"served": 3}),
 ])
@@ -62,7 +62,7 @@ def test_from_emission() -> None:
 
 def test_config_validation_and_json() -> None:
     """Bad values are named; to_json/from_json round-trip; unknown keys are refused."""
-    cfg = PDConfig(variant="prefix", slots=3, writers=2, bytes_per_token=32, delay_ms=None)
+    cfg = PDConfig(variant="unfixed", slots=3, writers=2, bytes_per_token=32, delay_ms=None)
     assert PDConfig.from_json(cfg.to_json()) == cfg
     assert cfg.faults(0) is None and PDConfig().faults(1).seed != PDConfig().faults(0).seed
     with pytest.raises(ValueError, match="variant='other'"):

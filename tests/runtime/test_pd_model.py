@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import precondition
 
-from kvproof.runtime.decode_worker import DecodeWorker, Request
-from kvproof.runtime.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Abort, Alloc, Done, Message, Result, Safe
-from kvproof.runtime.prefill_worker import PrefillRank
+from kvproof.runtime.pd.decode_worker import DecodeWorker, Request
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Safe
+from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import Completion, Status, loopback_pair
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import Emission
@@ -81,7 +81,7 @@ class RuntimeSUT:
         elif action in ("start_decode", "finish", "timeout", "reclaim"):
             getattr(d, action)(s)
         elif action == "abort":
-            d.cancel(d.by_slot[s].rid)
+            d.abort(d.by_slot[s].rid)
         elif action == "on_peer_dead":
             d.peer_dead(s, w)
         elif action == "p_on_alloc":
@@ -177,7 +177,7 @@ def _machine(variant: str, slots: int, writers: int, chunks: int) -> Any:
         "abort": precondition(lambda self: self.steps % 3 == 2)(base.abort),
         "timeout": precondition(lambda self: self.steps % 5 == 4)(base.timeout),
     }
-    if variant == "prefix":                      # the prefix variant violates the properties by design
+    if variant == "unfixed":                      # the unfixed variant violates the properties by design
         body["properties_hold"] = lambda self: None
     cls = type(f"{base.__name__}_Rationed", (base,), body)
     cls.TestCase.settings = SETTINGS
@@ -195,7 +195,7 @@ def test_runtime_matches_spec_fixed(slots: int, writers: int, chunks: int) -> No
 @pytest.mark.parametrize("slots,writers,chunks", [(1, 1, 2), (2, 1, 1)])
 def test_runtime_matches_spec_prefix(slots: int, writers: int, chunks: int) -> None:
     """Prefix variant: the runtime agrees with the model, including which slots get foreign writes."""
-    _machine("prefix", slots, writers, chunks).TestCase().runTest()
+    _machine("unfixed", slots, writers, chunks).TestCase().runTest()
 
 
 def test_sut_rejects_unknown_message_kind() -> None:

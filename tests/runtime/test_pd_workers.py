@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from kvproof.runtime.decode_worker import DecodeWorker
-from kvproof.runtime.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd_config import PDConfig
-from kvproof.runtime.pd_messages import Message, Result
-from kvproof.runtime.prefill_worker import PrefillRank
+from kvproof.runtime.pd.decode_worker import DecodeWorker
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Message, Result
+from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import loopback_pair
 from kvproof.spec.kv_slot import DState
 
@@ -100,19 +100,19 @@ def test_abort_before_a_slot() -> None:
     rig.decode.submit(1, 2)
     rig.decode.submit(2, 2)
     fired = rig.decode.stats["fired"]
-    rig.decode.cancel(2)
+    rig.decode.abort(2)
     assert rig.results[2].status == "aborted" and "before a slot" in rig.results[2].reason
     assert rig.decode.stats["fired"] == fired
     rig.settle()
     assert rig.results[1].status == "served" and rig.free() == 1
 
 
-@pytest.mark.parametrize("variant", ["fixed", "prefix"])
+@pytest.mark.parametrize("variant", ["fixed", "unfixed"])
 def test_abort_before_prefill_heard(variant: str) -> None:
     """Abort while Alloc is still on the wire: the rank answers safe at once (p_on_alloc then p_on_abort)."""
     rig = Rig(variant)
     rig.decode.submit(1, 3)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     assert rig.results[1].status == "aborted"
     assert rig.free() == (1 if variant == "fixed" else 2)
     rig.settle()
@@ -125,7 +125,7 @@ def test_abort_with_writes_in_flight_waits_for_safe() -> None:
     rig.decode.submit(1, 4)
     rig.deliver()                                   # both ranks posted layer 0 and 1
     assert all(len(p.pending()) == 2 for p, _ in rig.links)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.decode.submit(2, 4)                         # must wait: the only slot is aborting
     rig.deliver()
     assert rig.decode.inst.get("d_state", 0) == DState.ABORTING and 2 not in rig.results
@@ -139,13 +139,13 @@ def test_abort_with_writes_in_flight_waits_for_safe() -> None:
     assert rig.decode.stats["slots_reclaimed"] == 1 and rig.free() == 1
 
 
-@pytest.mark.parametrize("variant,corrupt", [("prefix", True), ("fixed", False)])
+@pytest.mark.parametrize("variant,corrupt", [("unfixed", True), ("fixed", False)])
 def test_slot_reuse_race(variant: str, corrupt: bool) -> None:
     """The post-mortem race: a stale write of an aborted request lands after the slot's next owner's KV."""
     rig = Rig(variant, slots=1, writers=1)
     rig.decode.submit(1, 4)
     rig.deliver()                                   # rank 0 posted both layers of request 1 (epoch 1)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.decode.submit(2, 4)
     rig.deliver()
     # the new owner's writes (epoch 2) land first, the stale epoch-1 writes after them, before decode reads
@@ -166,7 +166,7 @@ def test_abort_while_decoding() -> None:
     rig.settle()
     s = next(iter(rig.decode.by_slot))
     assert rig.decode.inst.get("d_state", s) == DState.READY
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.settle()
     assert rig.results[1].status == "aborted" and rig.free() == 2
 
@@ -180,7 +180,7 @@ def test_abort_after_one_rank_done() -> None:
     rig.complete()
     rig.deliver()
     assert rig.decode.inst.get("done_from", 1, 0) or rig.decode.inst.get("done_from", 0, 0)
-    rig.decode.cancel(1)
+    rig.decode.abort(1)
     rig.settle()
     assert rig.results[1].status == "aborted" and rig.free() == 2 and rig.decode.idle()
 

@@ -8,9 +8,9 @@ import os
 import random
 from typing import AsyncIterator, Callable
 
-from kvproof.runtime.engine import EngineConfig, LocalEngine
-from kvproof.runtime.model_config import preset
-from kvproof.runtime.server import start_server
+from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
+from kvproof.runtime.model.config import preset
+from kvproof.runtime.serving.server import start_server
 
 # The LayerSplit tests' model: four layers, so 2, 3 or 4 ranks each own a share (2 ranks: 2 + 2,
 # 3 ranks: 2 + 1 + 1).

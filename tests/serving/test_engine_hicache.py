@@ -11,8 +11,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import serving, wait_for
-from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.hicache import PlanRaceError
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.hicache.pages import PlanRaceError
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 
@@ -103,8 +103,8 @@ def test_evict_and_reload_is_bit_identical(reference: tuple) -> None:
 def test_prefix_plan_reads_stale_indexer_cache(reference: tuple) -> None:
     prompts, ref = reference
     with pytest.raises(PlanRaceError, match="no_read_before_ready|indexer"):
-        EngineCore(_tiered(host_cache_variant="prefix"))          # refused without allow_races
-    core = EngineCore(_tiered(host_cache_variant="prefix", host_cache_allow_races=True))
+        EngineCore(_tiered(host_cache_variant="unfixed"))          # refused without allow_races
+    core = EngineCore(_tiered(host_cache_variant="unfixed", host_cache_allow_races=True))
     out = _run(core, prompts)
     st = core.stats()
     assert st["hicache_swap_ins_total"] > 0
@@ -115,7 +115,7 @@ def test_prefix_plan_reads_stale_indexer_cache(reference: tuple) -> None:
 
 @pytest.mark.timeout(60)
 def test_host_tier_metrics_and_cli() -> None:
-    from kvproof.runtime.serve_cli import add_serve_args, engine_config
+    from kvproof.runtime.serving.serve_cli import add_serve_args, engine_config
     p = argparse.ArgumentParser()
     add_serve_args(p)
     assert engine_config(p.parse_args([])).host_cache_pages == 0
@@ -185,9 +185,9 @@ def test_random_aborts_chunking_and_host_drops(seed: int) -> None:
 @pytest.mark.timeout(60)
 def test_pd_prefill_side_exports_identical_kv(reference: tuple) -> None:
     """The PD prefill rank's core (prefix cache + host tier) exports the same KV bytes as without a host tier."""
-    from kvproof.runtime.pd_config import PDConfig
-    from kvproof.runtime.pd_messages import Alloc
-    from kvproof.runtime.pd_model_worker import PrefillModel
+    from kvproof.runtime.pd.config import PDConfig
+    from kvproof.runtime.pd.messages import Alloc
+    from kvproof.runtime.pd.model_worker import PrefillModel
     prompts, _ = reference
 
     def export(ecfg: EngineConfig) -> tuple[list, dict]:

@@ -12,11 +12,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import MODEL4, layersplit_cfg, serving, shared_prefix_prompts, wait_for
-from kvproof.runtime.engine import (EngineConfig, EngineCore, GenerationRequest, LocalEngine, SamplingParams,
+from kvproof.runtime.serving.engine import (EngineConfig, EngineCore, GenerationRequest, LocalEngine, SamplingParams,
                                     TokenEvent, generate_reference)
-from kvproof.runtime.layersplit import PlanRaceError
-from kvproof.runtime.model_layersplit import engine_shape
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.layersplit.pool import PlanRaceError
+from kvproof.runtime.layersplit.split_cache import engine_shape
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -136,19 +136,19 @@ def test_triton_backend_with_layersplit_broadcasts_the_fp8_indexer_pages() -> No
 def test_a_receive_that_lands_nothing_is_visible(reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
                                                  ) -> None:
     """The tests above are sensitive: if rank 0's receives never land, its outputs change."""
-    from kvproof.runtime import model_layersplit
+    from kvproof.runtime.layersplit import split_cache
 
     def lands_nothing(self: object) -> None:
         if self.work is not None:                                            # type: ignore[attr-defined]
             self.work.wait()                                                 # type: ignore[attr-defined]
             self.work = None                                                 # type: ignore[attr-defined]
-    monkeypatch.setattr(model_layersplit._Landing, "wait", lands_nothing)
+    monkeypatch.setattr(split_cache._Landing, "wait", lands_nothing)
     got = generate_reference(layersplit_cfg(layersplit=2, layersplit_depth=1), shared_prefix_prompts(6)[:2], PARAMS)
     assert got != reference[:2]
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("variant,race", [("prefix", "recv_idx[2]@r1"), ("no_owner_wait", "indexer[0]@r0")])
+@pytest.mark.parametrize("variant,race", [("unfixed", "recv_idx[2]@r1"), ("no_owner_wait", "indexer[0]@r0")])
 def test_racy_plans_are_refused_before_any_rank_starts(variant: str, race: str) -> None:
     before = set(multiprocessing.active_children())
     with pytest.raises(PlanRaceError, match=rf"refusing plan layersplit/.*R=2/L=4.*{race.replace('[', '.')}"):
@@ -158,7 +158,7 @@ def test_racy_plans_are_refused_before_any_rank_starts(variant: str, race: str) 
 
 @pytest.mark.timeout(30)
 def test_bad_layersplit_settings_name_the_problem() -> None:
-    from kvproof.runtime.serve_cli import add_serve_args, engine_config
+    from kvproof.runtime.serving.serve_cli import add_serve_args, engine_config
     assert engine_shape(layersplit_cfg(), 4) is None
     shape = engine_shape(layersplit_cfg(layersplit=2), 4)
     assert shape is not None and shape.writeback and shape.owner_wait and shape.variant == "fixed"

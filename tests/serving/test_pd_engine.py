@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 
 from serving_testing import wait_for
-from kvproof.runtime.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
-from kvproof.runtime.server import start_server
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.serving.server import start_server
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 MAX_TOKENS = 16
@@ -144,10 +144,10 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("protocol", ["fixed", "prefix"])
-def test_pd_engine_slot_reuse_race_garbles_outputs_only_in_prefix(protocol: str) -> None:
+@pytest.mark.parametrize("protocol", ["fixed", "unfixed"])
+def test_pd_engine_slot_reuse_race_garbles_outputs_only_in_unfixed(protocol: str) -> None:
     """The post-mortem's bug with the real model: aborts while KV is in flight (20 ms mean write delay),
-    two slots reused at once. prefix: late writes land in the next owner's slot and garble its output;
+    two slots reused at once. unfixed: late writes land in the next owner's slot and garble its output;
     fixed: every completed output equals the reference."""
     prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n" * 3) for i in range(10)]
     params = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -186,7 +186,7 @@ def test_pd_engine_slot_reuse_race_garbles_outputs_only_in_prefix(protocol: str)
         assert garbled == 0 and st["kv_foreign_landings_total"] == 0
         assert st["slots_reclaimed_total"] >= 1 and st["reclaim_latency_seconds_sum"] > 0
     else:
-        assert st["kv_foreign_landings_total"] > 0 and garbled >= 1, "prefix frees slots with writes in flight"
+        assert st["kv_foreign_landings_total"] > 0 and garbled >= 1, "unfixed frees slots with writes in flight"
 
 
 @pytest.mark.timeout(60)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from serving_testing import MODEL4, alive, children, cmdline, layersplit_cfg, shared_prefix_prompts, wait_for
-from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.model_cache import KVCache
-from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
-from kvproof.runtime.scheduler import Sequence
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.serving.scheduler import Sequence
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -110,7 +110,7 @@ def test_pd_engine_with_layersplit_prefill_ranks_equals_reference() -> None:
 @pytest.mark.timeout(30)
 def test_layersplit_settings_with_the_pd_engine() -> None:
     """`kvproof serve --layersplit 2` selects the PD engine; unsupported combinations are named."""
-    from kvproof.runtime.serve_cli import add_serve_args, build_engine
+    from kvproof.runtime.serving.serve_cli import add_serve_args, build_engine
     p = argparse.ArgumentParser()
     add_serve_args(p)
     engine = build_engine(p.parse_args(["--layersplit", "2"]))

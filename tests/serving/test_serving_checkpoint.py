@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvproof.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.model_config import preset
-from kvproof.runtime.model_init import seeded_model
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.model.config import preset
+from kvproof.runtime.model.weights import seeded_model
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 CFG = preset("tiny").replace(seed=7)
 

@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 
 from serving_testing import serving, wait_for
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.pd_engine import PDEngine, PDEngineConfig, wait_idle
-from kvproof.runtime.server import start_server
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
+from kvproof.runtime.serving.server import start_server
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 N_REQUESTS = 240

@@ -5,7 +5,7 @@ import argparse
 import asyncio
 
 from serving_testing import serving, wait_for
-from kvproof.runtime.loadgen import add_loadgen_args, run_loadgen
+from kvproof.runtime.tools.loadgen import add_loadgen_args, run_loadgen
 
 
 def test_loadgen_report() -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.model import DSAModel
-from kvproof.runtime.model_cache import KVCache, PagePool
-from kvproof.runtime.model_config import ModelConfig, preset
-from kvproof.runtime.model_init import seeded_model
-from kvproof.runtime.model_runner import ModelRunner
-from kvproof.runtime.scheduler import Sequence
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.model.decoder import DSAModel
+from kvproof.runtime.model.cache import KVCache, PagePool
+from kvproof.runtime.model.config import ModelConfig, preset
+from kvproof.runtime.model.weights import seeded_model
+from kvproof.runtime.serving.model_runner import ModelRunner
+from kvproof.runtime.serving.scheduler import Sequence
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 # The Triton backend runs natively on a GPU and under the interpreter (TRITON_INTERPRET=1) on the CPU.

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams
-from kvproof.runtime.monitor import MonitorConfig, RequestMonitor
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams
+from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.core import ProtocolViolation
 from kvproof.spec.machine import Instance
-from kvproof.spec.spec_monitor import PROPERTIES, AcceptMonitor, Phase, monitor_protocol
+from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor, Phase, monitor_protocol
 from kvproof.verify.checks_monitor import _check
 from kvproof.verify.verdict import Status
 

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_testing import alive, children, serving, wait_for
-from kvproof.runtime.engine import EngineConfig, SamplingParams, generate_reference
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 MODEL = "kvproof-tiny"
@@ -180,20 +180,20 @@ def test_metrics_parse_and_add_up() -> None:
 def test_serve_cli_arguments() -> None:
     import argparse
 
-    from kvproof.runtime.serve_cli import add_serve_args, build_engine, engine_config
+    from kvproof.runtime.serving.serve_cli import add_serve_args, build_engine, engine_config
     p = argparse.ArgumentParser()
     add_serve_args(p)
     args = p.parse_args([])
     assert (args.host, args.port, args.model, args.engine) == ("127.0.0.1", 8000, "tiny", "pd")
-    from kvproof.runtime.engine import LocalEngine
-    from kvproof.runtime.pd_engine import PDEngine
+    from kvproof.runtime.serving.engine import LocalEngine
+    from kvproof.runtime.pd.engine import PDEngine
     eng = build_engine(args)          # the default: a router plus one prefill and one decode worker
     assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 1 and eng.cluster is None
     assert isinstance(build_engine(p.parse_args(["--engine", "local"])), LocalEngine)
     cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
     assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
-    eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "prefix"]))
-    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "prefix"
+    eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "unfixed"]))
+    assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 2 and eng.pd_cfg.variant == "unfixed"
     with pytest.raises(ValueError, match="writers=3"):               # 640-byte KV token: not 3 x 8-byte words
         build_engine(p.parse_args(["--engine", "pd", "--writers", "3"]))
 

@@ -1,10 +1,10 @@
 """Speculative decoding with the MTP head is lossless: the same greedy tokens as plain decoding."""
 from __future__ import annotations
 
-from kvproof.runtime.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.monitor import MonitorConfig
-from kvproof.runtime.scheduler import Sequence
-from kvproof.runtime.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.serving.monitor import MonitorConfig
+from kvproof.runtime.serving.scheduler import Sequence
+from kvproof.runtime.model.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 PROMPTS = [TOK.encode(p) for p in ("def fib(n):", "x", "The quick brown fox jumps over " * 3,

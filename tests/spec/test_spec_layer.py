@@ -92,7 +92,7 @@ def test_concrete_and_symbolic_evaluation_agree_on_every_reachable_state():
 @pytest.mark.parametrize("params,variant,expected", [
     ({"slots": 1, "writers": 1, "max_epoch": 1, "max_chunks": 1}, "fixed", 112),
     ({"slots": 2, "writers": 1, "max_epoch": 1, "max_chunks": 1}, "fixed", 3336),
-    ({"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1}, "prefix", 1132),
+    ({"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1}, "unfixed", 1132),
 ])
 def test_pinned_reachable_state_counts(params, variant, expected):
     """Stateright-style: an unintended change to the model changes these numbers loudly."""
@@ -101,7 +101,7 @@ def test_pinned_reachable_state_counts(params, variant, expected):
 
 def test_symmetry_reduction_preserves_verdicts():
     p = {"slots": 2, "writers": 1, "max_epoch": 1, "max_chunks": 1}
-    full, sym = explore(KVSlot, "prefix", p), explore(KVSlot, "prefix", p, symmetry="slot")
+    full, sym = explore(KVSlot, "unfixed", p), explore(KVSlot, "unfixed", p, symmetry="slot")
     assert sym.states < full.states
     assert set(full.violations) == set(sym.violations) == {"no_write_into_free_slot"}
 
@@ -115,7 +115,7 @@ def test_layout_labels_and_initial_state():
     assert evaluate(lay, lay.initial(), KVSlot.actions["alloc"], {"s": 0}, CONCRETE, "fixed").writes
 
 
-@pytest.mark.parametrize("variant", ["fixed", "prefix"])
+@pytest.mark.parametrize("variant", ["fixed", "unfixed"])
 def test_compiled_successors_equal_the_interpreted_ones(variant):
     """The compiled fast path is the same definition: identical successors on every reachable state."""
     from kvproof.spec.compiled import Compiled

@@ -14,7 +14,7 @@ from kvproof.verify.stream_audit import audit_streams
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
     out = {}
-    for variant in ("fixed", "prefix"):
+    for variant in ("fixed", "unfixed"):
         p = tmp_path / f"{variant}.json"
         p.write_text(plan_dumps(hicache_plan(2, variant)))
         out[variant] = str(p)
@@ -27,13 +27,13 @@ def files(tmp_path: Path) -> dict[str, str]:
 def test_text(files: dict[str, str]) -> None:
     code, out = audit_streams(files["fixed"])
     assert code == 0 and "no races" in out
-    code, out = audit_streams(files["prefix_trace"])
+    code, out = audit_streams(files["unfixed_trace"])
     assert code == 1 and "2 race(s)" in out and "witness schedule" in out
-    assert f"{files['prefix_trace']}:8" in out          # line of indexer[0] in the trace (header is line 1)
+    assert f"{files['unfixed_trace']}:8" in out          # line of indexer[0] in the trace (header is line 1)
 
 
 def test_json(files: dict[str, str]) -> None:
-    code, out = audit_streams(files["prefix"], "json")
+    code, out = audit_streams(files["unfixed"], "json")
     doc = json.loads(out)
     assert code == 1 and not doc["ok"] and len(doc["races"]) == 2
     r = doc["races"][0]
@@ -42,7 +42,7 @@ def test_json(files: dict[str, str]) -> None:
 
 
 def test_sarif(files: dict[str, str]) -> None:
-    code, out = audit_streams(files["prefix"], "sarif")
+    code, out = audit_streams(files["unfixed"], "sarif")
     doc = json.loads(out)
     assert code == 1 and doc["version"] == "2.1.0"
     run = doc["runs"][0]
@@ -75,7 +75,7 @@ def test_unresolved_wait_is_warned(tmp_path: Path) -> None:
 
 
 def test_recorded_times_say_whether_the_race_happened(tmp_path: Path) -> None:
-    plan = hicache_plan(1, "prefix")
+    plan = hicache_plan(1, "unfixed")
     i_read, i_write = plan.op_index("indexer[0]"), plan.op_index("load_idx[0]")
     for times, seen, words in [({i_write: (0, 5), i_read: (1, 2)}, True, "shows it happening"),
                                ({i_write: (0, 1), i_read: (2, 3)}, False, "latent")]:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 
 from stream_plans import tiny_plans
-from kvproof.runtime.stream_exec import emulate, run_sync
+from kvproof.runtime.streams.executor import emulate, run_sync
 from kvproof.spec.hicache_plan import hicache_plan
 from kvproof.spec.streams import Op, Plan, check_plan
 
@@ -45,7 +45,7 @@ def _toy(plan: Plan, seed: int = 0) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_prefix_plan_adversarial_reads_stale_indexer_cache(seed: int) -> None:
-    plan = hicache_plan(LAYERS, "prefix")
+    plan = hicache_plan(LAYERS, "unfixed")
     impls, d = _toy(plan, seed)
     res = emulate(plan, impls, "adversarial", seed)
     wrong = [l for l in range(LAYERS) if not torch.equal(d["out"][l], d["ref"][l])]
@@ -65,14 +65,14 @@ def test_fixed_plan_always_matches_reference(policy: str, seed: int) -> None:
 
 
 def test_sync_reference_matches() -> None:
-    plan = hicache_plan(LAYERS, "prefix")
+    plan = hicache_plan(LAYERS, "unfixed")
     impls, d = _toy(plan)
     run_sync(plan, impls)
     assert all(torch.equal(d["out"][l], d["ref"][l]) for l in range(LAYERS))
 
 
 def test_random_schedules_eventually_expose_prefix() -> None:
-    plan = hicache_plan(LAYERS, "prefix")
+    plan = hicache_plan(LAYERS, "unfixed")
     seen = 0
     for seed in range(20):
         impls, d = _toy(plan, seed)

@@ -16,13 +16,14 @@ L, P, D, I = 4, 16, 64, 32
 
 
 def _cache(variant: str = "fixed"):
-    from kvproof.runtime.hicache import HiCache, HiCacheConfig
+    from kvproof.runtime.hicache.cache import HiCache
+    from kvproof.runtime.hicache.pages import HiCacheConfig
     return HiCache(HiCacheConfig(layers=L, page_size=P, kv_dim=D, idx_dim=I, device_pages=16, host_pages=64,
-                                 topk=32, device="cuda", variant=variant, allow_races=variant == "prefix"))
+                                 topk=32, device="cuda", variant=variant, allow_races=variant == "unfixed"))
 
 
 def test_cuda_reload_bit_identical_and_forward_matches() -> None:
-    from kvproof.runtime.hicache import reference_forward
+    from kvproof.runtime.hicache.cache import reference_forward
     c = _cache()
     assert c.host_kv.is_pinned()
     g = torch.Generator().manual_seed(0)
@@ -43,10 +44,11 @@ def test_cuda_reload_bit_identical_and_forward_matches() -> None:
 
 _CSAN_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from kvproof.runtime.hicache import HiCache, HiCacheConfig
+    from kvproof.runtime.hicache.cache import HiCache
+    from kvproof.runtime.hicache.pages import HiCacheConfig
     v = sys.argv[1]
     c = HiCache(HiCacheConfig(layers=2, page_size=16, kv_dim=64, idx_dim=32, device_pages=8, host_pages=16,
-                              topk=8, device="cuda", variant=v, allow_races=v == "prefix"))
+                              topk=8, device="cuda", variant=v, allow_races=v == "unfixed"))
     toks = list(range(64))
     c.insert(toks, torch.randn(2, 64, 64, device="cuda"), torch.randn(2, 64, 32, device="cuda"))
     c.evict()
@@ -57,7 +59,7 @@ _CSAN_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("variant, expect_race", [("prefix", True), ("fixed", False)])
+@pytest.mark.parametrize("variant, expect_race", [("unfixed", True), ("fixed", False)])
 def test_cuda_sanitizer_flags_prefix_only(variant: str, expect_race: bool) -> None:
     env = dict(os.environ, TORCH_CUDA_SANITIZER="1")
     p = subprocess.run([sys.executable, "-c", _CSAN_SCRIPT, variant], env=env, capture_output=True, text=True,

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from kvproof.runtime.hicache import CacheFullError, HiCache, HiCacheConfig, PlanRaceError, reference_forward
+from kvproof.runtime.hicache.cache import HiCache, reference_forward
+from kvproof.runtime.hicache.pages import CacheFullError, HiCacheConfig, PlanRaceError
 from kvproof.spec.stream_json import plan_loads
 
 L, P, D, I = 3, 4, 16, 8
@@ -126,8 +127,8 @@ def test_fixed_forward_matches_reference_after_swap_in(schedule: str, seed: int)
 
 def test_prefix_variant_is_refused_unless_allowed_and_then_corrupts() -> None:
     with pytest.raises(PlanRaceError, match="indexer\\[0\\].*load_idx\\[0\\]"):
-        HiCache(_cfg(variant="prefix")).load([1, 2, 3, 4])
-    c = HiCache(_cfg(variant="prefix", allow_races=True, schedule="adversarial", poison=float("nan")))
+        HiCache(_cfg(variant="unfixed")).load([1, 2, 3, 4])
+    c = HiCache(_cfg(variant="unfixed", allow_races=True, schedule="adversarial", poison=float("nan")))
     toks, kv, idx = _seq(0, 8 * P, 9)
     c.insert(toks, kv, idx)
     c.evict()
@@ -156,13 +157,13 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_runtime_never_imports_verify() -> None:
-    code = ("import sys, kvproof.runtime.hicache, kvproof.runtime.stream_exec, kvproof.runtime.hicache_bench; "
+    code = ("import sys, kvproof.runtime.hicache.cache, kvproof.runtime.streams.executor, kvproof.runtime.tools.hicache_bench; "
             "bad = [m for m in sys.modules if m.startswith('kvproof.verify') or m == 'z3']; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_bench_quick_runs_on_cpu() -> None:
-    from kvproof.runtime.hicache_bench import bench_hicache
+    from kvproof.runtime.tools.hicache_bench import bench_hicache
     r = bench_hicache(quick=True)
     if not torch.cuda.is_available():
         assert r["device"] == "cpu" and r["hidden_fraction"] == 0.0

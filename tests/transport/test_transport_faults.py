@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvproof.runtime.channel import Channel
+from kvproof.runtime.transport.control import Channel
 from kvproof.runtime.transport import FaultConfig, Status, TcpListener, TcpTransport
 from kvproof.runtime.transport.faults import FaultInjector
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvproof.runtime import channel
+from kvproof.runtime.transport import control
 from kvproof.runtime.transport.frames import (
     HEADER, MAX_ACKS, FrameError, FrameType, Header, decode_acks, decode_header, encode_acks, encode_header,
 )
@@ -40,18 +40,18 @@ def test_ack_payload_round_trips(ids):
 
 
 @settings(max_examples=300, deadline=None)
-@given(raw=st.binary(min_size=channel.HEADER.size, max_size=channel.HEADER.size), payload=st.binary(max_size=64))
+@given(raw=st.binary(min_size=control.HEADER.size, max_size=control.HEADER.size), payload=st.binary(max_size=64))
 def test_random_channel_bytes_decode_or_raise_channel_error(raw, payload):
     try:
-        channel.decode_header(raw, 1024)
-        channel.decode_message(payload)
-    except channel.ChannelError as e:
+        control.decode_header(raw, 1024)
+        control.decode_message(payload)
+    except control.ChannelError as e:
         assert str(e).startswith(("malformed frame:", "malformed message:"))
 
 
 @given(msg=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5) | st.none(), max_size=4))
 def test_channel_message_round_trips(msg):
     msg = {**msg, "type": "t"}
-    frame = channel.encode_frame(channel.Kind.MSG, msg)
-    kind, length = channel.decode_header(frame[: channel.HEADER.size], 1 << 20)
-    assert kind is channel.Kind.MSG and channel.decode_message(frame[channel.HEADER.size :]) == msg
+    frame = control.encode_frame(control.Kind.MSG, msg)
+    kind, length = control.decode_header(frame[: control.HEADER.size], 1 << 20)
+    assert kind is control.Kind.MSG and control.decode_message(frame[control.HEADER.size :]) == msg

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kvproof.runtime.stress import run_stress
+from kvproof.runtime.tools.stress import run_stress
 from kvproof.verify.trace_audit import audit
 
 
@@ -32,8 +32,8 @@ def test_fixed_stress_trace_passes_and_a_damaged_copy_fails_at_the_damaged_line(
 
 
 @pytest.mark.timeout(120)
-def test_prefix_stress_trace_fails_at_a_foreign_landing(tmp_path):
-    rep = run_stress("prefix", requests=400, abort_rate=0.3, seed=3, slots=4, writers=1,
+def test_unfixed_stress_trace_fails_at_a_foreign_landing(tmp_path):
+    rep = run_stress("unfixed", requests=400, abort_rate=0.3, seed=3, slots=4, writers=1,
                      trace_dir=str(tmp_path))
     res = audit([str(tmp_path)])
     if rep["corrupted"] or rep.get("foreign_landings"):

@@ -11,7 +11,7 @@ def kvproof(*args, timeout=120):
 
 
 def test_prove_json_junit_sarif(tmp_path):
-    r = kvproof("prove", "--json", "--protocol", "kv_slot", "--variant", "prefix",
+    r = kvproof("prove", "--json", "--protocol", "kv_slot", "--variant", "unfixed",
                 "--junit", str(tmp_path / "j.xml"), "--sarif", str(tmp_path / "s.sarif"))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -23,9 +23,9 @@ def test_prove_json_junit_sarif(tmp_path):
 
 
 def test_prove_text_shows_the_counterexample():
-    r = kvproof("prove", "--protocol", "kv_slot", "--variant", "prefix")
+    r = kvproof("prove", "--protocol", "kv_slot", "--variant", "unfixed")
     assert r.returncode == 0
-    assert "REFUTED kv_slot/prefix/no_cross_request_write" in r.stdout and "land(s=0, w=0" in r.stdout
+    assert "REFUTED kv_slot/unfixed/no_cross_request_write" in r.stdout and "land(s=0, w=0" in r.stdout
 
 
 def test_unknown_names_are_clear_errors():

@@ -4,11 +4,11 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.spec_monitor import AcceptMonitor
+from kvproof.spec.specdec_monitor import AcceptMonitor
 from kvproof.verify.hunt import enabled_fractions, hunter_for, rarity_weights
 from kvproof.spec.compiled import Compiled
 
-UNFIXED = "unfixed" if "unfixed" in KVSlot.variants else "prefix"
+UNFIXED = "unfixed"      # the pre-fix variant
 W2 = {"slots": 1, "writers": 2, "max_epoch": 2, "max_chunks": 2}
 
 # Deterministic (derandomized, no example database) and cheap: no shrinking, a modest budget.

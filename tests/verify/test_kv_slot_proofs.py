@@ -34,7 +34,7 @@ def test_fixed_is_inductive_only_with_its_strengthening():
 
 
 def test_prefix_counterexample_reads_as_the_post_mortem_bug():
-    cex = bmc(KVSlot, "prefix", {"slots": 1, "writers": 1}, ["no_cross_request_write"], 10)
+    cex = bmc(KVSlot, "unfixed", {"slots": 1, "writers": 1}, ["no_cross_request_write"], 10)
     assert cex is not None and len(cex.steps) <= 8
     acts = [s.action for s in cex.steps]
     # abort frees the slot, the slot is reused, then the stale write lands
@@ -143,7 +143,7 @@ def test_generated_stateful_machine_fails_without_a_guard(guard):
 
 
 def test_machine_readable_reports():
-    verdicts = run_checks(select(all_checks(), ["kv_slot"], ["prefix"]))
+    verdicts = run_checks(select(all_checks(), ["kv_slot"], ["unfixed"]))
     xml = to_junit(verdicts, 1.0)
     assert "<testsuite" in xml and 'failures="0"' in xml
     sarif = to_sarif(verdicts, {"kv_slot": "spec/kv_slot.py"})

@@ -13,8 +13,7 @@ from kvproof.verify.spin import explore_spin, spin_available
 
 pytestmark = pytest.mark.skipif(spin_available() is not None, reason=spin_available() or "")
 
-# The pre-fix variant's name: "unfixed" once the rename lands, "prefix" before.
-UNFIXED = "unfixed" if "unfixed" in KVSlot.variants else "prefix"
+UNFIXED = "unfixed"      # the pre-fix variant
 
 SMALL = [
     {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1},

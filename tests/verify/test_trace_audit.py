@@ -64,7 +64,7 @@ def test_prefix_run_with_a_stale_write_is_reported_at_the_landing(tmp_path):
     for seed in range(40):
         sub = tmp_path / f"run{seed}"
         sub.mkdir()
-        _simulate(sub, "prefix", 200, seed=seed, prefer={"alloc", "abort", "p_on_alloc", "p_post", "land"})
+        _simulate(sub, "unfixed", 200, seed=seed, prefer={"alloc", "abort", "p_on_alloc", "p_post", "land"})
         res = audit([str(sub)])
         if not res.ok:
             break

@@ -1,0 +1,293 @@
+"""HiCache: a two-tier KV cache (device pool over a larger host pool) for a DSA-style model.
+
+Per layer, a page holds ``page_size`` tokens of KV (``kv_dim``) and of Indexer
+cache (``idx_dim``). A radix index over token pages finds prefix hits; the
+device tier evicts least-recently-used pages to the host (write-back, the host
+copy is kept after a swap-in so a second eviction is free); a batch whose
+prefix is partly on the host swaps it in layer by layer on a load stream with
+one event per layer for the Indexer cache and one for the KV.
+
+Every batch executes the plan of ``spec.hicache_plan`` (load + toy forward),
+and that plan is checked by ``spec.streams.check_plan`` before it runs, once
+per plan shape. The pre-fix ``unfixed`` plan only runs with ``allow_races``.
+On CPU the plan runs on the stream emulator; with CUDA on streams and events.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from kvproof.runtime.hicache.pages import (BatchResult, CacheFullError, HiCacheConfig, PagePool, PlanRaceError,
+                                           layer_copy)
+from kvproof.runtime.model.radix import RadixIndex, RadixNode
+from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, emulate, run_sync
+from kvproof.spec.hicache_plan import hicache_plan
+from kvproof.spec.stream_json import trace_dumps
+from kvproof.spec.streams import Plan, Violation, check_plan
+
+
+class HiCache:
+    """Two-tier paged KV + Indexer cache with a prefix index and checked layer-wise swap-in."""
+
+    def __init__(self, cfg: HiCacheConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise RuntimeError("HiCacheConfig.device is cuda but CUDA is not available")
+        L, P = cfg.layers, cfg.page_size
+        dev = dict(device=self.device, dtype=cfg.dtype)
+        host = dict(dtype=cfg.dtype, pin_memory=self.cuda)       # pinned: async H2D copies
+        self.dev_kv = torch.zeros(L, cfg.device_pages, P, cfg.kv_dim, **dev)    # [L, pages, P, D]
+        self.dev_idx = torch.zeros(L, cfg.device_pages, P, cfg.idx_dim, **dev)  # [L, pages, P, I]
+        self.host_kv = torch.zeros(L, cfg.host_pages, P, cfg.kv_dim, **host)
+        self.host_idx = torch.zeros(L, cfg.host_pages, P, cfg.idx_dim, **host)
+        self.index = RadixIndex(P)
+        self.dev_pool = PagePool(cfg.device_pages, "device")
+        self.host_pool = PagePool(cfg.host_pages, "host")
+        self._stats: Counter[str] = Counter()
+        self._verdicts: dict[str, tuple[Plan, tuple[Violation, ...]]] = {}
+        self._executor = CudaExecutor(self.device) if self.cuda else None
+        self._last: tuple[Plan, dict[int, tuple[float, float]]] | None = None
+
+    # ------------------------------------------------------------ pages
+    def _alloc_device_page(self) -> int:
+        if not self.dev_pool.can_allocate():
+            self._evict_one()
+        return self.dev_pool.allocate()
+
+    def _alloc_host_page(self) -> int:
+        if not self.host_pool.can_allocate():
+            leaf = self.index.lru_host_leaf()
+            if leaf is None:
+                raise CacheFullError(f"host pool: all {self.cfg.host_pages} pages in use and none droppable")
+            self.host_pool.release(leaf.host_page)  # type: ignore[arg-type]
+            leaf.host_page = None
+            self.index.remove(leaf)
+            self._stats["dropped"] += 1
+        return self.host_pool.allocate()
+
+    def _evict_one(self) -> None:
+        """Free one device page: write it back to the host, or drop it if the host is full and it is a leaf."""
+        for node in self.index.device_candidates():
+            dp = node.device_page
+            assert dp is not None
+            if node.host_page is None:                       # write back; kept copies need no copy
+                try:
+                    hp = self._alloc_host_page()
+                except CacheFullError:
+                    if node.children:                        # dropping it would orphan its subtree
+                        continue
+                    self._release_device(node)
+                    self.index.remove(node)
+                    self._stats["dropped"] += 1
+                    return
+                node.host_page = hp
+                self.host_kv[:, hp].copy_(self.dev_kv[:, dp])
+                self.host_idx[:, hp].copy_(self.dev_idx[:, dp])
+            self._release_device(node)
+            self._stats["evictions"] += 1
+            return
+        raise CacheFullError(f"device pool: all {self.cfg.device_pages} pages are locked by the batch "
+                             f"or cannot be written back")
+
+    def _release_device(self, node: RadixNode) -> None:
+        dp = node.device_page
+        assert dp is not None
+        if self.cfg.poison is not None:
+            self.dev_kv[:, dp].fill_(self.cfg.poison)
+            self.dev_idx[:, dp].fill_(self.cfg.poison)
+        node.device_page = None
+        self.dev_pool.release(dp)
+
+    def evict(self, pages: int | None = None) -> int:
+        """Move up to ``pages`` (default: all unlocked) device pages to the host, LRU first."""
+        n = 0
+        while (pages is None or n < pages) and self.index.lru_device() is not None:
+            try:
+                self._evict_one()
+            except CacheFullError:                   # nothing more can leave the device
+                break
+            n += 1
+        return n
+
+    # ------------------------------------------------------------ API
+    def insert(self, tokens: Sequence[int], kv: torch.Tensor, idx: torch.Tensor) -> int:
+        """Cache the full pages of ``tokens`` (kv [L, T, D], idx [L, T, I]); returns pages added."""
+        L, P = self.cfg.layers, self.cfg.page_size
+        if kv.shape[0] != L or kv.shape[2] != self.cfg.kv_dim or idx.shape[0] != L or idx.shape[2] != self.cfg.idx_dim:
+            raise ValueError(f"insert: kv {tuple(kv.shape)} / idx {tuple(idx.shape)} do not match "
+                             f"[{L}, T, {self.cfg.kv_dim}] / [{L}, T, {self.cfg.idx_dim}]")
+        if kv.shape[1] < len(tokens) - len(tokens) % P or idx.shape[1] != kv.shape[1]:
+            raise ValueError(f"insert: {len(tokens)} tokens but kv has {kv.shape[1]}, idx {idx.shape[1]} positions")
+        path, new = self.index.insert(tokens)
+        for n in path:
+            n.locks += 1
+        try:
+            pos = {id(n): k for k, n in enumerate(path)}
+            for node in new:
+                k = pos[id(node)]
+                node.device_page = dp = self._alloc_device_page()
+                self.dev_kv[:, dp].copy_(kv[:, k * P:(k + 1) * P])
+                self.dev_idx[:, dp].copy_(idx[:, k * P:(k + 1) * P])
+        except CacheFullError:
+            for n in path:
+                n.locks -= 1
+            for node in reversed(new):                      # new nodes form a chain: drop it leaf first
+                if node.device_page is not None:
+                    self.dev_pool.release(node.device_page)
+                    node.device_page = None
+                self.index.remove(node)
+            raise
+        for n in path:
+            n.locks -= 1
+        self._stats["inserted"] += len(new)
+        return len(new)
+
+    def match(self, tokens: Sequence[int]) -> list[RadixNode]:
+        """The cached prefix of ``tokens`` (nodes on device or host)."""
+        return self.index.match(tokens)
+
+    def check(self, plan: Plan) -> tuple[Violation, ...]:
+        """The plan's races, checked once per plan shape (plans carry no page data)."""
+        hit = self._verdicts.get(plan.name)
+        # hicache_plan returns one shared object per shape, so `is` keeps hashing off the hot path
+        if hit is not None and (hit[0] is plan or hit[0] == plan):
+            self._stats["plan_cache_hits"] += 1
+            return hit[1]
+        self._verdicts[plan.name] = (plan, check_plan(plan))
+        self._stats["plans_checked"] += 1
+        return self._verdicts[plan.name][1]
+
+    def load(self, tokens: Sequence[int], q: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+             compute: bool = True, schedule: str | None = None) -> BatchResult:
+        """Swap the cached prefix of ``tokens`` in and run the toy forward (q [L, I], hidden [D])."""
+        cfg = self.cfg
+        nodes = self.index.match(tokens)
+        total = len(self.index.pages(tokens))
+        self._stats["hits"] += len(nodes)
+        self._stats["misses"] += total - len(nodes)
+        plan = hicache_plan(cfg.layers, cfg.variant)
+        races = self.check(plan)
+        if races and not cfg.allow_races:
+            raise PlanRaceError(f"refusing plan {plan.name}: {races[0].message} "
+                                f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
+        for n in nodes:
+            n.locks += 1
+        swapped: list[RadixNode] = []
+        try:
+            swaps = []
+            for n in nodes:
+                if n.device_page is None:
+                    n.device_page = self._alloc_device_page()
+                    swapped.append(n)
+                    swaps.append((n.host_page, n.device_page))
+            self._stats["swap_ins"] += len(swaps)
+            q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
+            h0 = hidden if hidden is not None else torch.ones(cfg.kv_dim)
+            impls, out = self._impls([n.device_page for n in nodes], swaps, q.to(self.device, cfg.dtype),
+                                     h0.to(self.device, cfg.dtype), compute)
+            res = self._execute(plan, impls, schedule or cfg.schedule)
+        except BaseException:
+            for n in swapped:                       # pages never loaded must not look resident
+                self.dev_pool.release(n.device_page)  # type: ignore[arg-type]
+                n.device_page = None
+            raise
+        finally:
+            for n in nodes:
+                n.locks -= 1
+        self._stats["batches"] += 1
+        self._last = (plan, res.times)
+        return BatchResult(plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],
+                           out["hidden"][cfg.layers], res)
+
+    def gather(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached prefix's KV [L, T, D] and Indexer cache [L, T, I], swapped in if needed."""
+        self.load(tokens, compute=False)
+        pages = [n.device_page for n in self.index.match(tokens)]
+        L = self.cfg.layers
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return (self.dev_kv[:, pages].reshape(L, -1, self.cfg.kv_dim).clone(),
+                self.dev_idx[:, pages].reshape(L, -1, self.cfg.idx_dim).clone())
+
+    @property
+    def last_trace(self) -> list[str]:
+        """JSON Lines trace of the last batch's plan (auditable with `kvproof audit --streams`)."""
+        return [] if self._last is None else list(trace_dumps(*self._last))
+
+    def stats(self) -> dict[str, int]:
+        """Counters: hits/misses (pages), evictions, swap_ins, dropped, batches, plan checks and cache hits."""
+        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted", "batches",
+                "plans_checked", "plan_cache_hits")
+        return {k: self._stats[k] for k in keys} | {
+            "device_pages_used": len(self.dev_pool.used), "host_pages_used": len(self.host_pool.used)}
+
+    # ------------------------------------------------------------ plan execution
+    def _execute(self, plan: Plan, impls: dict[str, OpImpl], schedule: str) -> ExecResult:
+        if self._executor is not None:
+            return self._executor.run(plan, impls, timing=self.cfg.record_times)
+        if schedule == "sync":
+            return run_sync(plan, impls)
+        return emulate(plan, impls, schedule, self.cfg.seed + self._stats["batches"])
+
+    def _impls(self, dev_pages: list[int | None], swaps: list[tuple[int, int]], q: torch.Tensor,
+               h0: torch.Tensor, compute: bool) -> tuple[dict[str, OpImpl], dict]:
+        """Two-phase implementations of every op of the batch's plan (read at start, write at end)."""
+        cfg, emulated = self.cfg, not self.cuda
+        pages = torch.tensor(dev_pages, dtype=torch.long, device=self.device)
+        out: dict = {"scores": {}, "topk": {}, "hidden": {0: h0}}
+        impls: dict[str, OpImpl] = {}
+
+        def indexer(l: int) -> OpImpl:
+            def start():
+                keys = self.dev_idx[l].index_select(0, pages).reshape(-1, cfg.idx_dim)   # [T, I]
+                s = torch.relu(keys @ q[l])                                      # [T]
+                top = s.topk(min(cfg.topk, s.numel())).indices
+                def commit() -> None:
+                    out["scores"][l], out["topk"][l] = s, top
+                return commit
+            return start
+
+        def attention(l: int) -> OpImpl:
+            def start():
+                h = out["hidden"][l]
+                kv = self.dev_kv[l].index_select(0, pages).reshape(-1, cfg.kv_dim)[out["topk"][l]]  # [k, D]
+                w = torch.softmax(kv @ h / math.sqrt(cfg.kv_dim), dim=0)             # [k]
+                h2 = h + w @ kv
+                def commit() -> None:
+                    out["hidden"][l + 1] = h2
+                return commit
+            return start
+
+        def noop():
+            return None
+
+        def keep(l: int) -> OpImpl:
+            def start():
+                out["hidden"][l + 1] = out["hidden"][l]
+                return None
+            return start
+
+        for l in range(cfg.layers):
+            impls[f"load_idx[{l}]"] = layer_copy(self.host_idx, self.dev_idx, l, swaps, emulated)
+            impls[f"load_kv[{l}]"] = layer_copy(self.host_kv, self.dev_kv, l, swaps, emulated)
+            impls[f"indexer[{l}]"] = indexer(l) if compute else noop
+            impls[f"attention[{l}]"] = attention(l) if compute else keep(l)
+        return impls, out
+
+
+def reference_forward(kv: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, hidden: torch.Tensor,
+                      topk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The toy forward on plain tensors (kv [L, T, D], idx [L, T, I]): per-layer scores, final hidden."""
+    scores, h = [], hidden
+    for l in range(kv.shape[0]):
+        s = torch.relu(idx[l] @ q[l])
+        top = s.topk(min(topk, s.numel())).indices
+        sel = kv[l][top]
+        h = h + torch.softmax(sel @ h / math.sqrt(kv.shape[2]), dim=0) @ sel
+        scores.append(s)
+    return scores, h

@@ -1,0 +1,123 @@
+"""HiCache's building blocks: its configuration, the page pool of one tier, a batch's result, the swap-in copy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvproof.runtime.streams.executor import POLICIES, ExecResult, OpImpl
+from kvproof.spec.core import variant_name
+from kvproof.spec.hicache_plan import VARIANTS
+from kvproof.spec.streams import Plan
+
+
+class CacheFullError(RuntimeError):
+    """No page can be freed: every candidate is locked by the running batch."""
+
+
+class PlanRaceError(RuntimeError):
+    """The plan a batch would execute has a race; it is refused before it runs."""
+
+
+@dataclass(frozen=True)
+class HiCacheConfig:
+    """Shapes and policies of one HiCache instance."""
+
+    layers: int = 4
+    page_size: int = 4
+    kv_dim: int = 16
+    idx_dim: int = 8
+    device_pages: int = 16
+    host_pages: int = 64
+    topk: int = 8
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    variant: str = "fixed"
+    allow_races: bool = False          # needed to run the pre-fix plan (demonstrations only)
+    schedule: str = "random"           # CPU emulator policy: eager / random / adversarial
+    seed: int = 0
+    poison: float | None = None        # fill freed device pages with this value (a debugging aid)
+    record_times: bool = False         # CUDA: time every op with events (syncs per batch) for the trace
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "page_size", "kv_dim", "idx_dim", "device_pages", "host_pages", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HiCacheConfig.{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "variant", variant_name(self.variant))
+        if self.variant not in VARIANTS:
+            raise ValueError(f"HiCacheConfig.variant {self.variant!r} is not one of {VARIANTS}")
+        if self.schedule not in POLICIES:
+            raise ValueError(f"HiCacheConfig.schedule {self.schedule!r} is not one of {POLICIES}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"HiCacheConfig.device {self.device!r}: expected 'cpu' or 'cuda[:n]'")
+
+
+class PagePool:
+    """Free list of page ids; refuses double frees."""
+
+    def __init__(self, n: int, tier: str) -> None:
+        self.tier, self.free, self.used = tier, list(range(n - 1, -1, -1)), set()
+
+    def can_allocate(self) -> bool:
+        """True when a page is free."""
+        return bool(self.free)
+
+    def allocate(self) -> int:
+        """Take a free page."""
+        p = self.free.pop()
+        self.used.add(p)
+        return p
+
+    def release(self, p: int) -> None:
+        """Return a page."""
+        assert p in self.used, f"{self.tier} page {p} released but not allocated"
+        self.used.remove(p)
+        self.free.append(p)
+
+
+@dataclass
+class BatchResult:
+    """One batch: prefix pages hit, pages swapped in, per-layer indexer scores, final hidden state."""
+
+    plan: Plan
+    prefix_pages: int
+    swapped: int
+    scores: list[torch.Tensor]       # per layer: [T] relu(idx_keys @ q[l])
+    hidden: torch.Tensor             # [kv_dim]
+    exec: ExecResult
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Coalesce page ids into (first, count) runs of consecutive pages."""
+    out: list[list[int]] = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return [(a, n) for a, n in out]
+
+
+def layer_copy(host: torch.Tensor, dev: torch.Tensor, l: int, swaps: list[tuple[int, int]],
+               emulated: bool) -> OpImpl:
+    """Two-phase copy of layer ``l``'s pages host -> device for ``swaps`` [(host page, device page)]."""
+    src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
+    dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long)
+
+    def start():
+        if not swaps:
+            return None
+        layer = dev[l]                      # one view per layer: what the indexer reads too
+        if emulated:                        # the data is read now, lands at the end
+            snap = host[l].index_select(0, src_t)
+            return lambda: layer.index_copy_(0, dst_t, snap)
+        # On the load stream: pinned host runs -> device staging (async), then scatter to pages.
+        # Both tensors are allocated on this stream and used only here (allocator-safe).
+        stage = torch.empty((len(swaps),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
+        k = 0
+        for s, n in _runs([s for s, _ in swaps]):
+            stage[k:k + n].copy_(host[l, s:s + n], non_blocking=True)
+            k += n
+        layer.index_copy_(0, dst_t.to(layer.device, non_blocking=True), stage)
+        return None
+    return start

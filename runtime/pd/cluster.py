@@ -1,0 +1,166 @@
+"""Launch a PD deployment on loopback: one decode process and one process per prefill rank.
+
+The cluster object is the client: it submits and aborts requests over a
+control channel to decode and receives one `Result` per request. Child
+processes are always killed on `close()` (also on errors and in `__exit__`).
+
+    with PDCluster(PDConfig(variant="fixed")) as c:
+        c.submit(rid=1, n_tokens=32)
+        print(c.next_result(timeout=5))
+        stats = c.shutdown()
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+from typing import Any
+
+from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
+    ClientAbort, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
+)
+from kvproof.runtime.pd.plumbing import channel_config
+
+_MODULE = "kvproof.runtime.pd.process"
+
+
+class ClusterError(RuntimeError):
+    """The deployment failed to start, died, or broke the client protocol."""
+
+
+class PDCluster:
+    """A decode process plus `writers` prefill-rank processes, driven from this (client) process."""
+
+    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0) -> None:
+        self.cfg, self.start_timeout_s = cfg, start_timeout_s
+        self.results: queue.Queue[Result] = queue.Queue()
+        self._control: queue.Queue[Any] = queue.Queue()
+        self._listener: ChannelListener | None = None
+        self._client: Channel | None = None
+        self.decode: subprocess.Popen | None = None
+        self.prefill: list[subprocess.Popen] = []
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "PDCluster":
+        """Spawn decode, wait for its addresses, spawn the prefill ranks, wait until all are connected."""
+        try:
+            self._listener = ChannelListener()
+            host, port = self._listener.address
+            self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
+            self._client = self._listener.accept(self.start_timeout_s, config=channel_config(self.cfg),
+                                                 label="client", on_message=self._on_message,
+                                                 on_dead=lambda r: self._control.put(ClusterError(r)))
+            ready = self._expect(Ready)
+            for w in range(self.cfg.writers):
+                (ch, cp), (dh, dp) = ready.control[w], ready.data[w]
+                self.prefill.append(self._spawn(["prefill", "--rank", str(w), "--control", f"{ch}:{cp}",
+                                                 "--data", f"{dh}:{dp}"]))
+            self._expect(Up)
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", _MODULE, *args, "--config", self.cfg.to_json()])
+
+    def _expect(self, cls: type) -> Any:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                item = self._control.get(timeout=0.1)
+            except queue.Empty:
+                if self.decode is not None and self.decode.poll() is not None:
+                    raise ClusterError(f"decode process exited with code {self.decode.returncode} "
+                                       f"while the client waited for {cls.__name__}") from None
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"no {cls.__name__} from decode within {self.start_timeout_s} s") from None
+                continue
+            if isinstance(item, Exception):
+                raise ClusterError(f"waiting for {cls.__name__}: {item}")
+            if isinstance(item, cls):
+                return item
+
+    def _on_message(self, raw: Any) -> None:
+        try:
+            msg = decode_message(raw)
+        except MessageError as e:
+            self._control.put(ClusterError(f"malformed message from decode: {e}"))
+            return
+        (self.results if isinstance(msg, Result) else self._control).put(msg)
+
+    def shutdown(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Let decode drain aborting slots, collect every process's Stats, and stop all processes."""
+        timeout_s = timeout_s if timeout_s is not None else self.cfg.drain_timeout_s + 15.0
+        try:
+            assert self._client is not None
+            self._client.send(encode(Shutdown()))
+            stats: Stats = self._expect_within(Stats, timeout_s)
+            return stats.data
+        finally:
+            self.close(wait_s=5.0)
+
+    def _expect_within(self, cls: type, timeout_s: float) -> Any:
+        old, self.start_timeout_s = self.start_timeout_s, timeout_s
+        try:
+            return self._expect(cls)
+        finally:
+            self.start_timeout_s = old
+
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop everything: wait up to wait_s for children to exit, then kill the rest."""
+        deadline = time.monotonic() + wait_s
+        for p in [self.decode, *self.prefill]:
+            if p is None:
+                continue
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if p.poll() is None:
+                p.kill()
+                p.wait(5.0)
+        if self._client is not None:
+            self._client.close()
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> "PDCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ client API
+    def submit(self, rid: int, n_tokens: int) -> None:
+        """Send a new request to decode."""
+        self._send(Submit(rid, n_tokens))
+
+    def abort(self, rid: int) -> None:
+        """Client abort of request rid (ignored by decode if it already ended)."""
+        self._send(ClientAbort(rid))
+
+    def next_result(self, timeout: float | None = None) -> Result | None:
+        """The next finished request's Result, or None after timeout."""
+        try:
+            return self.results.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def kill_prefill(self, rank: int) -> None:
+        """SIGKILL prefill rank `rank`'s process (a crash mid-run)."""
+        if not 0 <= rank < len(self.prefill):
+            raise ValueError(f"rank={rank}, expected 0 <= rank < {len(self.prefill)}")
+        self.prefill[rank].kill()
+
+    def _send(self, msg: Any) -> None:
+        if self._client is None:
+            raise ClusterError("the cluster is not started; call start() first")
+        try:
+            self._client.send(encode(msg))
+        except ChannelClosed as e:
+            raise ClusterError(f"decode is gone: {e}") from e

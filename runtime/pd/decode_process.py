@@ -1,0 +1,168 @@
+"""The decode process: accepts the client and every prefill rank, then runs the decode loop.
+
+Its loop thread owns the decode spec instance (`DecodeWorker`); the channel and transport threads
+only put events into the loop's inbox (and the data connections' receive threads call
+`DecodeWorker.on_land`). A rank is declared dead when its control channel or data connection
+dies; decode then closes *and drains* the data connection before firing anything on its behalf.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.decode_worker import DecodeWorker
+from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
+from kvproof.runtime.pd.messages import ClientAbort, Hello, Message, Ready, Shutdown, Stats, Submit, Up, encode
+from kvproof.runtime.pd.plumbing import ACCEPT_TIMEOUT_S, channel_config, log, open_trace, parse_message
+from kvproof.runtime.transport import TcpListener, TransportError
+from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
+
+
+def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -> int:
+    """The decode process: slot table, KV pool, one control channel + data connection per rank.
+
+    `model` (real-KV mode, pd_model_worker.DecodeModel): reads READY slots into its model, decodes,
+    streams Event messages; None: synthetic KV compared byte for byte."""
+    inbox: queue.Queue[tuple[str, int, Any]] = queue.Queue()
+    ccfg = channel_config(cfg)
+    client = Channel.connect(client_addr, config=ccfg, label="decode-client",
+                             on_message=lambda m: inbox.put(("client", -1, m)),
+                             on_dead=lambda r: inbox.put(("client_dead", -1, r)))
+    ctrl_l = [ChannelListener() for _ in range(cfg.writers)]
+    data_l = [TcpListener() for _ in range(cfg.writers)]
+    ctrls: dict[int, Channel] = {}
+    datas: dict[int, Any] = {}
+    pool = KVPool(cfg)
+
+    def send(w: int, msg: Message) -> None:
+        try:
+            ctrls[w].send(encode(msg))
+        except ChannelClosed as e:
+            inbox.put(("rank_dead", w, f"control channel: {e}"))
+
+    def report(r: Any) -> None:
+        if model is not None:
+            model.on_result(r)
+        client.send(encode(r))
+
+    if model is not None:
+        model.attach(pool, lambda m: client.send(encode(m)))
+    worker = DecodeWorker(cfg, pool, send, report, trace=open_trace(cfg, "decode"),
+                          read=model.read if model is not None else None)
+    try:
+        client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
+        for w in range(cfg.writers):
+            ctrls[w] = ctrl_l[w].accept(ACCEPT_TIMEOUT_S, config=ccfg, label=f"decode-ctrl{w}",
+                                        on_message=lambda m, w=w: inbox.put(("rank", w, m)),
+                                        on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
+            if cfg.transport == "tcp":
+                datas[w] = data_l[w].accept(ACCEPT_TIMEOUT_S, on_land=worker.on_land, label=f"decode-data{w}")
+            else:
+                raise ValueError(f"transport={cfg.transport!r}: the process runtime supports 'tcp'")
+            datas[w].register(pool.buffer, region_id=POOL_REGION)
+        client.send(encode(Up(cfg.writers)))
+        rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model)
+        summary = worker.summary()
+        summary["prefill"] = rank_stats
+        client.send(encode(Stats(summary)))
+        return 0
+    except ChannelClosed as e:
+        log("decode", f"client gone: {e}")
+        return 1
+    finally:
+        for ch in ctrls.values():
+            ch.close()
+        for t in datas.values():
+            try:
+                t.close_and_drain()
+            except TransportError as e:
+                log("decode", str(e))
+        for lst in ctrl_l + data_l:
+            lst.close()
+        worker.inst.close()
+        client.close()
+
+
+def _rank_dead(worker: DecodeWorker, datas: dict[int, Any], ctrls: dict[int, Channel], w: int, why: str) -> None:
+    if w in worker.dead:
+        return
+    ctrls[w].close()
+    try:
+        datas[w].close_and_drain()       # only now can nothing of rank w land any more
+    except TransportError as e:
+        log("decode", f"rank {w}: cannot prove its connection drained ({e}); its slots stay aborting")
+        return
+    worker.rank_dead(w, why)
+
+
+def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls: dict[int, Channel],
+                 datas: dict[int, Any], model: Any = None) -> dict[str, Any]:
+    deadline: float | None = None
+    rank_stats: dict[str, Any] = {}
+    stats_wanted: float | None = None
+    busy, last_step = False, 0.0
+    while True:
+        nxt = worker.tick()
+        wait = 0.0 if busy else (min(0.05, nxt) if nxt is not None else 0.05)
+        try:
+            kind, w, raw = inbox.get(timeout=wait) if wait > 0 else inbox.get_nowait()
+        except queue.Empty:
+            kind, w, raw = "idle", -1, None
+        if kind == "client":
+            msg = parse_message(raw, "decode", worker.stats)
+            if isinstance(msg, Submit):
+                try:
+                    if model is not None:
+                        model.on_submit(msg)
+                    extra = None if msg.tokens is None else {"tokens": msg.tokens, "corrupt": msg.corrupt}
+                    worker.submit(msg.rid, msg.n_tokens, extra)
+                except ValueError as e:
+                    worker.stats["malformed_messages"] += 1
+                    log("decode", f"refused submit: {e}")
+            elif isinstance(msg, ClientAbort):
+                worker.abort(msg.rid)
+                if model is not None:
+                    model.abort(msg.rid)
+            elif isinstance(msg, Shutdown) and deadline is None:
+                deadline = time.monotonic() + cfg.drain_timeout_s
+        elif kind == "client_dead":
+            raise ChannelClosed(raw)
+        elif kind == "rank":
+            msg = parse_message(raw, "decode", worker.stats)
+            if isinstance(msg, Hello):
+                if msg.rank != w:
+                    _rank_dead(worker, datas, ctrls, w, f"hello from rank {msg.rank} on rank {w}'s channel")
+            elif isinstance(msg, Stats) and msg.data.get("live"):
+                if model is not None:
+                    model.on_rank_stats(w, msg.data)
+            elif isinstance(msg, Stats):                    # a rank's final summary, at shutdown
+                rank_stats[str(w)] = msg.data
+            elif msg is not None:
+                try:
+                    worker.on_message(w, msg)
+                except ValueError as e:
+                    worker.stats["malformed_messages"] += 1
+                    log("decode", f"rank {w}: {e}")
+        elif kind == "rank_dead" and stats_wanted is None:
+            _rank_dead(worker, datas, ctrls, w, raw)
+        if model is not None and (inbox.empty() or time.monotonic() - last_step > 0.01):
+            busy = model.step(worker)                       # messages first, but a step every 10 ms
+            last_step = time.monotonic()
+        for rw, t in datas.items():
+            if t.is_dead and rw not in worker.dead and stats_wanted is None:
+                _rank_dead(worker, datas, ctrls, rw, f"data connection: {t.dead_reason}")
+        now = time.monotonic()
+        if stats_wanted is None and deadline is not None and (worker.idle() or now > deadline):
+            for rw, ch in ctrls.items():
+                if rw not in worker.dead:
+                    try:
+                        ch.send(encode(Shutdown()))
+                    except ChannelClosed:
+                        pass
+            stats_wanted = now + 3.0
+        if stats_wanted is not None and (now > stats_wanted or
+                                         len(rank_stats) == cfg.writers - len(worker.dead)):
+            return rank_stats

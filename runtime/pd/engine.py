@@ -1,0 +1,337 @@
+"""The PD-disaggregated engine: the model runs in prefill-rank processes and a decode process.
+
+`PDEngine` implements the `Engine` interface for the HTTP server. It is the router: it starts a
+`ModelCluster` (the PD runtime's processes in real-KV mode, `pd.model_worker`) and, per request,
+sends `Submit(rid, n-1, prompt, params)` to decode. Decode allocates a KV slot by firing the
+spec's `alloc`; the `Alloc` carries the prompt to every prefill rank, which runs its copy of the
+model on the first n-1 prompt tokens and posts its share of the exported KV bytes into the slot
+as one-sided writes (one per layer, tagged with the epoch); after every rank's `done` decode fires
+`start_decode`, imports the slot into its model KV cache, frees the slot (`finish`) and decodes,
+streaming `Event`s (TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
+a LayerSplit group of its own (R-1 follower processes, KV layers sharded) and gathers every layer for
+the export; decode runs unsplit. `abort` sends `ClientAbort`: the spec's `abort` while the
+slot is WAIT/READY (handshake in `fixed`, immediate free in `unfixed`), else the model's abort.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, TokenEvent
+from kvproof.runtime.serving.engine_api import StreamingMixin
+from kvproof.runtime.layersplit.split_cache import engine_shape
+from kvproof.runtime.pd.cluster import ClusterError, PDCluster
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import (
+    Event, MessageError, Result, Stats, Submit, decode_message,
+)
+from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
+from kvproof.runtime.model.tokenizer import ByteTokenizer
+
+Sink = Callable[[TokenEvent], None]
+
+
+@dataclass(frozen=True)
+class PDEngineConfig:
+    """Deployment of the PD engine: slots, prefill ranks, protocol variant, slot size."""
+
+    slots: int = 16
+    writers: int = 1
+    protocol: str = "fixed"                 # fixed | unfixed (the post-mortem's pre-fix variant)
+    max_prompt_tokens: int | None = None    # slot size in tokens (longer prompts: ValueError -> 400);
+                                            # None: the model's context length
+    delay_ms: float | None = None           # injected mean delay of each KV write (None: none)
+    transfer_timeout_s: float = 30.0
+    heartbeat_timeout_s: float = 10.0
+    start_timeout_s: float = 120.0
+
+    def pd_config(self, ecfg: EngineConfig) -> PDConfig:
+        """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
+        mc = _model_config(ecfg)
+        tb = token_bytes(mc)
+        mpt = self.max_prompt_tokens if self.max_prompt_tokens is not None else _max_model_len(ecfg, mc)
+        if tb % (8 * self.writers):
+            raise ValueError(f"writers={self.writers}: the model's KV token ({tb} bytes) must split into "
+                             f"whole 64-bit words per writer")
+        return PDConfig(variant=self.protocol, slots=self.slots, writers=self.writers, layers=mc.n_layers,
+                        tokens_per_slot=mpt, bytes_per_token=tb, delay_ms=self.delay_ms,
+                        transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s)
+
+
+def _model_config(ecfg: EngineConfig) -> Any:
+    if ecfg.checkpoint is not None:
+        from kvproof.runtime.model.checkpoint import read_config
+        return read_config(ecfg.checkpoint)
+    return ecfg.model
+
+
+def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
+    return min(mc.max_seq_len, ecfg.num_pages * mc.page_size - 1 - ecfg.num_drafts)
+
+
+class ModelCluster(PDCluster):
+    """PDCluster whose processes run the model (pd_model_worker); Events and live Stats go to hooks."""
+
+    def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
+                 on_result: Callable[[Result], None], start_timeout_s: float = 120.0) -> None:
+        super().__init__(cfg, start_timeout_s)
+        self.ecfg_json = engine_config_to_json(ecfg)
+        # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
+        # every layer of every prompt, so it runs unsplit
+        self.decode_json = engine_config_to_json(replace(ecfg, layersplit=1))
+        self.on_event, self.on_result = on_event, on_result
+        self.live: dict[str, Any] = {}
+        self.live_at = 0.0                                  # when the last live snapshot arrived
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
+        return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd.model_worker", *args,
+                                 "--config", self.cfg.to_json(), "--engine", ecfg])
+
+    def _on_message(self, raw: Any) -> None:
+        try:
+            msg = decode_message(raw)
+        except MessageError as e:
+            self._control.put(ClusterError(f"malformed message from decode: {e}"))
+            return
+        if isinstance(msg, Event):
+            self.on_event(msg)
+        elif isinstance(msg, Result):
+            self.on_result(msg)
+        elif isinstance(msg, Stats) and msg.data.get("live"):
+            self.live, self.live_at = msg.data, time.monotonic()
+        else:
+            self._control.put(msg)
+
+    def submit_request(self, msg: Submit) -> None:
+        """Send a real-KV Submit (prompt and sampling parameters) to decode."""
+        self._send(msg)
+
+    def alive(self) -> str | None:
+        """None while every process runs, else which one exited."""
+        for name, p in [("decode", self.decode), *((f"prefill-{i}", q) for i, q in enumerate(self.prefill))]:
+            if p is not None and p.poll() is not None:
+                return f"{name} process exited with code {p.returncode}"
+        return None
+
+
+class PDEngine(StreamingMixin):
+    """The Engine interface over the PD runtime: router here, model in prefill and decode processes."""
+
+    def __init__(self, cfg: EngineConfig | None = None, pd: PDEngineConfig | None = None,
+                 model_name: str | None = None) -> None:
+        self.cfg, self.pd = cfg or EngineConfig(), pd or PDEngineConfig()
+        self.pd_cfg = self.pd.pd_config(self.cfg)          # ValueError names a bad option now
+        mc = _model_config(self.cfg)
+        engine_shape(self.cfg, mc.n_layers)                # LayerSplit of the prefill ranks: checked here too
+        self.model_cfg = mc
+        self.model_name = model_name or f"kvproof-{mc.name}"
+        self.tokenizer = ByteTokenizer()
+        self.max_model_len = _max_model_len(self.cfg, mc)
+        self.max_prompt_tokens = self.pd_cfg.tokens_per_slot
+        self.cluster: ModelCluster | None = None
+        self.error: BaseException | None = None
+        self._mu = threading.Lock()
+        self._rids = itertools.count(1)
+        self._by_rid: dict[int, tuple[str, Sink, int]] = {}  # rid -> (request_id, sink, prompt tokens)
+        self._by_id: dict[str, int] = {}
+        self._corrupt: set[str] = set()
+        self._aborting: set[int] = set()                   # rids a ClientAbort was sent for
+        self._counters: dict[str, dict[str, float]] = {"aborts_total{cause}": {},
+                                                       "requests_finished_total{reason}": {}}
+        self._totals = {"requests_total": 0, "prompt_tokens_total": 0}
+        self._watch: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+    def start_sync(self) -> None:
+        """Start decode and the prefill ranks (each loads the model); blocking."""
+        if self.cluster is not None:
+            return
+        cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s)
+        cl.start()
+        self.cluster = cl
+        self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)
+        self._watch.start()
+
+    async def start(self) -> None:
+        """Start the PD processes."""
+        await asyncio.get_running_loop().run_in_executor(None, self.start_sync)
+
+    def stop_sync(self) -> None:
+        """Abort everything pending, drain the slots, stop every process (blocking)."""
+        self._stopping.set()
+        cl, self.cluster = self.cluster, None
+        with self._mu:
+            pending = list(self._by_rid)
+        for rid in pending:
+            self._finish_abort(rid, "shutdown")
+            if cl is not None:
+                try:
+                    cl.abort(rid)
+                except ClusterError:
+                    pass
+        if cl is None:
+            return
+        try:
+            cl.shutdown(timeout_s=self.pd_cfg.drain_timeout_s + 10.0)
+        except (ClusterError, AssertionError) as e:
+            print(f"pd engine: shutdown: {e}", file=sys.stderr)
+        finally:
+            cl.close()
+        if self._watch is not None:
+            self._watch.join(2.0)
+
+    async def stop(self) -> None:
+        """Stop serving; pending requests finish with reason 'abort'."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
+
+    def _watchdog(self) -> None:
+        while not self._stopping.wait(0.5):
+            cl = self.cluster
+            why = cl.alive() if cl is not None else None
+            if why is not None:
+                self.error = RuntimeError(why)
+                with self._mu:
+                    pending = list(self._by_rid)
+                for rid in pending:
+                    self._finish_abort(rid, f"engine failed: {why}")
+                return
+
+    # ------------------------------------------------------------ requests
+    def submit(self, req: GenerationRequest, sink: Sink) -> None:
+        """Route a request to the PD processes; ValueError if invalid, RuntimeError if not running."""
+        if self.error is not None or self.cluster is None:
+            raise RuntimeError(f"engine is not running ({self.error})" if self.error else "engine is not running")
+        n = len(req.prompt_tokens)
+        if n == 0 or n + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} exceeds the "
+                             f"model's context of {self.max_model_len} tokens")
+        if n > self.max_prompt_tokens:
+            raise ValueError(f"prompt of {n} tokens is longer than a KV slot ({self.max_prompt_tokens} "
+                             f"tokens; --max-prompt-tokens)")
+        vocab = self.model_cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_tokens):
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        params = asdict(req.params)
+        params["stop_token_ids"] = list(req.params.stop_token_ids)
+        with self._mu:
+            if req.request_id in self._by_id:
+                raise ValueError(f"request_id {req.request_id!r} is already running")
+            rid = next(self._rids)
+            self._by_id[req.request_id] = rid
+            self._by_rid[rid] = (req.request_id, sink, n)
+            self._totals["requests_total"] += 1
+            self._totals["prompt_tokens_total"] += n
+            corrupt = int(req.request_id in self._corrupt)
+            self._corrupt.discard(req.request_id)
+        self.cluster.submit_request(Submit(rid, max(1, n - 1), list(req.prompt_tokens), params, corrupt))
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Abort a request through the protocol (ClientAbort -> spec abort); False when unknown."""
+        with self._mu:
+            rid = self._by_id.get(request_id)
+            if rid is None:
+                return False
+            if rid in self._aborting:                       # e.g. server disconnect + stream close
+                return True
+            self._aborting.add(rid)
+            _bump(self._counters["aborts_total{cause}"], cause)
+        cl = self.cluster
+        if cl is not None:
+            try:
+                cl.abort(rid)
+            except ClusterError:
+                return False
+        return True
+
+    def inject_kv_corruption(self, request_id: str) -> None:
+        """Fault injection: the prefill ranks flip bytes of this request's exported KV (call before generate)."""
+        with self._mu:
+            self._corrupt.add(request_id)
+
+    # ------------------------------------------------------------ from decode (channel thread)
+    def _on_event(self, msg: Event) -> None:
+        d = dict(msg.event)
+        d["tokens"] = tuple(d["tokens"])
+        with self._mu:
+            entry = self._by_rid.get(msg.rid)
+            if entry is None:
+                return
+            request_id, sink, _ = entry
+            if d["finished"]:
+                self._forget(msg.rid, request_id, d["finish_reason"])
+                if d["finish_reason"] == "anomaly":
+                    _bump(self._counters["aborts_total{cause}"], "anomaly")
+        d["request_id"] = request_id
+        sink(TokenEvent(**d))
+
+    def _on_result(self, r: Result) -> None:
+        if r.status in ("aborted", "failed"):
+            self._finish_abort(r.rid, r.reason or r.status)
+
+    def _finish_abort(self, rid: int, detail: str) -> None:
+        with self._mu:
+            entry = self._by_rid.get(rid)
+            if entry is None:
+                return
+            request_id, sink, n = entry
+            self._forget(rid, request_id, "abort")
+        sink(TokenEvent(request_id, (), True, "abort", detail, n))
+
+    def _forget(self, rid: int, request_id: str, reason: str) -> None:
+        del self._by_rid[rid]
+        self._by_id.pop(request_id, None)
+        self._aborting.discard(rid)
+        _bump(self._counters["requests_finished_total{reason}"], reason)
+
+    # ------------------------------------------------------------ metrics
+    def stats(self) -> dict:
+        """Decode's live snapshot (model, slots by state, transfers, reclaim latency) plus the router's."""
+        cl = self.cluster
+        live = dict(cl.live) if cl is not None else {}
+        live.pop("live", None)
+        out: dict = {"slots{state}": {"FREE": self.pd.slots, "WAIT": 0, "READY": 0, "ABORTING": 0},
+                     "kv_transfers_total": 0, "reclaim_latency_seconds_sum": 0.0,
+                     "reclaim_latency_seconds_count": 0}
+        out.update(live)
+        with self._mu:
+            out.update(self._totals)
+            for k, v in self._counters.items():
+                out[k] = dict(v)
+            in_flight = len(self._by_rid)
+        q = dict(out.get("queue_depth{queue}", {}))
+        q["router"] = in_flight
+        out["queue_depth{queue}"] = q
+        out["pd_writers"] = self.pd.writers
+        return out
+
+
+def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
+    d[key] = d.get(key, 0) + by
+
+
+def wait_idle(engine: PDEngine, timeout_s: float = 30.0) -> dict:
+    """Poll until no request is in flight and every slot is FREE; returns the stats (TimeoutError otherwise)."""
+    end = time.monotonic() + timeout_s
+    quiet_since: float | None = None
+    while True:
+        st = engine.stats()
+        cl = engine.cluster
+        if st["queue_depth{queue}"].get("router", 0) != 0:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        fresh = cl is not None and quiet_since is not None and cl.live_at > quiet_since
+        if fresh and st["slots{state}"].get("FREE") == engine.pd.slots:
+            return st
+        if time.monotonic() > end:
+            raise TimeoutError(f"PD engine not idle after {timeout_s} s: {st['slots{state}']}, "
+                               f"{st['queue_depth{queue}']}")
+        time.sleep(0.05)

@@ -1,0 +1,270 @@
+"""Real-KV mode of the PD processes: the model runs in the prefill ranks and in decode.
+
+    python -m kvproof.runtime.pd.model_worker decode  --client HOST:PORT --config PDJSON --engine ENGJSON
+    python -m kvproof.runtime.pd.model_worker prefill --rank W --control HOST:PORT --data HOST:PORT ...
+
+The processes are the ones of `pd.process` (same loops, same spec firing); this module only plugs
+the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
+prompt rides on `Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n-1, token_bytes]`;
+the rank posts its byte share of every token, one write per layer, exactly as for synthetic KV.
+With `layersplit=R` each prefill rank is rank 0 of its own LayerSplit group (R-1 follower processes
+of its own) and gathers the layers it does not store from their owners for the export
+(`EngineCore.export_tokens`); decode always runs unsplit (`ModelCluster` gives it layersplit=1).
+Decode's `DecodeModel.read` is `DecodeWorker`'s read of a READY slot: it copies the slot's bytes
+into its own model KV pages (`import_tokens`) and hands the request to its `EngineCore`
+(`prefilled=(pages, n-1)`); the slot is then finished (freed) and the core decodes (MTP
+speculative decoding, the anomaly monitor) and streams `Event` messages back to the router.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from dataclasses import asdict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, TokenEvent
+from kvproof.runtime.pd.kv_pool import KVPool
+from kvproof.runtime.model.config import ModelConfig
+from kvproof.runtime.serving.monitor import MonitorConfig
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Alloc, Event, Message, Result, Stats, Submit
+from kvproof.runtime.serving.scheduler import Sequence
+from kvproof.spec.kv_slot import DState
+
+STATS_INTERVAL_S = 0.2
+
+
+# ---------------------------------------------------------------- config on the command line
+def engine_config_to_json(cfg: EngineConfig) -> str:
+    """EngineConfig as JSON (for the worker command line)."""
+    return json.dumps(asdict(cfg))
+
+
+def engine_config_from_json(text: str) -> EngineConfig:
+    """Parse engine_config_to_json's output; a bad document raises ValueError naming it."""
+    try:
+        raw = json.loads(text)
+        raw["model"] = ModelConfig(**raw["model"])
+        raw["monitor"] = MonitorConfig(**raw["monitor"])
+        return EngineConfig(**raw)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"engine config JSON is malformed: {e!r}") from None
+
+
+def token_bytes(mc: ModelConfig) -> int:
+    """Bytes of one token of one layer in the KV export format ([kv row | indexer key])."""
+    return (mc.kv_width + mc.index_dim) * torch.empty((), dtype=mc.torch_dtype).element_size()
+
+
+def corrupt_payload(data: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Flip the high mantissa byte of about half the elements of exported KV bytes (stays finite)."""
+    esz = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(seed)
+    out = data.clone()
+    elems = out.view(*out.shape[:-1], -1, esz)                         # [L, n, E, esz]
+    sel = torch.rand(elems.shape[:-1], generator=g) < 0.5
+    elems[..., esz - 2] ^= sel.to(torch.uint8) * 0x5A
+    vals = torch.nan_to_num(out.view(dtype), nan=0.0, posinf=1e4, neginf=-1e4)
+    return vals.contiguous().view(torch.uint8)
+
+
+# ---------------------------------------------------------------- prefill rank
+class PrefillModel:
+    """A prefill rank's copy of the model (with a prefix cache): Alloc -> KV bytes of the first n-1 tokens."""
+
+    def __init__(self, ecfg: EngineConfig, pd: PDConfig) -> None:
+        self.core = EngineCore(ecfg)
+        self.pd = pd
+        self.prefilled = 0
+        self.prompt_tokens = 0          # tokens this rank was asked to prefill
+        self.prefix_hit_tokens = 0      # of those, found in its prefix cache (not recomputed)
+
+    def stats(self) -> dict[str, Any]:
+        """This rank's counters, every key `prefill_*`: its prefix cache (the router's cache hit rate
+        in PD mode), with a host tier its HiCache counters (`prefill_hicache_*`), with LayerSplit its
+        group's (`prefill_layersplit_*`: forwards, exports, bytes)."""
+        out = {"prefill_requests_total": self.prefilled, "prefill_prompt_tokens_total": self.prompt_tokens,
+               "prefill_prefix_hit_tokens_total": self.prefix_hit_tokens}
+        core = self.core
+        host = core.host.stats() if core.host is not None else {}
+        # the group's counters only: decode sums every prefill_* key over the ranks (gauges would not add up)
+        group = {k: v for k, v in core.group.stats().items() if k.endswith("_total")} if core.group else {}
+        out.update({f"prefill_{k}": v for k, v in (host | group).items() if isinstance(v, (int, float))})
+        return out
+
+    def __call__(self, alloc: Alloc) -> np.ndarray:
+        """Run the model on the prompt (minus its last token) and export its KV for the slot."""
+        tokens = alloc.tokens
+        if not tokens:
+            raise ValueError(f"alloc for rid {alloc.rid} carries no prompt tokens (real-KV mode needs them)")
+        n = len(tokens) - 1
+        if max(n, 1) != alloc.n_tokens:
+            raise ValueError(f"alloc for rid {alloc.rid}: n_tokens={alloc.n_tokens}, expected "
+                             f"max(1, len(prompt) - 1) = {max(n, 1)}")
+        if n == 0:                                         # nothing to transfer; one token of padding
+            return np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8)
+        core = self.core
+        seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
+        core.scheduler._match_prefix(seq)                  # share cached full pages of the prefix
+        self.prompt_tokens += n
+        self.prefix_hit_tokens += seq.num_cached
+        try:
+            seq.pages += core.pool.allocate(-(-n // core.model.cfg.page_size) - len(seq.pages))
+            with torch.no_grad():
+                core.runner.prefill([seq], [n - seq.num_cached])
+            core.scheduler.prefilled(seq)                   # publish its full pages for later prompts
+            data = core.export_tokens(seq.pages, n).cpu()                   # uint8 [L, n, token_bytes]
+        finally:
+            core.pool.free(seq.pages)
+        if alloc.corrupt:
+            data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
+        self.prefilled += 1
+        return data.numpy()
+
+
+# ---------------------------------------------------------------- decode
+class DecodeModel:
+    """Decode's model: imports READY slots into its KV pages, decodes, streams Events, reports stats."""
+
+    def __init__(self, ecfg: EngineConfig, pd: PDConfig) -> None:
+        self.core = EngineCore(ecfg)
+        self.pd = pd
+        self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
+        self.pool: KVPool | None = None
+        self._send: Callable[[Message], None] | None = None
+        self._next_stats = 0.0
+        self.imported_tokens = 0
+        self.rank_stats: dict[int, dict[str, Any]] = {}    # prefill rank -> its latest live counters
+
+    def on_rank_stats(self, rank: int, data: dict[str, Any]) -> None:
+        """A prefill rank's live counters (its prefix cache: where PD's cache hits happen)."""
+        self.rank_stats[rank] = data
+
+    def attach(self, pool: KVPool, send: Callable[[Message], None]) -> None:
+        """Called by run_decode: the slot pool to read from and the client channel's send."""
+        self.pool, self._send = pool, send
+
+    def on_submit(self, msg: Submit) -> None:
+        """Remember a request's prompt and sampling parameters until its KV arrives."""
+        if msg.tokens is None or msg.params is None:
+            raise ValueError(f"submit rid {msg.rid}: real-KV mode needs 'tokens' and 'params'")
+        if max(1, len(msg.tokens) - 1) != msg.n_tokens:
+            raise ValueError(f"submit rid {msg.rid}: n_tokens={msg.n_tokens}, expected max(1, len(tokens) - 1)")
+        p = dict(msg.params)
+        p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+        self.pending[msg.rid] = GenerationRequest(str(msg.rid), tuple(msg.tokens), SamplingParams(**p))
+
+    def on_result(self, r: Result) -> None:
+        """A request's slot life ended; forget it unless its KV was read (then the core owns it)."""
+        if r.status != "served":
+            self.pending.pop(r.rid, None)
+
+    def read(self, s: int, req: Any) -> int:
+        """DecodeWorker's read of READY slot s: import its KV into model pages and start decoding."""
+        assert self.pool is not None
+        greq = self.pending.pop(req.rid)
+        n = len(greq.prompt_tokens) - 1
+        core = self.core
+        pages = core.pool.allocate(-(-n // core.model.cfg.page_size)) if core.pool.can_allocate(
+            -(-n // core.model.cfg.page_size)) else None
+        if pages is None:
+            self._event(req.rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages",
+                                            len(greq.prompt_tokens)))
+            return 0
+        if n:
+            raw = self.pool.array[s, :, :, :n]                               # [W, L, n, Bw]
+            data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)
+            core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
+            self.imported_tokens += n
+        rid = req.rid
+        try:
+            core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n))
+        except ValueError as e:                             # the router validates; never strand the slot
+            core.pool.free(pages)
+            self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}",
+                                        len(greq.prompt_tokens)))
+        return 0
+
+    def abort(self, rid: int) -> None:
+        """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
+        self.pending.pop(rid, None)
+        self.core.abort(str(rid), "client")
+
+    def step(self, worker: Any) -> bool:
+        """One model step (if any work) and, now and then, a live Stats snapshot; True when busy."""
+        with torch.no_grad():
+            busy = self.core.step()
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL_S
+            self._send_msg(Stats(self.snapshot(worker)))
+        return busy
+
+    def snapshot(self, worker: Any) -> dict[str, Any]:
+        """Model counters plus the slot table's: what the router's stats() shows."""
+        out = self.core.stats()
+        ws = worker.stats
+        lat = worker.reclaim_latency_s
+        out.update({
+            "live": 1,
+            "slots{state}": {st.name: worker.inst.count("d_state", st) for st in DState},
+            "kv_transfers_total": ws["served"] + ws["corrupt"],
+            "kv_transfer_failures_total": ws["failed"],
+            "kv_requests_aborted_total": ws["aborted"],
+            "slots_reclaimed_total": ws["slots_reclaimed"],
+            "reclaim_latency_seconds_sum": float(sum(lat)),
+            "reclaim_latency_seconds_count": len(lat),
+            "kv_bytes_transferred_total": sum(worker.bytes_landed),
+            "kv_foreign_landings_total": sum(worker.foreign_landings),
+            "kv_imported_tokens_total": self.imported_tokens,
+            "pd_waiting_for_slot": len(worker.waiting),
+        })
+        # In PD mode prompts are prefilled on the prefill ranks, so their prefix caches give the hit
+        # rate (decode imports each prompt's KV and has no prefix hits of its own).
+        ranks: dict[str, float] = {}
+        for r in self.rank_stats.values():                  # summed over the prefill ranks
+            for k, v in r.items():
+                if k.startswith("prefill_") and isinstance(v, (int, float)):
+                    ranks[k] = ranks.get(k, 0) + v
+        out.update(ranks)
+        asked, hits = ranks.get("prefill_prompt_tokens_total", 0), ranks.get("prefill_prefix_hit_tokens_total", 0)
+        out["prefix_cache_hit_tokens_total"] = hits
+        out["cache_hit_rate"] = hits / asked if asked else 0.0
+        return out
+
+    def _event(self, rid: int, ev: TokenEvent) -> None:
+        d = asdict(ev)
+        d["tokens"] = list(ev.tokens)
+        self._send_msg(Event(rid, d))
+
+    def _send_msg(self, msg: Message) -> None:
+        if self._send is not None:
+            self._send(msg)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry of a real-KV worker process."""
+    from kvproof.runtime.pd.decode_process import run_decode
+    from kvproof.runtime.pd.prefill_process import run_prefill
+    from kvproof.runtime.pd.process import worker_args
+    a = worker_args("python -m kvproof.runtime.pd.model_worker", argv,
+                    lambda ap: ap.add_argument("--engine", required=True, help="EngineConfig as JSON"))
+    cfg = PDConfig.from_json(a.config)
+    ecfg = engine_config_from_json(a.engine)
+    if a.role == "decode":
+        return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
+    model = PrefillModel(ecfg, cfg)                       # with layersplit R: spawns its R-1 followers
+    try:
+        return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats)
+    finally:
+        model.core.close()                                 # stop and join the followers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

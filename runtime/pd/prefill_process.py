@@ -1,0 +1,110 @@
+"""One prefill rank's process: connects to decode's control and data listeners, then runs its loop.
+
+The loop thread owns the rank's spec instance (`PrefillRank`); the channel thread and the
+completion poller only put events into the loop's inbox.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Hello, Shutdown, Stats, encode
+from kvproof.runtime.pd.plumbing import LIVE_STATS_S, channel_config, log, open_trace, parse_message
+from kvproof.runtime.pd.prefill_worker import PrefillRank
+from kvproof.runtime.transport import TransportError, make_transport
+from kvproof.runtime.transport.control import Channel, ChannelClosed
+
+
+def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int],
+                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None) -> int:
+    """One prefill rank's process: control channel to decode, one data connection with fault injection.
+
+    `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
+    None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
+    who = f"prefill-{rank}"
+    inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+    ch = Channel.connect(ctrl_addr, config=channel_config(cfg), label=f"{who}-ctrl",
+                         on_message=lambda m: inbox.put(("msg", m)),
+                         on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
+    ch.send(encode(Hello(rank)))
+    t = make_transport(cfg.transport, connect=data_addr, faults=cfg.faults(rank), label=f"{who}-data")
+    prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who), compute=compute)
+    stop = threading.Event()
+
+    def poll_completions() -> None:
+        while not stop.is_set():
+            for c in t.poll(timeout=0.05):
+                inbox.put(("cq", c))
+            if t.is_dead and not t.outstanding():
+                inbox.put(("dead", f"data connection: {t.dead_reason}"))
+                return
+
+    poller = threading.Thread(target=poll_completions, name=f"{who}-cq", daemon=True)
+    poller.start()
+    next_live = 0.0
+
+    def report_live() -> None:
+        nonlocal next_live
+        if live_stats is not None and time.monotonic() >= next_live:
+            next_live = time.monotonic() + LIVE_STATS_S
+            ch.send(encode(Stats({"live": 1, "rank": rank, **live_stats()})))
+
+    try:
+        reason = _prefill_loop(prank, inbox, who, report_live)
+        if reason is None:
+            ch.send(encode(Stats(prank.summary())))
+        else:
+            log(who, f"stopping: {reason}")
+        return 0
+    except ChannelClosed as e:
+        log(who, f"stopping: {e}")
+        return 0
+    finally:
+        stop.set()
+        poller.join(2.0)
+        try:
+            t.close_and_drain()
+        except TransportError as e:
+            log(who, str(e))
+        prank.inst.close()
+        ch.close()
+
+
+def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str,
+                  report_live: Callable[[], None] = lambda: None) -> str | None:
+    """Run until Shutdown (returns None) or the rank's connection dies (returns why)."""
+    while True:
+        report_live()
+        try:
+            ev = inbox.get(timeout=0.05) if not prank.has_work() else inbox.get_nowait()
+        except queue.Empty:
+            ev = None
+        n = 0
+        while ev is not None:
+            kind, payload = ev
+            if kind == "dead":
+                return payload
+            if kind == "cq":
+                prank.on_completion(payload)
+                if not payload.ok:
+                    return f"write failed: {payload.error}"
+            else:
+                msg = parse_message(payload, who, prank.stats)
+                if isinstance(msg, Shutdown):
+                    return None
+                if msg is not None:
+                    try:
+                        prank.on_message(msg)
+                    except ValueError as e:
+                        prank.stats["malformed_messages"] += 1
+                        log(who, str(e))
+            n += 1
+            try:
+                ev = inbox.get_nowait() if n < 256 else None
+            except queue.Empty:
+                ev = None
+        prank.pump()

@@ -1,0 +1,178 @@
+"""One prefill rank: computes a request's KV and pushes it into decode's slot, via the spec.
+
+The KV is synthetic (`kv_chunk`) unless a `compute` hook is given (real-KV mode,
+pd_model_worker.PrefillModel: the model's exported KV, of which the rank writes its byte share).
+
+`PrefillRank` is the protocol logic of one rank (writer w), free of threads so
+tests can drive it step by step; the process loop (pd/prefill_process.py) feeds it
+control messages and write completions from one thread. Its per-slot transfer
+state lives in the spec `Instance` (actor "prefill"); `jobs` only remembers
+what to compute for the slot's current epoch (request id, prompt length, next
+layer to push).
+
+Alloc -> p_on_alloc; then per `pump()` call one layer per active slot: p_post ->
+post_write(tag=(slot, writer, epoch, layer)); each completion -> p_complete;
+all layers posted and completed -> p_finish (Done). Abort -> whichever of
+p_on_abort_unseen / p_on_abort / p_on_abort_busy is enabled; with writes in
+flight the Safe answer waits for p_answer_safe after the last completion.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO, Any, Callable
+
+import numpy as np
+
+from kvproof.runtime.pd.kv_pool import POOL_REGION, kv_chunk, offset
+from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.messages import Abort, Alloc, Message, from_emission
+from kvproof.runtime.transport import Completion, Transport
+from kvproof.spec.kv_slot import KVSlot, PState
+from kvproof.spec.machine import Instance
+
+ABORT_ACTIONS = ("p_on_abort_unseen", "p_on_abort", "p_on_abort_busy")
+
+
+@dataclass
+class Job:
+    """What rank w computes for one slot's current epoch."""
+
+    rid: int
+    n_tokens: int
+    epoch: int
+    next_layer: int = 0
+    data: np.ndarray | None = None          # real-KV mode: uint8 [layers, n_tokens, bytes_per_token]
+
+
+class PrefillRank:
+    """Prefill rank `rank`: every transfer step is a fired spec action."""
+
+    def __init__(self, cfg: PDConfig, rank: int, transport: Transport, send: Callable[[Message], None],
+                 trace: IO[str] | str | None = None, auto: bool = True,
+                 compute: Callable[[Alloc], np.ndarray] | None = None) -> None:
+        # auto=False: a completion fires only p_complete; the caller fires p_finish /
+        # p_answer_safe itself, one step at a time (model-based tests)
+        if not 0 <= rank < cfg.writers:
+            raise ValueError(f"rank={rank}, expected 0 <= rank < writers={cfg.writers}")
+        self.cfg, self.rank, self.transport, self._send, self.auto = cfg, rank, transport, send, auto
+        self.compute = compute                              # None: synthetic KV (kv_chunk)
+        self.inst = Instance(KVSlot, cfg.variant, cfg.spec_params, actor="prefill", trace=trace)
+        self.jobs: dict[int, Job] = {}                      # slot -> current epoch's job
+        self._sources: dict[int, np.ndarray] = {}           # wr_id -> bytes, alive until completion
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------ events
+    def on_message(self, msg: Message) -> None:
+        """Alloc or Abort from decode; stale or duplicate ones are counted and ignored."""
+        if isinstance(msg, (Alloc, Abort)) and msg.writer != self.rank:
+            raise ValueError(f"rank {self.rank} got {msg.TYPE} for writer={msg.writer}")
+        if isinstance(msg, Alloc):
+            if not 1 <= msg.n_tokens <= self.cfg.tokens_per_slot:
+                raise ValueError(f"alloc: n_tokens={msg.n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
+            if self._try("p_on_alloc", s=msg.slot, w=self.rank, e=msg.epoch):
+                data = self.compute(msg) if self.compute else None
+                if data is not None and data.shape != (self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token):
+                    raise ValueError(f"compute returned KV of shape {data.shape}, expected "
+                                     f"{(self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token)}")
+                self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch, data=data)
+        elif isinstance(msg, Abort):
+            args = {"s": msg.slot, "w": self.rank, "e": msg.epoch}
+            act = next((a for a in ABORT_ACTIONS if self.inst.enabled(a, **args)), None)
+            if act is None:
+                self.stats["ignored_abort"] += 1
+                return
+            self._fire(act, **args)
+            if act == "p_on_abort_unseen":
+                self.jobs.pop(msg.slot, None)
+        else:
+            raise ValueError(f"prefill rank {self.rank}: unexpected {msg.TYPE} message")
+
+    def on_completion(self, c: Completion) -> None:
+        """A write completed. OK: it landed. ERROR: the connection is dead (the caller stops the rank)."""
+        self._sources.pop(c.wr_id, None)
+        if not c.ok:
+            self.stats["write_errors"] += 1
+            return
+        s, w, e = c.tag[0], c.tag[1], c.tag[2]
+        self.stats["writes_completed"] += 1
+        self._fire("p_complete", s=s, w=w, e=e)             # an older epoch's completion is a no-op
+        if not self.auto:
+            return
+        if self.inst.enabled("p_answer_safe", s=s, w=w):
+            self.answer_safe(s)
+        else:
+            self._maybe_finish(s)
+
+    def pump(self, max_posts: int | None = None) -> int:
+        """Post the next layer of every slot still sending; returns how many writes were posted."""
+        posted = 0
+        for s, job in list(self.jobs.items()):
+            if max_posts is not None and posted >= max_posts:
+                break
+            if job.next_layer >= self.cfg.layers or not self.inst.enabled("p_post", s=s, w=self.rank):
+                continue
+            self.post(s)
+            posted += 1
+            self._maybe_finish(s)
+        return posted
+
+    # ------------------------------------------------------------ single steps
+    def post(self, s: int) -> None:
+        """Compute slot s's next layer and post it as one write tagged (slot, writer, epoch, layer)."""
+        job = self.jobs[s]
+        for em in self._fire("p_post", s=s, w=self.rank):
+            self._post(job, em.fields)
+        job.next_layer += 1
+
+    def finish(self, s: int) -> None:
+        """Every posted layer of slot s completed: report Done."""
+        self._fire("p_finish", s=s, w=self.rank)
+        self.jobs.pop(s, None)
+
+    def answer_safe(self, s: int) -> None:
+        """The last write of an aborted transfer completed: answer Safe."""
+        self._fire("p_answer_safe", s=s, w=self.rank)
+
+    def has_work(self) -> bool:
+        """Whether some slot still has layers to post."""
+        return any(j.next_layer < self.cfg.layers and self.inst.get("p_state", s, self.rank) == PState.SENDING
+                   for s, j in self.jobs.items())
+
+    def summary(self) -> dict[str, Any]:
+        """Counters for the stress report."""
+        return {**self.stats, "rank": self.rank}
+
+    # ------------------------------------------------------------ internals
+    def _post(self, job: Job, f: dict[str, Any]) -> None:
+        s, w, e, layer = f["slot"], f["writer"], f["epoch"], f["chunk"]
+        if job.data is None:
+            data = kv_chunk(job.rid, w, layer, job.n_tokens, self.cfg.words_per_writer)
+        else:                                               # this rank's byte share of every token
+            bw = self.cfg.bytes_per_writer
+            data = np.ascontiguousarray(job.data[layer, :, w * bw:(w + 1) * bw]).reshape(-1)
+        wr = self.transport.post_write(memoryview(data), POOL_REGION, offset(self.cfg, s, w, layer), tag=(s, w, e, layer))
+        self._sources[wr] = data
+        self.stats["writes_posted"] += 1
+        self.stats["bytes_posted"] += data.nbytes
+
+    def _maybe_finish(self, s: int) -> None:
+        job = self.jobs.get(s)
+        if job is not None and job.next_layer >= self.cfg.layers and self.inst.enabled("p_finish", s=s, w=self.rank):
+            self.finish(s)
+
+    def _try(self, action: str, **args: int) -> bool:
+        if not self.inst.enabled(action, **args):
+            self.stats[f"ignored_{action}"] += 1
+            return False
+        self._fire(action, **args)
+        return True
+
+    def _fire(self, action: str, **args: int) -> list:
+        ems = self.inst.fire(action, **args)
+        self.stats["fired"] += 1
+        for em in ems:
+            if em.kind == "send":
+                self._send(from_emission(em))
+        return [em for em in ems if em.kind == "post_write"]

@@ -1,0 +1,377 @@
+"""The engine interface the HTTP server talks to, and its single-process implementation.
+
+`Engine` is what a serving backend offers: `generate(request)` streams `TokenEvent`s,
+`abort(request_id)` terminates a request (client abort, disconnect), `stats()` feeds
+/metrics. `LocalEngine` runs the whole model in this process with continuous
+batching, chunked prefill, MTP speculative decoding and the anomaly monitor; it is
+also the reference that end-to-end integrity tests compare against. The PD engine
+(prefill and decode processes) implements the same interface. The interface types live in
+`engine_api` and are re-exported here.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvproof.runtime.serving.engine_api import (Engine, GenerationRequest, SamplingParams,  # noqa: F401 (re-exported)
+                                        StreamingMixin, TokenEvent)
+from kvproof.runtime.model.cache import KVCache, PagePool
+from kvproof.runtime.model.config import ModelConfig, preset
+from kvproof.runtime.hicache.host_tier import host_tier
+from kvproof.runtime.layersplit.split_cache import SplitKVCache, engine_shape
+from kvproof.runtime.layersplit.engine_group import LayerSplitGroup
+from kvproof.runtime.serving.model_runner import ModelRunner
+from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor
+from kvproof.runtime.serving.scheduler import Scheduler, Sequence
+from kvproof.runtime.model.tokenizer import ByteTokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the single-process engine."""
+
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    checkpoint: str | None = None          # a checkpoint directory; None: seeded weights
+    backend: str = "torch"                 # attention: "torch" or "triton" (the project's kernels)
+    num_pages: int = 2048
+    max_batch: int = 256
+    max_prefill_tokens: int = 512
+    num_drafts: int = 2                    # MTP drafts per step; 0 disables speculative decoding
+    monitor: MonitorConfig = MonitorConfig()
+    device: str = "cpu"
+    threads: int | None = 1                # torch intra-op threads (process-wide; None: leave as is).
+                                           # 1 suits the tiny model: more threads only add overhead
+    host_cache_pages: int = 0              # host tier (HiCache) pages under the device pool; 0: off
+    host_cache_variant: str = "fixed"      # swap-in plan: fixed, or unfixed (the pre-fix race; allow_races)
+    host_cache_schedule: str = "random"    # CPU stream emulator policy: eager, random, adversarial, sync
+    host_cache_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
+    layersplit: int = 1                    # LayerSplit ranks (processes) sharding the KV layers; 1: off
+    layersplit_depth: int = 2              # receive buffers per rank (double buffering)
+    layersplit_ownership: str = "contiguous"   # or round_robin
+    layersplit_variant: str = "fixed"      # fixed; unfixed / no_owner_wait: racy plans (refused unless allowed)
+    layersplit_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
+
+
+class EngineCore:
+    """One step of the engine: schedule, run the model, deliver tokens, apply the monitor."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        from kvproof.runtime.model.checkpoint import load_model
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model = load_model(cfg.checkpoint, cfg.model, cfg.device, cfg.backend)
+        mc = self.model.cfg
+        split = engine_shape(cfg, mc.n_layers)                          # None unless layersplit > 1
+        fp8 = cfg.backend == "triton"
+        self.group: LayerSplitGroup | None = None
+        if split is None:
+            self.cache: KVCache | SplitKVCache = KVCache(mc, cfg.num_pages, torch.device(cfg.device), fp8_indexer=fp8)
+        else:                                                           # rank 0 of the group; spawns the others
+            self.cache = SplitKVCache(mc, cfg.num_pages, cfg.device, fp8, split, rank=0)
+            self.group = LayerSplitGroup(cfg, self.model, split, self.cache)
+        self.pool = PagePool(cfg.num_pages)
+        self.host = host_tier(cfg, self.cache, self.pool)               # None unless host_cache_pages
+        self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts, self.host,
+                                  forward=self.group.forward if self.group is not None else None)
+        self.scheduler = Scheduler(self.pool, mc.page_size, cfg.max_batch, cfg.max_prefill_tokens,
+                                   1 + cfg.num_drafts, self.host)
+        self.seqs: dict[str, Sequence] = {}
+        self.sinks: dict[str, Callable[[TokenEvent], None]] = {}
+        self.corrupt_after_prefill: set[str] = set()     # fault injection (tests)
+        self.counters: dict[str, dict[str, float]] = {
+            "requests_finished_total{reason}": {}, "aborts_total{cause}": {},
+            "anomaly_aborts_total{rule}": {}, "steps_total{kind}": {"prefill": 0, "decode": 0}}
+        self.totals = {"requests_total": 0, "prompt_tokens_total": 0, "generation_tokens_total": 0,
+                       "spec_steps_total": 0, "spec_drafted_total": 0, "spec_accepted_total": 0}
+
+    def close(self) -> None:
+        """Release what outlives a step: the LayerSplit followers (idempotent; a no-op without LayerSplit)."""
+        if self.group is not None:
+            self.group.close()
+
+    def export_tokens(self, pages: list[int], n_tokens: int) -> torch.Tensor:
+        """A sequence's first n positions, every layer, as KV bytes uint8 [L, n, token_bytes] (the PD transfer).
+
+        With LayerSplit rank 0 holds only its layers: the others come from their owners (`LayerSplitGroup.export_tokens`).
+        """
+        if self.group is not None:
+            return self.group.export_tokens(pages, n_tokens)
+        assert isinstance(self.cache, KVCache)
+        return self.cache.export_tokens(pages, n_tokens)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output one request may have."""
+        # a decode step writes 1 + num_drafts positions past the last token
+        return min(self.model.cfg.max_seq_len,
+                   self.cfg.num_pages * self.model.cfg.page_size - 1 - self.cfg.num_drafts)
+
+    def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None],
+            prefilled: tuple[list[int], int] | None = None) -> None:
+        """Queue a request; its events go to `sink` (called on the engine thread).
+
+        `prefilled=(pages, n)`: someone else (a PD prefill worker) already wrote the KV of the
+        first n prompt positions into these pages of this core's pool; n < prompt length.
+        """
+        if req.request_id in self.seqs:
+            raise ValueError(f"request_id {req.request_id!r} is already running")
+        n = len(req.prompt_tokens)
+        if n == 0 or n + req.params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
+                             f"1..{self.max_model_len} tokens")
+        mon = RequestMonitor(self.cfg.monitor) if self.cfg.num_drafts else None
+        seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
+        if prefilled is not None:
+            pages, cached = prefilled
+            if not 0 <= cached < n or cached > len(pages) * self.model.cfg.page_size:
+                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} "
+                                 f"and fit in {len(pages)} pages")
+            seq.pages, seq.num_cached = list(pages), cached
+        self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
+        self.scheduler.add(seq)
+        self.totals["requests_total"] += 1
+        self.totals["prompt_tokens_total"] += n
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Abort a request now (engine thread only); False when unknown."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        _bump(self.counters["aborts_total{cause}"], cause)
+        self._finish(seq, "abort", detail=cause)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, detail: str = "") -> None:
+        self.scheduler.finish(seq)
+        del self.seqs[seq.request_id]
+        sink = self.sinks.pop(seq.request_id)
+        _bump(self.counters["requests_finished_total{reason}"], reason)
+        mon = seq.monitor
+        sink(TokenEvent(seq.request_id, tuple(seq.output[seq.sent:]), True, reason, detail,
+                        len(seq.prompt), len(seq.output), mon.accept_length if mon else 0.0,
+                        mon.accept_rate if mon else 0.0))
+
+    def _emit(self, seq: Sequence, tokens: list[int]) -> bool:
+        """Append tokens up to a stop condition; True when the sequence finished."""
+        p = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        reason = None
+        for t in tokens:
+            seq.output.append(t)
+            self.totals["generation_tokens_total"] += 1
+            if (t == self.model.cfg.eos_id and not p.ignore_eos) or t in p.stop_token_ids:
+                reason = "stop"
+            elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason:
+                break
+        if reason:
+            self._finish(seq, reason)
+            return True
+        self.sinks[seq.request_id](TokenEvent(seq.request_id, tuple(seq.output[seq.sent:])))
+        seq.sent = len(seq.output)
+        return False
+
+    def step(self) -> bool:
+        """Run one scheduled batch; False when there was nothing to do."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        if batch.prefill:
+            self.counters["steps_total{kind}"]["prefill"] += 1
+            hidden = self.runner.prefill(batch.seqs, batch.chunks)              # [B, D]
+            for seq, h in zip(batch.seqs, hidden):
+                self.scheduler.prefilled(seq)
+                if seq.num_cached < seq.prefill_target:
+                    continue                                                    # more chunks to go
+                seq.hidden = h
+                self.scheduler.promote(seq)
+                if seq.request_id in self.corrupt_after_prefill:
+                    self.cache.corrupt(seq.pages, seq.num_cached, seed=zlib.crc32(seq.request_id.encode()))
+                if not seq.output:
+                    self._emit(seq, [self.runner.first_token(seq, h)])
+            return True
+        self.counters["steps_total{kind}"]["decode"] += 1
+        for seq, v in zip(batch.seqs, self.runner.decode(batch.seqs)):
+            if v.drafted:
+                self.totals["spec_steps_total"] += 1
+                self.totals["spec_drafted_total"] += v.drafted
+                self.totals["spec_accepted_total"] += v.accepted
+            if self._emit(seq, v.tokens):
+                continue
+            why = seq.monitor.step(v.accepted, v.drafted) if seq.monitor and v.drafted else None
+            if why is not None:
+                _bump(self.counters["anomaly_aborts_total{rule}"], why)
+                _bump(self.counters["aborts_total{cause}"], "anomaly")
+                self._finish(seq, "anomaly", detail=why)
+        return True
+
+    def stats(self) -> dict:
+        """Counters and gauges (see Engine.stats)."""
+        c = self.scheduler.counts()
+        t = self.totals
+        steps = t["spec_steps_total"]
+        out: dict = dict(t)
+        out.update({k: dict(v) for k, v in self.counters.items()})
+        out["queue_depth{queue}"] = {q: c[q] for q in ("waiting", "prefilling", "running")}
+        out["kv_pages{state}"] = {"free": c["pages_free"], "used": c["pages_total"] - c["pages_free"]}
+        out["preemptions_total"] = c["preemptions"]
+        out["spec_accept_length"] = (t["spec_accepted_total"] + steps) / steps if steps else 0.0
+        out["spec_accept_rate"] = t["spec_accepted_total"] / t["spec_drafted_total"] if steps else 0.0
+        q = c["prefix_query_tokens"]
+        out["cache_hit_rate"] = c["prefix_hit_tokens"] / q if q else 0.0
+        out["prefix_cache_hit_tokens_total"] = c["prefix_hit_tokens"]
+        return (out | (self.host.stats() if self.host is not None else {})
+                | (self.group.stats() if self.group is not None else {}))
+
+
+def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
+    d[key] = d.get(key, 0) + by
+
+
+class LocalEngine(StreamingMixin):
+    """EngineCore on a background thread, with an asyncio front (the Engine interface)."""
+
+    def __init__(self, cfg: EngineConfig | None = None, model_name: str | None = None) -> None:
+        self.cfg = cfg or EngineConfig()
+        self.model_name = model_name or f"kvproof-{self.cfg.model.name}"
+        self.tokenizer = ByteTokenizer()
+        self.core: EngineCore | None = None
+        self._inbox: list[tuple] = []
+        self._mu = threading.Lock()            # guards _inbox and _active only (never held during a step)
+        self._active: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._stats: dict = {}
+        self.error: BaseException | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output one request may have."""
+        assert self.core is not None, "LocalEngine.start() was not called"
+        return self.core.max_model_len
+
+    def start_sync(self) -> None:
+        """Build the model and start the engine thread (blocking)."""
+        if self.core is None:
+            self.core = EngineCore(self.cfg)
+            self._stats = self.core.stats()
+            self._thread = threading.Thread(target=self._loop, name="kvproof-engine", daemon=True)
+            self._thread.start()
+
+    async def start(self) -> None:
+        """Build the model and start the engine thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.start_sync)
+
+    def stop_sync(self) -> None:
+        """Abort everything pending and stop the engine thread (blocking)."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def stop(self) -> None:
+        """Abort everything pending and stop the engine thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_sync)
+
+    def submit(self, req: GenerationRequest, sink: Callable[[TokenEvent], None]) -> None:
+        """Queue a request whose events go to `sink` (engine thread); ValueError if invalid, RuntimeError if stopped."""
+        if self.error is not None or self._thread is None or self._stop:
+            raise RuntimeError(f"engine is not running ({self.error!r})" if self.error else "engine is not running")
+        n, limit = len(req.prompt_tokens), self.max_model_len
+        if n == 0 or n + req.params.max_tokens > limit:
+            raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} exceeds the "
+                             f"model's context of {limit} tokens")
+        vocab = self.core.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_tokens):
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
+        with self._mu:
+            if req.request_id in self._active:
+                raise ValueError(f"request_id {req.request_id!r} is already running")
+            self._active.add(req.request_id)
+
+            def done_sink(ev: TokenEvent) -> None:
+                if ev.finished:
+                    with self._mu:
+                        self._active.discard(ev.request_id)
+                sink(ev)
+            self._inbox.append(("add", req, done_sink))
+        self._wake.set()
+
+    def abort(self, request_id: str, cause: str = "client") -> bool:
+        """Abort a request; False when it is unknown or already finished."""
+        with self._mu:
+            if request_id not in self._active:
+                return False
+            self._inbox.append(("abort", request_id, cause))
+        self._wake.set()
+        return True
+
+    def inject_kv_corruption(self, request_id: str) -> None:
+        """Fault injection: flip bytes of this request's KV cache right after its prefill."""
+        with self._mu:
+            self._inbox.append(("corrupt", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        """The latest snapshot of the engine's counters and gauges."""
+        return self._stats
+
+    def _drain_inbox(self, core: EngineCore) -> None:
+        with self._mu:
+            items, self._inbox = self._inbox, []
+        for kind, a, b in items:
+            if kind == "add":
+                core.add(a, b)
+            elif kind == "abort":
+                core.abort(a, b)
+            else:
+                core.corrupt_after_prefill.add(a)
+
+    def _loop(self) -> None:
+        core = self.core
+        assert core is not None
+        try:
+            while not self._stop:
+                self._wake.clear()
+                self._drain_inbox(core)
+                busy = core.step()
+                self._stats = core.stats()
+                if not busy:
+                    self._wake.wait(0.05)
+        except BaseException as e:             # surface model errors to every waiting request
+            self.error = e
+            raise
+        finally:
+            self._drain_inbox(core)
+            for rid in list(core.seqs):
+                core.abort(rid, "shutdown")
+            self._stats = core.stats()
+            core.close()
+
+
+def generate_reference(cfg: EngineConfig, prompts: list[list[int]], params: SamplingParams
+                       ) -> list[list[int]]:
+    """Run each prompt alone, to completion, in a fresh single-threaded core: the reference outputs."""
+    core = EngineCore(cfg)
+    out = []
+    try:
+        for i, p in enumerate(prompts):
+            events: list[TokenEvent] = []
+            core.add(GenerationRequest(f"ref-{i}", tuple(p), params), events.append)
+            while core.step():
+                pass
+            out.append([t for ev in events for t in ev.tokens])
+    finally:
+        core.close()
+    return out

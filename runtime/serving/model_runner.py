@@ -1,0 +1,130 @@
+"""Sequences -> tensors -> tokens: batch layout, forward, MTP drafts, verification and sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from kvproof.runtime.model.decoder import AttnBatch, DSAModel
+from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.serving.scheduler import Sequence
+
+if TYPE_CHECKING:
+    from kvproof.runtime.hicache.host_tier import HostTier
+    from kvproof.runtime.layersplit.split_cache import SplitKVCache
+
+
+@dataclass
+class Verified:
+    """Outcome of one decode row: tokens to emit (accepted drafts then the bonus token)."""
+
+    tokens: list[int]
+    accepted: int
+    drafted: int
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from logits [V]: argmax when temperature is 0, else temperature + nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    # on the CPU: the request's generator is a CPU generator, and this keeps sampling device-independent
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)           # [V]
+    if top_p < 1.0:
+        p_sorted, order = torch.sort(probs, descending=True, stable=True)
+        drop = (torch.cumsum(p_sorted, 0) - p_sorted) >= top_p                  # keep the smallest nucleus
+        p_sorted[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, p_sorted)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class ModelRunner:
+    """Runs prefill chunks and decode (verify) steps of a batch of sequences over the paged cache."""
+
+    def __init__(self, model: DSAModel, cache: "KVCache | SplitKVCache", num_drafts: int,
+                 host: "HostTier | None" = None,
+                 forward: Callable[[torch.Tensor, AttnBatch], torch.Tensor] | None = None) -> None:
+        if num_drafts and model.mtp is None:
+            raise ValueError(f"num_drafts={num_drafts} needs a model with an MTP layer")
+        self.model, self.cache, self.num_drafts, self.host = model, cache, num_drafts, host
+        self.page_size = model.cfg.page_size
+        self.device = cache.kv.device
+        # the decoder forward (tokens [T], batch -> hidden [T, D]): this process's model over the cache,
+        # or a LayerSplit group's (model_layersplit_group.LayerSplitGroup.forward: every rank runs it)
+        self._forward = forward or (lambda tokens, b: self.model(tokens, b, self.cache))
+
+    def _layout(self, seqs: list[Sequence], starts: list[int], lens: list[int]) -> AttnBatch:
+        """AttnBatch for sequence b writing positions starts[b] .. starts[b] + lens[b] - 1."""
+        S, dev = self.page_size, self.device
+        B, Q = len(seqs), max(lens)
+        ctx = [s + n for s, n in zip(starts, lens)]
+        K = max(ctx)
+        max_pages = max(len(s.pages) for s in seqs)
+        table = torch.zeros(B, max_pages, dtype=torch.int64)
+        for b, s in enumerate(seqs):
+            table[b, : len(s.pages)] = torch.tensor(s.pages)
+        offs = torch.tensor([0] + lens).cumsum(0)[:-1]                           # [B] first token row
+        j = torch.arange(Q)
+        q_mask = j[None, :] < torch.tensor(lens)[:, None]                        # [B, Q]
+        q_index = torch.where(q_mask, offs[:, None] + j[None, :], 0)
+        tok_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))   # [T]
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        slots = table[tok_seq, positions // S] * S + positions % S               # [T]
+        kpos = torch.arange(K)
+        key_slots = table[:, torch.clamp(kpos // S, max=max_pages - 1)] * S + kpos % S   # [B, K]
+        return AttnBatch(positions.to(dev), slots.to(dev), q_index.to(dev), q_mask.to(dev),
+                         key_slots.to(dev), torch.tensor(ctx, device=dev),
+                         table.to(torch.int32).to(dev), tok_seq.to(torch.int32).to(dev))
+
+    def prefill(self, seqs: list[Sequence], chunks: list[int]) -> torch.Tensor:
+        """Cache the next chunk of each sequence; returns the hidden state of each chunk's last token [B, D]."""
+        starts = [s.num_cached for s in seqs]
+        toks = torch.tensor([t for s, st, n in zip(seqs, starts, chunks) for t in s.tokens[st: st + n]])
+        b = self._layout(seqs, starts, chunks)
+        swaps = [(hp, p) for s in seqs for hp, p, _ in s.swaps]                 # host tier: load first
+        if swaps:
+            assert self.host is not None, "a sequence has host-tier swaps but the runner has no host tier"
+            h = self.host.forward(self.model, toks.to(self.device), b, swaps)   # [T, D]
+        else:
+            h = self._forward(toks.to(self.device), b)                          # [T, D]
+        last = torch.tensor(chunks).cumsum(0) - 1
+        for s, n in zip(seqs, chunks):
+            s.num_cached += n
+        return h[last.to(self.device)]
+
+    def first_token(self, seq: Sequence, hidden: torch.Tensor) -> int:
+        """Sample the first output token from the prompt's last hidden state [D]."""
+        logits = self.model.logits(hidden[None])[0]                               # [V]
+        return sample(logits, seq.params.temperature, seq.params.top_p, seq.generator)
+
+    def decode(self, seqs: list[Sequence]) -> list[Verified]:
+        """One speculative step per sequence: draft k tokens with the MTP head, verify them in one forward."""
+        k, B = self.num_drafts, len(seqs)
+        last = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)   # [B]
+        if k:
+            h_prev = torch.stack([s.hidden for s in seqs])                      # [B, D]
+            drafts = self.model.draft(h_prev, last, k)                          # [B, k]
+        else:
+            drafts = last.new_zeros(B, 0)
+        toks = torch.cat([last[:, None], drafts], dim=1)                        # [B, k + 1]
+        starts = [s.num_tokens - 1 for s in seqs]
+        b = self._layout(seqs, starts, [k + 1] * B)
+        h = self._forward(toks.reshape(-1), b).view(B, k + 1, -1)               # [B, k + 1, D]
+        logits = self.model.logits(h)                                           # [B, k + 1, V]
+        greedy = logits.argmax(-1).tolist()                                     # [B, k + 1]
+        drafts_l = drafts.tolist()
+        out = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            emitted: list[int] = []
+            for j in range(k + 1):
+                y = greedy[i][j] if p.temperature <= 0 else sample(logits[i, j], p.temperature, p.top_p,
+                                                                   s.generator)
+                emitted.append(y)
+                if j == k or drafts_l[i][j] != y:
+                    break
+            a = len(emitted) - 1
+            s.num_cached = s.num_tokens + a                                     # last token + accepted drafts
+            s.hidden = h[i, a]
+            out.append(Verified(emitted, a, k))
+        return out

@@ -1,0 +1,231 @@
+"""Sequences and the continuous-batching scheduler of the single-process engine.
+
+Each step is either a prefill step (chunks of waiting prompts, up to a token budget)
+or a decode step (every running sequence verifies its last token plus its drafts).
+The page pool (`model.cache.PagePool`) owns KV pages; a sequence holds pages for
+every position it has cached or is about to write. When a decode step cannot get
+pages, the newest running sequence is preempted: its pages are freed and it is
+re-prefilled later (its output so far is kept and recomputed into the cache).
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvproof.runtime.model.cache import PagePool
+from kvproof.runtime.serving.engine_api import SamplingParams
+
+if TYPE_CHECKING:
+    from kvproof.runtime.hicache.host_tier import HostTier
+    from kvproof.runtime.serving.monitor import RequestMonitor
+
+
+class SeqStatus(enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = "waiting"        # queued or part-way through (chunked) prefill
+    RUNNING = "running"        # decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request being generated: its tokens, pages, sampling state and monitor."""
+
+    request_id: str
+    prompt: list[int]
+    params: "SamplingParams"
+    monitor: "RequestMonitor | None" = None
+    output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_cached: int = 0                    # positions whose KV is in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    hidden: torch.Tensor | None = None     # [D] hidden state of the last cached position (MTP input)
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    preemptions: int = 0
+    sent: int = 0                          # output tokens already delivered to the client
+    page_hashes: list[bytes] = field(default_factory=list)   # prefix hash of each full target page
+    published: int = 0                     # leading pages already in the prefix cache
+    swaps: list[tuple[int, int, bytes]] = field(default_factory=list)  # host tier: (host page, page, hash)
+
+    def __post_init__(self) -> None:
+        assert self.prompt, f"request {self.request_id}: empty prompt"
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt followed by the output so far."""
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output length."""
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to cache before decoding: the prompt, or all but the last token after a preemption."""
+        return len(self.prompt) if not self.output else self.num_tokens - 1
+
+
+@dataclass
+class ScheduledBatch:
+    """What one engine step runs: a prefill chunk per sequence, or one decode row per sequence."""
+
+    prefill: bool
+    seqs: list[Sequence]
+    chunks: list[int]                      # new positions per sequence this step
+
+
+class Scheduler:
+    """FIFO admission, chunked prefill first, then decode of everything running."""
+
+    def __init__(self, pool: PagePool, page_size: int, max_batch: int, max_prefill_tokens: int,
+                 lookahead: int, host: "HostTier | None" = None) -> None:
+        self.pool, self.page_size, self.host = pool, page_size, host
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.lookahead = lookahead             # positions a decode step writes: 1 + drafts
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.prefix_hit_tokens = 0             # prompt positions served from the prefix cache
+        self.prefix_query_tokens = 0           # prompt positions admitted
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        self.waiting.append(seq)
+
+    def is_idle(self) -> bool:
+        """Nothing queued or running."""
+        return not self.waiting and not self.running
+
+    def _pages_needed(self, seq: Sequence, positions: int) -> int:
+        return max(0, -(-positions // self.page_size) - len(seq.pages))
+
+    def _grow(self, seq: Sequence, positions: int) -> bool:
+        n = self._pages_needed(seq, positions)
+        if not self.pool.can_allocate(n):
+            return False
+        seq.pages.extend(self.pool.allocate(n))
+        return True
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Pick the next step's batch, allocating the pages it writes; None when idle."""
+        seqs, chunks, budget = [], [], self.max_prefill_tokens
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) + len(seqs) >= self.max_batch:
+                break
+            if not seq.pages:
+                self._match_prefix(seq)
+            n = min(seq.prefill_target - seq.num_cached, budget)
+            if not self._grow(seq, seq.num_cached + n):
+                break
+            seqs.append(seq)
+            chunks.append(n)
+            budget -= n
+        if seqs:
+            return ScheduledBatch(True, seqs, chunks)
+        if not self.running:
+            return None
+        ready: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status != SeqStatus.RUNNING:          # preempted as a victim of an earlier one
+                continue
+            while not self._grow(seq, seq.num_tokens - 1 + self.lookahead):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                ready.append(seq)
+        # a sequence preempted after it was placed in `ready` is dropped from it
+        ready = [s for s in ready if s.status == SeqStatus.RUNNING]
+        if not ready:                     # everything was preempted: its pages are free for prefill
+            return self.schedule() if self.waiting else None
+        return ScheduledBatch(False, ready, [self.lookahead] * len(ready))
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Share the cached pages of the longest cached prefix (always leaving one token to compute)."""
+        S, toks = self.page_size, seq.tokens
+        n_full = (seq.prefill_target - 1) // S
+        if len(seq.page_hashes) < n_full:
+            # a cryptographic chain: a client must not be able to craft a colliding prefix
+            # (a collision would hand it another request's KV)
+            h = seq.page_hashes[-1] if seq.page_hashes else b""
+            for j in range(len(seq.page_hashes), n_full):
+                h = hashlib.blake2b(h + array("q", toks[j * S:(j + 1) * S]).tobytes(), digest_size=16).digest()
+                seq.page_hashes.append(h)
+        for h in seq.page_hashes[:n_full]:
+            p = self.pool.lookup(h)
+            if p is not None:
+                self.pool.share(p)
+            elif self.host is not None and (r := self.host.reserve(h)) is not None:
+                p = r[1]                       # swapped in by the batch that first reads it
+                seq.swaps.append((r[0], p, h))
+            else:
+                break
+            seq.pages.append(p)
+        if self.host is not None:
+            self.host.count_match(len(seq.pages) - len(seq.swaps), len(seq.swaps), n_full)
+        seq.num_cached = seq.published = len(seq.pages)
+        seq.num_cached *= S
+        self.prefix_hit_tokens += seq.num_cached
+        self.prefix_query_tokens += seq.prefill_target
+
+    def prefilled(self, seq: Sequence) -> None:
+        """Publish the full prompt pages a prefill chunk completed (and the pages it swapped in)."""
+        self._end_swaps(seq, publish=True)
+        done = min(seq.num_cached, seq.prefill_target - 1) // self.page_size
+        for j in range(seq.published, min(done, len(seq.page_hashes))):
+            self.pool.publish(seq.pages[j], seq.page_hashes[j])
+        seq.published = max(seq.published, done)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's pages and put it back at the head of the queue."""
+        self.running.remove(seq)
+        self.pool.free(seq.pages)
+        seq.pages, seq.num_cached, seq.hidden, seq.published = [], 0, None, 0
+        seq.status, seq.preemptions = SeqStatus.WAITING, seq.preemptions + 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def promote(self, seq: Sequence) -> None:
+        """A sequence finished its prefill: it decodes from the next step on."""
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its pages."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._end_swaps(seq, publish=False)
+        self.pool.free(seq.pages)
+        seq.pages, seq.status = [], SeqStatus.FINISHED
+
+    def _end_swaps(self, seq: Sequence, publish: bool) -> None:
+        for hp, p, h in seq.swaps:
+            if publish:
+                self.pool.publish(p, h)
+            self.host.release(hp)              # type: ignore[union-attr]
+        seq.swaps = []
+
+    def counts(self) -> dict[str, Any]:
+        """Queue depths and page usage."""
+        prefilling = sum(1 for s in self.waiting if s.num_cached > 0)
+        return {"waiting": len(self.waiting) - prefilling, "prefilling": prefilling,
+                "running": len(self.running), "pages_free": self.pool.num_free,
+                "pages_total": self.pool.num_pages, "preemptions": self.preemptions,
+                "prefix_hit_tokens": self.prefix_hit_tokens, "prefix_query_tokens": self.prefix_query_tokens}
