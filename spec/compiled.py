@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
+from kvproof.spec.machine import Ops, data_domain, receive_guard
 
 
 class Expr:
@@ -172,7 +172,8 @@ def _successor_function(layout: Layout, params: dict[str, int], entries: list, v
     return ns["succ"]
 
 
-def _compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], variant: str) -> Callable:
+def compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], variant: str) -> Callable:
+    """A predicate (an invariant's body with its index arguments) as a fast function of the state tuple."""
     from kvproof.spec.machine import View
     st = [Expr(f"st[{i}]") for i in range(len(layout))]
     body = _src(fn(layout.protocol, View(layout, st, TRACE, variant), **args))
@@ -209,7 +210,7 @@ class Compiled:
         self._args: dict[tuple[int, tuple], dict[str, Any]] = {}
         props = [(name, inv) for name, inv in protocol.invariants.items() if not inv.strengthening
                  and (properties is None or name in properties)]
-        self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
+        self.invariants = [(name, args, compile_predicate(self.layout, inv.body, args, variant))
                            for name, inv in props for args in self.layout.instances(inv.params)]
         # One call for the common case (every property holds) instead of one per property instance.
         self._all_hold = _compile_conjunction(self.layout, [

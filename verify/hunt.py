@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis import target
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvproof.spec.compiled import Compiled, _compile_predicate
+from kvproof.spec.compiled import Compiled, compile_predicate
 from kvproof.spec.core import Protocol, variant_name
 
 _RESOLUTION = 1 << 16           # weighted choice: one integer draw, shrinking towards the first action
@@ -71,7 +71,7 @@ def hunter_for(protocol: type[Protocol], variant: str, params: dict[str, int],
     actions = list(protocol.actions)
     weights = rarity_weights(enabled_fractions(comp, actions))
     helpers = [f for name, inv in protocol.invariants.items() if inv.strengthening
-               for f in (_compile_predicate(comp.layout, inv.body, args, variant)
+               for f in (compile_predicate(comp.layout, inv.body, args, variant)
                          for args in comp.layout.instances(inv.params))]
 
     class Hunter(RuleBasedStateMachine):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvproof.spec.compiled import Compiled
-from kvproof.spec.core import Layout, Protocol, SpecError, variant_name
+from kvproof.spec.core import Layout, Protocol, variant_name
 from kvproof.spec.machine import CONCRETE, evaluate
 from kvproof.verify.explore import render_state
 from kvproof.verify.promela import Model, generate
@@ -262,5 +262,3 @@ def spin_available() -> str | None:
         return str(e)
     return None
 
-
-__all__ = ["SpinExploration", "SpinError", "SpinUnavailable", "explore_spin", "spin_available", "SpecError"]
