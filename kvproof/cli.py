@@ -26,6 +26,18 @@ def _add_optional(sub: argparse._SubParsersAction, name: str, module: str, add_a
     p.set_defaults(func=_lazy(module, main))
 
 
+def _secret(args: argparse.Namespace) -> int:
+    from kvproof.runtime.transport.auth import Secret
+    try:
+        Secret.generate().write_file(args.path)
+    except FileExistsError:
+        print(f"kvproof secret: {args.path} exists; expected a new path (a secret is never overwritten)",
+              file=sys.stderr)
+        return 2
+    print(f"kvproof secret: wrote {args.path} (mode 0600); export KVPROOF_SECRET_FILE={args.path} on every role")
+    return 0
+
+
 def _unavailable(name: str, err: Exception) -> int:
     print(f"kvproof {name}: unavailable here: {err}", file=sys.stderr)
     return 2
@@ -37,14 +49,18 @@ def _bench(args: argparse.Namespace) -> int:
     if what == "verify":
         from kvproof.verify.bench import bench_verify
         doc = bench_verify(quick=quick)
+    elif what == "kernels" and args.compile_report:
+        doc = _lazy("kvproof.kernels.compile_report", "compile_report")(scope="ci" if quick else "full")
     elif what == "kernels":
-        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick)
+        doc = _lazy("kvproof.kernels.bench", "bench_kernels")(quick=quick, out_path=args.out)
     elif what == "hicache":
         doc = _lazy("kvproof.runtime.tools.hicache_bench", "bench_hicache")(quick=quick)
+    elif what == "eviction":
+        doc = _lazy("kvproof.runtime.tools.eviction_bench", "bench_eviction")(quick=quick)
     elif what == "transitions":
         doc = _lazy("kvproof.runtime.tools.bench_transitions", "bench_transitions")()
     elif what == "transport":
-        doc = _lazy("kvproof.runtime.transport.throughput", "tcp_throughput")(
+        doc = _lazy("kvproof.runtime.transport.throughput", "bench_transports")(
             total_bytes=(64 << 20) if quick else (512 << 20), chunk=1 << 20)
     elif what == "layersplit":
         import torch
@@ -58,6 +74,13 @@ def _bench(args: argparse.Namespace) -> int:
             doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
         else:
             doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
+    elif what == "vllm-connector":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("kvproof bench vllm-connector: needs vllm (make venv-vllm installs kvproof[vllm])", file=sys.stderr)
+            return 2
+        doc = _lazy("kvproof.runtime.vllm_connector.bench", "bench_vllm_connector")(n=10 if quick else 30)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -78,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "lifecycle of disaggregated LLM serving.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prove", help="run every registered proof and refutation; exit 0 iff all as expected")
+    p = sub.add_parser("prove", help="run every proof and refutation (the package's, or those of MODULE.py files); "
+                       "exit 0 iff all as expected")
     add_prove_args(p)
     p.set_defaults(func=prove_main)
 
@@ -101,11 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "loadgen", "kvproof.runtime.tools.loadgen", "add_loadgen_args", "loadgen_main",
                   "send a configurable load to a running server and report latency and throughput")
 
+    p = sub.add_parser("secret", help="write a fresh per-deployment secret to a new file of mode 0600")
+    p.add_argument("path", help="the file to create (it must not exist); give it to every role as "
+                                "$KVPROOF_SECRET_FILE")
+    p.set_defaults(func=_secret)
+    _add_optional(sub, "vllm-proxy", "kvproof.runtime.vllm_connector.proxy", "add_args", "main",
+                  "disaggregated proxy: each request to a vLLM prefill (1 token, remote decode), then decode")
+
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
-    p.add_argument("what", choices=["verify", "kernels", "hicache", "transitions", "transport", "layersplit"])
+    p.add_argument("what", choices=["verify", "kernels", "hicache", "eviction", "transitions", "transport",
+                                    "layersplit", "vllm-connector"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
+    p.add_argument("--compile-report", action="store_true",
+                   help="kernels: compile every kernel configuration for sm_90/sm_100 on the CPU and report "
+                   "registers, spills, shared memory and tensor-core use (no GPU needed)")
+    p.add_argument("--out", default=None,
+                   help="kernels: also write the JSON report to this file, rewritten as each row completes")
     p.set_defaults(func=_bench)
     return ap
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from kvproof.spec.core import Protocol
+from kvproof.spec.kv_page import KVPage
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.specdec_monitor import AcceptMonitor
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (KVSlot, AcceptMonitor)}
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (KVSlot, KVPage, AcceptMonitor)}
 
 
 def protocol_named(name: str) -> type[Protocol]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
 from kvproof.spec.machine import Ops, data_domain, receive_guard
 
 
@@ -87,6 +87,16 @@ def _src(v: Any) -> str:
         return repr(v)
     _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
     return f"C[{len(_CONSTS) - 1}]"
+
+
+def source(v: Any) -> str:
+    """Python source of a traced expression or constant (`spec/ownership.py` reads positions from it); constants render as C[i] into `constants()`."""
+    return _src(v)
+
+
+def constants() -> list[Any]:
+    """A snapshot of the constant table that traced sources index as C[i]."""
+    return list(_CONSTS)
 
 
 class TraceOps(Ops):
@@ -208,6 +218,7 @@ class Compiled:
                 self.entries.append((name, args, adef, None, [p.name for p in adef.params if p.index is None]))
         self.step = _successor_function(self.layout, params, self.entries, variant, dropped)
         self._args: dict[tuple[int, tuple], dict[str, Any]] = {}
+        self._nats = self.layout.nat_positions()
         props = [(name, inv) for name, inv in protocol.invariants.items() if not inv.strengthening
                  and (properties is None or name in properties)]
         self.invariants = [(name, args, compile_predicate(self.layout, inv.body, args, variant))
@@ -217,7 +228,9 @@ class Compiled:
             (inv.body, args) for _, inv in props for args in self.layout.instances(inv.params)], variant)
 
     def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
-        """(property, args) of the user properties `state` violates."""
+        """(property, args) of the user properties `state` violates (NAT_PROPERTY: a negative Nat)."""
+        if any(state[p] < 0 for p in self._nats):
+            return [(NAT_PROPERTY, {})]     # the runtime rejects this state; nothing else is meaningful
         if self._all_hold(state):
             return []
         return [(name, args) for name, args, f in self.invariants if not f(state)]

@@ -58,6 +58,15 @@ class SpecError(Exception):
     """A protocol definition or instance parameter is malformed."""
 
 
+class OwnershipError(SpecError):
+    """An action reads or writes state its actor cannot see (raised when the class is defined)."""
+
+    def __init__(self, protocol: str, problems: list[str]) -> None:
+        self.protocol, self.problems = protocol, problems
+        more = f" (+{len(problems) - 1} more: " + "; ".join(problems[1:4]) + ")" if len(problems) > 1 else ""
+        super().__init__(f"ownership violation: {problems[0]}{more}")
+
+
 # ---------------------------------------------------------------- value types
 
 
@@ -93,6 +102,10 @@ class EnumT:
 
 
 ValueType = Bool | Nat | EnumT
+
+# The type property every checker adds: a Nat never goes negative. The runtime rejects such a
+# write (Instance.fire), so the verifier checks it like a property instead of assuming it.
+NAT_PROPERTY = "nat_nonnegative"
 
 
 @dataclass(frozen=True)
@@ -227,7 +240,17 @@ class Protocol:
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        # Inheritance composes: start from the parents' actions, properties and goals, then let
+        # this class add to them or override one by name (most-derived class wins).
         cls.actions, cls.invariants, cls.goals = {}, {}, {}
+        for base in reversed(cls.__mro__[1:]):
+            if issubclass(base, Protocol) and base is not Protocol:
+                cls.actions.update(vars(base).get("actions", {}))
+                cls.invariants.update(vars(base).get("invariants", {}))
+                cls.goals.update(vars(base).get("goals", {}))
+        inherited = set(cls.actions) | set(cls.invariants) | set(cls.goals)
+        if "name" not in vars(cls) and any(getattr(b, "name", "") for b in cls.__bases__):
+            cls.name = cls.__name__     # a derived protocol is a different protocol: own name, own checks
         for attr, fn in list(vars(cls).items()):
             if hasattr(fn, "__kv_action__"):
                 actor, receives, ps = fn.__kv_action__
@@ -249,6 +272,17 @@ class Protocol:
                 pending, done, ps = fn.__kv_liveness__
                 cls.goals[attr] = LivenessDef(attr, _parse_params(ps), getattr(cls, pending),
                                               getattr(cls, done), (fn.__doc__ or "").strip())
+            elif attr in inherited:
+                raise SpecError(f"{cls.__name__}.{attr} overrides the inherited action or property "
+                                f"{attr!r} without @action/@invariant/@liveness; redeclare it with its "
+                                f"decorator (overriding by name keeps the protocol's shape explicit)")
+        for a in cls.actions.values():       # inherited actions must still fit this class's declarations
+            if a.actor not in cls.actors and a.actor != "net":
+                raise SpecError(f"{cls.__name__}.{a.name}: unknown actor {a.actor!r}")
+        from kvproof.spec.ownership import check_ownership
+        problems = check_ownership(cls)
+        if problems:
+            raise OwnershipError(cls.__name__, problems)
 
     @classmethod
     def quiescent(cls, m: Any) -> Any:
@@ -298,6 +332,14 @@ class Layout:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def nat_positions(self) -> list[int]:
+        """Positions of Nat-typed values (the ones NAT_PROPERTY constrains)."""
+        return [p for p, (v, _) in enumerate(self.names) if isinstance(self.vars[v].type, Nat)]
+
+    def negative_nats(self, state: Any) -> list[str]:
+        """Labels of Nat positions holding a negative value in a concrete state."""
+        return [self.label(p) for p in self.nat_positions() if state[p] < 0]
 
     def initial(self) -> tuple:
         """The initial state vector."""

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Iterator
 
-from kvproof.spec.core import ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError, variant_name
+from kvproof.spec.core import (NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, ProtocolViolation, SpecError,
+                                variant_name)
 
 
 class Ops:
@@ -297,6 +298,14 @@ class Instance:
         return evaluate(self.layout, self.state, adef, args, CONCRETE, self.variant,
                         local=self.actor is not None)
 
+    def _kept(self, writes: dict[int, Any]) -> dict[int, Any]:
+        """The writes this instance maintains: an actor's own instance does not keep 'net' state,
+        which its process cannot observe (ownership: it reads net state only in env facts, which
+        an actor-local instance does not evaluate)."""
+        if self.actor is None:
+            return writes
+        return {p: v for p, v in writes.items() if self.layout.vars[self.layout.names[p][0]].owner != "net"}
+
     def why_disabled(self, action: str, **args: Any) -> str | None:
         """The first false guard of `action(args)`, or None when it is enabled."""
         try:
@@ -317,7 +326,13 @@ class Instance:
                 m = self._eval(adef, args)
             except GuardFailed as g:
                 raise ProtocolViolation(self.protocol.name, action, args, g.guard) from None
-            for pos, val in m.writes.items():
+            writes = self._kept(m.writes)
+            neg = [self.layout.label(p) for p, v in writes.items()
+                   if isinstance(self.layout.vars[self.layout.names[p][0]].type, Nat) and v < 0]
+            if neg:
+                raise ProtocolViolation(self.protocol.name, action, args, NAT_PROPERTY,
+                                        f"{', '.join(neg)} would become negative: a Nat is never < 0")
+            for pos, val in writes.items():
                 self.state[pos] = val
             if self._trace is not None:
                 self._write_trace({"kind": "fire", "actor": adef.actor, "action": action,

@@ -132,6 +132,9 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
         "actors": ("monitor",),
         "indices": {},
         "bounds": {"max_draft": 3},
+        "sanity_depth": 16,
+        "sanity_method": "bmc",         # unbounded counters: the sanity search is BMC, not exhaustive
+
         "vars": {
             "phase": Var(EnumT(Phase), (), "monitor", doc="running or why it was aborted"),
             "steps": Var(Nat(), (), "monitor", doc="verification steps"),
@@ -150,7 +153,11 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
         ns[prop] = invariant(globals()["_" + prop])
     name = f"AcceptMonitor_{min_tokens}_{min_accept_length.numerator}_{min_accept_length.denominator}" \
            f"_{max_accept_rate.numerator}_{max_accept_rate.denominator}"
-    return type(name, (Protocol,), ns)
+    cls = type(name, (Protocol,), ns)
+    # A flag needs > min_tokens tokens (about 92 steps for a low accept length at 128): the sanity
+    # search (verify/sanity.py) runs on the same monitor with min_tokens=4, within its reach.
+    cls.sanity_instance = monitor_protocol(4, min_accept_length, max_accept_rate) if min_tokens > 4 else None
+    return cls
 
 
 AcceptMonitor = monitor_protocol()

@@ -56,6 +56,45 @@ def test_runtime_fires_the_kv_slot_spec():
     assert "Instance(" in text and ".fire(" in text
 
 
+# The modules that own KV pages: the engine's page pool, HiCache's tiers, the engine's host tier.
+PAGE_OWNERS = ("runtime/model/page_pool.py", "runtime/hicache/pages.py", "runtime/hicache/host_tier.py")
+# Names of hand-kept page bookkeeping the page spec (spec/kv_page.py) holds instead.
+PAGE_COUNTERS = {"ref", "refs", "refcount", "refcounts", "pin", "pins", "locks", "used"}
+
+
+def test_page_owners_fire_the_kv_page_spec():
+    for rel in PAGE_OWNERS:
+        text = (ROOT / rel).read_text()
+        assert "LocalInstance(KVPage" in text and ".fire(" in text, f"{rel} does not drive its pages by the spec"
+
+
+def test_runtime_changes_page_state_only_through_the_spec():
+    """No hand-kept reference count, pin or lock count, used set or page-state comparison in runtime/:
+    holders, locks and residency are the page spec's state, changed by firing and read by queries."""
+    offenders = []
+    for p in _modules("runtime"):
+        page_states = "kvproof.spec.kv_page" in _imports(p)        # its PState is the page state
+        for node in ast.walk(ast.parse(p.read_text())):
+            where = f"{p.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            targets = []
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                base = t.value if isinstance(t, ast.Subscript) else t
+                name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", "")
+                counted = isinstance(node, ast.AugAssign) or isinstance(t, ast.Subscript) or isinstance(t, ast.Attribute)
+                if counted and PAGE_COUNTERS & set(name.lower().strip("_").split("_")):
+                    offenders.append(f"{where} writes {ast.unparse(t)}")
+            if page_states and isinstance(node, ast.Compare):
+                if any(isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name) and x.value.id == "PState"
+                       for x in [node.left, *node.comparators]):
+                    offenders.append(f"{where} compares a page state by hand: {ast.unparse(node)}")
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if node.target.id in ("locks", "refs", "pins") and p.name == "radix.py":
+                    offenders.append(f"{where} declares a {node.target.id} field")
+    assert not offenders, f"page bookkeeping outside the spec: {offenders}"
+
+
 def _module_name(path):
     rel = path.relative_to(ROOT / "runtime").with_suffix("")
     parts = [p for p in rel.parts if p != "__init__"]

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from kvproof.spec.core import SpecError
 from kvproof.verify.trace_audit import TraceFormatError, audit
 
 
@@ -18,6 +19,8 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="output format (default text; --json is short for --format json)")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--context", type=int, default=5, help="preceding steps shown with an error")
+    p.add_argument("--protocol", action="append", metavar="PATH.py",
+                   help="a module of your own defining the traces' protocol (repeatable)")
 
 
 def audit_main(args: argparse.Namespace) -> int:
@@ -34,8 +37,16 @@ def audit_main(args: argparse.Namespace) -> int:
     if fmt == "sarif":
         print("kvproof audit: SARIF output is for --streams; use --format text|json", file=sys.stderr)
         return 2
+    extra = {}
     try:
-        res = audit(args.paths, context=args.context)
+        from kvproof.verify.loader import LoadError, load
+        for path in args.protocol or []:
+            extra.update(load(path).protocols)
+    except (LoadError, SpecError) as e:
+        print(f"kvproof audit: --protocol: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = audit(args.paths, context=args.context, protocols=extra)
     except TraceFormatError as e:
         if fmt == "json":
             print(json.dumps({"ok": False, "verdict": "malformed", "error": str(e)}, indent=2))

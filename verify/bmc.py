@@ -7,7 +7,7 @@ from typing import Any
 
 import z3
 
-from kvproof.spec.core import Protocol
+from kvproof.spec.core import NAT_PROPERTY, Protocol
 from kvproof.spec.machine import CONCRETE, GuardFailed, evaluate
 from kvproof.verify.symbolic import Encoding
 from kvproof.verify.verdict import Step
@@ -66,6 +66,7 @@ def bmc(protocol: type[Protocol], variant: str, params: dict[str, int], props: l
     enc = Encoding(protocol, variant, params, dropped)
     s = z3.SolverFor("QF_LIA")      # the encoding is linear integer arithmetic: its own solver, 1.7x faster
     s.add(enc.init(), enc.domain(0))
+    props = [NAT_PROPERTY] + [p for p in props if p != NAT_PROPERTY]   # types first: every step checks them
     for d in range(max_depth + 1):
         # One query per depth for "some property fails" (most depths have none); only on a hit,
         # one query per property, in the caller's order, to name the first that fails.
@@ -81,7 +82,7 @@ def bmc(protocol: type[Protocol], variant: str, params: dict[str, int], props: l
                 s.pop()
                 return cex
             s.pop()
-        s.add(enc.trans(d), enc.domain(d + 1))
+        s.add(enc.domain(d), enc.trans(d))       # domain(d) was just shown; assuming it helps the solver
     return None
 
 
@@ -97,7 +98,14 @@ class InductionResult:
 
 def induction(protocol: type[Protocol], variant: str, params: dict[str, int], props: list[str],
               k: int = 1, dropped: frozenset[str] = frozenset()) -> InductionResult:
-    """Check that the conjunction of `props` holds initially and is k-inductive."""
+    """Check that the conjunction of `props` holds initially and is k-inductive.
+
+    Never 'proven' for nothing: a protocol without actions or an empty property list fails
+    with the reason in `failed` (an empty conjunction is trivially inductive)."""
+    if not protocol.actions:
+        return InductionResult(False, k, failed=f"vacuous: {protocol.name} has no actions")
+    if not props:
+        return InductionResult(False, k, failed=f"vacuous: no properties of {protocol.name} to prove")
     enc = Encoding(protocol, variant, params, dropped)
     inv = lambda i: z3.And(*[enc.prop(p, i) for p in props])   # noqa: E731
     s = z3.Solver()
@@ -105,17 +113,18 @@ def induction(protocol: type[Protocol], variant: str, params: dict[str, int], pr
     s.add(enc.init(), enc.domain(0))
     for i in range(k):
         s.push()
-        s.add(z3.Not(inv(i)))
+        s.add(z3.Not(z3.And(inv(i), enc.domain(i))))
         if s.check() == z3.sat:
             return InductionResult(False, k, failed="base case")
         s.pop()
-        s.add(enc.trans(i), enc.domain(i + 1))
+        s.add(enc.domain(i), enc.trans(i))
     # step: k consecutive invariant states are followed by an invariant state
     t = z3.Solver()
     for i in range(k):
         t.add(enc.domain(i), inv(i), enc.trans(i))
-    t.add(enc.domain(k))
-    for p in props:
+    # The types of the state after the step are an obligation, not an assumption (a Nat the
+    # runtime can drive negative must show up here); once shown they may be assumed.
+    for p in [NAT_PROPERTY] + [p for p in props if p != NAT_PROPERTY]:
         t.push()
         t.add(z3.Not(enc.prop(p, k)))
         if t.check() == z3.sat:
@@ -125,4 +134,6 @@ def induction(protocol: type[Protocol], variant: str, params: dict[str, int], pr
             cti = {"pre_state": pre, "action": inst.label, "data": data}
             return InductionResult(False, k, cti=cti, failed=p)
         t.pop()
+        if p == NAT_PROPERTY:
+            t.add(enc.domain(k))
     return InductionResult(True, k)

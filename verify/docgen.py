@@ -5,6 +5,7 @@ import inspect
 from pathlib import Path
 
 from kvproof.spec.core import EnumT, Nat, Protocol
+from kvproof.spec.kv_page import KVPage
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.machine import successors
 from kvproof.verify.explore import explore, path_steps
@@ -12,7 +13,15 @@ from kvproof.verify.guards import guards_of
 from kvproof.verify.report import mermaid, step_table
 from kvproof.verify.verdict import Step
 
-PAGES: dict[str, type[Protocol]] = {"kv_slot": KVSlot}
+PAGES: dict[str, type[Protocol]] = {"kv_slot": KVSlot, "kv_page": KVPage}
+# Per protocol: the small instance the diagrams and shortest runs come from, and the pre-fix bugs
+# shown as (variant, property) with their shortest violating run.
+SMALL: dict[str, dict[str, int]] = {"kv_slot": {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1},
+                                    "kv_page": {"pages": 1, "max_epoch": 2, "max_refs": 2}}
+BUGS: dict[str, list[tuple[str, str]]] = {
+    "kv_slot": [("unfixed", "no_cross_request_write")],
+    "kv_page": [("evict_locked", "reads_own_content"), ("free_while_loading", "no_load_into_foreign_content"),
+                ("reuse_before_writeback", "host_copy_intact")]}
 
 
 def _type(v) -> str:
@@ -26,7 +35,7 @@ def _type(v) -> str:
 
 def _state_edges(proto: type[Protocol], variant: str, var: str) -> set[tuple[str, str, str]]:
     """(from, to, action) for every reachable change of `var` at index 0 (small instance)."""
-    ex = explore(proto, variant, {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1})
+    ex = explore(proto, variant, SMALL[proto.name])
     idx = tuple(0 for _ in proto.vars[var].index)
     pos = ex.layout.slots[(var, idx)]
     return {(st[pos].name, nxt[pos].name, action) for st in ex.graph
@@ -50,14 +59,14 @@ def _state_diagram(proto: type[Protocol], var: str) -> list[str]:
 
 def _shortest_violation(proto: type[Protocol], variant: str, prop: str) -> list[Step]:
     """A shortest violating run found by breadth-first search (deterministic, unlike a Z3 model)."""
-    ex = explore(proto, variant, {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1})
+    ex = explore(proto, variant, SMALL[proto.name])
     return path_steps(ex, ex.violations[prop]) if prop in ex.violations else []
 
 
 def protocol_page(proto: type[Protocol]) -> str:
     """The Markdown page of one protocol."""
     doc = inspect.getmodule(proto).__doc__ or ""
-    params = {"slots": 1, "writers": 1}
+    params = {k: v for k, v in SMALL[proto.name].items() if k in proto.indices.values()}
     lines = [f"# Protocol `{proto.name}`", "", "_Generated from `spec/` by `python -m kvproof.verify.docgen`; "
              "do not edit by hand._", "", doc.strip(), "",
              f"Variants: {', '.join(f'`{v}`' for v in proto.variants)}. Actors: "
@@ -65,7 +74,8 @@ def protocol_page(proto: type[Protocol]) -> str:
              "## State", "", "| variable | indexed by | owner | values | meaning |", "|---|---|---|---|---|"]
     for name, v in proto.vars.items():
         lines.append(f"| `{name}` | {', '.join(v.index) or '-'} | {v.owner} | {_type(v)} | {v.doc} |")
-    lines += ["", "Channels (each message carries an epoch; delayed, duplicated and reordered):", ""]
+    if proto.channels:
+        lines += ["", "Channels (each message carries an epoch; delayed, duplicated and reordered):", ""]
     lines += [f"- `{c}`: {ch.src} → {ch.dst}, per ({', '.join(ch.index)}): {ch.doc}"
               for c, ch in proto.channels.items()]
     for var, v in proto.vars.items():
@@ -85,11 +95,11 @@ def protocol_page(proto: type[Protocol]) -> str:
         lines.append(f"- `{name}` ({kind}): {inv.doc}")
     for name, g in proto.goals.items():
         lines.append(f"- `{name}` (liveness, under strong fairness): {g.doc}")
-    if "unfixed" in proto.variants:
-        steps = _shortest_violation(proto, "unfixed", "no_cross_request_write")
+    for variant, prop in BUGS.get(proto.name, []):
+        steps = _shortest_violation(proto, variant, prop)
         if steps:
-            lines += ["", "## The pre-fix bug, as the verifier finds it", "",
-                      f"The shortest run of variant `unfixed` that violates `no_cross_request_write` "
+            lines += ["", f"## Pre-fix variant `{variant}`, as the verifier finds it", "",
+                      f"The shortest run of variant `{variant}` that violates `{prop}` "
                       f"({len(steps)} steps; `kvproof prove` finds one of the same length with Z3):", "",
                       "```", step_table(steps), "```", "", "```mermaid", mermaid(steps), "```"]
     return "\n".join(lines) + "\n"

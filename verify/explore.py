@@ -9,7 +9,7 @@ from typing import Any
 
 import networkx as nx
 
-from kvproof.spec.core import Layout, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, Layout, Protocol, variant_name
 from kvproof.spec.compiled import Compiled
 from kvproof.spec.machine import CONCRETE, evaluate, holds
 from kvproof.verify.verdict import Step
@@ -30,6 +30,7 @@ class Exploration:
     violations: dict[str, tuple] = field(default_factory=dict)   # property -> first violating state
     deadlocks: list[tuple] = field(default_factory=list)
     dropped: frozenset[str] = frozenset()                         # guards removed for this search
+    symmetry_note: str = ""        # why a requested symmetry reduction was not used (empty: used or not asked)
 
     @property
     def states(self) -> int:
@@ -79,21 +80,33 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     variant = variant_name(variant)
     full = {**protocol.bounds, **params}
     layout = Layout.build(protocol, full)
+    note = ""
+    if symmetry is not None and layout.sizes.get(symmetry, 1) > 1:
+        # Reduce only by a symmetry Z3 has checked: an asymmetric protocol would hide states.
+        from kvproof.verify.symmetry import asymmetry
+        why = asymmetry(protocol, variant, full, symmetry, dropped)
+        if why is not None:
+            note = f"{symmetry} symmetry reduction NOT used: {why}"
+            symmetry = None
     canon = _slot_canonical(layout, symmetry) if symmetry in layout.sizes else (lambda st: st)
     t0 = time.perf_counter()
     init = canon(layout.initial())
     g = nx.DiGraph()
     g.add_node(init)
     frontier = [init]
-    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped)
+    ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped,
+                     symmetry_note=note)
     comp = Compiled(protocol, full, variant, dropped)
     step, label, violated = comp.step, comp.label, comp.violated
     has_node, add_node, has_edge, add_edge = g.__contains__, g.add_node, g.has_edge, g.add_edge
     while frontier:
         nxt_frontier = []
         for st in frontier:
-            for name, _ in violated(st):
+            bad = violated(st)
+            for name, _ in bad:
                 ex.violations.setdefault(name, st)
+            if bad and bad[0][0] == NAT_PROPERTY:
+                continue            # ill-typed: the runtime rejects this state, so it has no successors
             succ = step(st)
             for k, data, nxt in succ:
                 nxt = canon(nxt)

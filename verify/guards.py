@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from kvproof.spec.core import Protocol
+from kvproof.spec.core import NAT_PROPERTY, Protocol
 from kvproof.verify.bmc import Counterexample, bmc, induction
 from kvproof.verify.symbolic import Encoding
 
@@ -68,7 +68,9 @@ def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
 def _one(protocol: type[Protocol], variant: str, params: dict[str, int], depth: int, max_states: int,
          name: str, kind: str, actions: list[str]) -> GuardResult:
     """The necessity analysis of one guard (a process-pool task: arguments picklable)."""
-    props = [n for n, i in protocol.invariants.items() if not i.strengthening]
+    # The type property is a property here: a guard that only keeps a counter from going
+    # negative is needed, since the runtime rejects the negative value (no Z3 type hides it).
+    props = [n for n, i in protocol.invariants.items() if not i.strengthening] + [NAT_PROPERTY]
     t0 = time.perf_counter()
     dropped = frozenset({name})
     ind = induction(protocol, variant, params, list(protocol.invariants), 1, dropped)

@@ -7,17 +7,20 @@ import os
 import sys
 import time
 
-from kvproof.spec.catalog import protocol_named
-from kvproof.spec.core import Protocol, variant_arg
+from kvproof.spec.core import Protocol, SpecError, variant_arg
 from kvproof.verify.explore import explore, fair_liveness_violations, path_steps, render_state
 from kvproof.verify.guards import necessity
 from kvproof.verify.report import step_table
 
 def _protocol(name: str) -> type[Protocol]:
+    """A catalog protocol by name, or one from a user's module: PATH.py or PATH.py:NAME."""
+    from kvproof.verify.loader import LoadError, protocol_from
     try:
-        return protocol_named(name)
+        return protocol_from(name)
     except KeyError as e:
         raise SystemExit(f"kvproof: {e.args[0]}") from None
+    except (LoadError, SpecError) as e:
+        raise SystemExit(f"kvproof: --protocol {name}: {e}") from None
 
 
 def _params(pairs: list[str] | None) -> dict[str, int]:
@@ -32,8 +35,9 @@ def _params(pairs: list[str] | None) -> dict[str, int]:
 
 def add_guards_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof guards`."""
-    p.add_argument("--protocol", default="kv_slot")
-    p.add_argument("--variant", default="fixed", type=variant_arg)
+    p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
+    p.add_argument("--variant", default=None, type=variant_arg,
+                   help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N", help="instance size, e.g. writers=1")
     p.add_argument("--depth", type=int, default=14, help="BMC depth per dropped guard")
     p.add_argument("--guard", action="append", help="only these guards")
@@ -45,7 +49,8 @@ def add_guards_args(p: argparse.ArgumentParser) -> None:
 def guards_main(args: argparse.Namespace) -> int:
     """Drop each guard in turn; report which property breaks and how."""
     proto = _protocol(args.protocol)
-    params = {"slots": 1, "writers": 1, **_params(args.param)}
+    args.variant = args.variant or (proto.variants[0] if proto.variants else "")
+    params = {**{p: 1 for p in proto.indices.values()}, **_params(args.param)}   # index sets of size 1
     if args.variant not in proto.variants:
         print(f"kvproof guards: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)
@@ -89,8 +94,9 @@ def guards_main(args: argparse.Namespace) -> int:
 
 def add_explore_args(p: argparse.ArgumentParser) -> None:
     """Arguments of `kvproof explore`."""
-    p.add_argument("--protocol", default="kv_slot")
-    p.add_argument("--variant", default="fixed", type=variant_arg)
+    p.add_argument("--protocol", default="kv_slot", help="a protocol name, or PATH.py[:NAME] of your own")
+    p.add_argument("--variant", default=None, type=variant_arg,
+                   help="default: the protocol's first variant (its fixed one)")
     p.add_argument("--param", action="append", metavar="NAME=N",
                    help="sizes and search bounds, e.g. slots=2 writers=1 max_epoch=1 max_chunks=1")
     p.add_argument("--engine", choices=("python", "spin"), default="python",
@@ -106,6 +112,7 @@ def add_explore_args(p: argparse.ArgumentParser) -> None:
 def explore_main(args: argparse.Namespace) -> int:
     """Exhaustive search of one instance: reachable states, violations, deadlocks, liveness."""
     proto = _protocol(args.protocol)
+    args.variant = args.variant or (proto.variants[0] if proto.variants else "")
     if args.variant not in proto.variants:
         print(f"kvproof explore: unknown variant {args.variant!r}; expected one of {proto.variants}",
               file=sys.stderr)
@@ -116,9 +123,15 @@ def explore_main(args: argparse.Namespace) -> int:
     except RuntimeError as e:   # state space past the cap, SPIN missing or failing: say which
         print(f"kvproof explore: {e}", file=sys.stderr)
         return 2
+    if not proto.actions or not any(not i.strengthening for i in proto.invariants.values()):
+        print(f"kvproof explore: {proto.name} has no {'actions' if not proto.actions else 'properties'}: "
+              f"nothing was checked ({doc['states']} state(s))", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
+        if doc.get("symmetry_note"):
+            print(f"warning: {doc['symmetry_note']}; searched every state instead")
         live = doc["liveness_violations"]
         print(f"{proto.name}/{args.variant} {doc['params']} [{doc['engine']}, symmetry "
               f"{'on' if doc['symmetry'] else 'off'}]: {doc['states']} states, {doc['transitions']} "
@@ -138,7 +151,8 @@ def _explore_python(proto: type[Protocol], args: argparse.Namespace, params: dic
     live = {} if args.no_liveness else {g: len(fair_liveness_violations(ex, g)) for g in proto.goals}
     cex = {k: path_steps(ex, v) for k, v in ex.violations.items()}
     doc = {"protocol": proto.name, "variant": args.variant, "engine": "python", "params": ex.params,
-           "symmetry": ex.symmetric and not args.no_symmetry, "states": ex.states,
+           "symmetry": "slot" if ex.symmetric else None, "symmetry_note": ex.symmetry_note or None,
+           "states": ex.states,
            "transitions": ex.edges, "seconds": round(ex.seconds, 3),
            "states_per_second": round(ex.states / ex.seconds) if ex.seconds else None,
            "violations": {k: render_state(ex.layout, v) for k, v in ex.violations.items()},
@@ -154,7 +168,7 @@ def _explore_spin(proto: type[Protocol], args: argparse.Namespace, params: dict[
     ex = explore_spin(proto, args.variant, params, liveness=not args.no_liveness)
     live = {g: int(v is not None) for g, v in ex.liveness.items()}
     doc = {"protocol": proto.name, "variant": args.variant, "engine": "spin", "params": ex.params,
-           "symmetry": False, "states": ex.states, "transitions": ex.transitions,
+           "symmetry": None, "states": ex.states, "transitions": ex.transitions,
            "seconds": round(ex.seconds, 3), "search_seconds": round(ex.search_seconds, 3),
            "compile_seconds": round(ex.compile_seconds, 3),
            "states_per_second": round(ex.states_per_second) if ex.states_per_second else None,

@@ -30,7 +30,9 @@ def _participant(actor: str, params: dict[str, Any]) -> str:
 
 def mermaid(steps: list[Step]) -> str:
     """A counterexample as a Mermaid sequence diagram (decode, prefill ranks, network)."""
-    lines = ["sequenceDiagram", "    participant decode", "    participant net"]
+    actors = list(dict.fromkeys(s.actor for s in steps))
+    base = ["decode", "net"] if set(actors) & {"decode", "prefill"} or not actors else actors
+    lines = ["sequenceDiagram"] + [f"    participant {a}" for a in base]
     ranks = sorted({s.params["w"] for s in steps if "w" in s.params})
     for w in ranks:
         lines.insert(2, f"    participant prefill{w}")

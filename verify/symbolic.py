@@ -6,7 +6,7 @@ from typing import Any
 
 import z3
 
-from kvproof.spec.core import ActionDef, Bool, EnumT, Layout, Nat, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, ActionDef, Bool, EnumT, Layout, Nat, Protocol, variant_name
 from kvproof.spec.machine import Ops, View, evaluate, holds
 
 
@@ -77,7 +77,11 @@ class Encoding:
         return self._states[k]
 
     def domain(self, k: int) -> Any:
-        """Type constraints of step k's state (naturals >= 0, enums in range)."""
+        """Type constraints of step k's state (naturals >= 0, enums in range).
+
+        Assumed of the initial state and of induction hypotheses only: after a step it is
+        checked (NAT_PROPERTY), because the runtime can reach a negative counter that an
+        assumed type would silently rule out."""
         cs = []
         for pos, (vname, _) in enumerate(self.layout.names):
             t, x = self.layout.vars[vname].type, self.state(k)[pos]
@@ -111,7 +115,9 @@ class Encoding:
         return z3.Or(*[self.step(i, k)[0] for i in self.instances])
 
     def prop(self, name: str, k: int) -> Any:
-        """A named invariant, quantified over its indices, at step k."""
+        """A named invariant, quantified over its indices, at step k (NAT_PROPERTY: the types)."""
+        if name == NAT_PROPERTY:
+            return self.domain(k)
         inv = self.protocol.invariants[name]
         return z3.And(*[holds(self.layout, self.state(k), inv.body, args, Z3, self.variant)
                         for args in self.layout.instances(inv.params)])

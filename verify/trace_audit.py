@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvproof.spec.catalog import PROTOCOLS
-from kvproof.spec.core import ProtocolViolation, SpecError
+from kvproof.spec.core import Protocol, ProtocolViolation, SpecError
 from kvproof.spec.machine import Instance
 
 
@@ -147,8 +147,11 @@ def trace_files(paths: list[str]) -> list[Path]:
     return out
 
 
-def audit(paths: list[str], context: int = 5) -> AuditResult:
-    """Merge the traces and replay them against the spec; stop at the first illegal step."""
+def audit(paths: list[str], context: int = 5,
+          protocols: dict[str, type[Protocol]] | None = None) -> AuditResult:
+    """Merge the traces and replay them against the spec; stop at the first illegal step.
+
+    `protocols` adds protocols by name to the catalog's (e.g. from `--protocol PATH.py`)."""
     headers, events = [], []
     for f in trace_files(paths):
         h, evs = load_trace(f)
@@ -159,9 +162,11 @@ def audit(paths: list[str], context: int = 5) -> AuditResult:
         for k in ("protocol", "variant", "params"):
             if h[k] != h0[k]:
                 raise TraceFormatError(f"{f}: header {k}={h[k]!r} differs from {f0}'s {h0[k]!r}")
-    proto = PROTOCOLS.get(h0["protocol"])
+    known = {**PROTOCOLS, **(protocols or {})}
+    proto = known.get(h0["protocol"])
     if proto is None:
-        raise TraceFormatError(f"{f0}: unknown protocol {h0['protocol']!r}; expected one of {sorted(PROTOCOLS)}")
+        raise TraceFormatError(f"{f0}: unknown protocol {h0['protocol']!r}; expected one of {sorted(known)} "
+                               f"(a protocol of your own: --protocol PATH.py)")
     try:
         inst = Instance(proto, h0["variant"], h0["params"])
     except SpecError as e:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from kvproof.runtime.hicache.pages import (BatchResult, CacheFullError, HiCacheConfig, PagePool, PlanRaceError,
+from kvproof.runtime.hicache.pages import (BatchResult, CacheFullError, HiCacheConfig, PlanRaceError, TierPages,
                                            layer_copy)
 from kvproof.runtime.model.radix import RadixIndex, RadixNode
 from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, emulate, run_sync
@@ -46,14 +46,34 @@ class HiCache:
         self.host_kv = torch.zeros(L, cfg.host_pages, P, cfg.kv_dim, **host)
         self.host_idx = torch.zeros(L, cfg.host_pages, P, cfg.idx_dim, **host)
         self.index = RadixIndex(P)
-        self.dev_pool = PagePool(cfg.device_pages, "device")
-        self.host_pool = PagePool(cfg.host_pages, "host")
+        self.dev_pool = TierPages(cfg.device_pages, "device")
+        self.host_pool = TierPages(cfg.host_pages, "host")
         self._stats: Counter[str] = Counter()
         self._verdicts: dict[str, tuple[Plan, tuple[Violation, ...]]] = {}
         self._executor = CudaExecutor(self.device) if self.cuda else None
         self._last: tuple[Plan, dict[int, tuple[float, float]]] | None = None
 
     # ------------------------------------------------------------ pages
+    def is_locked(self, node: RadixNode) -> bool:
+        """Whether a batch holds the node's pages (the radix lock reference, kept by the page spec)."""
+        return ((node.device_page is not None and self.dev_pool.held(node.device_page))
+                or (node.host_page is not None and self.host_pool.held(node.host_page)))
+
+    def hold(self, nodes: list[RadixNode]) -> list[tuple[TierPages, int, int]]:
+        """Hold every node's resident page (device, else host) for a batch: (tier, page, epoch) each."""
+        out = []
+        for n in nodes:
+            tier, p = (self.dev_pool, n.device_page) if n.device_page is not None else (self.host_pool, n.host_page)
+            if p is not None:
+                out.append((tier, p, tier.hold(p)))
+        return out
+
+    @staticmethod
+    def unhold(held: list[tuple[TierPages, int, int]]) -> None:
+        """Release what `hold` (or a fresh allocation) took."""
+        for tier, p, e in held:
+            tier.unhold(p, e)
+
     def _alloc_device_page(self) -> int:
         if not self.dev_pool.can_allocate():
             self._evict_one()
@@ -61,10 +81,10 @@ class HiCache:
 
     def _alloc_host_page(self) -> int:
         if not self.host_pool.can_allocate():
-            leaf = self.index.lru_host_leaf()
+            leaf = self.index.lru_host_leaf(self.is_locked)
             if leaf is None:
                 raise CacheFullError(f"host pool: all {self.cfg.host_pages} pages in use and none droppable")
-            self.host_pool.release(leaf.host_page)  # type: ignore[arg-type]
+            self.host_pool.drop(leaf.host_page)  # type: ignore[arg-type]
             leaf.host_page = None
             self.index.remove(leaf)
             self._stats["dropped"] += 1
@@ -72,7 +92,7 @@ class HiCache:
 
     def _evict_one(self) -> None:
         """Free one device page: write it back to the host, or drop it if the host is full and it is a leaf."""
-        for node in self.index.device_candidates():
+        for node in self.index.device_candidates(self.is_locked):
             dp = node.device_page
             assert dp is not None
             if node.host_page is None:                       # write back; kept copies need no copy
@@ -85,28 +105,38 @@ class HiCache:
                     self.index.remove(node)
                     self._stats["dropped"] += 1
                     return
-                node.host_page = hp
+                self.dev_pool.write_back(dp)
                 self.host_kv[:, hp].copy_(self.dev_kv[:, dp])
                 self.host_idx[:, hp].copy_(self.dev_idx[:, dp])
-            self._release_device(node)
+                self.host_pool.publish(hp)
+                self.host_pool.unhold(hp, self.host_pool.table.get("tag", hp))
+                node.host_page = hp
+                self._poison(dp)
+                self.dev_pool.written_back(dp)
+                node.device_page = None
+            else:
+                self._release_device(node)
             self._stats["evictions"] += 1
             return
         raise CacheFullError(f"device pool: all {self.cfg.device_pages} pages are locked by the batch "
                              f"or cannot be written back")
 
-    def _release_device(self, node: RadixNode) -> None:
-        dp = node.device_page
-        assert dp is not None
+    def _poison(self, dp: int) -> None:
         if self.cfg.poison is not None:
             self.dev_kv[:, dp].fill_(self.cfg.poison)
             self.dev_idx[:, dp].fill_(self.cfg.poison)
+
+    def _release_device(self, node: RadixNode) -> None:
+        dp = node.device_page
+        assert dp is not None
+        self._poison(dp)
         node.device_page = None
-        self.dev_pool.release(dp)
+        self.dev_pool.drop(dp)
 
     def evict(self, pages: int | None = None) -> int:
         """Move up to ``pages`` (default: all unlocked) device pages to the host, LRU first."""
         n = 0
-        while (pages is None or n < pages) and self.index.lru_device() is not None:
+        while (pages is None or n < pages) and self.index.lru_device(self.is_locked) is not None:
             try:
                 self._evict_one()
             except CacheFullError:                   # nothing more can leave the device
@@ -124,8 +154,7 @@ class HiCache:
         if kv.shape[1] < len(tokens) - len(tokens) % P or idx.shape[1] != kv.shape[1]:
             raise ValueError(f"insert: {len(tokens)} tokens but kv has {kv.shape[1]}, idx {idx.shape[1]} positions")
         path, new = self.index.insert(tokens)
-        for n in path:
-            n.locks += 1
+        held = self.hold(path)                              # new nodes have no page yet
         try:
             pos = {id(n): k for k, n in enumerate(path)}
             for node in new:
@@ -133,17 +162,16 @@ class HiCache:
                 node.device_page = dp = self._alloc_device_page()
                 self.dev_kv[:, dp].copy_(kv[:, k * P:(k + 1) * P])
                 self.dev_idx[:, dp].copy_(idx[:, k * P:(k + 1) * P])
+                self.dev_pool.publish(dp)
+                held.append((self.dev_pool, dp, self.dev_pool.table.get("tag", dp)))
         except CacheFullError:
-            for n in path:
-                n.locks -= 1
+            self.unhold(held)
             for node in reversed(new):                      # new nodes form a chain: drop it leaf first
                 if node.device_page is not None:
-                    self.dev_pool.release(node.device_page)
-                    node.device_page = None
+                    self._release_device(node)
                 self.index.remove(node)
             raise
-        for n in path:
-            n.locks -= 1
+        self.unhold(held)
         self._stats["inserted"] += len(new)
         return len(new)
 
@@ -175,16 +203,17 @@ class HiCache:
         if races and not cfg.allow_races:
             raise PlanRaceError(f"refusing plan {plan.name}: {races[0].message} "
                                 f"(and {len(races) - 1} more); set allow_races only to demonstrate the bug")
-        for n in nodes:
-            n.locks += 1
+        held = self.hold(nodes)
         swapped: list[RadixNode] = []
         try:
             swaps = []
             for n in nodes:
                 if n.device_page is None:
-                    n.device_page = self._alloc_device_page()
+                    n.device_page = dp = self._alloc_device_page()
                     swapped.append(n)
-                    swaps.append((n.host_page, n.device_page))
+                    swaps.append((n.host_page, dp))
+            for n in swapped:
+                self.dev_pool.start_load(n.device_page)  # type: ignore[arg-type]
             self._stats["swap_ins"] += len(swaps)
             q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
             h0 = hidden if hidden is not None else torch.ones(cfg.kv_dim)
@@ -192,13 +221,21 @@ class HiCache:
                                      h0.to(self.device, cfg.dtype), compute)
             res = self._execute(plan, impls, schedule or cfg.schedule)
         except BaseException:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)     # no copy may still land in a page given up
             for n in swapped:                       # pages never loaded must not look resident
-                self.dev_pool.release(n.device_page)  # type: ignore[arg-type]
+                dp = n.device_page
+                assert dp is not None
+                if not self.dev_pool.table.enabled("free", dp):     # its load was started: nothing is
+                    self.dev_pool.landed(dp)                         # in flight once execution returned
+                self.dev_pool.abandon(dp)
                 n.device_page = None
+            self.unhold(held)
             raise
-        finally:
-            for n in nodes:
-                n.locks -= 1
+        for n in swapped:                           # the plan ran to the end: every load landed
+            self.dev_pool.loaded(n.device_page)  # type: ignore[arg-type]
+            held.append((self.dev_pool, n.device_page, self.dev_pool.table.get("tag", n.device_page)))
+        self.unhold(held)
         self._stats["batches"] += 1
         self._last = (plan, res.times)
         return BatchResult(plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],

@@ -21,16 +21,17 @@ keys and, with the Triton backend, the fp8 indexer pages):
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 
 import torch
 
-from kvproof.runtime.hicache.pages import PagePool as HostPagePool
 from kvproof.runtime.hicache.pages import PlanRaceError, layer_copy
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
 from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, emulate, run_sync
 from kvproof.spec.core import variant_name
+from kvproof.spec.kv_page import KVPage, PState
+from kvproof.spec.local import LocalInstance
 from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
 from kvproof.spec.streams import Plan, Violation, check_plan
 
@@ -67,9 +68,12 @@ class HostTier:
             return torch.zeros((t.shape[0], pages) + tuple(t.shape[2:]), dtype=t.dtype, pin_memory=self.cuda)
         self.host_kv = host_like(cache.kv)
         self.host_idx = [host_like(t) for t in self.idx_tensors]
-        self.free = HostPagePool(pages, "host")
+        # Host pages follow the same page protocol as device pages (write-back = new content,
+        # a pending swap's pin = a holder, dropping = evicting without a copy): state, pins and
+        # residency live in this instance; free_pages and by_hash are derived indexes.
+        self.table = LocalInstance(KVPage, "fixed", "page", pages)
+        self.free_pages: deque[int] = deque(range(pages))
         self.by_hash: OrderedDict[bytes, int] = OrderedDict()    # least recently used first
-        self.pins: Counter[int] = Counter()                      # host pages a pending swap reads
         self.counts: Counter[str] = Counter()
         self._verdicts: dict[str, tuple[Violation, ...]] = {}
         self._executor = CudaExecutor(dev) if self.cuda else None
@@ -89,13 +93,21 @@ class HostTier:
             self.counts["plans_checked"] += 1
         return self._verdicts[plan.name]
 
+    @property
+    def pins(self) -> dict[int, int]:
+        """Host page -> pending swaps that read it (pages with none are left out)."""
+        return {hp: n for hp in range(self.num_pages) if (n := self.table.get("refs", hp))}
+
     def _alloc_host(self) -> int | None:
-        if self.free.can_allocate():
-            return self.free.allocate()
-        for h, hp in self.by_hash.items():                       # LRU first
-            if not self.pins[hp]:
+        if self.free_pages:
+            hp = self.free_pages.popleft()
+            self.table.fire("alloc", hp)
+            return hp
+        for h, hp in self.by_hash.items():                       # LRU first; a pinned page refuses
+            if self.table.try_fire("drop", hp):
                 del self.by_hash[h]
                 self.counts["dropped"] += 1
+                self.table.fire("alloc", hp)
                 return hp
         return None
 
@@ -112,6 +124,8 @@ class HostTier:
         self.host_kv[:, hp].copy_(self.cache.kv[:, page])
         for host, dev in zip(self.host_idx, self.idx_tensors):
             host[:, hp].copy_(dev[:, page])
+        self.table.fire("publish", hp)                           # written: cached on the host
+        self.table.fire("unlock", hp, self.table.get("tag", hp))  # and held by nobody
         self.by_hash[h] = hp
         self.counts["evictions"] += 1
         self.counts["writebacks"] += 1
@@ -122,14 +136,12 @@ class HostTier:
         if hp is None or not self.pool.can_allocate(1):
             return None
         self.by_hash.move_to_end(h)
-        self.pins[hp] += 1                                       # allocating may evict to the host
+        self.table.fire("lock", hp)                              # pinned: allocating may evict to the host
         return hp, self.pool.allocate(1)[0]
 
     def release(self, hp: int) -> None:
         """A reserved swap is done or abandoned: its host page may be dropped again."""
-        self.pins[hp] -= 1
-        if not self.pins[hp]:
-            del self.pins[hp]
+        self.table.fire("unlock", hp, self.table.get("tag", hp))
 
     def count_match(self, device_hits: int, host_hits: int, considered: int) -> None:
         """Record one prefix match: pages hit on the device, on the host, and pages considered."""
@@ -145,6 +157,8 @@ class HostTier:
         if races and not self.allow_races:
             raise PlanRaceError(f"refusing HiCache plan {self.plan.name}: {races[0].message}")
         cache, L = self.cache, len(model.layers)
+        for _, p in swaps:
+            self.pool.start_load(p)
         dst = torch.tensor([d for _, d in swaps], dtype=torch.long, device=cache.kv.device)
         emulated = not self.cuda
         with torch.inference_mode():
@@ -176,6 +190,8 @@ class HostTier:
                 impls[f"indexer[{l}]"] = indexer(l)
                 impls[f"attention[{l}]"] = attention(l)
             res = self._execute(impls)
+        for _, p in swaps:                                       # the plan ran to the end: every load landed
+            self.pool.landed(p)
         self.counts["swap_ins"] += len(swaps)
         self.counts["swap_batches"] += 1
         self.last = {"swaps": list(swaps), "indexer_reads": reads, "exec": res}
@@ -199,7 +215,8 @@ class HostTier:
         out = {f"hicache_{k}_total": c[k] for k in (
             "device_hits", "host_hits", "misses", "evictions", "writebacks", "swap_ins", "swap_batches",
             "dropped", "plans_checked", "stale_indexer_reads")}
-        out["hicache_host_pages{state}"] = {"used": len(self.free.used), "free": len(self.free.free)}
+        free = self.table.count("st", PState.FREE)
+        out["hicache_host_pages{state}"] = {"used": self.num_pages - free, "free": free}
         return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from kvproof.runtime.layersplit.group import broadcast, free_port, gloo_group, start_ranks
+from kvproof.runtime.layersplit.group import broadcast, gloo_group, rendezvous, start_ranks
 from kvproof.runtime.model.decoder import AttnBatch, DSAModel
 from kvproof.runtime.layersplit.split_cache import SplitKVCache, engine_shape, split_forward
 from kvproof.spec.layersplit_plan import LayerSplitShape, owned_layers, rank_plan
@@ -103,13 +103,14 @@ class LayerSplitGroup:
         ctx = mp.get_context("spawn")
         pipes = [ctx.Pipe(duplex=False) for _ in range(shape.ranks - 1)]      # (follower's end, ours)
         self.conns = [w for _, w in pipes]
-        port = free_port()
-        self.procs = start_ranks(_follower, (shape.ranks, port, cfg, [r for r, _ in pipes]), shape.ranks - 1)
+        addr = rendezvous()                       # MASTER_ADDR/MASTER_PORT or an init method; else loopback
+        self.procs = start_ranks(_follower, (shape.ranks, addr, cfg, [r for r, _ in pipes]), shape.ranks - 1)
         for r, _ in pipes:
             r.close()
         self._finalizer = weakref.finalize(self, _shutdown, self.conns, self.procs)
         try:
-            self.group = gloo_group(0, shape.ranks, port, GLOO_TIMEOUT_S, check=lambda: self.procs.join(0))
+            self.group = gloo_group(0, shape.ranks, addr[1], GLOO_TIMEOUT_S, check=lambda: self.procs.join(0),
+                                    host=addr[0])
         except BaseException:
             self.close()
             raise
@@ -194,7 +195,7 @@ def _shutdown(conns: list[Any], procs: Any, timeout_s: float = 10.0) -> None:
             p.join(timeout_s)
 
 
-def _follower(index: int, ranks: int, port: int, cfg: Any, conns: list[Any]) -> None:
+def _follower(index: int, ranks: int, addr: tuple[str, int], cfg: Any, conns: list[Any]) -> None:
     """Rank index + 1: build the model and this rank's cache share, then run forwards and exports until told to stop."""
     from kvproof.runtime.model.checkpoint import load_model
     from kvproof.runtime.layersplit.pool import checked_plan
@@ -209,7 +210,7 @@ def _follower(index: int, ranks: int, port: int, cfg: Any, conns: list[Any]) -> 
     assert shape is not None
     plan = rank_plan(checked_plan(shape, cfg.layersplit_allow_races), rank)
     cache = SplitKVCache(model.cfg, cfg.num_pages, cfg.device, cfg.backend == "triton", shape, rank)
-    group = gloo_group(rank, ranks, port, GLOO_TIMEOUT_S)
+    group = gloo_group(rank, ranks, addr[1], GLOO_TIMEOUT_S, host=addr[0])
     while True:
         try:
             kind, arg = conn.recv()

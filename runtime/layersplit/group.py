@@ -5,8 +5,9 @@ computes its shard of the queries (context parallelism: rows ``rank::ranks``)
 and reports outputs and memory; ``run_unsplit`` is the one-rank reference.
 ``start_ranks``, ``gloo_group`` and ``broadcast`` are the pieces the serving
 engine's LayerSplit group (``layersplit.engine_group``) shares: spawn rank processes
-without waiting, a private gloo group on 127.0.0.1 (no global default group, so
-several groups can live in one process), and an asynchronous broadcast on it.
+without waiting, a private gloo group (no global default group, so several groups can live in
+one process), and an asynchronous broadcast on it. Where a group meets comes from the usual
+torch.distributed settings (``rendezvous``): an init method, or MASTER_ADDR / MASTER_PORT.
 """
 from __future__ import annotations
 
@@ -25,11 +26,32 @@ import torch.multiprocessing as mp
 from kvproof.runtime.layersplit.pool import LayerSplitConfig, LayerSplitPool, make_queries
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+INIT_METHOD_ENV = "KVPROOF_LAYERSPLIT_INIT_METHOD"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that was free a moment ago."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def rendezvous(env: dict[str, str] | None = None) -> tuple[str, int]:
+    """(host, port) where a group's rank 0 hosts the store: $KVPROOF_LAYERSPLIT_INIT_METHOD
+    (tcp://HOST:PORT, torch's init_method form), else $MASTER_ADDR (default 127.0.0.1) and
+    $MASTER_PORT (default: a free port; set it only with one group per host)."""
+    env = os.environ if env is None else env
+    method = env.get(INIT_METHOD_ENV)
+    if method:
+        host, _, port = method.removeprefix("tcp://").rpartition(":")
+        if not method.startswith("tcp://") or not host or not port.isdigit():
+            raise ValueError(f"{INIT_METHOD_ENV}={method!r}, expected tcp://HOST:PORT")
+        return host.strip("[]"), int(port)
+    host = env.get("MASTER_ADDR") or "127.0.0.1"
+    port = env.get("MASTER_PORT")
+    if port is not None and not port.isdigit():
+        raise ValueError(f"MASTER_PORT={port!r}, expected a port number")
+    return host, int(port) if port else free_port(host)
 
 
 def start_ranks(target: Callable[..., None], args: tuple, nprocs: int) -> mp.ProcessContext:
@@ -38,15 +60,15 @@ def start_ranks(target: Callable[..., None], args: tuple, nprocs: int) -> mp.Pro
 
 
 def gloo_group(rank: int, ranks: int, port: int, timeout_s: float = 60.0,
-               check: Callable[[], object] | None = None) -> dist.ProcessGroupGloo:
-    """A private gloo group of ``ranks`` on 127.0.0.1:``port`` (rank 0 hosts the store); blocks until all joined.
+               check: Callable[[], object] | None = None, host: str = "127.0.0.1") -> dist.ProcessGroupGloo:
+    """A private gloo group of ``ranks`` on ``host``:``port`` (rank 0 hosts the store); blocks until all joined.
 
     Rank 0 polls until every other rank has said hello, calling ``check()`` meanwhile (e.g. a
     ProcessContext's ``join(0)``, which raises with the rank's traceback if one died), so a rank
     that fails while starting is reported at once rather than after the timeout.
     """
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, ranks, rank == 0, timeout=timeout, wait_for_workers=False)
+    store = dist.TCPStore(host, port, ranks, rank == 0, timeout=timeout, wait_for_workers=False)
     if rank == 0:
         hellos, end = [f"hello/{k}" for k in range(1, ranks)], time.monotonic() + timeout_s
         while not store.check(hellos):
@@ -67,8 +89,9 @@ def broadcast(group: dist.ProcessGroupGloo, t: torch.Tensor, src: int) -> Any:
     return group.broadcast([t], opts)
 
 
-def _worker(rank: int, ranks: int, port: int, cfgs: list[LayerSplitConfig], count: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank: int, ranks: int, addr: tuple[str, int], cfgs: list[LayerSplitConfig], count: int,
+            outdir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr[0], str(addr[1])
     torch.set_num_threads(1)                       # ranks share the machine's cores
     cuda = cfgs[0].device.startswith("cuda")
     if cuda:
@@ -96,7 +119,7 @@ def run_groups(cfgs: Sequence[LayerSplitConfig], ranks: int, count: int) -> list
         raise RuntimeError(f"{ranks} ranks need {ranks} GPUs, found {torch.cuda.device_count()}")
     results = []
     with tempfile.TemporaryDirectory() as d:
-        procs = start_ranks(_worker, (ranks, free_port(), cfgs, count, d), ranks)
+        procs = start_ranks(_worker, (ranks, rendezvous(), cfgs, count, d), ranks)
         while not procs.join():
             pass
         for k in range(len(cfgs)):

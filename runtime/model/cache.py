@@ -1,4 +1,4 @@
-"""The paged KV cache of the DSA decoder and the page pool that owns its pages.
+"""The paged KV cache of the DSA decoder (its pages are owned by `page_pool.PagePool`, re-exported here).
 
 Per layer and page the cache holds, for each of `page_size` token positions, the
 compressed KV row `[latent c | RoPE key]` and the lightning-indexer key. With the
@@ -7,87 +7,14 @@ Triton backend the indexer keys also live in the kernels' fp8 layout
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from kvproof.runtime.model.config import ModelConfig
+from kvproof.runtime.model.page_pool import PagePool
 
-
-class PagePool:
-    """Free pages, reference counts and the prefix cache of full pages (nano-vllm's block manager).
-
-    A full page of prompt tokens is published under a hash of all tokens up to its end; a
-    later sequence with the same prefix shares it (refcount + 1) instead of recomputing it.
-    Freed pages keep their content and hash until they are handed out again (oldest first);
-    `on_evict(page, hash)` (the host tier, `hicache.host_tier.HostTier`) is called just before.
-    """
-
-    def __init__(self, num_pages: int, on_evict: Callable[[int, bytes], None] | None = None) -> None:
-        if num_pages < 1:
-            raise ValueError(f"num_pages={num_pages}; expected >= 1")
-        self.num_pages = num_pages
-        self._free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
-        self._refs = [0] * num_pages
-        self._hash_of: dict[int, bytes] = {}
-        self._by_hash: dict[bytes, int] = {}
-        self.on_evict = on_evict
-
-    @property
-    def num_free(self) -> int:
-        """Pages not held by any sequence (cached or not)."""
-        return len(self._free)
-
-    def can_allocate(self, n: int) -> bool:
-        """Whether `n` pages are free."""
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` free pages (refcount 1 each), evicting their cached content."""
-        if n > len(self._free):
-            raise RuntimeError(f"page pool exhausted: asked for {n} pages, {len(self._free)} free")
-        out = []
-        for _ in range(n):
-            p, _ = self._free.popitem(last=False)
-            assert self._refs[p] == 0, f"page {p} on the free list has refcount {self._refs[p]}"
-            h = self._hash_of.pop(p, None)
-            if h is not None:
-                del self._by_hash[h]
-                if self.on_evict is not None:
-                    self.on_evict(p, h)
-            self._refs[p] = 1
-            out.append(p)
-        return out
-
-    def free(self, pages: list[int]) -> None:
-        """Drop one reference of each page; pages reaching zero become free (content kept)."""
-        for p in pages:
-            assert self._refs[p] > 0, f"page {p} freed with refcount {self._refs[p]}"
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                self._free[p] = None
-
-    def lookup(self, h: bytes) -> int | None:
-        """The page holding the prefix with hash `h`, if cached."""
-        return self._by_hash.get(h)
-
-    def cached(self) -> dict[bytes, int]:
-        """Prefix hash -> page of every cached page (held or free)."""
-        return dict(self._by_hash)
-
-    def share(self, p: int) -> None:
-        """Take one more reference of a cached page."""
-        if self._refs[p] == 0:
-            del self._free[p]
-        self._refs[p] += 1
-
-    def publish(self, p: int, h: bytes) -> None:
-        """Record that page `p` (held, full) holds the prefix with hash `h`."""
-        assert self._refs[p] > 0, f"page {p} published while free"
-        if h not in self._by_hash and p not in self._hash_of:
-            self._by_hash[h], self._hash_of[p] = p, h
+__all__ = ["KVCache", "PagePool", "write_index_keys", "write_rows"]
 
 
 def write_rows(kv: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:

@@ -203,7 +203,9 @@ class MLAttention(nn.Module):
         from kvproof.kernels.indexer import indexer_topk
         c = self.cfg
         q_len = (b.positions + 1).to(torch.int32)
-        return indexer_topk(iq.to(torch.float32).contiguous(), iw.to(torch.float32).contiguous(),
+        # bf16 q as the kernel is built for: fp32 q would make the GPU's dots TF32 (about 1e-3
+        # relative error); bf16 x fp8-key products are exact in the fp32 accumulator.
+        return indexer_topk(iq.to(torch.bfloat16).contiguous(), iw.to(torch.float32).contiguous(),
                             ik_fp8, b.page_table, b.tok_seq, q_len, c.page_size, topk=c.index_topk)
 
     def _attend_triton(self, q_lat: torch.Tensor, q_pe: torch.Tensor, select: tuple[torch.Tensor, ...],

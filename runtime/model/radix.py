@@ -3,13 +3,14 @@
 Each node holds one full page of tokens and where that page's KV lives: a
 device page, a host page, or both. A prefix hit is the longest chain of nodes
 matching the request's leading full pages. Nodes in use by a batch are locked
-and never chosen for eviction.
+and never chosen for eviction: whether a node is locked is the page spec's answer
+(its pages have holders, `hicache.pages.TierPages.held`), passed in as `is_locked`.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 
 @dataclass(eq=False)
@@ -22,7 +23,6 @@ class RadixNode:
     device_page: int | None = None
     host_page: int | None = None
     last_use: int = 0
-    locks: int = 0
 
     def __repr__(self) -> str:
         return f"RadixNode(key={self.key!r}, device_page={self.device_page!r}, host_page={self.host_page!r})"
@@ -78,24 +78,24 @@ class RadixIndex:
             yield n
             stack.extend(n.children.values())
 
-    def device_candidates(self) -> list[RadixNode]:
+    def device_candidates(self, is_locked: Callable[[RadixNode], bool]) -> list[RadixNode]:
         """Unlocked nodes holding a device page, least recently used first (leaves before parents)."""
-        cands = [n for n in self.nodes() if n.device_page is not None and n.locks == 0]
+        cands = [n for n in self.nodes() if n.device_page is not None and not is_locked(n)]
         return sorted(cands, key=lambda n: (n.last_use, bool(n.children)))
 
-    def lru_device(self) -> RadixNode | None:
+    def lru_device(self, is_locked: Callable[[RadixNode], bool]) -> RadixNode | None:
         """Least recently used unlocked node that holds a device page."""
-        cands = self.device_candidates()
+        cands = self.device_candidates(is_locked)
         return cands[0] if cands else None
 
-    def lru_host_leaf(self) -> RadixNode | None:
+    def lru_host_leaf(self, is_locked: Callable[[RadixNode], bool]) -> RadixNode | None:
         """Least recently used unlocked leaf whose KV lives only on the host (safe to drop)."""
         cands = [n for n in self.nodes()
-                 if not n.children and n.device_page is None and n.host_page is not None and n.locks == 0]
+                 if not n.children and n.device_page is None and n.host_page is not None and not is_locked(n)]
         return min(cands, key=lambda n: n.last_use, default=None)
 
     def remove(self, node: RadixNode) -> None:
         """Drop a leaf that holds no page any more."""
-        assert not node.children and node.device_page is None and node.host_page is None and node.locks == 0, node
+        assert not node.children and node.device_page is None and node.host_page is None, node
         assert node.parent is not None
         del node.parent.children[node.key]

@@ -23,7 +23,10 @@ from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import (
     ClientAbort, MessageError, Ready, Result, Shutdown, Stats, Submit, Up, decode_message, encode,
 )
+from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.plumbing import channel_config
+from kvproof.runtime.transport import check_available
+from kvproof.runtime.transport.auth import Secret, accept_authenticated
 
 _MODULE = "kvproof.runtime.pd.process"
 
@@ -35,8 +38,13 @@ class ClusterError(RuntimeError):
 class PDCluster:
     """A decode process plus `writers` prefill-rank processes, driven from this (client) process."""
 
-    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0) -> None:
-        self.cfg, self.start_timeout_s = cfg, start_timeout_s
+    def __init__(self, cfg: PDConfig, start_timeout_s: float = 60.0, secret: Secret | None = None,
+                 listen: tuple[str, int] | None = None) -> None:
+        # listen=None: spawn decode and the ranks here (one-command launch); (host, port): they are
+        # started elsewhere (`kvproof serve --role decode|prefill`) and decode connects to this address
+        self.cfg, self.start_timeout_s, self.listen = cfg, start_timeout_s, listen
+        self.secret = secret or Secret.generate()          # per deployment; reaches workers on stdin only
+        self.ready: Ready | None = None                    # decode's listener addresses, once known
         self.results: queue.Queue[Result] = queue.Queue()
         self._control: queue.Queue[Any] = queue.Queue()
         self._listener: ChannelListener | None = None
@@ -47,15 +55,17 @@ class PDCluster:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "PDCluster":
         """Spawn decode, wait for its addresses, spawn the prefill ranks, wait until all are connected."""
+        check_available(self.cfg.transport)                # a missing library or device: say so before spawning
         try:
-            self._listener = ChannelListener()
+            self._listener = ChannelListener(*(self.listen or ("127.0.0.1", 0)))
             host, port = self._listener.address
-            self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
-            self._client = self._listener.accept(self.start_timeout_s, config=channel_config(self.cfg),
-                                                 label="client", on_message=self._on_message,
-                                                 on_dead=lambda r: self._control.put(ClusterError(r)))
-            ready = self._expect(Ready)
-            for w in range(self.cfg.writers):
+            if self.listen is None:
+                self.decode = self._spawn(["decode", "--client", f"{host}:{port}"])
+            sock, _ = self._accept_decode()
+            self._client = Channel(sock, config=channel_config(self.cfg), label="client",
+                                   on_message=self._on_message, on_dead=lambda r: self._control.put(ClusterError(r)))
+            ready = self.ready = self._expect(Ready)
+            for w in range(self.cfg.writers if self.listen is None else 0):
                 (ch, cp), (dh, dp) = ready.control[w], ready.data[w]
                 self.prefill.append(self._spawn(["prefill", "--rank", str(w), "--control", f"{ch}:{cp}",
                                                  "--data", f"{dh}:{dp}"]))
@@ -65,8 +75,22 @@ class PDCluster:
             self.close()
             raise
 
+    def _accept_decode(self) -> tuple[Any, bytes]:
+        """Accept decode's authenticated client connection (impostors are refused and counted)."""
+        assert self._listener is not None
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                return accept_authenticated(self._listener.sock, self.secret, "client", 1.0)
+            except TimeoutError:
+                if self.decode is not None and self.decode.poll() is not None:
+                    raise ClusterError(f"decode process exited with code {self.decode.returncode} "
+                                       f"before connecting") from None
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"decode did not connect within {self.start_timeout_s} s") from None
+
     def _spawn(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", _MODULE, *args, "--config", self.cfg.to_json()])
+        return spawn_worker(_MODULE, args[0], [*args[1:], "--config", self.cfg.to_json()], self.secret)
 
     def _expect(self, cls: type) -> Any:
         deadline = time.monotonic() + self.start_timeout_s
@@ -97,8 +121,12 @@ class PDCluster:
         """Let decode drain aborting slots, collect every process's Stats, and stop all processes."""
         timeout_s = timeout_s if timeout_s is not None else self.cfg.drain_timeout_s + 15.0
         try:
-            assert self._client is not None
-            self._client.send(encode(Shutdown()))
+            if self._client is None:
+                raise ClusterError("the cluster is not started")
+            try:
+                self._client.send(encode(Shutdown()))
+            except ChannelClosed as e:
+                raise ClusterError(f"decode is gone: {e}") from e
             stats: Stats = self._expect_within(Stats, timeout_s)
             return stats.data
         finally:
@@ -150,6 +178,22 @@ class PDCluster:
             return self.results.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def kill_role(self, role: str) -> None:
+        """SIGKILL a worker by role name: decode or prefill-R."""
+        if role == "decode" and self.decode is not None:
+            self.decode.kill()
+        elif role.startswith("prefill-") and role[8:].isdigit():
+            self.kill_prefill(int(role[8:]))
+        else:
+            raise ValueError(f"role={role!r}, expected 'decode' or 'prefill-R' with 0 <= R < {len(self.prefill)}")
+
+    def dead_role(self) -> str | None:
+        """None while every worker runs, else which one exited and how."""
+        for name, p in [("decode", self.decode), *((f"prefill-{i}", q) for i, q in enumerate(self.prefill))]:
+            if p is not None and p.poll() is not None:
+                return f"{name} process exited with code {p.returncode}"
+        return None
 
     def kill_prefill(self, rank: int) -> None:
         """SIGKILL prefill rank `rank`'s process (a crash mid-run)."""

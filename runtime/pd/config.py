@@ -29,7 +29,7 @@ class PDConfig:
     layers: int = 4                      # one chunk (one write) per layer per writer
     tokens_per_slot: int = 64
     bytes_per_token: int = 256           # per layer, all writers together
-    transport: str = "tcp"               # tcp | loopback | verbs (see docs/transports.md)
+    transport: str = "tcp"               # tcp | mooncake | verbs (see docs/transports.md)
     delay_ms: float | None = 2.0         # mean injected delay of a KV write; None: none
     delay_dist: Literal["fixed", "exponential", "uniform"] = "exponential"
     transfer_timeout_s: float = 5.0      # decode gives up waiting for a slot's KV after this
@@ -38,6 +38,8 @@ class PDConfig:
     drain_timeout_s: float = 10.0        # at shutdown, wait this long for aborting slots
     seed: int = 0
     trace_dir: str | None = None         # one JSON Lines trace per process when set
+    drop_rank: int | None = None         # fault: this prefill rank's data connection is dropped ...
+    drop_after_writes: int | None = None  # ... once it sent this many writes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variant", variant_name(self.variant))
@@ -55,6 +57,13 @@ class PDConfig:
         for name in ("transfer_timeout_s", "heartbeat_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}, expected > 0")
+        if self.transport not in ("tcp", "mooncake", "verbs", "loopback"):   # loopback: in-process tests
+            raise ValueError(f"transport={self.transport!r}, expected 'tcp', 'mooncake' or 'verbs'")
+        if (self.drop_rank is None) != (self.drop_after_writes is None):
+            raise ValueError(f"drop_rank={self.drop_rank!r}, drop_after_writes={self.drop_after_writes!r}: "
+                             f"expected both set (a rank and a write count) or both None")
+        if self.drop_rank is not None and not 0 <= self.drop_rank < self.writers:
+            raise ValueError(f"drop_rank={self.drop_rank!r}, expected 0 <= rank < writers={self.writers}")
         if not self.decode_ms >= 0:
             raise ValueError(f"decode_ms={self.decode_ms!r}, expected >= 0")
 
@@ -89,10 +98,11 @@ class PDConfig:
         return self.layers * n_tokens * self.bytes_per_token
 
     def faults(self, rank: int) -> FaultConfig | None:
-        """The write-delay fault injection of prefill rank `rank`'s connection (own random stream)."""
-        if self.delay_ms is None:
+        """The faults of prefill rank `rank`'s connection: write delays (own random stream), a drop."""
+        drop = self.drop_after_writes if rank == self.drop_rank else None
+        if self.delay_ms is None and drop is None:
             return None
-        return FaultConfig(delay_ms=self.delay_ms, delay_dist=self.delay_dist,
+        return FaultConfig(delay_ms=self.delay_ms, delay_dist=self.delay_dist, drop_after_writes=drop,
                            seed=self.seed * 1009 + rank + 1)
 
     # ---------------------------------------------------------------- (de)serialization

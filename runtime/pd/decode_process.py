@@ -4,6 +4,9 @@ Its loop thread owns the decode spec instance (`DecodeWorker`); the channel and 
 only put events into the loop's inbox (and the data connections' receive threads call
 `DecodeWorker.on_land`). A rank is declared dead when its control channel or data connection
 dies; decode then closes *and drains* the data connection before firing anything on its behalf.
+Every connection (client, control, data) passes the deployment secret's mutual challenge-response
+(transport/auth.py) for its purpose first; a listener refuses and counts impostors and keeps
+waiting for the real rank.
 """
 
 from __future__ import annotations
@@ -17,22 +20,28 @@ from kvproof.runtime.pd.decode_worker import DecodeWorker
 from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
 from kvproof.runtime.pd.messages import ClientAbort, Hello, Message, Ready, Shutdown, Stats, Submit, Up, encode
 from kvproof.runtime.pd.plumbing import ACCEPT_TIMEOUT_S, channel_config, log, open_trace, parse_message
-from kvproof.runtime.transport import TcpListener, TransportError
+from kvproof.runtime.transport import TcpListener, TransportError, make_transport
+from kvproof.runtime.transport.auth import REJECTED, Secret, accept_authenticated, connect_authenticated
 from kvproof.runtime.transport.control import Channel, ChannelClosed, ChannelListener
 
 
-def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -> int:
+def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, secret: Secret | None = None,
+               listen_host: str = "127.0.0.1", listen_port: int | None = None,
+               accept_timeout_s: float = ACCEPT_TIMEOUT_S) -> int:
     """The decode process: slot table, KV pool, one control channel + data connection per rank.
 
-    `model` (real-KV mode, pd_model_worker.DecodeModel): reads READY slots into its model, decodes,
-    streams Event messages; None: synthetic KV compared byte for byte."""
+    `model` (real-KV mode, pd.model_worker.DecodeModel): reads READY slots into its model, decodes,
+    streams Event messages; None: synthetic KV compared byte for byte. listen_port (per-role launch):
+    rank w listens on base+2w (control) and base+2w+1 (data); None: free ports, reported in Ready."""
+    if secret is None:
+        raise ValueError("run_decode needs the deployment secret (every connection is authenticated)")
     inbox: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     ccfg = channel_config(cfg)
-    client = Channel.connect(client_addr, config=ccfg, label="decode-client",
-                             on_message=lambda m: inbox.put(("client", -1, m)),
-                             on_dead=lambda r: inbox.put(("client_dead", -1, r)))
-    ctrl_l = [ChannelListener() for _ in range(cfg.writers)]
-    data_l = [TcpListener() for _ in range(cfg.writers)]
+    client = Channel(connect_authenticated(client_addr, secret, "client")[0], config=ccfg, label="decode-client",
+                     on_message=lambda m: inbox.put(("client", -1, m)),
+                     on_dead=lambda r: inbox.put(("client_dead", -1, r)))
+    ctrl_l = [ChannelListener(listen_host, rank_ports(listen_port, w)[0]) for w in range(cfg.writers)]
+    data_l = [TcpListener(listen_host, rank_ports(listen_port, w)[1]) for w in range(cfg.writers)]
     ctrls: dict[int, Channel] = {}
     datas: dict[int, Any] = {}
     pool = KVPool(cfg)
@@ -55,18 +64,22 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -
     try:
         client.send(encode(Ready(control=[list(x.address) for x in ctrl_l], data=[list(x.address) for x in data_l])))
         for w in range(cfg.writers):
-            ctrls[w] = ctrl_l[w].accept(ACCEPT_TIMEOUT_S, config=ccfg, label=f"decode-ctrl{w}",
-                                        on_message=lambda m, w=w: inbox.put(("rank", w, m)),
-                                        on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
-            if cfg.transport == "tcp":
-                datas[w] = data_l[w].accept(ACCEPT_TIMEOUT_S, on_land=worker.on_land, label=f"decode-data{w}")
-            else:
-                raise ValueError(f"transport={cfg.transport!r}: the process runtime supports 'tcp'")
+            # an impostor on either port is refused and counted; the accept goes on for the real rank
+            sock, _ = accept_authenticated(ctrl_l[w].sock, secret, f"ctrl/{w}", accept_timeout_s)
+            ctrls[w] = Channel(sock, config=ccfg, label=f"decode-ctrl{w}",
+                               on_message=lambda m, w=w: inbox.put(("rank", w, m)),
+                               on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
+            sock, key = accept_authenticated(data_l[w].sock, secret, f"data/{w}", accept_timeout_s)
+            datas[w] = make_transport(cfg.transport, sock=sock, key=key, on_land=worker.on_land,
+                                      label=f"decode-data{w}")
             datas[w].register(pool.buffer, region_id=POOL_REGION)
+        if model is not None:
+            model.security = lambda: security_counters(datas)
         client.send(encode(Up(cfg.writers)))
         rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model)
         summary = worker.summary()
         summary["prefill"] = rank_stats
+        summary.update(security_counters(datas))
         client.send(encode(Stats(summary)))
         return 0
     except ChannelClosed as e:
@@ -84,6 +97,20 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None) -
             lst.close()
         worker.inst.close()
         client.close()
+
+
+def rank_ports(base: int | None, w: int) -> tuple[int, int]:
+    """(control, data) listener ports of rank w under base port `base` (None: 0, any free port)."""
+    return (0, 0) if base is None else (base + 2 * w, base + 2 * w + 1)
+
+
+def security_counters(datas: dict[int, Any]) -> dict[str, dict[str, int]]:
+    """Refused connections (handshake failures) and refused writes (outside a region, bad MAC), by reason."""
+    writes: dict[str, int] = {}
+    for t in datas.values():
+        for k, v in getattr(t, "refused_writes", {}).items():
+            writes[k] = writes.get(k, 0) + v
+    return {"rejected_connections_total{reason}": REJECTED.snapshot(), "kv_refused_writes_total{reason}": writes}
 
 
 def _rank_dead(worker: DecodeWorker, datas: dict[int, Any], ctrls: dict[int, Channel], w: int, why: str) -> None:

@@ -28,6 +28,7 @@ from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
     Event, MessageError, Result, Stats, Submit, decode_message,
 )
@@ -50,6 +51,9 @@ class PDEngineConfig:
     transfer_timeout_s: float = 30.0
     heartbeat_timeout_s: float = 10.0
     start_timeout_s: float = 120.0
+    transport: str = "tcp"                  # tcp | mooncake | verbs: how KV bytes move (no protocol change)
+    listen: tuple[str, int] | None = None   # router role: decode (started elsewhere) connects here; None:
+                                            # spawn decode and the prefill ranks on this host
 
     def pd_config(self, ecfg: EngineConfig) -> PDConfig:
         """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
@@ -61,7 +65,8 @@ class PDEngineConfig:
                              f"whole 64-bit words per writer")
         return PDConfig(variant=self.protocol, slots=self.slots, writers=self.writers, layers=mc.n_layers,
                         tokens_per_slot=mpt, bytes_per_token=tb, delay_ms=self.delay_ms,
-                        transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s)
+                        transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s,
+                        transport=self.transport)
 
 
 def _model_config(ecfg: EngineConfig) -> Any:
@@ -79,8 +84,9 @@ class ModelCluster(PDCluster):
     """PDCluster whose processes run the model (pd_model_worker); Events and live Stats go to hooks."""
 
     def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
-                 on_result: Callable[[Result], None], start_timeout_s: float = 120.0) -> None:
-        super().__init__(cfg, start_timeout_s)
+                 on_result: Callable[[Result], None], start_timeout_s: float = 120.0,
+                 listen: tuple[str, int] | None = None, secret: Any = None) -> None:
+        super().__init__(cfg, start_timeout_s, secret=secret, listen=listen)
         self.ecfg_json = engine_config_to_json(ecfg)
         # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
         # every layer of every prompt, so it runs unsplit
@@ -91,8 +97,8 @@ class ModelCluster(PDCluster):
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
-        return subprocess.Popen([sys.executable, "-m", "kvproof.runtime.pd.model_worker", *args,
-                                 "--config", self.cfg.to_json(), "--engine", ecfg])
+        return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
+                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg], self.secret)
 
     def _on_message(self, raw: Any) -> None:
         try:
@@ -114,19 +120,28 @@ class ModelCluster(PDCluster):
         self._send(msg)
 
     def alive(self) -> str | None:
-        """None while every process runs, else which one exited."""
+        """None while every process runs (and decode's connection lives), else which one is gone."""
+        why = self.dead_role()
+        if why is None and self._client is not None and self._client.is_dead:
+            why = f"decode connection lost ({self._client.dead_reason})"
+        return why
+
+    def workers(self) -> dict[str, int | None]:
+        """Each worker's exit code, None while it runs (polling reaps the exited ones: no zombie)."""
+        out: dict[str, int | None] = {}
         for name, p in [("decode", self.decode), *((f"prefill-{i}", q) for i, q in enumerate(self.prefill))]:
-            if p is not None and p.poll() is not None:
-                return f"{name} process exited with code {p.returncode}"
-        return None
+            if p is not None:
+                out[name] = p.poll()
+        return out
 
 
 class PDEngine(StreamingMixin):
     """The Engine interface over the PD runtime: router here, model in prefill and decode processes."""
 
     def __init__(self, cfg: EngineConfig | None = None, pd: PDEngineConfig | None = None,
-                 model_name: str | None = None) -> None:
+                 model_name: str | None = None, secret: Any = None) -> None:
         self.cfg, self.pd = cfg or EngineConfig(), pd or PDEngineConfig()
+        self.secret = secret                               # None: a fresh one (one-command launch)
         self.pd_cfg = self.pd.pd_config(self.cfg)          # ValueError names a bad option now
         mc = _model_config(self.cfg)
         engine_shape(self.cfg, mc.n_layers)                # LayerSplit of the prefill ranks: checked here too
@@ -154,7 +169,8 @@ class PDEngine(StreamingMixin):
         """Start decode and the prefill ranks (each loads the model); blocking."""
         if self.cluster is not None:
             return
-        cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s)
+        cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s,
+                          listen=self.pd.listen, secret=self.secret)
         cl.start()
         self.cluster = cl
         self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)
@@ -180,9 +196,11 @@ class PDEngine(StreamingMixin):
         if cl is None:
             return
         try:
+            if self.error is not None:                  # a role is gone: no orderly drain is possible
+                raise ClusterError(str(self.error))
             cl.shutdown(timeout_s=self.pd_cfg.drain_timeout_s + 10.0)
-        except (ClusterError, AssertionError) as e:
-            print(f"pd engine: shutdown: {e}", file=sys.stderr)
+        except ClusterError as e:
+            print(f"pd engine: shutdown without draining: {e}", file=sys.stderr)
         finally:
             cl.close()
         if self._watch is not None:
@@ -196,13 +214,20 @@ class PDEngine(StreamingMixin):
         while not self._stopping.wait(0.5):
             cl = self.cluster
             why = cl.alive() if cl is not None else None
-            if why is not None:
+            if why is not None and self.error is None:
                 self.error = RuntimeError(why)
                 with self._mu:
                     pending = list(self._by_rid)
                 for rid in pending:
                     self._finish_abort(rid, f"engine failed: {why}")
-                return
+                if cl is not None and why.startswith("decode"):
+                    # nothing can be served without decode: stop the prefill ranks now, not at SIGTERM
+                    cl.live = {}
+                    for p in cl.prefill:
+                        if p.poll() is None:
+                            p.terminate()
+            if cl is not None:
+                cl.workers()                              # reap whoever exited
 
     # ------------------------------------------------------------ requests
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
@@ -310,6 +335,12 @@ class PDEngine(StreamingMixin):
         q["router"] = in_flight
         out["queue_depth{queue}"] = q
         out["pd_writers"] = self.pd.writers
+        if cl is not None:
+            # 1 while a role's process runs, 0 once it exited: a dead role shows here, not as frozen counters
+            out["pd_worker_up{role}"] = {k: int(v is None) for k, v in cl.workers().items()}
+            if cl._client is not None:
+                out["pd_worker_up{role}"].setdefault("decode", int(not cl._client.is_dead))
+        out["pd_engine_failed"] = int(self.error is not None)
         return out
 
 

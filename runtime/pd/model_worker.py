@@ -1,7 +1,6 @@
 """Real-KV mode of the PD processes: the model runs in the prefill ranks and in decode.
 
-    python -m kvproof.runtime.pd.model_worker decode  --client HOST:PORT --config PDJSON --engine ENGJSON
-    python -m kvproof.runtime.pd.model_worker prefill --rank W --control HOST:PORT --data HOST:PORT ...
+    python -m kvproof.runtime.pd.model_worker decode|prefill --stdin   (arguments + secret on stdin)
 
 The processes are the ones of `pd.process` (same loops, same spec firing); this module only plugs
 the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
@@ -139,6 +138,7 @@ class DecodeModel:
         self._send: Callable[[Message], None] | None = None
         self._next_stats = 0.0
         self.imported_tokens = 0
+        self.security: Callable[[], dict[str, Any]] = dict   # run_decode: refused connections and writes
         self.rank_stats: dict[int, dict[str, Any]] = {}    # prefill rank -> its latest live counters
 
     def on_rank_stats(self, rank: int, data: dict[str, Any]) -> None:
@@ -223,6 +223,7 @@ class DecodeModel:
             "kv_foreign_landings_total": sum(worker.foreign_landings),
             "kv_imported_tokens_total": self.imported_tokens,
             "pd_waiting_for_slot": len(worker.waiting),
+            **self.security(),
         })
         # In PD mode prompts are prefilled on the prefill ranks, so their prefix caches give the hit
         # rate (decode imports each prompt's KV and has no prefix hits of its own).
@@ -258,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PDConfig.from_json(a.config)
     ecfg = engine_config_from_json(a.engine)
     if a.role == "decode":
-        return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg))
+        return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg), secret=a.secret, listen_host=a.listen_host)
     model = PrefillModel(ecfg, cfg)                       # with layersplit R: spawns its R-1 followers
     try:
-        return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats)
+        return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats, secret=a.secret)
     finally:
         model.core.close()                                 # stop and join the followers
 

@@ -1,7 +1,8 @@
 """One prefill rank's process: connects to decode's control and data listeners, then runs its loop.
 
 The loop thread owns the rank's spec instance (`PrefillRank`); the channel thread and the
-completion poller only put events into the loop's inbox.
+completion poller only put events into the loop's inbox. Both connections authenticate with
+the deployment secret (transport/auth.py) before they are used.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ from kvproof.runtime.pd.messages import Hello, Shutdown, Stats, encode
 from kvproof.runtime.pd.plumbing import LIVE_STATS_S, channel_config, log, open_trace, parse_message
 from kvproof.runtime.pd.prefill_worker import PrefillRank
 from kvproof.runtime.transport import TransportError, make_transport
+from kvproof.runtime.transport.auth import Secret, connect_authenticated
 from kvproof.runtime.transport.control import Channel, ChannelClosed
 
 
 def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr: tuple[str, int],
-                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None) -> int:
+                compute: Any = None, live_stats: Callable[[], dict[str, Any]] | None = None,
+                secret: Secret | None = None) -> int:
     """One prefill rank's process: control channel to decode, one data connection with fault injection.
 
     `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
     None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
+    if secret is None:
+        raise ValueError("run_prefill needs the deployment secret (every connection is authenticated)")
     who = f"prefill-{rank}"
     inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-    ch = Channel.connect(ctrl_addr, config=channel_config(cfg), label=f"{who}-ctrl",
-                         on_message=lambda m: inbox.put(("msg", m)),
-                         on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
+    ch = Channel(connect_authenticated(ctrl_addr, secret, f"ctrl/{rank}")[0], config=channel_config(cfg),
+                 label=f"{who}-ctrl", on_message=lambda m: inbox.put(("msg", m)),
+                 on_dead=lambda r: inbox.put(("dead", f"control channel: {r}")))
     ch.send(encode(Hello(rank)))
-    t = make_transport(cfg.transport, connect=data_addr, faults=cfg.faults(rank), label=f"{who}-data")
+    sock, key = connect_authenticated(data_addr, secret, f"data/{rank}")
+    t = make_transport(cfg.transport, sock=sock, key=key, faults=cfg.faults(rank), label=f"{who}-data")
     prank = PrefillRank(cfg, rank, t, lambda m: ch.send(encode(m)), trace=open_trace(cfg, who), compute=compute)
     stop = threading.Event()
 
@@ -60,7 +66,7 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
         else:
             log(who, f"stopping: {reason}")
         return 0
-    except ChannelClosed as e:
+    except (ChannelClosed, TransportError) as e:         # decode gone: a post on the dead connection
         log(who, f"stopping: {e}")
         return 0
     finally:
@@ -90,8 +96,10 @@ def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str,
                 return payload
             if kind == "cq":
                 prank.on_completion(payload)
-                if not payload.ok:
+                if not payload.ok and prank.transport.is_dead:
                     return f"write failed: {payload.error}"
+                if not payload.ok:                  # refused alone (NAK); the connection lives on
+                    log(who, f"write refused: {payload.error}")
             else:
                 msg = parse_message(payload, who, prank.stats)
                 if isinstance(msg, Shutdown):

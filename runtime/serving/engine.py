@@ -134,6 +134,7 @@ class EngineCore:
                 raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} "
                                  f"and fit in {len(pages)} pages")
             seq.pages, seq.num_cached = list(pages), cached
+            seq.page_tags = [self.pool.tag(p) for p in seq.pages]
         self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
         self.scheduler.add(seq)
         self.totals["requests_total"] += 1
@@ -185,6 +186,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if batch is None:
             return False
+        self.scheduler.reads(batch)            # every page read is held at its sequence's content (spec)
         if batch.prefill:
             self.counters["steps_total{kind}"]["prefill"] += 1
             hidden = self.runner.prefill(batch.seqs, batch.chunks)              # [B, D]

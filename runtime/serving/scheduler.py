@@ -45,6 +45,7 @@ class Sequence:
     monitor: "RequestMonitor | None" = None
     output: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    page_tags: list[int] = field(default_factory=list)    # content epoch of each page as this sequence holds it
     num_cached: int = 0                    # positions whose KV is in the cache
     status: SeqStatus = SeqStatus.WAITING
     hidden: torch.Tensor | None = None     # [D] hidden state of the last cached position (MTP input)
@@ -116,7 +117,9 @@ class Scheduler:
         n = self._pages_needed(seq, positions)
         if not self.pool.can_allocate(n):
             return False
-        seq.pages.extend(self.pool.allocate(n))
+        new = self.pool.allocate(n)
+        seq.pages.extend(new)
+        seq.page_tags.extend(self.pool.tag(p) for p in new)
         return True
 
     def schedule(self) -> ScheduledBatch | None:
@@ -175,6 +178,7 @@ class Scheduler:
             else:
                 break
             seq.pages.append(p)
+            seq.page_tags.append(self.pool.tag(p))
         if self.host is not None:
             self.host.count_match(len(seq.pages) - len(seq.swaps), len(seq.swaps), n_full)
         seq.num_cached = seq.published = len(seq.pages)
@@ -193,8 +197,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's pages and put it back at the head of the queue."""
         self.running.remove(seq)
-        self.pool.free(seq.pages)
-        seq.pages, seq.num_cached, seq.hidden, seq.published = [], 0, None, 0
+        self._release(seq)
+        seq.num_cached, seq.hidden, seq.published = 0, None, 0
         seq.status, seq.preemptions = SeqStatus.WAITING, seq.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -212,13 +216,27 @@ class Scheduler:
         elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         self._end_swaps(seq, publish=False)
-        self.pool.free(seq.pages)
-        seq.pages, seq.status = [], SeqStatus.FINISHED
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        """Drop the sequence's hold of every page, with the epochs it holds them at."""
+        self.pool.free(seq.pages, seq.page_tags)
+        seq.pages, seq.page_tags = [], []
+
+    def reads(self, batch: ScheduledBatch) -> None:
+        """Check with the page spec that every page the batch reads is held at the content its sequence
+        expects (pages a host load fills this batch are read inside the checked load plan instead)."""
+        for seq in batch.seqs:
+            loading = {p for _, p, _ in seq.swaps}
+            for p, e in zip(seq.pages, seq.page_tags):
+                if p not in loading:
+                    self.pool.read([p], [e])
 
     def _end_swaps(self, seq: Sequence, publish: bool) -> None:
         for hp, p, h in seq.swaps:
-            if publish:
-                self.pool.publish(p, h)
+            if publish:                        # the batch ran: its load landed
+                self.pool.loaded(p, h)
             self.host.release(hp)              # type: ignore[union-attr]
         seq.swaps = []
 

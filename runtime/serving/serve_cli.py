@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from typing import Any
 
 from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
@@ -11,6 +12,7 @@ from kvproof.runtime.model.config import PRESETS, preset
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.spec.core import variant_arg
+from kvproof.runtime.pd.roles import add_role_args, check_role_args, run_worker_role
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -52,8 +54,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                     help="KV slot size in prompt tokens; longer prompts get HTTP 400 (default: the context length)")
     pd.add_argument("--kv-delay-ms", type=float, default=None,
                     help="inject a mean exponential delay into every KV write (default: none)")
+    pd.add_argument("--transport", default="tcp", choices=("tcp", "mooncake", "verbs"),
+                    help="how KV bytes move: tcp (default), mooncake (Mooncake Transfer Engine; the mooncake "
+                         "extra), verbs (RDMA via pyverbs; needs a device); the protocol is the same")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, best for the tiny model; 0: torch's default)")
+    add_role_args(parser)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -91,11 +97,19 @@ def _host_pages(n: int) -> int:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """The engine selected by --engine (LocalEngine or PDEngine); ValueError names a bad option."""
+    check_role_args(args)
     if args.engine == "pd":
         from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
+        from kvproof.runtime.transport import check_available
+        check_available(args.transport)                    # TransportUnavailable says how to get it
         pd = PDEngineConfig(slots=args.slots, writers=args.writers, protocol=args.protocol,
-                            max_prompt_tokens=args.max_prompt_tokens, delay_ms=args.kv_delay_ms)
-        return PDEngine(engine_config(args), pd, model_name=args.served_model_name)
+                            max_prompt_tokens=args.max_prompt_tokens, delay_ms=args.kv_delay_ms,
+                            transport=args.transport, listen=args.pd_listen if args.role == "router" else None)
+        secret = None
+        if args.role is not None:                          # hand-started roles share the operator's secret
+            from kvproof.runtime.pd.launch import secret_from_env
+            secret = secret_from_env()
+        return PDEngine(engine_config(args), pd, model_name=args.served_model_name, secret=secret)
     return LocalEngine(engine_config(args), model_name=args.served_model_name)
 
 
@@ -121,10 +135,13 @@ async def _serve(args: argparse.Namespace, engine: Any) -> None:
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit code."""
+    from kvproof.runtime.transport import TransportUnavailable
     try:
         engine = build_engine(args)          # validates every option; starts nothing yet
-    except ValueError as e:
-        print(f"kvproof serve: {e}")
+    except (ValueError, TransportUnavailable) as e:
+        print(f"kvproof serve: {e}", file=sys.stderr)
         return 2
+    if args.role in ("decode", "prefill"):
+        return run_worker_role(args, engine.cfg, engine.pd_cfg, engine.secret)
     asyncio.run(_serve(args, engine))
     return 0

@@ -5,7 +5,9 @@
 
 Exit status: 0 when the run shows what its protocol must show (fixed: no
 corrupted result and every slot free at the end; unfixed: the run completed),
-1 when fixed corrupted or leaked a slot, 2 on a failure to run.
+1 when fixed corrupted or leaked a slot, 2 on a failure to run (a bad option, a
+transport that cannot run here), 3 when decode died mid-run (the JSON result
+then has "error" and "dead_role"; the run ends within a second of the death).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 from typing import Any
 
 from kvproof.runtime.pd.cluster import ClusterError
-from kvproof.runtime.tools.stress import run_compare, run_stress
+from kvproof.runtime.tools.stress import RoleDied, parse_kill, run_compare, run_stress
+from kvproof.runtime.transport import PROCESS_TRANSPORTS, TransportUnavailable
 from kvproof.spec.core import variant_arg
 
 
@@ -43,6 +46,13 @@ def add_stress_args(parser: argparse.ArgumentParser) -> None:
                         help="write one JSON Lines trace per process here (with --compare: DIR/<protocol>-<half>)")
     parser.add_argument("--socket-baseline", action="store_true",
                         help="also measure a plain loopback socket copy of the same bytes (and the bare transport)")
+    parser.add_argument("--transport", choices=PROCESS_TRANSPORTS, default="tcp",
+                        help="KV transport: tcp (default), mooncake (Mooncake Transfer Engine; the mooncake "
+                             "extra), verbs (RDMA via pyverbs; needs a device)")
+    parser.add_argument("--kill", default=None, metavar="ROLE@SECONDS",
+                        help="SIGKILL a worker that many seconds into the run: decode@2 or prefill-0@1.5")
+    parser.add_argument("--drop-connection", default=None, metavar="RANK@WRITES",
+                        help="drop prefill rank RANK's data connection after WRITES writes, e.g. 0@500")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -51,7 +61,17 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 writers=args.writers, slots=args.slots, concurrency=args.concurrency, layers=args.layers,
                 tokens=args.tokens, bytes_per_token=args.bytes_per_token,
                 transfer_timeout_s=args.transfer_timeout, trace_dir=args.trace_dir,
-                socket_baseline=args.socket_baseline)
+                socket_baseline=args.socket_baseline, transport=args.transport, kill=parse_kill(args.kill),
+                drop=_parse_drop(args.drop_connection))
+
+
+def _parse_drop(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    rank, _, n = text.partition("@")
+    if not rank.isdigit() or not n.isdigit():
+        raise ValueError(f"--drop-connection {text!r}: expected RANK@WRITES, e.g. 0@500")
+    return int(rank), int(n)
 
 
 def _ok(report: dict[str, Any]) -> bool:
@@ -60,14 +80,21 @@ def _ok(report: dict[str, Any]) -> bool:
 
 def stress_main(args: argparse.Namespace) -> int:
     """Run `kvproof stress` with parsed arguments; returns the exit status."""
-    kw = _kwargs(args)
     try:
+        kw = _kwargs(args)
         if args.json:
             out: dict[str, Any] = run_compare(**kw) if args.compare else run_stress(protocol=args.protocol, **kw)
         else:
             out = _with_progress(args, kw)
-    except (ClusterError, ValueError) as e:
+    except RoleDied as e:
         print(f"kvproof stress: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(e), **e.partial}, indent=2))
+        return 3
+    except (ClusterError, ValueError, TransportUnavailable) as e:
+        print(f"kvproof stress: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(e)}, indent=2))
         return 2
     reports = [out["unfixed"], out["fixed"]] if args.compare else [out]
     if args.json:

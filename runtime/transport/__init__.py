@@ -3,6 +3,7 @@
     loopback  in-process, with a controllable mode for model-based tests
     tcp       real sockets, the embedded default; fault injection in faults.py
     verbs     RDMA RC through pyverbs, the production path
+    mooncake  Mooncake's Transfer Engine (SGLang's PD engine) for the bytes, MAC-checked landing
 """
 
 from __future__ import annotations
@@ -19,14 +20,35 @@ from .frames import FrameError
 from .loopback import LoopbackTransport, PendingWrite, loopback_pair
 from .tcp import TcpListener, TcpTransport
 
-TRANSPORTS = ("tcp", "loopback", "verbs")
+TRANSPORTS = ("tcp", "loopback", "verbs", "mooncake")
 
 __all__ = [
     "Completion", "FaultConfig", "FrameError", "LandHook", "LoopbackTransport", "PendingWrite",
     "RecvEvent", "Region", "Status", "Tag", "TcpListener", "TcpTransport", "Transport",
-    "TransportClosed", "TransportError", "TransportUnavailable", "TRANSPORTS", "loopback_pair",
-    "make_transport",
+    "TransportClosed", "TransportError", "TransportUnavailable", "TRANSPORTS", "PROCESS_TRANSPORTS",
+    "check_available", "loopback_pair", "make_transport",
 ]
+
+PROCESS_TRANSPORTS = ("tcp", "mooncake", "verbs")  # what a PD deployment of processes can run on
+
+
+def check_available(name: str) -> None:
+    """Raise ValueError (unknown name) or TransportUnavailable (library or device missing, saying how
+    to get it) before a deployment on transport `name` starts."""
+    if name not in PROCESS_TRANSPORTS:
+        raise ValueError(f"transport={name!r}, expected one of {', '.join(PROCESS_TRANSPORTS)}")
+    if name == "mooncake":
+        from .mooncake import mooncake_engine_class
+
+        mooncake_engine_class()
+    elif name == "verbs":
+        from .verbs_device import load_pyverbs, rdma_devices
+
+        load_pyverbs(), rdma_devices()
+        raise TransportUnavailable(
+            "verbs: an RDMA device is present, but the PD runtime's decode needs a landing hook per write "
+            "(on_land: slot, writer, epoch, layer) and a NIC places bytes without software; use "
+            "--transport mooncake (its RDMA protocol) or tcp")
 
 
 def _endpoint_socket(name: str, kw: dict[str, Any]) -> socket.socket:
@@ -47,9 +69,18 @@ def _endpoint_socket(name: str, kw: dict[str, Any]) -> socket.socket:
 
 
 def make_transport(name: str, **kw: Any) -> Transport:
-    """Create a transport endpoint by name: tcp | loopback | verbs."""
+    """Create a transport endpoint by name: tcp | loopback | verbs | mooncake.
+
+    key= (the auth handshake's connection key) MACs every write where the transport checks MACs
+    (mooncake); the others ride on the authenticated socket itself."""
+    key = kw.pop("key", None)
     if name == "loopback":
         return LoopbackTransport(**kw)
+    if name == "mooncake":
+        from .mooncake import MooncakeTransport, mooncake_engine_class
+
+        mooncake_engine_class()  # a clear TransportUnavailable before any socket is touched
+        return MooncakeTransport(_endpoint_socket(name, kw), key=key, **kw)
     if name == "tcp":
         return TcpTransport(_endpoint_socket(name, kw), **kw)
     if name == "verbs":

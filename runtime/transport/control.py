@@ -128,6 +128,11 @@ class ChannelListener:
         conn.settimeout(None)
         return Channel(conn, **kw)
 
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (for an authenticating accept loop)."""
+        return self._sock
+
     def close(self) -> None:
         """Stop listening."""
         self._sock.close()

@@ -24,10 +24,11 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from .base import (
-    Buffer, Completion, LandHook, RecvEvent, Status, Tag, Transport, TransportError, check_bounds, check_imm,
+    Buffer, Completion, LandHook, RecvEvent, Region, Status, Tag, Transport, TransportError, check_bounds, check_imm,
     check_tag, check_write_args,
 )
 from .faults import FaultConfig, FaultInjector
@@ -37,8 +38,9 @@ from .frames import (
 )
 
 Address = tuple[str, int]
-_BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
+BATCH_BUFS, _BATCH_BYTES = 128, 4 * 1024 * 1024  # per sendmsg; IOV_MAX is 1024
 _ACK_BATCH, _ACK_HOLD_S = 256, 0.0005  # ACKs are held back at most this many / this long
+MAX_DISCARD = 64 << 20  # a refused write up to this long is skipped; a longer one drops the connection
 
 
 class TcpListener:
@@ -66,6 +68,11 @@ class TcpListener:
     def accept(self, timeout: float | None = 5.0, **kw: Any) -> "TcpTransport":
         """Accept one connection and wrap it; kw go to TcpTransport."""
         return TcpTransport(self.accept_socket(timeout), **kw)
+
+    @property
+    def sock(self) -> socket.socket:
+        """The listening socket (for an authenticating accept loop)."""
+        return self._sock
 
     def close(self) -> None:
         """Stop listening."""
@@ -109,6 +116,8 @@ class TcpTransport(Transport):
         self._ack_since = 0.0
         self._acks_held = False  # ACKs queued without waking the wire thread (more frames were readable)
         self._finishing = False  # the wire thread sends remaining control frames, then stops
+        self._refusal = ("", "")  # (counter label, NAK text) of the write _target just refused
+        self.refused_writes: Counter[str] = Counter()  # writes refused here (NAK) by reason
         self._recv_thread = threading.Thread(target=self._recv_loop, name=f"{self.label}-recv", daemon=True)
         self._wire_thread = threading.Thread(target=self._wire_loop, name=f"{self.label}-wire", daemon=True)
         self._recv_thread.start()
@@ -222,7 +231,7 @@ class TcpTransport(Transport):
         if self._acks:
             bufs += map(memoryview, encode_acks(self._acks[:MAX_ACKS]))
             del self._acks[:MAX_ACKS]
-        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < _BATCH_BUFS \
+        while self._wire and (self._finishing or self._wire[0][0] <= now) and len(bufs) < BATCH_BUFS \
                 and nbytes < _BATCH_BYTES:
             _, _, hdr, payload = heapq.heappop(self._wire)
             if hdr.type is FrameType.WRITE and self._faults and self._faults.drop_now():
@@ -271,9 +280,8 @@ class TcpTransport(Transport):
                     reason = bytearray(hdr.length)
                     self._recv_exact(memoryview(reason))
                     text = reason.decode("utf-8", "replace")
-                    self._complete(hdr.wr_id, text)
-                    self._die(f"peer rejected write wr_id={hdr.wr_id}: {text}")
-                    return
+                    # a refused write fails alone; the peer drops the connection itself if it must
+                    self._complete(hdr.wr_id, f"peer refused write wr_id={hdr.wr_id}: {text}")
                 else:  # CLOSE
                     self._die("peer closed the connection")
                     return
@@ -287,22 +295,19 @@ class TcpTransport(Transport):
 
     def _place(self, hdr: Header) -> bool:
         """Copy one WRITE payload into its region; False if the frame was rejected."""
-        found = self._lookup(hdr.region)
+        found = self._target(hdr)
         if found is None:
-            known = sorted(r.id for r in self.regions())
-            self._reject(hdr.wr_id, str(FrameError("region", hdr.region, f"a registered region id {known}")))
-            return False
+            return self._refuse_write(hdr, hdr.length)
         region, mem = found
-        try:
-            check_bounds(region, hdr.offset, hdr.length)
-        except ValueError as e:
-            field = "length" if hdr.offset <= region.length else "offset"
-            self._reject(hdr.wr_id, f"malformed frame: {field} out of bounds: {e}")
-            return False
         # straight into registered memory, no protocol state consulted (as a NIC would)
         if not self._recv_exact(mem[hdr.offset : hdr.offset + hdr.length]):
             self._die(f"peer closed the connection (EOF) inside write wr_id={hdr.wr_id}")
             return False
+        self._landed(hdr)
+        return True
+
+    def _landed(self, hdr: Header) -> None:
+        """A write's bytes are in place: the land hook, the receiver-side notice, the (batched) ACK."""
         if self.on_land is not None:
             self.on_land(hdr.tag, hdr.region, hdr.offset, hdr.length)
         if hdr.imm is not None:
@@ -312,6 +317,41 @@ class TcpTransport(Transport):
             self._acks_held = self._more_coming(len(self._acks))
             if not self._acks_held:
                 self._lock.notify_all()
+
+    def _target(self, hdr: Header) -> tuple[Region, memoryview] | None:
+        """The region a WRITE lands in, or None (after noting why) when it is unknown or out of bounds."""
+        found = self._lookup(hdr.region)
+        if found is None:
+            known = sorted(r.id for r in self.regions())
+            self._refusal = ("unknown_region", str(FrameError("region", hdr.region, f"a registered region id {known}")))
+            return None
+        try:
+            check_bounds(found[0], hdr.offset, hdr.length)
+        except ValueError as e:
+            field = "length" if hdr.offset <= found[0].length else "offset"
+            self._refusal = ("out_of_bounds", f"malformed frame: {field} out of bounds: {e}")
+            return None
+        return found
+
+    def _refuse_write(self, hdr: Header, skip: int) -> bool:
+        """Refuse one write (NAK, counted) and skip its `skip` payload bytes; the connection lives on.
+
+        A length beyond MAX_DISCARD cannot be skipped in reasonable time: that frame is malformed
+        and drops the connection. Returns whether the connection is still usable."""
+        label, reason = self._refusal
+        if skip > MAX_DISCARD:
+            self._reject(hdr.wr_id, reason)
+            return False
+        sink = memoryview(bytearray(min(skip, 1 << 16) or 1))
+        while skip:
+            n = min(skip, sink.nbytes)
+            if not self._recv_exact(sink[:n]):
+                self._die(f"peer closed the connection (EOF) inside refused write wr_id={hdr.wr_id}")
+                return False
+            skip -= n
+        self.refused_writes[label] += 1
+        self._queue_control(Header(FrameType.NAK, hdr.wr_id, length=len(reason.encode()[:MAX_REASON])),
+                            reason.encode()[:MAX_REASON])
         return True
 
     def _more_coming(self, n_acks: int) -> bool:

@@ -108,14 +108,51 @@ def test_bad_arguments_are_named(gen):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for production shapes")
-def test_production_shape_decode():
+@pytest.mark.parametrize("H", [32, 64])
+def test_production_shape_decode(H):
+    # 64 heads run fp8 x fp8 dots on CUDA: compared with the reference on the quantised q.
+    from kvproof.kernels.indexer import quantize_indexer_q
     gen = torch.Generator().manual_seed(11)
     lens = [8192, 3000, 1, 20_000]
     cache, table, seq_lens = build_indexer_cache(lens, 64, 128, gen)
     q_req, q_len = decode_queries(seq_lens)
-    q, w = _queries(len(lens), 32, 128, gen)
+    q, w = _queries(len(lens), H, 128, gen)
     got = indexer_scores(q, w, cache, table, q_req, q_len, 64)
-    want = indexer_scores_ref(q, w, cache, table, q_req, q_len, 64, max(lens))
+    qr, wr = (q, w) if H < 64 else quantize_indexer_q(q, w)
+    want = indexer_scores_ref(qr.float() if H >= 64 else qr, wr, cache, table, q_req, q_len, 64, max(lens))
     _assert_scores_close(got, want)
     idx, counts = select_topk(got, q_len, 2048)
     _assert_topk_valid(idx, counts, q_len, want, 2048)
+
+
+@pytest.mark.parametrize("n_per_prog", [None, 64])
+def test_context_not_a_multiple_of_the_page_size(n_per_prog, gen):
+    # 150 and 33 keys on pages of 16: partial last pages, programs whose keys end mid-block,
+    # and (n_per_prog=64) programs past a short row that only write -inf.
+    page_size, H, D = 16, 16, 32
+    lens = [150, 33, 1]
+    cache, table, seq_lens = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), H, D, gen)
+    out = torch.full((len(lens), 160), float("nan"), device=DEVICE)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, max_len=160, out=out,
+                         n_per_prog=n_per_prog, block_m=1)
+    _assert_scores_close(got, indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, 160))
+
+
+def test_fp8_queries_fold_their_scale_into_the_weights(gen):
+    # q_fp8: q quantised per (query, head), scale folded into w; the kernel must equal the
+    # reference on the dequantised q, and stay near the bf16 scores (fp8 rounding of q only).
+    from kvproof.kernels.indexer import quantize_indexer_q
+    page_size, H, D = 16, 64, 128
+    lens = [70, 5]
+    cache, table, seq_lens = build_indexer_cache(lens, page_size, D, gen)
+    q_req, q_len = decode_queries(seq_lens)
+    q, w = _queries(len(lens), H, D, gen)
+    got = indexer_scores(q, w, cache, table, q_req, q_len, page_size, max_len=70, block_m=1, q_fp8=True)
+    q8, w8 = quantize_indexer_q(q, w)
+    assert q8.dtype == torch.float8_e4m3fn and torch.all(w8 >= 0)
+    _assert_scores_close(got, indexer_scores_ref(q8.float(), w8, cache, table, q_req, q_len, page_size, 70))
+    exact = indexer_scores_ref(q, w, cache, table, q_req, q_len, page_size, 70)
+    fin = torch.isfinite(exact)
+    assert float((got[fin].double() - exact[fin]).abs().max()) < 0.1 * float(exact[fin].abs().max())

@@ -73,3 +73,26 @@ def test_production_shape_topk():
     want, want_counts = topk_ref(scores, q_len, 2048)
     assert torch.equal(counts, want_counts)
     assert torch.equal(got.sort(1).values, want.sort(1).values)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), 0.25])
+def test_all_minus_inf_and_fully_tied_rows_take_the_first_k(fill):
+    # Every score equal (all -inf: a query whose keys all scored -inf; or one finite value):
+    # the k-th key is the common one and ties go to the lowest positions.
+    k, N = 16, 300
+    scores = torch.full((3, N), fill, device=DEVICE)
+    q_len = torch.tensor([300, 17, 100], dtype=torch.int32, device=DEVICE)
+    got, counts = radix_topk(scores, q_len, k, block=256)
+    assert counts.tolist() == [16, 16, 16]
+    for t in range(3):
+        assert got[t].tolist() == list(range(k)), f"row {t}"
+
+
+def test_k_larger_than_the_valid_tokens():
+    scores = torch.randn(3, 50, device=DEVICE)
+    q_len = torch.tensor([50, 7, 0], dtype=torch.int32, device=DEVICE)
+    got, counts = radix_topk(scores, q_len, 64, block=256)
+    assert counts.tolist() == [50, 7, 0]
+    assert got[0, :50].sort().values.tolist() == list(range(50)) and torch.all(got[0, 50:] == 0)
+    assert got[1, :7].tolist() == list(range(7)) and torch.all(got[1, 7:] == 0)
+    assert torch.all(got[2] == 0)

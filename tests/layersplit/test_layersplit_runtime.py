@@ -104,3 +104,18 @@ def test_unfixed_plan_visibly_corrupts_when_the_comm_stream_runs_ahead() -> None
     bad = [l for l in range(base.layers) if not torch.equal(unfixed_ahead[l], ref[l])]
     # each receive of layer l + 2 lands in the buffer before attention[l] on the receiver reads it
     assert bad == [0, 1, 2, 3]
+
+
+def test_rendezvous_follows_torch_distributed_settings() -> None:
+    """The group meets where MASTER_ADDR/MASTER_PORT or an init method say, loopback by default."""
+    from kvproof.runtime.layersplit.group import rendezvous
+
+    assert rendezvous({"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29500"}) == ("10.1.2.3", 29500)
+    assert rendezvous({"KVPROOF_LAYERSPLIT_INIT_METHOD": "tcp://10.9.9.9:1234",
+                       "MASTER_ADDR": "10.1.2.3"}) == ("10.9.9.9", 1234)
+    host, port = rendezvous({})
+    assert host == "127.0.0.1" and 0 < port < 65536
+    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+        rendezvous({"KVPROOF_LAYERSPLIT_INIT_METHOD": "env://"})
+    with pytest.raises(ValueError, match="MASTER_PORT='x'"):
+        rendezvous({"MASTER_PORT": "x"})

@@ -125,6 +125,32 @@ def test_concurrent_load_matches_reference() -> None:
     assert st["cache_hit_rate"] > 0.3, "agent prompts share their prefix pages"
 
 
+def test_concurrent_load_with_heavy_eviction_matches_reference() -> None:
+    """The same load on a device pool a fraction of the working set, over the host tier: prefix pages
+    are evicted to the host, reloaded and reused all the time, every page change a fired kv_page action."""
+    prompts, plan = _prompts(), _plan(len(_prompts()), 2)
+    ref_tokens = _reference(prompts)
+    cfg = EngineConfig(num_pages=48, max_prefill_tokens=384, host_cache_pages=256,
+                       host_cache_schedule="adversarial")
+
+    async def main() -> tuple[list, dict, object]:
+        async with serving(cfg) as (engine, url):
+            results = await _load(url, prompts, plan, 2)
+            await wait_for(lambda: engine.stats()["queue_depth{queue}"] == {"waiting": 0, "prefilling": 0,
+                                                                           "running": 0}, what="idle engine")
+            return results, engine.stats(), engine.core
+
+    results, st, core = asyncio.run(main())
+    print({k: st[k] for k in ("preemptions_total", "cache_hit_rate", "hicache_evictions_total",
+                              "hicache_swap_ins_total", "hicache_host_hits_total")})
+    done = _check_outputs(results, plan, ref_tokens)
+    assert st["kv_pages{state}"]["used"] == 0, "page leak"
+    _check_request_counts(st, plan, done)
+    assert st["hicache_evictions_total"] > 100 and st["hicache_swap_ins_total"] > 50, "heavy eviction and reload"
+    assert st["hicache_stale_indexer_reads_total"] == 0
+    assert core.pool.check() == [] and core.host.pins == {}
+
+
 @pytest.mark.timeout(180)
 def test_concurrent_load_matches_reference_on_the_pd_engine() -> None:
     """The same load through `kvproof serve`'s default engine: KV through 8 slots of the verified

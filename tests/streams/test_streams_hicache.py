@@ -83,8 +83,7 @@ def test_failed_insert_and_load_roll_back() -> None:
     c.evict()
     b = _seq(500, 2 * P, 2)
     c.insert(*b)
-    for n in c.match(b[0]):
-        n.locks += 1                             # as if another batch were using b's pages
+    held = c.hold(c.match(b[0]))                 # as if another batch were using b's pages
     with pytest.raises(CacheFullError):
         c.load(a[0])
     assert all(n.device_page is None for n in c.match(a[0]))
@@ -92,8 +91,7 @@ def test_failed_insert_and_load_roll_back() -> None:
     with pytest.raises(CacheFullError):
         c.insert(*_seq(900, 2 * P, 3))
     assert c.match(list(range(900, 900 + 2 * P))) == [] and len(c.dev_pool.used) == 2
-    for n in c.match(b[0]):
-        n.locks -= 1
+    c.unhold(held)
     kv, idx = c.gather(a[0])
     assert torch.equal(kv, a[1]) and torch.equal(idx, a[2])
 

@@ -69,7 +69,7 @@ class HiCacheModel(RuleBasedStateMachine):
         assert all(n.device_page is not None or n.host_page is not None for n in nodes)
         assert len(self.cache.dev_pool.used) == sum(n.device_page is not None for n in nodes)
         assert len(self.cache.host_pool.used) == sum(n.host_page is not None for n in nodes)
-        assert all(n.locks == 0 for n in nodes)
+        assert not any(self.cache.is_locked(n) for n in nodes)
 
 
 TestHiCacheModel = HiCacheModel.TestCase

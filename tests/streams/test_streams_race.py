@@ -75,8 +75,8 @@ def test_every_wait_of_the_fixed_plan_is_needed() -> None:
 
 
 def test_prove_checks_have_expected_outcomes() -> None:
-    importlib.import_module("kvproof.verify.checks_streams")
-    checks = [c for c in registry._CHECKS if c.protocol == "hicache"]
+    checks = [c for c in registry.collect(importlib.import_module("kvproof.verify.checks_streams"))
+              if c.protocol == "hicache"]
     assert len(checks) == 2 * len(PROPERTIES) + 1
     verdicts = [c.run() for c in checks]
     for c, v in zip(checks, verdicts):

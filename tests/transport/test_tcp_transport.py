@@ -18,7 +18,7 @@ import torch
 from kvproof.runtime.transport import (
     FaultConfig, Status, TcpListener, TcpTransport, TransportClosed, TransportError, make_transport,
 )
-from kvproof.runtime.transport.frames import HEADER, FrameType, Header, decode_header, encode_header
+from kvproof.runtime.transport.frames import HEADER, FrameType, Header, decode_acks, decode_header, encode_header
 
 from .conftest import wait_until
 
@@ -133,10 +133,7 @@ def _frame(**over) -> bytes:
     (dict(type=77), "type"),
     (dict(flags=0x80), "flags"),
     (dict(ntag=5), "ntag"),
-    (dict(region=4), "region"),
-    (dict(offset=200), "offset"),
-    (dict(offset=120, length=16), "length"),
-    (dict(length=2**40), "length"),
+    (dict(length=2**40), "length"),  # too long even to skip
     (dict(type=2, length=4), "length"),  # an ACK carries whole u64 wr_ids
     (dict(type=4, length=8), "length"),  # a CLOSE carries nothing
 ])
@@ -149,6 +146,25 @@ def test_malformed_frame_names_field_and_corrupts_nothing(raw_peer, over, field)
     raw.settimeout(5)
     nak = decode_header(raw.recv(HEADER.size, socket.MSG_WAITALL))  # the peer is told why
     assert nak.type is FrameType.NAK and field in raw.recv(nak.length, socket.MSG_WAITALL).decode()
+
+
+@pytest.mark.parametrize("over, field, label", [
+    (dict(region=4), "region", "unknown_region"),
+    (dict(offset=200), "offset", "out_of_bounds"),
+    (dict(offset=120, length=16), "length", "out_of_bounds"),
+])
+def test_write_outside_region_is_refused_counted_and_connection_lives(raw_peer, over, field, label):
+    raw, t, buf, region = raw_peer
+    raw.sendall(_frame(**over) + b"\x11" * 16)
+    raw.settimeout(5)
+    nak = decode_header(raw.recv(HEADER.size, socket.MSG_WAITALL))  # the peer is told why
+    assert nak.type is FrameType.NAK and field in raw.recv(nak.length, socket.MSG_WAITALL).decode()
+    assert (buf == GUARD).all(), "no byte may change, inside or outside the region"
+    assert not t.is_dead and t.refused_writes == {label: 1}
+    raw.sendall(_frame(wr_id=2, region=region.id, offset=8, length=4) + b"\x22" * 4)  # a good write still lands
+    ack = decode_header(raw.recv(HEADER.size, socket.MSG_WAITALL))
+    assert ack.type is FrameType.ACK and decode_acks(raw.recv(ack.length, socket.MSG_WAITALL)) == (2,)
+    assert (buf[72:76] == 0x22).all() and (buf[:72] == GUARD).all() and (buf[76:] == GUARD).all()
 
 
 def test_eof_inside_payload_stays_inside_region(raw_peer):
@@ -167,16 +183,19 @@ def test_unknown_ack_is_a_protocol_error(raw_peer):
     assert "wr_id=42" in t.dead_reason
 
 
-def test_write_to_deregistered_region_fails_and_breaks_the_connection(tcp_pair):
+def test_write_to_deregistered_region_fails_alone(tcp_pair):
     a, b = tcp_pair
     region = b.register(bytearray(64))
     b.deregister(region.id)
     a.post_write(b"abc", region.id, 0)
     (c,) = a.poll(timeout=5)
-    assert c.status is Status.ERROR and f"region={region.id}" in c.error
-    wait_until(lambda: a.is_dead and b.is_dead, what="both ends dead")
-    with pytest.raises(TransportClosed, match="dead connection"):
-        a.post_write(b"abc", region.id, 0)
+    assert c.status is Status.ERROR and f"region={region.id}" in c.error and "refused" in c.error
+    assert not a.is_dead and not b.is_dead and b.refused_writes == {"unknown_region": 1}
+    other = bytearray(8)
+    b.register(other, region_id=7)
+    a.post_write(b"xyz", 7, 2)
+    (c,) = a.poll(timeout=5)
+    assert c.ok and other[2:5] == b"xyz"
 
 
 # -- peer death and close_and_drain ---------------------------------------------------------

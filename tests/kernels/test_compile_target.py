@@ -1,0 +1,74 @@
+"""Every kernel compiles for Hopper (and Blackwell) on the CPU, in the configurations its launchers pick.
+
+No GPU: Triton compiles to a cubin for sm_90 / sm_100 and the wheel's cuobjdump reads it back.
+The report is built once per session (a subprocess without TRITON_INTERPRET, since interpreted
+kernels cannot be compiled) and every test below reads it.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kvproof.kernels.compile_report import compile_report
+
+
+def _have_cuda_tools() -> bool:
+    try:
+        from kvproof.kernels.compile_target import cuda_tool
+        cuda_tool("cuobjdump")
+        return True
+    except (AssertionError, ImportError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _have_cuda_tools(), reason="this Triton wheel ships no cuobjdump/ptxas")
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return compile_report((90, 100), scope="ci")
+
+
+def _rows(report: dict, **match) -> list[dict]:
+    return [r for r in report["rows"] if all(s in r[k] for k, s in match.items())]
+
+
+def test_every_configuration_compiles(report):
+    assert report["rows"] and report["summary"]["failed"] == []
+    kernels = {r["kernel"] for r in report["rows"]}
+    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_mla_attn_kernel",
+                       "_mla_combine_kernel", "_paged_copy_kernel"}
+
+
+def test_production_shapes_are_compiled_for_hopper_and_blackwell(report):
+    for arch in ("sm_90", "sm_100"):
+        assert _rows(report, config="indexer H=64 D=128 q=fp8", arch=arch)
+        assert _rows(report, config="topk k=2048", arch=arch)
+        for kv in ("bf16", "fp8"):
+            assert _rows(report, config=f"mla sparse kv={kv} H=128", arch=arch)
+    for H in (16, 32, 64, 128):
+        assert _rows(report, config=f"mla sparse kv=fp8 H={H} ", arch="sm_90")
+
+
+def test_no_spills_in_default_configurations(report):
+    assert report["summary"]["spills_in_defaults"] == []
+    assert all(r["local_bytes"] == 0 for r in report["rows"] if r["default"])
+
+
+def test_shared_memory_within_the_architecture_limit(report):
+    assert report["summary"]["over_shared_limit"] == []
+    assert all(0 <= r["shared_bytes"] <= r["shared_limit"] for r in report["rows"])
+
+
+def test_dots_run_on_tensor_cores(report):
+    dots = [r for r in report["rows"] if r["has_dot"]]
+    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "_mla_attn_kernel"}
+    assert report["summary"]["dot_without_tensor_cores"] == []
+    for r in dots:
+        want = {"sm_90": {"HGMMA", "QGMMA", "HMMA"}, "sm_100": {"UTCHMMA", "UTCQMMA", "HMMA", "QMMA"}}[r["arch"]]
+        assert set(r["tensor_core_ops"]) & want, r["config"]
+
+
+def test_fp8_rope_loads_are_vectorised(report):
+    # The fp8 row's rope sits at byte 528 of a 656 B row: 16-byte aligned, so no 2-byte loads.
+    for r in _rows(report, config="mla sparse kv=fp8", kernel="_mla_attn_kernel"):
+        assert r["ptx_scalar_b16_loads"] == 0, r["config"]
