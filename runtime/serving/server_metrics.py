@@ -57,6 +57,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "kv_imported_tokens_total": ("kv_imported_tokens_total", "Prompt tokens whose KV decode imported from a slot"),
     "pd_waiting_for_slot": ("pd_waiting_for_slot_requests", "Requests waiting for a free decode KV slot now"),
     "pd_writers": ("pd_prefill_ranks", "Prefill ranks (KV writers) of the PD deployment"),
+    "pd_worker_up": ("pd_worker_up", "1 while a PD role's process (decode, prefill-i) runs, 0 once it exited"),
+    "pd_engine_failed": ("pd_engine_failed", "1 once the PD engine failed (a worker died): new requests are refused"),
     "rejected_connections_total": ("rejected_connections_total",
                                    "Connections to decode's control or data ports refused, by reason (authentication)"),
     "kv_refused_writes_total": ("kv_refused_writes_total", "KV writes decode's transport refused, by reason"),
