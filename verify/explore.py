@@ -97,26 +97,27 @@ def explore(protocol: type[Protocol], variant: str, params: dict[str, int],
     ex = Exploration(protocol, variant, full, layout, g, init, 0.0, symmetry is not None, dropped=dropped,
                      symmetry_note=note)
     comp = Compiled(protocol, full, variant, dropped)
-    step = comp.successors
+    step, label, violated = comp.step, comp.label, comp.violated
+    has_node, add_node, has_edge, add_edge = g.__contains__, g.add_node, g.has_edge, g.add_edge
     while frontier:
         nxt_frontier = []
         for st in frontier:
-            bad = comp.violated(st)
+            bad = violated(st)
             for name, _ in bad:
                 ex.violations.setdefault(name, st)
             if bad and bad[0][0] == NAT_PROPERTY:
                 continue            # ill-typed: the runtime rejects this state, so it has no successors
-            succ = False
-            for action, args, nxt in step(st):
-                succ = True
+            succ = step(st)
+            for k, data, nxt in succ:
                 nxt = canon(nxt)
-                if nxt not in g:
-                    g.add_node(nxt)
+                if not has_node(nxt):
+                    add_node(nxt)
                     nxt_frontier.append(nxt)
-                    if g.number_of_nodes() > max_states:
+                    if len(g) > max_states:
                         raise RuntimeError(f"more than {max_states} states; lower the bounds {full}")
-                if not g.has_edge(st, nxt):
-                    g.add_edge(st, nxt, action=action, args=args)
+                if not has_edge(st, nxt):
+                    action, args = label(k, data)
+                    add_edge(st, nxt, action=action, args=args)
             if not succ and not protocol.quiescent(_view(layout, st, variant)):
                 ex.deadlocks.append(st)
         frontier = nxt_frontier

@@ -46,33 +46,40 @@ def guards_of(protocol: type[Protocol], variant: str, params: dict[str, int]) ->
 
 
 def necessity(protocol: type[Protocol], variant: str, params: dict[str, int],
-              depth: int = 12, only: list[str] | None = None, max_states: int = 1_000_000) -> list[GuardResult]:
+              depth: int = 12, only: list[str] | None = None, max_states: int = 1_000_000,
+              jobs: int = 1) -> list[GuardResult]:
     """Drop each guard (or those in `only`) and report the property that then fails.
 
     Without the guard: 1-induction over every invariant (still inductive: redundant); else BMC
     to `depth` (a counterexample: needed); else an exhaustive explicit-state search of the
     instance, up to `max_states` states, which either finds a longer counterexample or shows
-    that no reachable state of this instance violates a property."""
+    that no reachable state of this instance violates a property. Guards are independent:
+    with `jobs` > 1 they are analysed in that many processes (results in the same order)."""
+    todo = [(name, kind, actions) for name, (kind, actions) in guards_of(protocol, variant, params).items()
+            if (only is None or name in only) and not name.endswith("_delivered")]   # channel semantics
+    args = [(protocol, variant, params, depth, max_states, *g) for g in todo]
+    if jobs > 1 and len(args) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(max_workers=min(jobs, len(args))) as pool:
+            return list(pool.map(_one, *zip(*args)))
+    return [_one(*a) for a in args]
+
+
+def _one(protocol: type[Protocol], variant: str, params: dict[str, int], depth: int, max_states: int,
+         name: str, kind: str, actions: list[str]) -> GuardResult:
+    """The necessity analysis of one guard (a process-pool task: arguments picklable)."""
     # The type property is a property here: a guard that only keeps a counter from going
     # negative is needed, since the runtime rejects the negative value (no Z3 type hides it).
     props = [n for n, i in protocol.invariants.items() if not i.strengthening] + [NAT_PROPERTY]
-    allprops = list(protocol.invariants)
-    out = []
-    for name, (kind, actions) in guards_of(protocol, variant, params).items():
-        if only is not None and name not in only:
-            continue
-        if name.endswith("_delivered"):
-            continue        # channel semantics, not a protocol decision
-        t0 = time.perf_counter()
-        dropped = frozenset({name})
-        ind = induction(protocol, variant, params, allprops, 1, dropped)
-        cex = None if ind.proven else bmc(protocol, variant, params, props, depth, dropped)
-        states = None
-        if not ind.proven and cex is None:
-            cex, states = _exhaustive(protocol, variant, params, props, dropped, max_states)
-        out.append(GuardResult(name, kind, actions, cex.property if cex else None, cex,
-                               ind.proven, depth, time.perf_counter() - t0, states))
-    return out
+    t0 = time.perf_counter()
+    dropped = frozenset({name})
+    ind = induction(protocol, variant, params, list(protocol.invariants), 1, dropped)
+    cex = None if ind.proven else bmc(protocol, variant, params, props, depth, dropped)
+    states = None
+    if not ind.proven and cex is None:
+        cex, states = _exhaustive(protocol, variant, params, props, dropped, max_states)
+    return GuardResult(name, kind, actions, cex.property if cex else None, cex,
+                       ind.proven, depth, time.perf_counter() - t0, states)
 
 
 def _exhaustive(protocol: type[Protocol], variant: str, params: dict[str, int], props: list[str],

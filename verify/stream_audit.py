@@ -24,9 +24,12 @@ def audit_streams(path: str, fmt: str = "text") -> tuple[int, str]:
     if fmt not in FORMATS:
         return EXIT_BAD_INPUT, f"error: --format {fmt!r} is not one of {', '.join(FORMATS)}"
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         return EXIT_BAD_INPUT, f"error: cannot read {path}: {e.strerror or e}"
+    except UnicodeDecodeError as e:
+        return EXIT_BAD_INPUT, (f"error: {path} is not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                                f"expected a stream plan (JSON) or trace (JSON Lines)")
     try:
         plan, lines = plan_loads_lines(text, source=path)
     except PlanFormatError as e:

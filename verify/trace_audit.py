@@ -94,9 +94,12 @@ def _need(rec: dict[str, Any], key: str, typ: type | tuple, where: str) -> Any:
 def load_trace(path: Path) -> tuple[dict[str, Any], list[Event]]:
     """Parse one trace file into its header and events; malformed input raises TraceFormatError."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise TraceFormatError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); expected a trace "
+                               f"in JSON Lines") from None
     lines = text.split("\n")
     header: dict[str, Any] | None = None
     events = []

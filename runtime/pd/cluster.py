@@ -177,9 +177,9 @@ class PDCluster:
         """Send a new request to decode."""
         self._send(Submit(rid, n_tokens))
 
-    def abort(self, rid: int) -> None:
-        """Client abort of request rid (ignored by decode if it already ended)."""
-        self._send(ClientAbort(rid))
+    def abort(self, rid: int, cause: str = "client") -> None:
+        """Abort of request rid, and why (ignored by decode if it already ended)."""
+        self._send(ClientAbort(rid, cause))
 
     def next_result(self, timeout: float | None = None) -> Result | None:
         """The next finished request's Result, or None after timeout."""

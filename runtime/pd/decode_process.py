@@ -18,7 +18,8 @@ from typing import Any
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.decode_worker import DecodeWorker
 from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd.messages import ClientAbort, Hello, Message, Ready, Shutdown, Stats, Submit, Up, encode
+from kvproof.runtime.pd.messages import (ClientAbort, Hello, Message, Ready, Shutdown, Stats, StatsRequest, Submit, Up,
+                                         encode)
 from kvproof.runtime.pd.plumbing import ACCEPT_TIMEOUT_S, channel_config, log, open_trace, parse_message
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
 from kvproof.runtime.transport.auth import REJECTED, Secret, accept_authenticated, connect_authenticated
@@ -152,7 +153,10 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
             elif isinstance(msg, ClientAbort):
                 worker.abort(msg.rid)
                 if model is not None:
-                    model.abort(msg.rid)
+                    model.abort(msg.rid, msg.cause)
+            elif isinstance(msg, StatsRequest):
+                if model is not None:
+                    model.send_stats(worker, msg.nonce)
             elif isinstance(msg, Shutdown) and deadline is None:
                 deadline = time.monotonic() + cfg.drain_timeout_s
         elif kind == "client_dead":

@@ -47,6 +47,7 @@ class Request:
     slot: int | None = None
     epoch: int | None = None
     extra: dict[str, Any] | None = None     # real-KV mode: Alloc payload (prompt tokens, fault flag)
+    allocated: float | None = None          # when it got its slot (its queue time ends)
 
 
 class DecodeWorker:
@@ -151,6 +152,7 @@ class DecodeWorker:
 
     def _allocated(self, s: int, req: Request, _ems: list[Emission]) -> None:
         req.slot, req.epoch = s, self.inst.get("epoch", s)
+        req.allocated = self.clock()
         self.by_rid[req.rid] = req
         self.by_slot[s] = req
         self._timer(self.cfg.transfer_timeout_s, "timeout", s, req.epoch)

@@ -23,16 +23,17 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
-from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, TokenEvent
+from kvproof.runtime.serving.engine import STOP_STRING, EngineConfig, GenerationRequest, TokenEvent, context_limit
 from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
-    Event, Message, Result, Stats, Submit,
+    Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of,
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
+from kvproof.runtime.serving.server_metrics import histogram
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.kv_slot import DState
 
@@ -78,7 +79,7 @@ def _model_config(ecfg: EngineConfig) -> Any:
 
 
 def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
-    return min(mc.max_seq_len, ecfg.num_pages * mc.page_size - 1 - ecfg.num_drafts)
+    return context_limit(ecfg, mc)
 
 
 class ModelCluster(PDCluster):
@@ -95,6 +96,7 @@ class ModelCluster(PDCluster):
         self.on_event, self.on_result = on_event, on_result
         self.live: dict[str, Any] = {}
         self.live_at = 0.0                                  # when the last live snapshot arrived
+        self.live_nonce = 0                                 # the newest StatsRequest decode answered
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
@@ -104,16 +106,29 @@ class ModelCluster(PDCluster):
     def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
             self.on_event(msg)
+        elif isinstance(msg, Events):
+            try:
+                evs = events_of(msg)
+            except MessageError as e:
+                self._control.put(ClusterError(f"malformed message from decode: {e}"))
+                return
+            for ev in evs:
+                self.on_event(ev)
         elif isinstance(msg, Result):
             self.on_result(msg)
         elif isinstance(msg, Stats) and msg.data.get("live"):
             self.live, self.live_at = msg.data, time.monotonic()
+            self.live_nonce = max(self.live_nonce, int(msg.data.get("nonce", 0)))
         else:
             self._control.put(msg)
 
     def submit_request(self, msg: Submit) -> None:
         """Send a real-KV Submit (prompt and sampling parameters) to decode."""
         self._send(msg)
+
+    def request_stats(self, nonce: int) -> None:
+        """Ask decode for a live snapshot now (answered with this nonce)."""
+        self._send(StatsRequest(nonce))
 
     def alive(self) -> str | None:
         """None while every process runs (and decode's connection lives), else which one is gone."""
@@ -150,6 +165,7 @@ class PDEngine(StreamingMixin):
         self.error: BaseException | None = None
         self._mu = threading.Lock()
         self._rids = itertools.count(1)
+        self._nonces = itertools.count(1)
         self._by_rid: dict[int, tuple[str, Sink, int]] = {}  # rid -> (request_id, sink, prompt tokens)
         self._by_id: dict[str, int] = {}
         self._corrupt: set[str] = set()
@@ -263,13 +279,34 @@ class PDEngine(StreamingMixin):
             if rid in self._aborting:                       # e.g. server disconnect + stream close
                 return True
             self._aborting.add(rid)
-            _bump(self._counters["aborts_total{cause}"], cause)
+            if cause != STOP_STRING:                        # a stop string ends it as "stop", not an abort
+                _bump(self._counters["aborts_total{cause}"], cause)
         cl = self.cluster
         if cl is not None:
             try:
-                cl.abort(rid)
+                cl.abort(rid, cause)
             except ClusterError:
                 return False
+        return True
+
+    async def refresh_stats(self, timeout_s: float = 1.0) -> bool:
+        """Have decode send a snapshot now and wait for it (a /metrics scrape): False if it did not come in time.
+
+        Decode answers after its current step, and its snapshot holds the prefill ranks' counters as of
+        their last change (a rank reports each change at once), so every counter is current."""
+        cl = self.cluster
+        if cl is None:
+            return False
+        nonce = next(self._nonces)
+        try:
+            cl.request_stats(nonce)
+        except ClusterError:
+            return False
+        end = time.monotonic() + timeout_s
+        while cl.live_nonce < nonce:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.002)
         return True
 
     def inject_kv_corruption(self, request_id: str) -> None:
@@ -319,9 +356,9 @@ class PDEngine(StreamingMixin):
         live = dict(cl.live) if cl is not None else {}
         live.pop("live", None)
         out: dict = {"slots{state}": {st.name: 0 for st in DState} | {DState.FREE.name: self.pd.slots},
-                     "kv_transfers_total": 0, "reclaim_latency_seconds_sum": 0.0,
-                     "reclaim_latency_seconds_count": 0}
+                     "kv_transfers_total": 0, **histogram("reclaim_latency_seconds", [])}
         out.update(live)
+        out.pop("nonce", None)
         with self._mu:
             out.update(self._totals)
             for k, v in self._counters.items():

@@ -115,6 +115,15 @@ class ClientAbort:
 
     TYPE: ClassVar[str] = "client_abort"
     rid: int
+    cause: str = "client"                # why: client, disconnect, stop_string, ...
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """client -> decode: send a live Stats snapshot now, tagged with this nonce (a /metrics scrape)."""
+
+    TYPE: ClassVar[str] = "stats_request"
+    nonce: int
 
 
 @dataclass(frozen=True)
@@ -154,7 +163,19 @@ class Event:
     event: dict
 
 
-Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, Result, Shutdown, Stats, Event]
+@dataclass(frozen=True)
+class Events:
+    """decode -> client: the Events of one decode step in one frame (one send per step, not per request).
+
+    items: [rid, event] pairs, each as an Event's fields (`events_of` validates and unpacks them).
+    """
+
+    TYPE: ClassVar[str] = "events"
+    items: list
+
+
+Message = Union[Alloc, Abort, Done, Safe, Hello, Ready, Up, Submit, ClientAbort, StatsRequest, Result, Shutdown,
+                Stats, Event, Events]
 MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in typing.get_args(Message)}
 RESULT_STATUSES = ("served", "corrupt", "aborted", "failed")
 
@@ -209,6 +230,18 @@ def decode_message(raw: Any, types: Mapping[str, type] = MESSAGE_TYPES) -> Any:
     if cls is Result and raw["status"] not in RESULT_STATUSES:
         raise MessageError(f"result message: field 'status'={raw['status']!r}, expected one of {RESULT_STATUSES}")
     return cls(**{k: raw[k] for k in got})
+
+
+def events_of(msg: Events) -> list[Event]:
+    """The Events a batch carries, each validated like a single Event message."""
+    out = []
+    for item in msg.items:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise MessageError(f"events message: item {item!r}, expected [rid, event]")
+        ev = decode_message({"type": Event.TYPE, "rid": item[0], "event": item[1]})
+        assert isinstance(ev, Event)
+        out.append(ev)
+    return out
 
 
 def from_emission(em: Emission, types: Mapping[str, type] = MESSAGE_TYPES, **extra: Any) -> Any:

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -31,14 +31,17 @@ from kvproof.runtime.pd.kv_pool import KVPool
 from kvproof.runtime.model.config import ModelConfig
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.config import PDConfig
-from kvproof.runtime.pd.messages import Alloc, Event, Message, Result, Stats, Submit
+from kvproof.runtime.pd.messages import Alloc, Event, Events, Message, Result, Stats, Submit
 from kvproof.runtime.serving.scheduler import Sequence
+from kvproof.runtime.serving.server_metrics import histogram
 from kvproof.spec.kv_slot import DState
 
 STATS_INTERVAL_S = 0.2
 
 
 # ---------------------------------------------------------------- config on the command line
+_EVENT_FIELDS = tuple(f.name for f in fields(TokenEvent))
+
 def engine_config_to_json(cfg: EngineConfig) -> str:
     """EngineConfig as JSON (for the worker command line)."""
     return json.dumps(asdict(cfg))
@@ -136,6 +139,7 @@ class DecodeModel:
         self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
         self.pool: KVPool | None = None
         self._send: Callable[[Message], None] | None = None
+        self._batch: list[list] | None = None               # [rid, event] pairs of the step running now
         self._next_stats = 0.0
         self.imported_tokens = 0
         self.security: Callable[[], dict[str, Any]] = dict   # run_decode: refused connections and writes
@@ -184,21 +188,38 @@ class DecodeModel:
         rid = req.rid
         try:
             core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n))
+            # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
+            seq = core.seqs[greq.request_id]
+            seq.arrival = req.submitted
+            seq.scheduled_at = req.allocated if req.allocated is not None else req.submitted
         except ValueError as e:                             # the router validates; never strand the slot
             core.pool.free(pages)
             self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}",
                                         len(greq.prompt_tokens)))
         return 0
 
-    def abort(self, rid: int) -> None:
+    def abort(self, rid: int, cause: str = "client") -> None:
         """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
         self.pending.pop(rid, None)
-        self.core.abort(str(rid), "client")
+        self.core.abort(str(rid), cause)
+
+    def send_stats(self, worker: Any, nonce: int) -> None:
+        """A live Stats snapshot now, tagged with the router's nonce (its /metrics scrape waits for it)."""
+        self._send_msg(Stats({**self.snapshot(worker), "nonce": nonce}))
 
     def step(self, worker: Any) -> bool:
         """One model step (if any work) and, now and then, a live Stats snapshot; True when busy."""
-        with torch.no_grad():
-            busy = self.core.step()
+        # the step's events go out in one frame: one send, one router wake-up per step, not per request
+        self._batch = []
+        try:
+            with torch.no_grad():
+                busy = self.core.step()
+        finally:
+            batch, self._batch = self._batch, None
+            if len(batch) == 1:
+                self._send_msg(Event(*batch[0]))
+            elif batch:
+                self._send_msg(Events(batch))
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
@@ -217,9 +238,8 @@ class DecodeModel:
             "kv_transfer_failures_total": ws["failed"],
             "kv_requests_aborted_total": ws["aborted"],
             "slots_reclaimed_total": ws["slots_reclaimed"],
-            "reclaim_latency_seconds_sum": float(sum(lat)),
-            "reclaim_latency_seconds_count": len(lat),
-            "kv_bytes_transferred_total": sum(worker.bytes_landed),
+            **histogram("reclaim_latency_seconds", lat),
+            "kv_transferred_bytes_total": sum(worker.bytes_landed),
             "kv_foreign_landings_total": sum(worker.foreign_landings),
             "kv_imported_tokens_total": self.imported_tokens,
             "pd_waiting_for_slot": len(worker.waiting),
@@ -239,9 +259,12 @@ class DecodeModel:
         return out
 
     def _event(self, rid: int, ev: TokenEvent) -> None:
-        d = asdict(ev)
+        d = {f: getattr(ev, f) for f in _EVENT_FIELDS}         # shallow: asdict's deep copy costs ~10x
         d["tokens"] = list(ev.tokens)
-        self._send_msg(Event(rid, d))
+        if self._batch is not None:
+            self._batch.append([rid, d])
+        else:
+            self._send_msg(Event(rid, d))
 
     def _send_msg(self, msg: Message) -> None:
         if self._send is not None:

@@ -53,11 +53,18 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
     poller.start()
     next_live = 0.0
 
+    last_live: dict[str, Any] = {}
+
     def report_live() -> None:
-        nonlocal next_live
-        if live_stats is not None and time.monotonic() >= next_live:
-            next_live = time.monotonic() + LIVE_STATS_S
-            ch.send(encode(Stats({"live": 1, "rank": rank, **live_stats()})))
+        # at once when a counter changed (so decode's view is current when its Done arrives), else
+        # every LIVE_STATS_S as a heartbeat
+        nonlocal next_live, last_live
+        if live_stats is None:
+            return
+        now_stats = live_stats()
+        if now_stats != last_live or time.monotonic() >= next_live:
+            next_live, last_live = time.monotonic() + LIVE_STATS_S, now_stats
+            ch.send(encode(Stats({"live": 1, "rank": rank, **now_stats})))
 
     try:
         reason = _prefill_loop(prank, inbox, who, report_live)

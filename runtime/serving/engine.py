@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from kvproof.runtime.serving.engine_api import (Engine, GenerationRequest, SamplingParams,  # noqa: F401 (re-exported)
-                                        StreamingMixin, TokenEvent)
+from kvproof.runtime.serving.engine_api import (STOP_STRING, Engine, GenerationRequest,  # noqa: F401 (re-exported)
+                                                SamplingParams, StreamingMixin, TokenEvent)
 from kvproof.runtime.model.cache import KVCache, PagePool
 from kvproof.runtime.model.config import ModelConfig, preset
 from kvproof.runtime.hicache.host_tier import host_tier
@@ -56,6 +56,7 @@ class EngineConfig:
     layersplit_ownership: str = "contiguous"   # or round_robin
     layersplit_variant: str = "fixed"      # fixed; unfixed / no_owner_wait: racy plans (refused unless allowed)
     layersplit_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
+    max_model_len: int | None = None       # cap on prompt + output tokens; None: what the model and pool allow
 
 
 class EngineCore:
@@ -110,8 +111,7 @@ class EngineCore:
     def max_model_len(self) -> int:
         """Longest prompt + output one request may have."""
         # a decode step writes 1 + num_drafts positions past the last token
-        return min(self.model.cfg.max_seq_len,
-                   self.cfg.num_pages * self.model.cfg.page_size - 1 - self.cfg.num_drafts)
+        return context_limit(self.cfg, self.model.cfg)
 
     def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None],
             prefilled: tuple[list[int], int] | None = None) -> None:
@@ -126,7 +126,7 @@ class EngineCore:
         if n == 0 or n + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
                              f"1..{self.max_model_len} tokens")
-        mon = RequestMonitor(self.cfg.monitor) if self.cfg.num_drafts else None
+        mon = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name) if self.cfg.num_drafts else None
         seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
         if prefilled is not None:
             pages, cached = prefilled
@@ -141,10 +141,16 @@ class EngineCore:
         self.totals["prompt_tokens_total"] += n
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
-        """Abort a request now (engine thread only); False when unknown."""
+        """Abort a request now (engine thread only); False when unknown.
+
+        Cause STOP_STRING (the server found a stop string in the text) ends it with reason "stop",
+        not as an abort."""
         seq = self.seqs.get(request_id)
         if seq is None:
             return False
+        if cause == STOP_STRING:
+            self._finish(seq, "stop")
+            return True
         _bump(self.counters["aborts_total{cause}"], cause)
         self._finish(seq, "abort", detail=cause)
         return True
@@ -157,16 +163,29 @@ class EngineCore:
         mon = seq.monitor
         sink(TokenEvent(seq.request_id, tuple(seq.output[seq.sent:]), True, reason, detail,
                         len(seq.prompt), len(seq.output), mon.accept_length if mon else 0.0,
-                        mon.accept_rate if mon else 0.0))
+                        mon.accept_rate if mon else 0.0, self._logprobs(seq), self._queue_s(seq)))
 
-    def _emit(self, seq: Sequence, tokens: list[int]) -> bool:
-        """Append tokens up to a stop condition; True when the sequence finished."""
+    @staticmethod
+    def _logprobs(seq: Sequence) -> tuple | None:
+        return tuple(seq.logprobs[seq.sent:]) if seq.params.logprobs is not None else None
+
+    @staticmethod
+    def _queue_s(seq: Sequence) -> float | None:
+        """On a request's first event only: seconds from arrival to its first scheduled step."""
+        if seq.sent or seq.scheduled_at is None:
+            return None
+        return max(0.0, seq.scheduled_at - seq.arrival)
+
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list | None = None) -> bool:
+        """Append tokens (and their logprob entries) up to a stop condition; True when the sequence finished."""
         p = seq.params
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         reason = None
-        for t in tokens:
+        for i, t in enumerate(tokens):
             seq.output.append(t)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs[i])
             self.totals["generation_tokens_total"] += 1
             if (t == self.model.cfg.eos_id and not p.ignore_eos) or t in p.stop_token_ids:
                 reason = "stop"
@@ -177,7 +196,8 @@ class EngineCore:
         if reason:
             self._finish(seq, reason)
             return True
-        self.sinks[seq.request_id](TokenEvent(seq.request_id, tuple(seq.output[seq.sent:])))
+        self.sinks[seq.request_id](TokenEvent(seq.request_id, tuple(seq.output[seq.sent:]),
+                                              logprobs=self._logprobs(seq), queue_s=self._queue_s(seq)))
         seq.sent = len(seq.output)
         return False
 
@@ -199,7 +219,8 @@ class EngineCore:
                 if seq.request_id in self.corrupt_after_prefill:
                     self.cache.corrupt(seq.pages, seq.num_cached, seed=zlib.crc32(seq.request_id.encode()))
                 if not seq.output:
-                    self._emit(seq, [self.runner.first_token(seq, h)])
+                    tok, lp = self.runner.first_token(seq, h)
+                    self._emit(seq, [tok], None if lp is None else [lp])
             return True
         self.counters["steps_total{kind}"]["decode"] += 1
         for seq, v in zip(batch.seqs, self.runner.decode(batch.seqs)):
@@ -207,7 +228,7 @@ class EngineCore:
                 self.totals["spec_steps_total"] += 1
                 self.totals["spec_drafted_total"] += v.drafted
                 self.totals["spec_accepted_total"] += v.accepted
-            if self._emit(seq, v.tokens):
+            if self._emit(seq, v.tokens, v.logprobs):
                 continue
             why = seq.monitor.step(v.accepted, v.drafted) if seq.monitor and v.drafted else None
             if why is not None:
@@ -235,6 +256,13 @@ class EngineCore:
                 | (self.group.stats() if self.group is not None else {}))
 
 
+def context_limit(cfg: EngineConfig, mc: ModelConfig) -> int:
+    """Longest prompt + output: the model's, the page pool's (a decode step writes 1 + num_drafts
+    positions past the last token) and --max-model-len's, whichever is smallest."""
+    limit = min(mc.max_seq_len, cfg.num_pages * mc.page_size - 1 - cfg.num_drafts)
+    return limit if cfg.max_model_len is None else min(limit, cfg.max_model_len)
+
+
 def _bump(d: dict[str, float], key: str, by: float = 1) -> None:
     d[key] = d.get(key, 0) + by
 
@@ -254,6 +282,7 @@ class LocalEngine(StreamingMixin):
         self._stop = False
         self._thread: threading.Thread | None = None
         self._stats: dict = {}
+        self._snapshots = 0                    # snapshots taken (refresh_stats waits for the next one)
         self.error: BaseException | None = None
 
     @property
@@ -329,6 +358,17 @@ class LocalEngine(StreamingMixin):
         """The latest snapshot of the engine's counters and gauges."""
         return self._stats
 
+    async def refresh_stats(self, timeout_s: float = 1.0) -> bool:
+        """Wait for a snapshot taken after this call (a /metrics scrape: every counter current); False on timeout."""
+        seen = self._snapshots
+        self._wake.set()
+        end = time.monotonic() + timeout_s
+        while self._snapshots == seen and self._thread is not None:
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.002)
+        return True
+
     def _drain_inbox(self, core: EngineCore) -> None:
         with self._mu:
             items, self._inbox = self._inbox, []
@@ -349,6 +389,7 @@ class LocalEngine(StreamingMixin):
                 self._drain_inbox(core)
                 busy = core.step()
                 self._stats = core.stats()
+                self._snapshots += 1
                 if not busy:
                     self._wake.wait(0.05)
         except BaseException as e:             # surface model errors to every waiting request

@@ -8,6 +8,7 @@ import torch
 
 from kvproof.runtime.model.decoder import AttnBatch, DSAModel
 from kvproof.runtime.model.cache import KVCache
+from kvproof.runtime.serving.sampler import LogprobEntry, pick, sample  # noqa: F401 (sample: re-exported)
 from kvproof.runtime.serving.scheduler import Sequence
 
 if TYPE_CHECKING:
@@ -22,20 +23,7 @@ class Verified:
     tokens: list[int]
     accepted: int
     drafted: int
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from logits [V]: argmax when temperature is 0, else temperature + nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    # on the CPU: the request's generator is a CPU generator, and this keeps sampling device-independent
-    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)           # [V]
-    if top_p < 1.0:
-        p_sorted, order = torch.sort(probs, descending=True, stable=True)
-        drop = (torch.cumsum(p_sorted, 0) - p_sorted) >= top_p                  # keep the smallest nucleus
-        p_sorted[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, p_sorted)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    logprobs: list[LogprobEntry] | None = None     # per token, when the request asks for logprobs
 
 
 class ModelRunner:
@@ -92,10 +80,13 @@ class ModelRunner:
             s.num_cached += n
         return h[last.to(self.device)]
 
-    def first_token(self, seq: Sequence, hidden: torch.Tensor) -> int:
-        """Sample the first output token from the prompt's last hidden state [D]."""
+    def first_token(self, seq: Sequence, hidden: torch.Tensor) -> tuple[int, LogprobEntry | None]:
+        """Sample the first output token from the prompt's last hidden state [D] (and its logprob entry)."""
         logits = self.model.logits(hidden[None])[0]                               # [V]
-        return sample(logits, seq.params.temperature, seq.params.top_p, seq.generator)
+        p = seq.params
+        if p.processed:
+            return pick(logits, p, seq.prompt, seq.output, self.model.cfg.eos_id, seq.generator)
+        return sample(logits, p.temperature, p.top_p, seq.generator), None
 
     def decode(self, seqs: list[Sequence]) -> list[Verified]:
         """One speculative step per sequence: draft k tokens with the MTP head, verify them in one forward."""
@@ -117,14 +108,22 @@ class ModelRunner:
         for i, s in enumerate(seqs):
             p = s.params
             emitted: list[int] = []
+            lps: list[LogprobEntry] | None = [] if p.logprobs is not None else None
             for j in range(k + 1):
-                y = greedy[i][j] if p.temperature <= 0 else sample(logits[i, j], p.temperature, p.top_p,
-                                                                   s.generator)
+                if p.processed:                 # the history at position j: output + the drafts accepted so far
+                    y, lp = pick(logits[i, j], p, s.prompt, s.output + emitted, self.model.cfg.eos_id,
+                                 s.generator)
+                    if lps is not None and lp is not None:
+                        lps.append(lp)
+                elif p.temperature <= 0:
+                    y = greedy[i][j]
+                else:
+                    y = sample(logits[i, j], p.temperature, p.top_p, s.generator)
                 emitted.append(y)
                 if j == k or drafts_l[i][j] != y:
                     break
             a = len(emitted) - 1
             s.num_cached = s.num_tokens + a                                     # last token + accepted drafts
             s.hidden = h[i, a]
-            out.append(Verified(emitted, a, k))
+            out.append(Verified(emitted, a, k, lps))
         return out

@@ -1,5 +1,7 @@
 """The runtime anomaly monitor: fires the spec'd monitor protocol (spec/specdec_monitor.py) per request.
 
+Its thresholds default to the spec's per-model table (`THRESHOLDS`, checked by `kvproof prove`).
+
 The decision to abort is the spec's: the runtime fires `step` after each verification
 step and then asks whether `flag_low_accept` / `flag_degenerate` is enabled; firing it
 is the only way a monitored request becomes aborted.
@@ -9,26 +11,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kvproof.spec.machine import Instance
-from kvproof.spec.specdec_monitor import Phase, monitor_protocol
+from kvproof.spec.compiled import FastInstance
+from kvproof.spec.specdec_monitor import Phase, monitor_protocol, thresholds_for
 
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """Thresholds of the anomaly rule (defaults from the post-mortem)."""
+    """Thresholds of the anomaly rule; None takes the spec's value for the served model (`THRESHOLDS`)."""
 
     enabled: bool = True
-    min_tokens: int = 128              # rule armed only after more than this many generated tokens
-    min_accept_length: float = 1.4     # abort below this mean accept length (bonus token included)
-    max_accept_rate: float = 0.96      # abort above this accept rate (degenerate repetition)
+    min_tokens: int | None = None              # rule armed only after more than this many generated tokens
+    min_accept_length: float | None = None     # abort below this mean accept length (bonus token included)
+    max_accept_rate: float | None = None       # abort above this accept rate (degenerate repetition)
 
     def __post_init__(self) -> None:
-        if self.min_tokens < 0:
+        if self.min_tokens is not None and self.min_tokens < 0:
             raise ValueError(f"MonitorConfig.min_tokens={self.min_tokens}; expected >= 0")
-        if self.min_accept_length < 1:
+        if self.min_accept_length is not None and self.min_accept_length < 1:
             raise ValueError(f"MonitorConfig.min_accept_length={self.min_accept_length}; expected >= 1")
-        if not 0 < self.max_accept_rate <= 1:
+        if self.max_accept_rate is not None and not 0 < self.max_accept_rate <= 1:
             raise ValueError(f"MonitorConfig.max_accept_rate={self.max_accept_rate}; expected in (0, 1]")
+
+    @classmethod
+    def of(cls, model: str, enabled: bool = True) -> "MonitorConfig":
+        """The spec's thresholds for `model` (a THRESHOLDS key such as "post_mortem" or "tiny")."""
+        mt, length, rate = thresholds_for(model)
+        return cls(enabled, mt, float(length), float(rate))
+
+    def resolved(self, model: str) -> "MonitorConfig":
+        """Every None filled in from the spec's thresholds for `model`."""
+        d = MonitorConfig.of(model)
+        return MonitorConfig(self.enabled, d.min_tokens if self.min_tokens is None else self.min_tokens,
+                             d.min_accept_length if self.min_accept_length is None else self.min_accept_length,
+                             d.max_accept_rate if self.max_accept_rate is None else self.max_accept_rate)
 
 
 # the abort reason each aborted phase reports
@@ -38,13 +53,14 @@ _REASONS = {Phase.ABORTED_LOW_ACCEPT: "low_accept_length", Phase.ABORTED_DEGENER
 class RequestMonitor:
     """Accept statistics of one generation, kept in a spec instance; says when to abort."""
 
-    def __init__(self, cfg: MonitorConfig, variant: str = "fixed") -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: MonitorConfig, variant: str = "fixed", model: str = "post_mortem") -> None:
+        self.cfg = cfg = cfg.resolved(model)
+        assert cfg.min_tokens is not None and cfg.min_accept_length is not None and cfg.max_accept_rate is not None
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
                                  Fraction(cfg.max_accept_rate).limit_denominator(1000))
         # rule disabled: the naive variant's `step` has no threshold guard, so the instance only
         # keeps the statistics (its flags are never asked)
-        self.inst = Instance(proto, variant if cfg.enabled else "naive", {}, actor="monitor")
+        self.inst = FastInstance(proto, variant if cfg.enabled else "naive", {}, actor="monitor")  # per token: compiled
 
     @property
     def steps(self) -> int:

@@ -52,6 +52,8 @@ class Sequence:
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    scheduled_at: float | None = None      # when a step first computed for it (queue time = this - arrival)
+    logprobs: list = field(default_factory=list)   # per output token, when params.logprobs is set
     preemptions: int = 0
     sent: int = 0                          # output tokens already delivered to the client
     page_hashes: list[bytes] = field(default_factory=list)   # prefix hash of each full target page
@@ -133,6 +135,8 @@ class Scheduler:
             n = min(seq.prefill_target - seq.num_cached, budget)
             if not self._grow(seq, seq.num_cached + n):
                 break
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             seqs.append(seq)
             chunks.append(n)
             budget -= n

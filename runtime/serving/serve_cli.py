@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import signal
 import sys
 from typing import Any
 
 from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
-from kvproof.runtime.model.config import PRESETS, preset
+from kvproof.runtime.model.config import PRESETS, ModelConfig, preset
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.spec.core import variant_arg
@@ -23,6 +25,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="model preset with seeded weights (default: tiny)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint directory (config.json + safetensors shards); overrides --model")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
+                        help="parameter and KV dtype (default: the preset's, float32 where the preset is "
+                             "float64 — float64 is for bit-exactness tests, not serving; a checkpoint's own)")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model'")
     parser.add_argument("--engine", default="pd", choices=("pd", "local"),
                         help="pd (default): a router plus prefill and decode worker processes, KV moved "
@@ -42,9 +47,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-tokens", type=int, default=512, help="prefill token budget per step")
     parser.add_argument("--num-drafts", type=int, default=2, help="MTP drafts per step (0: no speculation)")
     parser.add_argument("--no-monitor", action="store_true", help="do not abort on the anomaly rule")
-    parser.add_argument("--monitor-min-tokens", type=int, default=128)
-    parser.add_argument("--monitor-min-accept-length", type=float, default=1.4)
-    parser.add_argument("--monitor-max-accept-rate", type=float, default=0.96)
+    parser.add_argument("--monitor-min-tokens", type=int, default=None,
+                        help="arm the rule after this many tokens (default: the spec's value for the model)")
+    parser.add_argument("--monitor-min-accept-length", type=float, default=None,
+                        help="abort below this mean accept length (default: the spec's per-model value; "
+                             "post-mortem 1.4, tiny 1.0 = off)")
+    parser.add_argument("--monitor-max-accept-rate", type=float, default=None,
+                        help="abort above this accept rate (default: the spec's per-model value, 0.96)")
     pd = parser.add_argument_group("--engine pd (prefill/decode processes over the PD runtime)")
     pd.add_argument("--writers", type=int, default=1, help="prefill ranks, one process each (default 1)")
     pd.add_argument("--slots", type=int, default=16, help="decode KV slots (default 16)")
@@ -57,6 +66,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     pd.add_argument("--transport", default="tcp", choices=("tcp", "mooncake", "verbs"),
                     help="how KV bytes move: tcp (default), mooncake (Mooncake Transfer Engine; the mooncake "
                          "extra), verbs (RDMA via pyverbs; needs a device); the protocol is the same")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cap on prompt + output tokens per request (default: what the model and KV pool allow)")
+    parser.add_argument("--api-key", default=os.environ.get("KVPROOF_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $KVPROOF_API_KEY; unset: open)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log level (default info)")
+    parser.add_argument("--max-body-mb", type=float, default=16.0,
+                        help="largest request body in MiB; larger ones get HTTP 413 (default 16)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, best for the tiny model; 0: torch's default)")
     add_role_args(parser)
@@ -66,11 +83,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the parsed arguments describe."""
     mon = MonitorConfig(not args.no_monitor, args.monitor_min_tokens, args.monitor_min_accept_length,
                         args.monitor_max_accept_rate)
-    cfg = EngineConfig(model=preset(args.model), checkpoint=args.checkpoint, backend=args.backend,
+    cfg = EngineConfig(model=serving_model(args), checkpoint=args.checkpoint, backend=args.backend,
                        num_pages=args.num_pages, max_batch=args.max_batch,
                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
                        monitor=mon, device=args.device, threads=args.threads or None,
-                       host_cache_pages=_host_pages(args.host_cache_pages), layersplit=_layersplit(args))
+                       host_cache_pages=_host_pages(args.host_cache_pages), layersplit=_layersplit(args),
+                       max_model_len=_max_model_len(args.max_model_len))
     # the rest of LayerSplit's checks (ranks <= layers, no host tier, CPU), before anything starts
     if args.checkpoint is None:
         mc = cfg.model
@@ -81,12 +99,25 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return cfg
 
 
+def serving_model(args: argparse.Namespace) -> ModelConfig:
+    """The preset --model names, in the --dtype asked for (float64 presets serve in float32 by default)."""
+    mc = preset(args.model)
+    dtype = getattr(args, "dtype", None) or ("float32" if mc.dtype == "float64" else mc.dtype)
+    return mc.replace(dtype=dtype)
+
+
 def _layersplit(args: argparse.Namespace) -> int:
     """--layersplit R: 1 (off) or R ranks (ValueError names a bad value)."""
     r = args.layersplit
     if r < 1:
         raise ValueError(f"--layersplit {r}: expected >= 1 (ranks; 1 disables LayerSplit)")
     return r
+
+
+def _max_model_len(n: int | None) -> int | None:
+    if n is not None and n < 2:
+        raise ValueError(f"--max-model-len {n}: expected >= 2 (one prompt and one output token)")
+    return n
 
 
 def _host_pages(n: int) -> int:
@@ -115,7 +146,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 
 async def _serve(args: argparse.Namespace, engine: Any) -> None:
     from kvproof.runtime.serving.server import start_server
-    runner, url = await start_server(engine, args.host, args.port)
+    runner, url = await start_server(engine, args.host, args.port, api_key=args.api_key or None,
+                                     max_body_bytes=int(args.max_body_mb * (1 << 20)))
     split = f", layersplit {args.layersplit} ranks" if args.layersplit > 1 else ""
     print(f"kvproof serve: {engine.model_name} on {url} (engine {args.engine}, backend {args.backend}{split}); "
           f"Ctrl-C to stop", flush=True)
@@ -135,9 +167,12 @@ async def _serve(args: argparse.Namespace, engine: Any) -> None:
 
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit code."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kvproof.runtime.transport import TransportUnavailable
     try:
         engine = build_engine(args)          # validates every option; starts nothing yet
+        if args.max_body_mb <= 0:
+            raise ValueError(f"--max-body-mb {args.max_body_mb}: expected > 0")
     except (ValueError, TransportUnavailable) as e:
         print(f"kvproof serve: {e}", file=sys.stderr)
         return 2

@@ -1,210 +1,98 @@
 """OpenAI-compatible HTTP server (aiohttp) in front of any `Engine`.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not),
-GET /v1/models, GET /health, GET /metrics (Prometheus). A client that disconnects
-mid-generation has its request aborted through `engine.abort`. Bad requests get an
-OpenAI-style error body `{"error": {"message", "type", "param", "code"}}` and a 4xx.
+Routes: POST /v1/completions, POST /v1/chat/completions (SSE streaming or not), GET /v1/models,
+GET /v1/models/{id}, POST /v1/abort/{request_id}, GET /health, GET /metrics (Prometheus).
+Requests are pydantic models (`openai_protocol`): every OpenAI field is honoured or refused with a
+400 naming it. Errors never escape: a middleware turns every one (aiohttp's 404/405/413 too,
+internal errors) into OpenAI's `{"error": {"message", "type", "param", "code"}}` and counts it in
+`http_errors_total`. Bodies are read with a size limit and parsed in a worker thread, so /health
+keeps answering. A client that disconnects has its engine requests aborted (one log line).
 """
 from __future__ import annotations
 
 import asyncio
-import codecs
+import hmac
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvproof.runtime.serving.engine import Engine, GenerationRequest, SamplingParams, TokenEvent
+from kvproof.runtime.serving.engine_api import STOP_STRING, Engine, GenerationRequest, TokenEvent
+from kvproof.runtime.serving.openai_protocol import RequestError, parse_body
+from kvproof.runtime.serving.server_choices import (ChoiceState, Plan, chat_logprobs, completion_logprobs, plan,
+                                            token_text)
+from kvproof.runtime.serving.server_metrics import EngineCollector, RequestHistograms
 
-
-class RequestError(Exception):
-    """A client error: HTTP status, message and the offending field."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> web.Response:
-        """The OpenAI-style error response."""
-        kind = {404: "not_found_error", 503: "service_unavailable"}.get(self.status, "invalid_request_error")
-        return web.json_response({"error": {"message": self.message, "type": kind, "param": self.param,
-                                             "code": self.code}}, status=self.status)
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    """A validated completion or chat request."""
-
-    chat: bool
-    prompt_tokens: tuple[int, ...]
-    params: SamplingParams
-    stream: bool
-    stop: tuple[str, ...]
-    include_usage: bool
-
-
-def _num(body: dict, key: str, default: Any, lo: float, hi: float, integer: bool = False) -> Any:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not lo <= v <= hi:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(400, f"'{key}' must be {kind} in [{lo}, {hi}], got {v!r}", key)
-    return v
-
-
-def parse_request(body: Any, chat: bool, engine: Engine) -> ParsedRequest:
-    """Validate an OpenAI request body; RequestError names the bad field."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != engine.model_name:
-        raise RequestError(404, f"model {model!r} does not exist; this server serves {engine.model_name!r}",
-                           "model", "model_not_found")
-    tok = engine.tokenizer
-    if chat:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-        try:
-            prompt = tok.chat(msgs if all(isinstance(m, dict) for m in msgs) else [{}])
-        except ValueError as e:
-            raise RequestError(400, str(e), "messages") from None
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-            p = p[0]
-        if isinstance(p, str):
-            prompt = tok.encode(p)
-        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            prompt = list(p)
-        else:
-            raise RequestError(400, "'prompt' must be a string or a non-empty list of token ids "
-                                    "(batched prompts are not supported)", "prompt")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, f"'n' must be 1, got {body.get('n')!r}", "n")
-    mt_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _num(body, mt_key, 16, 1, 1 << 20, integer=True)
-    temperature = float(_num(body, "temperature", 1.0, 0.0, 2.0))          # OpenAI's default
-    top_p = float(_num(body, "top_p", 1.0, 1e-9, 1.0))
-    seed = _num(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True)
-    stop = body.get("stop")
-    if stop is None:
-        stop = ()
-    elif isinstance(stop, str):
-        stop = (stop,)
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop):
-        stop = tuple(stop)
-    else:
-        raise RequestError(400, "'stop' must be a string or a list of at most 4 non-empty strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
-    opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise RequestError(400, "'stream_options' must be an object", "stream_options")
-    limit = engine.max_model_len
-    if len(prompt) + max_tokens > limit:
-        raise RequestError(400, f"prompt of {len(prompt)} tokens + {mt_key} {max_tokens} exceeds the "
-                                f"model's context of {limit} tokens", "messages" if chat else "prompt",
-                           "context_length_exceeded")
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            seed=None if seed is None else seed % (1 << 63),
-                            ignore_eos=bool(body.get("ignore_eos", False)))
-    return ParsedRequest(chat, tuple(prompt), params, stream, stop, bool(opts.get("include_usage")))
-
-
-class TextStream:
-    """Incremental UTF-8 decoding with stop strings; holds back text that may start a stop string."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop, self.text, self.sent = stop, "", 0
-        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.stopped = False
-
-    def feed(self, data: bytes, final: bool = False) -> str:
-        """Add bytes; returns the text that may be sent now."""
-        if self.stopped:
-            return ""
-        self.text += self._dec.decode(data, final=final)
-        for s in self.stop:
-            i = self.text.find(s, max(0, self.sent - len(s)))
-            if i >= 0:
-                self.text, self.stopped, final = self.text[:i], True, True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-
-class EngineCollector:
-    """Exports engine.stats() as Prometheus metrics: '*_total' as counters, 'name{label}' as labelled."""
-
-    def __init__(self, engine: Engine, http: dict[str, dict[str, float]]) -> None:
-        self.engine, self.http = engine, http
-
-    def collect(self) -> Any:
-        """Yield one metric family per stats key."""
-        stats = dict(self.engine.stats())
-        stats["http_requests_total{route}"] = self.http["route"]
-        stats["http_errors_total{status}"] = self.http["status"]
-        stats["client_disconnects_total"] = self.http["disconnects"].get("n", 0)
-        for key, val in stats.items():
-            name, _, label = key.partition("{")
-            label = label.rstrip("}")
-            counter = name.endswith("_total")
-            base = "kvproof_" + (name[: -len("_total")] if counter else name)
-            fam_cls = CounterMetricFamily if counter else GaugeMetricFamily
-            doc = f"engine stat {key}"
-            if isinstance(val, dict):
-                fam = fam_cls(base, doc, labels=[label or "key"])
-                for lv, v in val.items():
-                    fam.add_metric([str(lv)], float(v))
-            else:
-                fam = fam_cls(base, doc, value=float(val))
-            yield fam
-
-
-def _usage(ev: TokenEvent) -> dict[str, int]:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
-
-
-def _extra(ev: TokenEvent) -> dict[str, Any]:
-    return {"accept_length": round(ev.accept_length, 4), "accept_rate": round(ev.accept_rate, 4),
-            "abort_reason": ev.detail or None}
-
-
-def _finish_reason(ev: TokenEvent, ts: TextStream) -> str:
-    if ts.stopped or ev.finish_reason == "stop":
-        return "stop"
-    return "length" if ev.finish_reason == "length" else "abort"
+log = logging.getLogger("kvproof.server")
+MAX_BODY_BYTES = 16 << 20             # a full context of token ids is < 100 kB; a batch of them fits easily
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["RequestError", "Server", "start_server", "token_text"]
 
 
 class Server:
     """The aiohttp application around one engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.engine, self.api_key = engine, api_key
         self.http: dict[str, dict[str, float]] = {"route": {}, "status": {}, "disconnects": {}}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(engine, self.http))
-        self.app = web.Application(client_max_size=64 << 20)
+        self.hist = RequestHistograms(self.registry, engine.model_name)
+        self.running: dict[str, list[str]] = {}          # response id -> its engine request ids
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors, self._auth])
         self.app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
+                             web.get("/v1/models/{model_id:.+}", self.model),
                              web.get("/metrics", self.metrics),
                              web.post("/v1/completions", self.completions),
-                             web.post("/v1/chat/completions", self.chat_completions)])
+                             web.post("/v1/chat/completions", self.chat_completions),
+                             web.post("/v1/abort/{request_id}", self.abort)])
 
     def _count(self, table: str, key: str) -> None:
         d = self.http[table]
         d[key] = d.get(key, 0) + 1
 
+    # ------------------------------------------------------------ middleware
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error as OpenAI-shaped JSON, counted by status."""
+        try:
+            resp = await handler(request)
+        except RequestError as e:
+            resp = web.json_response(e.body(), status=e.status)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            allow = e.headers.get("Allow")
+            msg = f"{request.method} {request.path}: {e.reason}" + (f"; allowed: {allow}" if allow else "")
+            if e.status == 413:
+                msg += f" (the body limit is {request.app._client_max_size} bytes)"
+            err = RequestError(e.status, msg, code=e.reason.lower().replace(" ", "_"))
+            resp = web.json_response(err.body(), status=e.status, headers={"Allow": allow} if allow else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                               # a bug: log it, answer JSON
+            log.exception("internal error on %s %s", request.method, request.path)
+            resp = web.json_response(RequestError(500, f"internal error: {type(e).__name__}: {e}").body(),
+                                     status=500)
+        if resp.status >= 400:
+            self._count("status", str(resp.status))
+        return resp
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With an API key, /v1/* needs `Authorization: Bearer <key>` (health and metrics stay open)."""
+        if self.api_key is not None and request.path.startswith("/v1/"):
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+                raise RequestError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                   code="invalid_api_key")
+        return await handler(request)
+
+    # ------------------------------------------------------------ simple routes
     async def health(self, request: web.Request) -> web.Response:
         """Liveness: 200 while the engine runs."""
         err = getattr(self.engine, "error", None)
@@ -212,17 +100,40 @@ class Server:
             return web.json_response({"status": "error", "error": repr(err)}, status=503)
         return web.json_response({"status": "ok", "model": self.engine.model_name})
 
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "kvproof",
+                "max_model_len": self.engine.max_model_len}
+
     async def models(self, request: web.Request) -> web.Response:
         """The one served model."""
-        return web.json_response({"object": "list", "data": [{
-            "id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "kvproof",
-            "max_model_len": self.engine.max_model_len}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: the model card, or 404."""
+        mid = request.match_info["model_id"]
+        if mid != self.engine.model_name:
+            raise RequestError(404, f"model {mid!r} does not exist; this server serves {self.engine.model_name!r}",
+                               "model", "model_not_found")
+        return web.json_response(self._model_card())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """Prometheus text exposition."""
-        return web.Response(body=generate_latest(self.registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        """Prometheus text exposition (the engine's counters refreshed first where it can)."""
+        refresh = getattr(self.engine, "refresh_stats", None)
+        if refresh is not None:
+            await refresh()
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
+    async def abort(self, request: web.Request) -> web.Response:
+        """POST /v1/abort/{request_id}: abort a running request (the id of its response)."""
+        rid = request.match_info["request_id"]
+        subs = self.running.get(rid)
+        if subs is None:
+            raise RequestError(404, f"no running request {rid!r}", "request_id", "request_not_found")
+        aborted = sum(self.engine.abort(s, "client") for s in subs)
+        return web.json_response({"id": rid, "aborted": aborted > 0})
+
+    # ------------------------------------------------------------ generation
     async def completions(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/completions."""
         return await self._handle(request, chat=False)
@@ -232,98 +143,245 @@ class Server:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        t0 = time.perf_counter()
         self._count("route", request.path)
+        raw = await request.read()                     # 413 past the body limit (the middleware answers)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(None, parse_body, raw, chat)      # off the loop: /health answers
+        if req.model is not None and req.model != self.engine.model_name:
+            raise RequestError(404, f"model {req.model!r} does not exist; this server serves "
+                                    f"{self.engine.model_name!r}", "model", "model_not_found")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        p = await loop.run_in_executor(None, plan, req, self.engine, rid)  # tokenising a long prompt too
+        streams = self._submit(p)
+        self.running[rid] = [s.engine_id for s in p.subs]
+        states = [ChoiceState(s, self.engine.tokenizer, p.stop) for s in p.subs]
         try:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"malformed JSON body: {e}") from None
-            req = parse_request(body, chat, self.engine)
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-            try:
-                events = self.engine.generate(GenerationRequest(rid, req.prompt_tokens, req.params))
-            except ValueError as e:
-                raise RequestError(400, str(e), "prompt") from None
-            except RuntimeError as e:                    # the engine died or is shutting down
-                raise RequestError(503, str(e), code="engine_unavailable") from None
-        except RequestError as e:
-            self._count("status", str(e.status))
-            return e.response()
-        try:
-            if req.stream:
-                return await self._stream(request, rid, req, events)
-            return await self._complete(request, rid, req, events)
-        except (asyncio.CancelledError, ConnectionError):
+            if p.stream:
+                return await self._stream(request, rid, p, states, streams, t0)
+            return await self._complete(rid, p, states, streams, t0)
+        except (asyncio.CancelledError, ConnectionError) as e:
             self._count("disconnects", "n")
-            self.engine.abort(rid, "disconnect")
-            raise
+            for st in states:
+                if not st.finished:
+                    self.engine.abort(st.sub.engine_id, "disconnect")
+            log.info("client disconnected: %s (%s), its %d engine request(s) aborted", rid,
+                     type(e).__name__, sum(not st.finished for st in states))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)            # nobody reads it; ends the handler quietly
         finally:
-            aclose = getattr(events, "aclose", None)     # async generators: run their cleanup now
-            if aclose is not None:
-                await aclose()
+            self.running.pop(rid, None)
+            for ev in streams:
+                aclose = getattr(ev, "aclose", None)   # async generators: run their cleanup now
+                if aclose is not None:
+                    await aclose()
 
-    async def _complete(self, request: web.Request, rid: str, req: ParsedRequest, events: Any) -> web.Response:
-        ts, created = TextStream(req.stop), int(time.time())
-        async for ev in events:
-            ts.feed(self.engine.tokenizer.decode_bytes(list(ev.tokens)), final=ev.finished)
-            if ts.stopped and not ev.finished:
-                self.engine.abort(rid, "stop_string")
-            if ev.finished:
-                break
-        text, reason = ts.text, _finish_reason(ev, ts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if req.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+    def _submit(self, p: Plan) -> list[AsyncIterator[TokenEvent]]:
+        streams: list[AsyncIterator[TokenEvent]] = []
+        try:
+            for s in p.subs:
+                streams.append(self.engine.generate(GenerationRequest(s.engine_id, s.prompt, s.params)))
+        except (ValueError, RuntimeError) as e:
+            for s in p.subs[: len(streams)]:
+                self.engine.abort(s.engine_id, "client")
+            if isinstance(e, ValueError):
+                raise RequestError(400, str(e), "messages" if p.chat else "prompt") from None
+            raise RequestError(503, str(e), code="engine_unavailable") from None
+        return streams
+
+    async def _events(self, states: list[ChoiceState], streams: list[AsyncIterator[TokenEvent]],
+                      t0: float) -> AsyncIterator[tuple[int, str, list, list[int]]]:
+        """(choice, new text, new logprob pairs, new token ids) as events arrive from every engine request."""
+        tasks: list[asyncio.Task] = []
+        if len(streams) == 1:                              # the common case: no merging task, no queue
+            async def one() -> AsyncIterator[tuple[int, TokenEvent]]:
+                async for ev in streams[0]:
+                    yield 0, ev
+            source = one()
         else:
-            choice["text"] = text
-        return web.json_response({"id": rid, "object": "chat.completion" if req.chat else "text_completion",
-                                  "created": created, "model": self.engine.model_name, "choices": [choice],
-                                  "usage": _usage(ev), "kvproof": _extra(ev)})
+            q: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
 
-    async def _stream(self, request: web.Request, rid: str, req: ParsedRequest, events: Any
-                      ) -> web.StreamResponse:
+            async def pump(i: int, it: AsyncIterator[TokenEvent]) -> None:
+                async for ev in it:
+                    await q.put((i, ev))
+                    if ev.finished:
+                        break
+
+            async def merged() -> AsyncIterator[tuple[int, TokenEvent]]:
+                while True:
+                    yield await q.get()
+            tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(streams)]
+            source = merged()
+        last = [t0] * len(states)
+        hist = self.hist
+        try:
+            left = len(states)
+            async for i, ev in source:
+                st = states[i]
+                now = time.perf_counter()
+                if ev.queue_s is not None:
+                    hist.queue.observe(ev.queue_s)
+                if ev.tokens:
+                    if st.tokens == 0:
+                        hist.ttft.observe(now - t0)
+                    else:
+                        gap = (now - last[i]) / len(ev.tokens)
+                        for _ in ev.tokens:
+                            hist.itl.observe(gap)
+                    last[i] = now
+                text, lps, ids = st.feed(ev)
+                if st.wants_abort:
+                    st.abort_sent = True
+                    self.engine.abort(st.sub.engine_id, STOP_STRING)
+                if ev.finished:
+                    left -= 1
+                    hist.e2e.observe(now - t0)
+                yield i, text, lps, ids
+                if not left:
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _choice_index(self, p: Plan, st: ChoiceState) -> int:
+        return st.sub.prompt_index * p.n + st.sub.sample_index
+
+    def _usage(self, p: Plan, states: list[ChoiceState]) -> dict[str, int]:
+        prompt = sum(len(x) for x in p.prompts)
+        done = sum(st.tokens for st in states)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def _logprobs(self, p: Plan, pairs: list, offset: int) -> dict[str, Any] | None:
+        if not p.want_logprobs:
+            return None
+        tok = self.engine.tokenizer
+        return chat_logprobs(tok, pairs) if p.chat else completion_logprobs(tok, pairs, offset)
+
+    async def _complete(self, rid: str, p: Plan, states: list[ChoiceState], streams: list, t0: float
+                        ) -> web.Response:
+        async for _ in self._events(states, streams, t0):
+            pass
+        keep = states
+        if len(states) > p.n * len(p.prompts):                   # best_of: the n most likely per prompt
+            keep = []
+            for pi in range(len(p.prompts)):
+                mine = sorted((s for s in states if s.sub.prompt_index == pi), key=lambda s: -s.cum_logprob)
+                keep += sorted(mine[: p.n], key=lambda s: s.sub.sample_index)
+        choices = []
+        tok = self.engine.tokenizer
+        for k, st in enumerate(keep):
+            idx = k if len(keep) != len(states) else self._choice_index(p, st)
+            echo = tok.decode(list(p.prompts[st.sub.prompt_index])) if p.echo else ""
+            c: dict[str, Any] = {"index": idx, "finish_reason": st.finish_reason,
+                                 "logprobs": self._logprobs(p, st.logprobs, len(echo)), "kvproof": st.extra()}
+            if p.chat:
+                c["message"] = {"role": "assistant", "content": st.text.text}
+            else:
+                c["text"] = echo + st.text.text
+            if p.token_ids:
+                c["token_ids"] = st.ids
+            choices.append(c)
+        choices.sort(key=lambda c: c["index"])
+        return web.json_response({"id": rid, "object": "chat.completion" if p.chat else "text_completion",
+                                  "created": int(time.time()), "model": self.engine.model_name,
+                                  "choices": choices, "usage": self._usage(p, states),
+                                  "kvproof": choices[0]["kvproof"]})
+
+    async def _stream(self, request: web.Request, rid: str, p: Plan, states: list[ChoiceState], streams: list,
+                      t0: float) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        ts, created = TextStream(req.stop), int(time.time())
-        obj = "chat.completion.chunk" if req.chat else "text_completion"
+        created, obj = int(time.time()), "chat.completion.chunk" if p.chat else "text_completion"
+        tok = self.engine.tokenizer
+        offsets = [0] * len(states)
 
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> bytes:
-            if req.chat:
-                delta = ({"role": "assistant", "content": ""} if first else
-                         {} if text is None else {"content": text})
-                c: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            msg = {"id": rid, "object": obj, "created": created, "model": self.engine.model_name,
+                   "choices": choices, **extra}
+            if p.include_usage and "usage" not in msg:
+                msg["usage"] = None
+            await resp.write(b"data: " + json.dumps(msg).encode() + b"\n\n")
+
+        def choice(st: ChoiceState, text: str | None, lps: list, reason: str | None, first: bool = False,
+                   ids: list[int] | None = None) -> dict[str, Any]:
+            idx = self._choice_index(p, st)
+            lp = self._logprobs(p, lps, offsets[idx]) if lps else None
+            if p.chat:
+                delta = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+                c = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                c = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            return b"data: " + json.dumps({"id": rid, "object": obj, "created": created,
-                                           "model": self.engine.model_name, "choices": [c]}).encode() + b"\n\n"
+                c = {"index": idx, "text": text or "", "logprobs": lp, "finish_reason": reason}
+            if p.token_ids:
+                c["token_ids"] = ids or []
+            return c
 
-        if req.chat:
-            await resp.write(chunk(None, None, first=True))
-        async for ev in events:
-            text = ts.feed(self.engine.tokenizer.decode_bytes(list(ev.tokens)), final=ev.finished)
-            if ts.stopped and not ev.finished:
-                self.engine.abort(rid, "stop_string")
-            if text:
-                await resp.write(chunk(text, None))
-            if ev.finished:
-                break
-        final = json.loads(chunk(None, _finish_reason(ev, ts))[6:])
-        final["kvproof"] = _extra(ev)
-        if req.include_usage:
-            final["usage"] = _usage(ev)
-        await resp.write(b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n")
+        for st in states:
+            if p.chat:
+                await send([choice(st, None, [], None, first=True)])
+            elif p.echo:
+                echo = tok.decode(list(p.prompts[st.sub.prompt_index]))
+                offsets[self._choice_index(p, st)] = len(echo)
+                await send([choice(st, echo, [], None)])
+        try:
+            async for i, text, lps, ids in self._events(states, streams, t0):
+                st = states[i]
+                if text or lps or (ids and p.token_ids):
+                    await send([choice(st, text, lps, None, ids=ids)])
+                    offsets[self._choice_index(p, st)] += len(text)
+                if st.finished:
+                    await send([choice(st, None, [], st.finish_reason)], kvproof=st.extra())
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:                       # headers are sent: report it in the stream, then end
+            log.exception("internal error while streaming %s", rid)
+            self._count("status", "500")
+            await resp.write(b"data: " + json.dumps(RequestError(500, f"internal error: {e}").body()).encode()
+                             + b"\n\ndata: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        if p.include_usage:                          # OpenAI: a chunk of its own, no choices
+            await send([], usage=self._usage(p, states))
+        await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
 
-async def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000,
-                       manage_engine: bool = True) -> tuple[web.AppRunner, str]:
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the app (unparsable HTTP) in JSON too."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The error as OpenAI-shaped JSON (aiohttp's default is plain text)."""
+        plain = super().handle_error(request, status, exc, message)     # logs it (debug for non-HTTP bytes)
+        count = getattr(self._manager, "on_error", None)             # the _JsonErrorServer's
+        if count is not None:
+            count(status)
+        why = f"malformed HTTP request: {exc}" if exc is not None and status < 500 else plain.reason
+        resp = web.json_response(RequestError(status, why, code="bad_http" if status < 500 else None).body(),
+                                 status=status)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+async def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, manage_engine: bool = True,
+                       api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+                       ) -> tuple[web.AppRunner, str]:
     """Start the engine (when manage_engine) and the HTTP server; returns (runner, base url)."""
     if manage_engine:
         await engine.start()
-    server = Server(engine)
+    server = Server(engine, api_key, max_body_bytes)
     runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    assert isinstance(runner.server, web.Server)
+    runner.server.__class__ = _JsonErrorServer                  # bad HTTP bytes get JSON errors too
+    runner.server.on_error = lambda status: server._count("status", str(status))  # type: ignore[attr-defined]
     site = web.TCPSite(runner, host, port)
     await site.start()
     sock = site._server.sockets[0]          # the bound port when port=0

@@ -4,6 +4,12 @@ The mix models coding-agent traffic: most requests share one of a few long prefi
 (repository context) followed by a short task, the rest are short chat-style prompts;
 a fraction of clients disconnect mid-stream. Reports throughput, TTFT and inter-token
 latency percentiles, aborts and errors (rich progress display, or `--json`).
+
+It is a plain OpenAI client, for kvproof, vLLM, SGLang or any compatible server: output tokens are
+the server's `usage` (its final chunk with `choices: []`, from `stream_options.include_usage`),
+inter-token latency is one sample per streamed chunk (per token with `--token-ids`, where the server
+returns each chunk's token ids), and `--ignore-eos` / `--min-tokens` make every server produce the
+same lengths.
 """
 from __future__ import annotations
 
@@ -31,7 +37,14 @@ def add_loadgen_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-chars", type=int, default=600, help="length of each shared prefix")
     parser.add_argument("--suffix-chars", type=int, default=40, help="length of the per-request part")
     parser.add_argument("--max-tokens", type=int, default=64, help="largest max_tokens of a request")
-    parser.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens of a request")
+    parser.add_argument("--min-max-tokens", type=int, default=16,
+                        help="smallest max_tokens of a request (max_tokens is uniform in this..--max-tokens)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="send ignore_eos: every request runs to its max_tokens (same lengths on any server)")
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help="send min_tokens (capped at each request's max_tokens): no end before that many")
+    parser.add_argument("--token-ids", action="store_true",
+                        help="send return_token_ids (vLLM, kvproof): inter-token latency per token, not per chunk")
     parser.add_argument("--abort-fraction", type=float, default=0.05,
                         help="fraction of clients that disconnect mid-stream")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -49,8 +62,9 @@ class Result:
     server_abort: str | None = None        # anomaly abort reason reported by the server
     error: str | None = None
     ttft: float | None = None
-    itl: list[float] = field(default_factory=list)     # seconds between streamed chunks, per token
-    tokens: int = 0
+    itl: list[float] = field(default_factory=list)     # seconds between streamed chunks (per token with ids)
+    tokens: int = 0                        # completion tokens, from the server's usage
+    usage_seen: bool = False
 
 
 def _mix(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -69,19 +83,30 @@ def _mix(args: argparse.Namespace) -> list[dict[str, Any]]:
     for i in range(args.requests):
         agent = rng.random() < args.agent_fraction
         prompt = (rng.choice(prefixes) + "\n# task: " if agent else "") + text(args.suffix_chars)
-        reqs.append({"prompt": prompt, "max_tokens": rng.randint(args.min_tokens, args.max_tokens),
+        reqs.append({"prompt": prompt, "max_tokens": rng.randint(args.min_max_tokens, args.max_tokens),
                      "abort_after": rng.randint(1, 4) if rng.random() < args.abort_fraction else None,
                      "seed": rng.randrange(1 << 31)})
     return reqs
 
 
-async def _one(s: aiohttp.ClientSession, url: str, model: str, r: dict, args: argparse.Namespace) -> Result:
+def _body(model: str, r: dict, args: argparse.Namespace) -> dict[str, Any]:
     body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"], "stream": True,
             "temperature": args.temperature, "seed": r["seed"], "stream_options": {"include_usage": True}}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.min_tokens is not None:
+        body["min_tokens"] = min(args.min_tokens, r["max_tokens"])
+    if args.token_ids:
+        body["return_token_ids"] = True
+    return body
+
+
+async def _one(s: aiohttp.ClientSession, url: str, model: str, r: dict, args: argparse.Namespace) -> Result:
+    """One streamed completion, read the OpenAI way: text chunks, a finish chunk, a usage chunk (`choices: []`)."""
     t0 = time.perf_counter()
     res = Result(ok=False)
     try:
-        async with s.post(f"{url}/v1/completions", json=body,
+        async with s.post(f"{url}/v1/completions", json=_body(model, r, args),
                           timeout=aiohttp.ClientTimeout(total=args.timeout)) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -91,24 +116,27 @@ async def _one(s: aiohttp.ClientSession, url: str, model: str, r: dict, args: ar
                 if not line.startswith(b"data: {"):
                     continue
                 msg = json.loads(line[6:])
-                choice = msg["choices"][0]
-                n = len(choice.get("text", "").encode())
-                now = time.perf_counter()
-                if n:
-                    chunks += 1
-                    if last is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itl.extend([(now - last) / n] * n)
-                    last = now
-                    if r["abort_after"] is not None and chunks >= r["abort_after"]:
-                        res.aborted = True
-                        return res          # leaving the context manager drops the connection
-                if choice.get("finish_reason"):
-                    res.tokens = msg.get("usage", {}).get("completion_tokens", res.tokens)
-                    reason = (msg.get("kvproof") or {}).get("abort_reason")
-                    if choice["finish_reason"] == "abort":
-                        res.server_abort = reason or "abort"
+                if "error" in msg:                      # an error reported inside the stream
+                    res.error = f"stream error: {str(msg['error'])[:200]}"
+                    return res
+                if msg.get("usage"):                    # the usage chunk (or usage on any chunk)
+                    res.tokens, res.usage_seen = int(msg["usage"].get("completion_tokens") or 0), True
+                for choice in msg.get("choices") or ():
+                    ids = choice.get("token_ids")
+                    n = len(ids) if isinstance(ids, list) else (1 if choice.get("text") else 0)
+                    now = time.perf_counter()
+                    if n:
+                        chunks += 1
+                        if last is None:
+                            res.ttft = now - t0
+                        else:                           # per chunk, or per token when ids say how many
+                            res.itl.extend([(now - last) / n] * n if isinstance(ids, list) else [now - last])
+                        last = now
+                        if r["abort_after"] is not None and chunks >= r["abort_after"]:
+                            res.aborted = True
+                            return res          # leaving the context manager drops the connection
+                    if choice.get("finish_reason") == "abort":
+                        res.server_abort = (msg.get("kvproof") or {}).get("abort_reason") or "abort"
             res.ok = True
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         res.error = f"{type(e).__name__}: {e}"
@@ -136,9 +164,10 @@ def report(results: list[Result], wall: float, args: argparse.Namespace) -> dict
             "errors": sum(1 for r in results if r.error), "first_errors": [r.error for r in results if r.error][:5],
             "concurrency": args.concurrency, "wall_s": round(wall, 3),
             "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall, 2) if wall else None,
+            "usage_missing": sum(1 for r in ok if not r.usage_seen),
             "requests_per_s": round(len(ok) / wall, 3) if wall else None,
             "ttft_ms": _pct([r.ttft for r in results if r.ttft is not None]),
-            "itl_ms": _pct([x for r in ok for x in r.itl])}
+            "itl_ms": _pct([x for r in ok for x in r.itl]), "itl_samples": sum(len(r.itl) for r in ok)}
 
 
 async def run_loadgen(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
@@ -165,7 +194,7 @@ async def run_loadgen(args: argparse.Namespace, progress: Any = None) -> dict[st
 
 def loadgen_main(args: argparse.Namespace) -> int:
     """Run the load generator; prints the report; exit code 1 when a request failed."""
-    for name in ("requests", "concurrency", "max_tokens", "min_tokens"):
+    for name in ("requests", "concurrency", "max_tokens", "min_max_tokens"):
         if getattr(args, name) < 1:
             print(f"kvproof loadgen: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -191,7 +220,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
     table = Table(title=f"kvproof loadgen: {rep['requests']} requests, concurrency {rep['concurrency']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k in ("completed", "client_aborts", "server_aborts", "errors", "wall_s", "output_tokens",
+    for k in ("completed", "client_aborts", "server_aborts", "errors", "usage_missing", "wall_s", "output_tokens",
               "output_tokens_per_s", "requests_per_s", "ttft_ms", "itl_ms"):
         v = rep[k]
         table.add_row(k, ", ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else str(v))

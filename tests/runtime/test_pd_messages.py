@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,15 @@ def test_vllm_connector_messages_use_the_one_validator() -> None:
         vm.decode({"type": "submit", "rid": 0, "n_tokens": 1})          # a pd message is not a vLLM one
     with pytest.raises(MessageError, match="not a control message type"):
         vm.encode(Done(0, 0, 0))
+
+
+def test_events_batch_round_trips_and_validates_each_item() -> None:
+    from kvproof.runtime.pd.messages import Event, Events, events_of
+    ev = {"request_id": "a", "tokens": [1, 2], "finished": False}
+    msg = decode_message(json.loads(json.dumps(encode(Events([[3, ev], [4, ev]])))))
+    assert isinstance(msg, Events)
+    assert events_of(msg) == [Event(3, ev), Event(4, ev)]
+    with pytest.raises(MessageError, match="expected an int >= 0"):
+        events_of(Events([[-1, ev]]))
+    with pytest.raises(MessageError, match=r"expected \[rid, event\]"):
+        events_of(Events([[3]]))

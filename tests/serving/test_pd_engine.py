@@ -12,6 +12,7 @@ import pytest
 
 from serving_testing import wait_for
 from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
+from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
 from kvproof.runtime.serving.server import start_server
 from kvproof.runtime.model.tokenizer import ByteTokenizer
@@ -89,8 +90,9 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
                 await wait_for(lambda: engine.stats()["queue_depth{queue}"]["router"] == 0, what="disconnect")
                 await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
                 metrics = await (await s.get(f"{url}/metrics")).text()
-            for needle in ('kvproof_slots{state="FREE"} 6', "kvproof_kv_transfers_total",
-                           "kvproof_reclaim_latency_seconds_sum", 'kvproof_aborts_total{cause="disconnect"}'):
+            for needle in ('kvproof_kv_slots{model_name="kvproof-tiny",state="FREE"} 6', "kvproof_kv_transfers_total",
+                           "kvproof_kv_slot_reclaim_latency_seconds_sum",
+                           'kvproof_aborts_total{cause="disconnect",model_name="kvproof-tiny"}'):
                 assert needle in metrics, needle
             return st
         finally:
@@ -108,11 +110,13 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
     # the prompt family of test_kv_corruption_fires_the_rule_on_the_affected_requests
     prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n") for i in range(12)]
     params = SamplingParams(max_tokens=200, ignore_eos=True)
-    ref = generate_reference(EngineConfig(), prompts, params)
+    # the post-mortem's thresholds: the tiny model's own leave the low-accept rule off (spec THRESHOLDS)
+    cfg = EngineConfig(monitor=MonitorConfig.of("post_mortem"))
+    ref = generate_reference(cfg, prompts, params)
     affected = {0, 3, 6, 9}
 
     async def main() -> list:
-        engine = PDEngine(EngineConfig(), PDEngineConfig(slots=4, writers=1))
+        engine = PDEngine(cfg, PDEngineConfig(slots=4, writers=1))
         await engine.start()
         try:
             for i in affected:

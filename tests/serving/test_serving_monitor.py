@@ -44,6 +44,18 @@ def test_degenerate_fires_above_max_rate() -> None:
     assert why == "degenerate_accept_rate" and 3 * n > 128 >= 3 * (n - 1)
 
 
+def test_thresholds_come_from_the_spec_per_model() -> None:
+    """The default model's greedy loops look like corruption to the accept-length rule (see THRESHOLDS), so
+    on it only the degenerate rule is armed; other models get the post-mortem rule."""
+    from kvproof.spec.specdec_monitor import THRESHOLDS
+    assert RequestMonitor(MonitorConfig(), model="tiny").cfg == MonitorConfig(True, 128, 1.0, 0.96)
+    assert RequestMonitor(MonitorConfig(), model="glm5").cfg == MonitorConfig(True, 128, 1.4, 0.96)
+    assert _run(RequestMonitor(MonitorConfig(), model="tiny"), 0, 2, 1000)[1] is None      # accept length 1.0
+    assert _run(RequestMonitor(MonitorConfig(), model="tiny"), 2, 2, 500)[1] == "degenerate_accept_rate"
+    assert RequestMonitor(MonitorConfig(min_accept_length=1.2), model="tiny").cfg.min_accept_length == 1.2
+    assert set(THRESHOLDS) >= {"post_mortem", "tiny"}
+
+
 def test_thresholds_are_configurable_and_disable() -> None:
     cfg = MonitorConfig(min_tokens=10, min_accept_length=2.5, max_accept_rate=0.99)
     n, why = _run(RequestMonitor(cfg), 1, 2, 100)             # length 2.0 < 2.5
@@ -85,7 +97,7 @@ def test_kv_corruption_fires_the_rule_on_the_affected_requests() -> None:
     params = SamplingParams(max_tokens=200, ignore_eos=True)
 
     def run(corrupt: set[int]) -> dict[int, list]:
-        core = EngineCore(EngineConfig())
+        core = EngineCore(EngineConfig(monitor=MonitorConfig.of("post_mortem")))   # the tiny model's own: rule off
         ev: dict[int, list] = {i: [] for i in range(len(prompts))}
         for i, p in enumerate(prompts):
             core.add(GenerationRequest(str(i), tuple(p), params), ev[i].append)

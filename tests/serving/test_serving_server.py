@@ -48,8 +48,9 @@ def test_completions_greedy_streaming_and_sampled() -> None:
                                                              "stream_options": {"include_usage": True}})
             assert r.headers["Content-Type"].startswith("text/event-stream")
             chunks = await _sse(r)
-            assert "".join(c["choices"][0]["text"] for c in chunks) == ref
-            assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 24
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24   # OpenAI's usage chunk
+            assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == ref
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["usage"] is None
             sampled = {"prompt": prompt, "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 7}
             texts = [(await (await s.post(f"{url}/v1/completions", json=sampled)).json())["choices"][0]["text"]
                      for _ in range(2)]
@@ -101,8 +102,10 @@ BAD = [  # (body, status, param named in the error)
     ({"prompt": "x", "temperature": 3}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": [["a"]]}, 400, "prompt"),
+    ({"prompt": "x", "top_k": "bogus"}, 400, "top_k"),
+    ({"prompt": "x", "no_such_field": 1}, 400, "no_such_field"),
     ({"prompt": [1, 99999]}, 400, "prompt"),
     ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
@@ -164,14 +167,16 @@ def test_metrics_parse_and_add_up() -> None:
             await wait_for(lambda: engine.stats()["queue_depth{queue}"]["running"] == 0, what="idle")
             text = await (await s.get(f"{url}/metrics")).text()
         fams = {f.name: f for f in text_string_to_metric_families(text)}
-        val = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+        assert all(s.labels.get("model_name") == MODEL for f in fams.values() for s in f.samples)
+        val = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
+               for f in fams.values() for s in f.samples}
         assert val[("kvproof_requests_total", ())] == 3
         assert val[("kvproof_requests_finished_total", (("reason", "length"),))] == 3
         assert val[("kvproof_generation_tokens_total", ())] == 15
         assert val[("kvproof_http_errors_total", (("status", "404"),))] == 1
         assert val[("kvproof_kv_pages", (("state", "used"),))] == 0
-        for name in ("kvproof_queue_depth", "kvproof_spec_accept_length", "kvproof_spec_accept_rate",
-                     "kvproof_aborts", "kvproof_anomaly_aborts", "kvproof_cache_hit_rate"):
+        for name in ("kvproof_queue_depth_requests", "kvproof_spec_accept_length_tokens", "kvproof_spec_accept_ratio",
+                     "kvproof_aborts", "kvproof_anomaly_aborts", "kvproof_prefix_cache_hit_ratio"):
             assert name in fams, name
 
     asyncio.run(main())
