@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
 from kvproof.runtime.hicache.cache import HiCache
 from kvproof.runtime.hicache.pages import HiCacheConfig
+from kvproof.runtime.streams.executor import wall
 
 # GLM-5 per-token-per-layer sizes (bf16): KV 1152 B, Indexer cache 132 B; page size 64.
 KV_DIM, IDX_DIM, PAGE = 576, 66, 64
@@ -20,13 +20,7 @@ def _median(fn: Callable[[], object], reps: int, cuda: bool, before: Callable[[]
     for _ in range(reps):
         if before is not None:
             before()
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
+        out.append(wall(fn, cuda))
     return statistics.median(out)
 
 
