@@ -38,7 +38,7 @@ import torch.distributed as dist
 from kvproof.kernels.common import indexer_fp8_layout, write_indexer_keys
 from kvproof.kernels.indexer import indexer_scores_ref, indexer_topk, indexer_topk_ref
 from kvproof.kernels.sparse_mla import mla_attention_ref, sparse_mla_attention
-from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, execute, run_host
+from kvproof.runtime.streams.executor import Commit, CudaExecutor, OpImpl, dispatch, execute, run_host
 from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import (LayerSplitShape, comm, compute, delivery_errors, layersplit_plan, op_role,
                                           owned_layers, owner_of, rank_plan)
@@ -232,43 +232,42 @@ class LayerSplitPool:
         receive buffer at its end, so the emulator decides when the write lands.
         """
         topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        impls: dict[str, OpImpl] = {}
         cuda = self.cfg.device.startswith("cuda")
-        for ins in self.my_plan.instrs:
-            if not isinstance(ins, Op):
-                continue
-            role, l = op_role(ins)
-            src = owner_of(l, self.ranks, self.cfg.layers, self.cfg.ownership)
-            if role in ("send", "recv"):
-                recv = role == "recv"
-                t = self.region(ins.writes[0] if recv else ins.reads[0])
 
-                def bcast(t: torch.Tensor = t, src: int = src, recv: bool = recv) -> Commit | None:
-                    buf = torch.empty_like(t) if staged and recv else t
-                    w = dist.broadcast(buf, src=src, group=self.group, async_op=True)
-                    if cuda:
-                        w.wait()                 # makes the comm stream (current here) wait for NCCL's
-                    elif staged:
-                        def land() -> None:
-                            w.wait()
-                            if recv:
-                                t.copy_(buf)     # the receive's write lands when the emulator ends it
-                        return land
-                    else:
-                        works.append(w)
-                    return None
-                impls[ins.name] = bcast
-            elif role == "indexer":
-                def index(r: Region = ins.reads[0], l: int = l) -> Commit:
-                    res = layer_attention(self.cfg, self.region(r), None, q, l)   # type: ignore[arg-type]
-                    return lambda: topk.__setitem__(l, res)
-                impls[ins.name] = index
-            else:
-                def attend(r: Region = ins.reads[0], l: int = l) -> Commit:
-                    res = layer_attention(self.cfg, None, self.region(r), q, l, topk.pop(l))  # type: ignore[arg-type]
-                    return lambda: out[l].copy_(res)
-                impls[ins.name] = attend
-        return impls
+        def bcast(ins: Op, l: int) -> OpImpl:
+            recv = op_role(ins)[0] == "recv"
+            t, src = self.region(ins.writes[0] if recv else ins.reads[0]), \
+                owner_of(l, self.ranks, self.cfg.layers, self.cfg.ownership)
+
+            def start() -> Commit | None:
+                buf = torch.empty_like(t) if staged and recv else t
+                w = dist.broadcast(buf, src=src, group=self.group, async_op=True)
+                if cuda:
+                    w.wait()                 # makes the comm stream (current here) wait for NCCL's
+                elif staged:
+                    def land() -> None:
+                        w.wait()
+                        if recv:
+                            t.copy_(buf)     # the receive's write lands when the emulator ends it
+                    return land
+                else:
+                    works.append(w)
+                return None
+            return start
+
+        def index(ins: Op, l: int) -> OpImpl:
+            def start() -> Commit:
+                res = layer_attention(self.cfg, self.region(ins.reads[0]), None, q, l)   # type: ignore[arg-type]
+                return lambda: topk.__setitem__(l, res)
+            return start
+
+        def attend(ins: Op, l: int) -> OpImpl:
+            def start() -> Commit:
+                res = layer_attention(self.cfg, None, self.region(ins.reads[0]), q, l, topk.pop(l))  # type: ignore[arg-type]
+                return lambda: out[l].copy_(res)
+            return start
+
+        return dispatch(self.my_plan, op_role, {"send": bcast, "recv": bcast, "indexer": index, "attention": attend})
 
     def forward(self, q: Queries) -> torch.Tensor:
         """Attention outputs of every layer for these queries: [L, T, H, latent] (fp64 from the references)."""

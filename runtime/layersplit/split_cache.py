@@ -28,7 +28,7 @@ from kvproof.runtime.layersplit.group import broadcast
 from kvproof.runtime.model.decoder import AttnBatch, DSAModel
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.config import ModelConfig
-from kvproof.runtime.streams.executor import OpImpl, run_host
+from kvproof.runtime.streams.executor import OpImpl, dispatch, run_host
 from kvproof.spec.core import variant_name
 from kvproof.spec.layersplit_plan import LayerSplitShape, comm, op_role, owned_layers, owner_of
 from kvproof.spec.streams import Op, Plan, Region
@@ -141,43 +141,35 @@ def split_forward(model: DSAModel, cache: SplitKVCache, plan: Plan, group: Any, 
     hidden: dict[int, torch.Tensor] = {0: model.embed(tokens)}
     indexed: dict[int, Any] = {}
     works: list[Any] = []
-    impls: dict[str, OpImpl] = {}
 
-    def send(regions: tuple[torch.Tensor, ...]) -> OpImpl:
+    def send(ins: Op, l: int) -> OpImpl:
+        regions = cache.region(ins.reads[0])
+
         def start() -> None:                        # gathers the pages now: what the plan's send reads
             works.extend(broadcast(group, t.index_select(0, pages), rank) for t in regions)
         return start
 
-    def recv(regions: tuple[torch.Tensor, ...], src: int) -> OpImpl:
+    def recv(ins: Op, l: int) -> OpImpl:
+        regions, src = cache.region(ins.writes[0]), owner_of(l, shape.ranks, shape.layers, shape.ownership)
+
         def start() -> None:
             for t in regions:
                 buf = torch.empty((pages.numel(),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
                 works.append(_Landing(broadcast(group, buf, src), t, pages, buf))
         return start
 
-    def indexer(l: int, region: Region) -> OpImpl:
+    def indexer(ins: Op, l: int) -> OpImpl:
         def start() -> None:
-            ik, *fp8 = cache.region(region)
+            ik, *fp8 = cache.region(ins.reads[0])
             indexed[l] = model.layers[l].index(hidden[l], b, ik, fp8[0] if fp8 else None, backend)
         return start
 
-    def attention(l: int, region: Region) -> OpImpl:
+    def attention(ins: Op, l: int) -> OpImpl:
         def start() -> None:
-            (kv,) = cache.region(region)
+            (kv,) = cache.region(ins.reads[0])
             hidden[l + 1] = model.layers[l].attend(hidden.pop(l), indexed.pop(l), b, kv, backend)
         return start
 
-    for ins in plan.instrs:
-        if not isinstance(ins, Op):
-            continue
-        role, l = op_role(ins)
-        if role == "send":
-            impls[ins.name] = send(cache.region(ins.reads[0]))
-        elif role == "recv":
-            impls[ins.name] = recv(cache.region(ins.writes[0]), owner_of(l, shape.ranks, shape.layers, shape.ownership))
-        elif role == "indexer":
-            impls[ins.name] = indexer(l, ins.reads[0])
-        else:
-            impls[ins.name] = attention(l, ins.reads[0])
+    impls = dispatch(plan, op_role, {"send": send, "recv": recv, "indexer": indexer, "attention": attention})
     run_host(plan, comm(rank), impls, works)
     return hidden[shape.layers]

@@ -92,6 +92,21 @@ def emulate(plan: Plan, impls: Mapping[str, OpImpl], policy: str = "random", see
     return res
 
 
+def dispatch(plan: Plan, role: Callable[[Op], tuple[str, int]],
+             make: Mapping[str, Callable[[Op, int], OpImpl]]) -> dict[str, OpImpl]:
+    """Each op's implementation, built by ``make[r]`` for the (role r, layer) that ``role`` reads off the op's
+    typed regions: the one op dispatcher, so no executor parses op or region names."""
+    impls: dict[str, OpImpl] = {}
+    for ins in plan.instrs:
+        if isinstance(ins, Op):
+            r, layer = role(ins)
+            if r not in make:
+                raise KeyError(f"plan {plan.name!r}: op {ins.name!r} has role {r!r}, no implementation; "
+                               f"expected one of {sorted(make)}")
+            impls[ins.name] = make[r](ins, layer)
+    return impls
+
+
 def run_sync(plan: Plan, impls: Mapping[str, OpImpl]) -> ExecResult:
     """The reference: every op runs to completion in issue order."""
     _missing(plan, impls)

@@ -200,3 +200,16 @@ def test_regions_are_typed_and_read_as_their_names() -> None:
                for n, (_, l) in [(ins.name, op_role(ins))])
     with pytest.raises(TypeError, match="not a typed Region"):
         op_role(Op("s", "x[0]", ("kv[0]@r0",), ()))
+
+
+def test_dispatch_builds_one_impl_per_op_by_role_and_names_a_missing_role() -> None:
+    from kvproof.runtime.streams.executor import dispatch
+    from kvproof.spec.layersplit_plan import op_role
+    plan = layersplit_plan(LayerSplitShape(ranks=2, layers=3))
+    seen: list[tuple[str, int]] = []
+    make = {r: (lambda ins, l, r=r: seen.append((r, l)) or (lambda: None)) for r in ("send", "recv", "indexer", "attention")}
+    impls = dispatch(plan, op_role, make)
+    assert set(impls) == {i.name for i in plan.instrs if isinstance(i, Op)}
+    assert ("recv", 2) in seen and ("attention", 0) in seen
+    with pytest.raises(KeyError, match="role 'send', no implementation"):
+        dispatch(plan, op_role, {"indexer": make["indexer"]})
