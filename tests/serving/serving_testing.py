@@ -81,3 +81,17 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of `name` in a /metrics exposition whose labels include `labels` (None: absent).
+
+    Parsed with prometheus_client's own parser, so label order and extra labels (model_name) don't matter.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None

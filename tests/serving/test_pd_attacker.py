@@ -18,6 +18,7 @@ from kvproof.runtime.serving.server import start_server
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.runtime.transport.auth import AuthError, Secret, client_handshake
 from kvproof.runtime.transport.frames import FrameType, Header, encode_header
+from serving_testing import metric
 
 TOK = ByteTokenizer()
 PROMPT = "SECRET-PROMPT: the launch codes are 0000; def helper(x): return x"
@@ -109,5 +110,5 @@ def test_startup_impostor_gets_nothing_and_lands_nothing(monkeypatch, mode: str)
     # wrong secret: both proofs fail; none: the Hello is too short for a proof (timeout), the forged
     # write's bytes are read as one and fail
     assert rejected == ({"bad_mac": 2} if mode == "wrong-secret" else {"timeout": 1, "bad_mac": 1}), rejected
-    assert "kvproof_rejected_connections_total{reason=" in metrics
+    assert metric(metrics, "kvproof_rejected_connections_total", reason="bad_mac") == rejected["bad_mac"]
     assert st["kv_foreign_landings_total"] == 0 and st["slots{state}"]["FREE"] == 4

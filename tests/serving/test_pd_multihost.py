@@ -24,6 +24,7 @@ import pytest
 from kvproof.runtime.serving.engine import EngineConfig, SamplingParams, generate_reference
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.runtime.transport.auth import Secret
+from serving_testing import metric
 
 TOK = ByteTokenizer()
 CLONE_NEWNET = 0x40000000
@@ -195,12 +196,13 @@ def _e2e_load(hosts: Hosts, url: str) -> None:
         deadline = time.monotonic() + 60
         while True:
             text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-            if 'kvproof_slots{state="FREE"} 8' in text and "kvproof_queue_depth{queue=\"router\"} 0" in text:
+            if (metric(text, "kvproof_kv_slots", state="FREE") == 8
+                    and metric(text, "kvproof_queue_depth_requests", queue="router") == 0):
                 return text
             if time.monotonic() > deadline:
                 raise AssertionError(f"slots not all free after the load: {text[:3000]}")
             time.sleep(0.5)
 
     text = hosts.run_in("r", metrics)
-    assert "kvproof_kv_foreign_landings_total 0" in text
-    assert 'kvproof_pd_worker_up{role="decode"} 1' in text
+    assert metric(text, "kvproof_kv_foreign_landings_total") == 0
+    assert metric(text, "kvproof_pd_worker_up", role="decode") == 1

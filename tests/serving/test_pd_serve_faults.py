@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from serving_testing import metric
 
 
 def _children(pid: int) -> list[int]:
@@ -60,7 +61,8 @@ def test_serve_survives_a_dead_worker_reaps_all_and_sigterm_exits_0(victim: str)
         workers = {_role_of(p): p for p in _children(proc.pid)}
         assert set(workers) == {"decode", "prefill"}, workers
         status, text = _get(f"{url}/metrics")
-        assert 'kvproof_pd_worker_up{role="decode"} 1.0' in text and 'kvproof_pd_worker_up{role="prefill-0"} 1.0' in text
+        assert metric(text, "kvproof_pd_worker_up", role="decode") == 1
+        assert metric(text, "kvproof_pd_worker_up", role="prefill-0") == 1
         os.kill(workers[victim], signal.SIGKILL)
         dead = "decode" if victim == "decode" else "prefill-0"
         end = time.monotonic() + 20
@@ -69,7 +71,7 @@ def test_serve_survives_a_dead_worker_reaps_all_and_sigterm_exits_0(victim: str)
             states = {r: _state(p) for r, p in workers.items()}
             # the victim is reaped; with decode gone the ranks are stopped and reaped too; nothing is a zombie
             want_gone = set(workers) if victim == "decode" else {victim}
-            if (f'kvproof_pd_worker_up{{role="{dead}"}} 0.0' in text and "kvproof_pd_engine_failed 1.0" in text
+            if (metric(text, "kvproof_pd_worker_up", role=dead) == 0 and metric(text, "kvproof_pd_engine_failed") == 1
                     and all(states[r] is None for r in want_gone) and "Z" not in states.values()):
                 break
             assert time.monotonic() < end, (text[-1500:], {p: _state(p) for p in workers.values()})
