@@ -4,13 +4,21 @@ Source: the GLM-5 production post-mortem (online anomaly detection). Speculative
 decoding statistics expose KV corruption: when the KV a request reads is foreign
 or garbage, the MTP drafts stop matching the model (low accept length); when the
 output degenerates into a loop, every draft matches (accept rate near 1). The
-rule: abort a generation when, after more than `min_tokens` generated tokens, the
-mean accept length (bonus token included) falls below 1.4, or the accept rate
-exceeds 0.96.
+post-mortem's rule: abort a generation when, after more than `min_tokens` generated
+tokens, the mean accept length (bonus token included) falls below 1.4, or the accept
+rate exceeds 0.96.
+
+A statistic is a symptom, not evidence: a correct generation can loop too (a model's
+greedy output often does), and aborting it is a false positive. So a crossing makes
+the request a *suspect*, and the monitor then needs evidence: the runtime audits the
+request's cached KV against a recomputation from its tokens (`runtime/serving/kv_audit.py`).
+A mismatch is corruption, and only then is the generation aborted (`flag_*`); an intact
+cache clears the suspicion and restarts the statistics window (`clear`), so the rule
+re-arms after another `min_tokens` tokens.
 
 The spec layer works on integers, so the thresholds are rationals compared by
-cross-multiplication over the running totals of `steps` verification steps,
-`accepted` drafts and `drafted` drafts:
+cross-multiplication over the running totals of the window: `steps` verification
+steps, `accepted` drafts and `drafted` drafts:
 
     mean accept length = (accepted + steps) / steps < LEN_NUM / LEN_DEN
                          <=>  LEN_DEN * (accepted + steps) < LEN_NUM * steps
@@ -19,16 +27,19 @@ cross-multiplication over the running totals of `steps` verification steps,
 
 Actor: `monitor` (the decode scheduler's per-request monitor). `step` is disabled
 once a rule is crossed, so the runtime cannot keep generating past a crossing
-without firing the flag first (it gets a ProtocolViolation instead).
+without raising the suspicion and settling it by an audit first (it gets a
+ProtocolViolation instead).
 
-Variants: `fixed` checks the rule only after `min_tokens`; `naive` flags as soon as
-the ratio crosses, which aborts healthy requests whose first few steps were unlucky
-(the verifier refutes `never_aborts_before_min_tokens` with a two-step trace).
-Thresholds are parameters: `monitor_protocol(...)` builds the class for other values.
+Variants: `fixed` checks the rule only after `min_tokens`; `naive` suspects as soon as
+the ratio crosses, which audits (and, on the post-mortem's semantics, aborted) healthy
+requests whose first few steps were unlucky (the verifier refutes
+`never_aborts_before_min_tokens` with a two-step trace). Thresholds are parameters:
+`monitor_protocol(...)` builds the class for other values; `THRESHOLDS` holds them per model.
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
@@ -40,8 +51,10 @@ class Phase(enum.IntEnum):
     """Where a monitored generation stands."""
 
     RUNNING = 0
-    ABORTED_LOW_ACCEPT = 1      # mean accept length below the threshold: suspect KV corruption
-    ABORTED_DEGENERATE = 2      # accept rate above the threshold: degenerate repetition
+    ABORTED_LOW_ACCEPT = 1      # low accept length, and the audit found the KV corrupted
+    ABORTED_DEGENERATE = 2      # accept rate above the threshold, and the audit found the KV corrupted
+    SUSPECT_LOW_ACCEPT = 3      # mean accept length below the threshold: KV audit pending
+    SUSPECT_DEGENERATE = 4      # accept rate above the threshold: KV audit pending
 
 
 def _low(P: Any, m: Any) -> Any:
@@ -54,6 +67,10 @@ def _degenerate(P: Any, m: Any) -> Any:
 
 def _armed(P: Any, m: Any) -> Any:
     return m.generated[()] > P.MIN_TOKENS
+
+
+def _suspect(m: Any) -> Any:
+    return m.any([m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, m.phase[()] == Phase.SUSPECT_DEGENERATE])
 
 
 def _step(P: Any, m: Any, accepted: Any, drafted: Any) -> None:
@@ -70,49 +87,78 @@ def _step(P: Any, m: Any, accepted: Any, drafted: Any) -> None:
     m.generated[()] = m.generated[()] + accepted + 1          # the drafts it kept plus the bonus token
 
 
-def _flag_low_accept(P: Any, m: Any) -> None:
-    """Abort: the mean accept length fell below the threshold (suspect KV corruption)."""
+def _suspect_low_accept(P: Any, m: Any) -> None:
+    """Suspect KV corruption: the mean accept length fell below the threshold (audit the KV next)."""
     m.require(m.phase[()] == Phase.RUNNING, "running")
     if m.variant == "fixed":
         m.require(_armed(P, m), "past_min_tokens")
     m.require(_low(P, m), "accept_length_below_threshold")
-    m.phase[()] = Phase.ABORTED_LOW_ACCEPT
+    m.phase[()] = Phase.SUSPECT_LOW_ACCEPT
 
 
-def _flag_degenerate(P: Any, m: Any) -> None:
-    """Abort: the accept rate rose above the threshold (degenerate repetition)."""
+def _suspect_degenerate(P: Any, m: Any) -> None:
+    """Suspect KV corruption: the accept rate rose above the threshold (audit the KV next)."""
     m.require(m.phase[()] == Phase.RUNNING, "running")
     if m.variant == "fixed":
         m.require(_armed(P, m), "past_min_tokens")
     m.require(_degenerate(P, m), "accept_rate_above_threshold")
+    m.phase[()] = Phase.SUSPECT_DEGENERATE
+
+
+def _clear(P: Any, m: Any) -> None:
+    """The audit found the cached KV intact: not corruption; resume and restart the statistics window."""
+    m.require(_suspect(m), "suspect")
+    m.phase[()] = Phase.RUNNING
+    m.steps[()] = 0
+    m.accepted[()] = 0
+    m.drafted[()] = 0
+    m.generated[()] = 0
+    m.audits[()] = m.audits[()] + 1
+
+
+def _flag_low_accept(P: Any, m: Any) -> None:
+    """Abort: low accept length, and the audit found the cached KV corrupted."""
+    m.require(m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, "suspect_low_accept")
+    m.phase[()] = Phase.ABORTED_LOW_ACCEPT
+
+
+def _flag_degenerate(P: Any, m: Any) -> None:
+    """Abort: degenerate accept rate, and the audit found the cached KV corrupted."""
+    m.require(m.phase[()] == Phase.SUSPECT_DEGENERATE, "suspect_degenerate")
     m.phase[()] = Phase.ABORTED_DEGENERATE
 
 
 def _never_aborts_before_min_tokens(P: Any, m: Any) -> Any:
-    """A generation is aborted only after more than min_tokens generated tokens."""
+    """A generation is suspected (so audited or aborted) only after more than min_tokens tokens of its window."""
     return m.implies(m.phase[()] != Phase.RUNNING, _armed(P, m))
 
 
 def _aborts_only_on_threshold(P: Any, m: Any) -> Any:
-    """Each abort reason holds of the totals it was taken on."""
-    return m.all([m.implies(m.phase[()] == Phase.ABORTED_LOW_ACCEPT, _low(P, m)),
-                  m.implies(m.phase[()] == Phase.ABORTED_DEGENERATE, _degenerate(P, m))])
+    """Each suspicion and abort reason holds of the window totals it was taken on."""
+    low = m.any([m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, m.phase[()] == Phase.ABORTED_LOW_ACCEPT])
+    deg = m.any([m.phase[()] == Phase.SUSPECT_DEGENERATE, m.phase[()] == Phase.ABORTED_DEGENERATE])
+    return m.all([m.implies(low, _low(P, m)), m.implies(deg, _degenerate(P, m))])
 
 
 def _counts_consistent(P: Any, m: Any) -> Any:
-    """Totals add up: accepted <= drafted, generated = accepted + steps, steps <= drafted."""
+    """Window totals add up: accepted <= drafted, generated = accepted + steps, steps <= drafted."""
     return m.all([m.accepted[()] <= m.drafted[()], m.generated[()] == m.accepted[()] + m.steps[()],
                   m.steps[()] <= m.drafted[()], m.implies(m.steps[()] == 0, m.drafted[()] == 0)])
 
 
 def _no_abort_while_healthy(P: Any, m: Any) -> Any:
-    """Before any verification step the monitor is running (no spurious initial abort)."""
+    """With no verification step in the window the monitor is running (no spurious suspicion)."""
     return m.implies(m.steps[()] == 0, m.phase[()] == Phase.RUNNING)
 
 
 def _running(m: Any) -> Any:
-    """The generation is not aborted (a predicate the runtime asks through Instance.holds)."""
+    """The generation is not suspected or aborted (a predicate the runtime asks through Instance.holds)."""
     return m.phase[()] == Phase.RUNNING
+
+
+def _aborted(m: Any) -> Any:
+    """The generation was aborted: a suspicion the KV audit confirmed."""
+    return m.any([m.phase[()] == Phase.ABORTED_LOW_ACCEPT, m.phase[()] == Phase.ABORTED_DEGENERATE])
 
 
 PROPERTIES = ("never_aborts_before_min_tokens", "aborts_only_on_threshold", "counts_consistent",
@@ -141,26 +187,31 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
         "sanity_method": "bmc",         # unbounded counters: the sanity search is BMC, not exhaustive
 
         "vars": {
-            "phase": Var(EnumT(Phase), (), "monitor", doc="running or why it was aborted"),
-            "steps": Var(Nat(), (), "monitor", doc="verification steps"),
-            "accepted": Var(Nat(), (), "monitor", doc="drafts accepted, in total"),
-            "drafted": Var(Nat(), (), "monitor", doc="drafts proposed, in total"),
-            "generated": Var(Nat(), (), "monitor", doc="tokens generated by the steps"),
+            "phase": Var(EnumT(Phase), (), "monitor", doc="running, suspected (audit pending) or why aborted"),
+            "steps": Var(Nat(), (), "monitor", doc="verification steps in the window"),
+            "accepted": Var(Nat(), (), "monitor", doc="drafts accepted in the window"),
+            "drafted": Var(Nat(), (), "monitor", doc="drafts proposed in the window"),
+            "generated": Var(Nat(), (), "monitor", doc="tokens generated by the window's steps"),
+            "audits": Var(Nat(), (), "monitor", doc="KV audits that found the cache intact"),
         },
         "MIN_TOKENS": int(min_tokens),
         "LEN_NUM": min_accept_length.numerator, "LEN_DEN": min_accept_length.denominator,
         "RATE_NUM": max_accept_rate.numerator, "RATE_DEN": max_accept_rate.denominator,
         "step": action("monitor", accepted="data:max_draft", drafted="data:max_draft")(_step),
+        "suspect_low_accept": action("monitor")(_suspect_low_accept),
+        "suspect_degenerate": action("monitor")(_suspect_degenerate),
+        "clear": action("monitor")(_clear),
         "flag_low_accept": action("monitor")(_flag_low_accept),
         "flag_degenerate": action("monitor")(_flag_degenerate),
         "running": staticmethod(_running),
+        "aborted": staticmethod(_aborted),
     }
     for prop in PROPERTIES:
         ns[prop] = invariant(globals()["_" + prop])
     name = f"AcceptMonitor_{min_tokens}_{min_accept_length.numerator}_{min_accept_length.denominator}" \
            f"_{max_accept_rate.numerator}_{max_accept_rate.denominator}"
     cls = type(name, (Protocol,), ns)
-    # A flag needs > min_tokens tokens (about 92 steps for a low accept length at 128): the sanity
+    # A suspicion needs > min_tokens tokens (about 92 steps for a low accept length at 128): the sanity
     # search (verify/sanity.py) runs on the same monitor with min_tokens=4, within its reach.
     cls.sanity_instance = monitor_protocol(4, min_accept_length, max_accept_rate) if min_tokens > 4 else None
     return cls
@@ -168,25 +219,40 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
 
 AcceptMonitor = monitor_protocol()
 
-# The thresholds per served model: (min_tokens, min_accept_length, max_accept_rate). The runtime takes its
-# defaults from here (`thresholds_for`), and `kvproof prove` checks every entry. A model missing here gets
-# the post-mortem's rule, calibrated on GLM-5's MTP head.
-THRESHOLDS: dict[str, tuple[int, Fraction, Fraction]] = {
-    "post_mortem": (128, Fraction(7, 5), Fraction(24, 25)),
-    # The embedded seeded model (`tiny`): its greedy output falls into attention-driven loops its
-    # token-path MTP head cannot predict on ~19% of coding-agent prompts (accept length 1.00-1.02 after
-    # 128 tokens), which is where KV corruption lands too (1.00-1.06): no accept-length threshold
-    # separates them (1.01 / 256 tokens still aborts 6 of 160 clean requests and catches 36 of 80
-    # corrupted ones). So on this model the low-accept rule is off (a mean accept length is never below
-    # 1; `prove` reports flag_low_accept DEAD for this entry, as intended) and the degenerate rule stays:
-    # `kvproof bench monitor` (1000 + 50 requests of 400 greedy tokens): post-mortem set 17.8% false
-    # positives (15.2% low accept, 2.6% degenerate) / 100% of corrupted caught; this set 2.6% (the
-    # degenerate rule on loops along the token path) / 0%. Turning the degenerate rule off too would
-    # leave both flags dead and the properties vacuous, which `prove` refuses.
-    "tiny": (128, Fraction(1), Fraction(24, 25)),
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The monitor's settings for one served model."""
+
+    min_tokens: int                  # a rule is armed after more than this many tokens of the window
+    min_accept_length: Fraction      # suspect below this mean accept length (bonus token included)
+    max_accept_rate: Fraction        # suspect above this accept rate
+    audit_rtol: Fraction             # KV audit: the largest relative difference (per layer and position)
+                                     # between a cached KV row and its recomputation that counts as intact
+
+    def protocol(self) -> type[Protocol]:
+        """The monitor protocol class of these thresholds."""
+        return monitor_protocol(self.min_tokens, self.min_accept_length, self.max_accept_rate)
+
+
+# The thresholds per served model. The runtime takes its defaults from here (`thresholds_for`), and
+# `kvproof prove` checks every entry. A model missing here gets the post-mortem's rule, calibrated on
+# GLM-5's MTP head. An abort needs the KV audit's evidence, so the statistics thresholds set how often
+# a clean request pays for an audit and how much corruption is caught, not the false-positive rate.
+THRESHOLDS: dict[str, Thresholds] = {
+    # audit_rtol 1/4: a recomputation in bf16 differs from the incrementally cached rows by ~1e-2;
+    # foreign KV (another request's rows) differs by ~1.4, bit-flipped KV by orders of magnitude.
+    "post_mortem": Thresholds(128, Fraction(7, 5), Fraction(24, 25), Fraction(1, 4)),
+    # The embedded seeded model (`tiny`, float64): its greedy output falls into attention-driven loops its
+    # token-path MTP head cannot predict on ~15% of coding-agent prompts (accept length 1.00-1.4 after 128
+    # tokens), or into loops along the token path (accept rate 1.0), and KV corruption lands at 1.00-1.15.
+    # Calibrated on 300 clean + 100 corrupted requests of 400 greedy tokens (prompt seed 7, not the
+    # bench's): 1.2 suspects every corrupted request in its first window and ~17% of clean ones (about one
+    # audit per three requests). Its recomputation differs from the cache by ~1e-15 (float64).
+    "tiny": Thresholds(128, Fraction(6, 5), Fraction(24, 25), Fraction(1, 10**6)),
 }
 
 
-def thresholds_for(model: str) -> tuple[int, Fraction, Fraction]:
+def thresholds_for(model: str) -> Thresholds:
     """The monitor thresholds of a served model (by its config name): its entry, else the post-mortem's."""
     return THRESHOLDS.get(model, THRESHOLDS["post_mortem"])

@@ -1,7 +1,7 @@
 """Checks of the speculative-decoding anomaly monitor for `kvproof prove`.
 
 `fixed`: every property proven by 1-induction of their conjunction (unbounded: the
-counters are unbounded integers in Z3). `naive` (no min-tokens guard): the verifier
+counters are unbounded integers in Z3; `clear` resets the window, `flag_*` only follow a suspicion). `naive` (no min-tokens guard): the verifier
 refutes `never_aborts_before_min_tokens` with a shortest trace; the rest still hold.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ def checks() -> list[Check]:
                            partial(_check, variant, prop)))
     out = [dataclasses.replace(c, spec=AcceptMonitor) for c in out]
     # every other per-model threshold set of the spec (the runtime's defaults for those models)
-    for model, (mt, length, rate) in THRESHOLDS.items():
+    for model, t in THRESHOLDS.items():
+        mt, length, rate = t.min_tokens, t.min_accept_length, t.max_accept_rate
         if (mt, length.numerator, length.denominator, rate.numerator, rate.denominator) == (
                 AcceptMonitor.MIN_TOKENS, AcceptMonitor.LEN_NUM, AcceptMonitor.LEN_DEN, AcceptMonitor.RATE_NUM,
                 AcceptMonitor.RATE_DEN):

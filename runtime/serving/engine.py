@@ -11,6 +11,7 @@ also the reference that end-to-end integrity tests compare against. The PD engin
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import zlib
@@ -27,6 +28,7 @@ from kvproof.runtime.hicache.host_tier import host_tier
 from kvproof.runtime.layersplit.split_cache import SplitKVCache, engine_shape
 from kvproof.runtime.layersplit.engine_group import LayerSplitGroup
 from kvproof.runtime.serving.model_runner import ModelRunner
+from kvproof.runtime.serving.kv_audit import kv_error
 from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor
 from kvproof.runtime.serving.scheduler import Scheduler, Sequence
 from kvproof.runtime.model.tokenizer import ByteTokenizer
@@ -126,8 +128,10 @@ class EngineCore:
         if n == 0 or n + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
                              f"1..{self.max_model_len} tokens")
-        mon = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name) if self.cfg.num_drafts else None
-        seq = Sequence(req.request_id, list(req.prompt_tokens), req.params, mon)
+        seq = Sequence(req.request_id, list(req.prompt_tokens), req.params)
+        if self.cfg.num_drafts:
+            seq.monitor = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name,
+                                         audit=functools.partial(self._kv_error, seq))
         if prefilled is not None:
             pages, cached = prefilled
             if not 0 <= cached < n or cached > len(pages) * self.model.cfg.page_size:
@@ -139,6 +143,11 @@ class EngineCore:
         self.scheduler.add(seq)
         self.totals["requests_total"] += 1
         self.totals["prompt_tokens_total"] += n
+
+    def _kv_error(self, seq: Sequence) -> float:
+        """The anomaly monitor's evidence: how far the sequence's cached KV is from a recomputation."""
+        n = seq.num_cached
+        return kv_error(self.model, self.export_tokens(seq.pages, n), seq.tokens[:n])
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
         """Abort a request now (engine thread only); False when unknown.

@@ -2,14 +2,19 @@
 
 Its thresholds default to the spec's per-model table (`THRESHOLDS`, checked by `kvproof prove`).
 
-The decision to abort is the spec's: the runtime fires `step` after each verification
-step and then asks whether `flag_low_accept` / `flag_degenerate` is enabled; firing it
-is the only way a monitored request becomes aborted.
+The decisions are the spec's: the runtime fires `step` after each verification step and
+then asks whether `suspect_low_accept` / `suspect_degenerate` is enabled. A suspicion is
+settled by evidence: the request's `audit` (the engine binds `kv_audit.kv_error` on the
+request's cached KV) measures how far the cache is from a recomputation; within the spec's
+`audit_rtol` the monitor fires `clear` and the request goes on, beyond it `flag_*`, which is
+the only way a monitored request becomes aborted.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Callable
 
 from kvproof.spec.compiled import FastInstance
 from kvproof.spec.specdec_monitor import Phase, monitor_protocol, thresholds_for
@@ -21,8 +26,8 @@ class MonitorConfig:
 
     enabled: bool = True
     min_tokens: int | None = None              # rule armed only after more than this many generated tokens
-    min_accept_length: float | None = None     # abort below this mean accept length (bonus token included)
-    max_accept_rate: float | None = None       # abort above this accept rate (degenerate repetition)
+    min_accept_length: float | None = None     # suspect below this mean accept length (bonus token included)
+    max_accept_rate: float | None = None       # suspect above this accept rate (degenerate repetition)
 
     def __post_init__(self) -> None:
         if self.min_tokens is not None and self.min_tokens < 0:
@@ -35,8 +40,8 @@ class MonitorConfig:
     @classmethod
     def of(cls, model: str, enabled: bool = True) -> "MonitorConfig":
         """The spec's thresholds for `model` (a THRESHOLDS key such as "post_mortem" or "tiny")."""
-        mt, length, rate = thresholds_for(model)
-        return cls(enabled, mt, float(length), float(rate))
+        t = thresholds_for(model)
+        return cls(enabled, t.min_tokens, float(t.min_accept_length), float(t.max_accept_rate))
 
     def resolved(self, model: str) -> "MonitorConfig":
         """Every None filled in from the spec's thresholds for `model`."""
@@ -46,65 +51,93 @@ class MonitorConfig:
                              d.max_accept_rate if self.max_accept_rate is None else self.max_accept_rate)
 
 
-# the abort reason each aborted phase reports
+# the abort reason each aborted phase reports (the rule whose suspicion the KV audit confirmed)
 _REASONS = {Phase.ABORTED_LOW_ACCEPT: "low_accept_length", Phase.ABORTED_DEGENERATE: "degenerate_accept_rate"}
 
 
 class RequestMonitor:
-    """Accept statistics of one generation, kept in a spec instance; says when to abort."""
+    """Accept statistics of one generation, kept in a spec instance; audits the KV on a suspicion, says when to abort.
 
-    def __init__(self, cfg: MonitorConfig, variant: str = "fixed", model: str = "post_mortem") -> None:
+    `audit` returns the KV audit's error (`kv_audit.kv_error` of this request); the monitor compares it with
+    the spec's `audit_rtol` for the model. A monitor without an audit has no evidence to act on: it refuses
+    to run enabled (`post_mortem_audit` gives the post-mortem's abort-on-statistics semantics explicitly).
+    """
+
+    def __init__(self, cfg: MonitorConfig, variant: str = "fixed", model: str = "post_mortem",
+                 audit: Callable[[], float] | None = None) -> None:
         self.cfg = cfg = cfg.resolved(model)
         assert cfg.min_tokens is not None and cfg.min_accept_length is not None and cfg.max_accept_rate is not None
+        if cfg.enabled and audit is None:
+            raise ValueError("RequestMonitor: an enabled monitor needs an `audit` (the request's KV audit) "
+                             "to settle a suspicion; expected a callable returning the KV error")
+        self.audit, self.audit_rtol = audit, thresholds_for(model).audit_rtol
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
                                  Fraction(cfg.max_accept_rate).limit_denominator(1000))
         # rule disabled: the naive variant's `step` has no threshold guard, so the instance only
-        # keeps the statistics (its flags are never asked)
+        # keeps the statistics (its suspicions are never asked)
         self.inst = FastInstance(proto, variant if cfg.enabled else "naive", {}, actor="monitor")  # per token: compiled
+        self.last_error: float | None = None      # the latest audit's KV error (None before any audit)
 
     @property
     def steps(self) -> int:
-        """Verification steps so far."""
+        """Verification steps in the current window."""
         return self.inst.get("steps")
 
     @property
     def accepted(self) -> int:
-        """Accepted drafts so far."""
+        """Accepted drafts in the current window."""
         return self.inst.get("accepted")
 
     @property
     def drafted(self) -> int:
-        """Proposed drafts so far."""
+        """Proposed drafts in the current window."""
         return self.inst.get("drafted")
 
     @property
+    def audits(self) -> int:
+        """KV audits that found the cache intact (each cleared a suspicion)."""
+        return self.inst.get("audits")
+
+    @property
     def reason(self) -> str | None:
-        """Why the rule fired (from the spec's phase), or None while running."""
+        """Why the request was aborted (from the spec's phase), or None while it is not."""
         return _REASONS.get(Phase(self.inst.get("phase")))
 
     @property
     def accept_length(self) -> float:
-        """Mean tokens per verification step, bonus token included (0 before any step)."""
+        """Mean tokens per verification step in the window, bonus token included (0 before any step)."""
         s = self.steps
         return (self.accepted + s) / s if s else 0.0
 
     @property
     def accept_rate(self) -> float:
-        """Accepted / drafted (0 before any draft)."""
+        """Accepted / drafted in the window (0 before any draft)."""
         d = self.drafted
         return self.accepted / d if d else 0.0
 
     def step(self, accepted: int, drafted: int) -> str | None:
-        """Record one verification step; returns the abort reason when the rule fires, else None."""
+        """Record one verification step; on a suspicion audit the KV; returns the abort reason when confirmed, else None."""
         self.inst.fire("step", accepted=accepted, drafted=drafted)
         if not self.cfg.enabled:           # statistics only
             return None
-        for action in ("flag_low_accept", "flag_degenerate"):
-            if self.inst.try_fire(action):
+        if not (self.inst.try_fire("suspect_low_accept") or self.inst.try_fire("suspect_degenerate")):
+            return None
+        assert self.audit is not None
+        self.last_error = err = self.audit()
+        if math.isfinite(err) and Fraction(err) <= self.audit_rtol:
+            self.inst.fire("clear")
+            return None
+        for flag in ("flag_low_accept", "flag_degenerate"):     # the one matching the suspicion is enabled
+            if self.inst.try_fire(flag):
                 return self.reason
-        return None
+        raise AssertionError("a suspect monitor has a flag enabled (spec/specdec_monitor.py)")
 
     @property
     def aborted(self) -> bool:
-        """Whether the rule fired."""
-        return not self.inst.holds("running")
+        """Whether the rule fired and the audit confirmed it."""
+        return self.inst.holds("aborted")
+
+
+def post_mortem_audit() -> float:
+    """An audit that always reports corruption: every suspicion aborts (the post-mortem's rule, for comparisons)."""
+    return float("inf")
