@@ -105,15 +105,15 @@ class RequestMonitor:
 
     @property
     def accept_length(self) -> float:
-        """Mean tokens per verification step in the window, bonus token included (0 before any step)."""
-        s = self.steps
-        return (self.accepted + s) / s if s else 0.0
+        """Mean tokens per verification step of the whole generation, bonus token included (0 before any step)."""
+        s = self.inst.get("all_steps")
+        return (self.inst.get("all_accepted") + s) / s if s else 0.0
 
     @property
     def accept_rate(self) -> float:
-        """Accepted / drafted in the window (0 before any draft)."""
-        d = self.drafted
-        return self.accepted / d if d else 0.0
+        """Accepted / drafted over the whole generation (0 before any draft)."""
+        d = self.inst.get("all_drafted")
+        return self.inst.get("all_accepted") / d if d else 0.0
 
     def step(self, accepted: int, drafted: int) -> str | None:
         """Record one verification step; on a suspicion audit the KV; returns the abort reason when confirmed, else None."""

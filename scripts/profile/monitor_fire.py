@@ -12,6 +12,6 @@ for cls in (Instance, FastInstance):
     t = time.perf_counter()
     for i in range(n):
         inst.fire("step", accepted=i % 3, drafted=2)
-        inst.enabled("flag_low_accept"); inst.enabled("flag_degenerate")
+        inst.enabled("suspect_low_accept"); inst.enabled("suspect_degenerate")
     dt = (time.perf_counter() - t) / n / 3 * 1e6
     print(cls.__name__, f"{dt:.2f} us per call (fire/enabled avg)", inst.state)

@@ -12,7 +12,6 @@ import pytest
 
 from serving_testing import wait_for
 from kvproof.runtime.serving.engine import EngineConfig, GenerationRequest, SamplingParams, generate_reference
-from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig, wait_idle
 from kvproof.runtime.serving.server import start_server
 from kvproof.runtime.model.tokenizer import ByteTokenizer
@@ -110,8 +109,7 @@ def test_pd_engine_corrupted_kv_transfer_fires_the_monitor() -> None:
     # the prompt family of test_kv_corruption_fires_the_rule_on_the_affected_requests
     prompts = [TOK.encode(f"prompt number {i}: def f(x): return x*{i}\n") for i in range(12)]
     params = SamplingParams(max_tokens=200, ignore_eos=True)
-    # the post-mortem's thresholds: the tiny model's own leave the low-accept rule off (spec THRESHOLDS)
-    cfg = EngineConfig(monitor=MonitorConfig.of("post_mortem"))
+    cfg = EngineConfig()          # the default model's own monitor: suspicion, then the decode side's KV audit
     ref = generate_reference(cfg, prompts, params)
     affected = {0, 3, 6, 9}
 

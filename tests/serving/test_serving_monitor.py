@@ -69,8 +69,10 @@ def test_an_intact_kv_clears_the_suspicion_and_rearms_the_rule() -> None:
     calls: list[int] = []
     mon = RequestMonitor(MonitorConfig(), audit=lambda: calls.append(1) or 1e-9)
     assert _run(mon, 0, 2, 1000) == (1000, None)               # accept length 1.0 for 1000 steps
+    mon.step(2, 2)
     assert len(calls) == mon.audits == 1000 // 129, "one audit per 129 tokens: the window restarted each time"
-    assert not mon.aborted and mon.steps == 1000 % 129
+    assert not mon.aborted and mon.steps == 1000 % 129 + 1
+    assert (mon.accept_length, mon.accept_rate) == (1003 / 1001, 2 / 2002), "a request's own statistics span every window"
     # the same statistics with a corrupted KV: the first audit aborts
     bad = RequestMonitor(MonitorConfig(), audit=lambda: 0.3)   # above the post-mortem's audit_rtol 1/4
     assert _run(bad, 0, 2, 1000) == (129, "low_accept_length") and bad.aborted and bad.audits == 0
