@@ -144,7 +144,7 @@ def _aborts_only_on_threshold(P: Any, m: Any) -> Any:
 
 
 def _counts_consistent(P: Any, m: Any) -> Any:
-    """Totals add up: accepted <= drafted, generated = accepted + steps, steps <= drafted; the window within the whole."""
+    """Totals add up: accepted <= drafted, generated = accepted + steps, steps <= drafted; window <= whole."""
     return m.all([m.accepted[()] <= m.drafted[()], m.generated[()] == m.accepted[()] + m.steps[()],
                   m.steps[()] <= m.drafted[()], m.implies(m.steps[()] == 0, m.drafted[()] == 0),
                   m.all_accepted[()] <= m.all_drafted[()], m.steps[()] <= m.all_steps[()],
@@ -248,16 +248,19 @@ class Thresholds:
 # GLM-5's MTP head. An abort needs the KV audit's evidence, so the statistics thresholds set how often
 # a clean request pays for an audit and how much corruption is caught, not the false-positive rate.
 THRESHOLDS: dict[str, Thresholds] = {
-    # audit_rtol 1/4: a recomputation in bf16 differs from the incrementally cached rows by ~1e-2;
-    # foreign KV (another request's rows) differs by ~1.4, bit-flipped KV by orders of magnitude.
-    "post_mortem": Thresholds(128, Fraction(7, 5), Fraction(24, 25), Fraction(1, 4)),
+    # audit_rtol 1/2 (both entries): a correct recomputation differs from the incrementally cached rows by
+    # rounding (~1e-16 in float64; ~1e-2 expected in bf16, not measured here) and, past the first layer, where the indexer's top-k
+    # picks differently in another batch layout (the Triton backend's fp8 indexer: up to 0.11 on a few
+    # positions, measured on the tiny model); foreign KV (another request's rows) differs by ~1.4, the
+    # injected bit flips by ~27.
+    "post_mortem": Thresholds(128, Fraction(7, 5), Fraction(24, 25), Fraction(1, 2)),
     # The embedded seeded model (`tiny`, float64): its greedy output falls into attention-driven loops its
     # token-path MTP head cannot predict on ~15% of coding-agent prompts (accept length 1.00-1.4 after 128
     # tokens), or into loops along the token path (accept rate 1.0), and KV corruption lands at 1.00-1.15.
     # Calibrated on 300 clean + 100 corrupted requests of 400 greedy tokens (prompt seed 7, not the
     # bench's): 1.2 suspects every corrupted request in its first window and ~17% of clean ones (about one
-    # audit per three requests). Its recomputation differs from the cache by ~1e-15 (float64).
-    "tiny": Thresholds(128, Fraction(6, 5), Fraction(24, 25), Fraction(1, 10**6)),
+    # audit per three requests).
+    "tiny": Thresholds(128, Fraction(6, 5), Fraction(24, 25), Fraction(1, 2)),
 }
 
 

@@ -1,7 +1,8 @@
 """Checks of the speculative-decoding anomaly monitor for `kvproof prove`.
 
 `fixed`: every property proven by 1-induction of their conjunction (unbounded: the
-counters are unbounded integers in Z3; `clear` resets the window, `flag_*` only follow a suspicion). `naive` (no min-tokens guard): the verifier
+counters are unbounded integers in Z3; `clear` resets the window, `flag_*` only follow a
+suspicion). `naive` (no min-tokens guard): the verifier
 refutes `never_aborts_before_min_tokens` with a shortest trace; the rest still hold.
 """
 from __future__ import annotations

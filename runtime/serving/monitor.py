@@ -116,7 +116,7 @@ class RequestMonitor:
         return self.inst.get("all_accepted") / d if d else 0.0
 
     def step(self, accepted: int, drafted: int) -> str | None:
-        """Record one verification step; on a suspicion audit the KV; returns the abort reason when confirmed, else None."""
+        """Record one verification step, audit the KV on a suspicion; the abort reason when confirmed, else None."""
         self.inst.fire("step", accepted=accepted, drafted=drafted)
         if not self.cfg.enabled:           # statistics only
             return None

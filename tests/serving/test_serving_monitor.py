@@ -1,5 +1,7 @@
-"""The anomaly rule: the runtime monitor (unit), the spec's properties (Z3), the KV audit, and KV corruption firing it."""
+"""The anomaly rule: the runtime monitor (unit), the spec's properties (Z3), the KV audit, KV corruption firing it."""
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 
@@ -61,7 +63,7 @@ def test_thresholds_come_from_the_spec_per_model() -> None:
     assert _run(_corrupt(model="tiny"), 2, 2, 500)[1] == "degenerate_accept_rate"
     assert _corrupt(MonitorConfig(min_accept_length=1.3), model="tiny").cfg.min_accept_length == 1.3
     assert set(THRESHOLDS) >= {"post_mortem", "tiny"}
-    assert all(t.audit_rtol < 1 for t in THRESHOLDS.values()), "foreign KV (relative error ~1.4) never passes"
+    assert all(t.audit_rtol <= Fraction(1, 2) for t in THRESHOLDS.values()), "foreign KV (error ~1.4) never passes"
 
 
 def test_an_intact_kv_clears_the_suspicion_and_rearms_the_rule() -> None:
@@ -72,9 +74,9 @@ def test_an_intact_kv_clears_the_suspicion_and_rearms_the_rule() -> None:
     mon.step(2, 2)
     assert len(calls) == mon.audits == 1000 // 129, "one audit per 129 tokens: the window restarted each time"
     assert not mon.aborted and mon.steps == 1000 % 129 + 1
-    assert (mon.accept_length, mon.accept_rate) == (1003 / 1001, 2 / 2002), "a request's own statistics span every window"
+    assert (mon.accept_length, mon.accept_rate) == (1003 / 1001, 2 / 2002), "a request's statistics span its windows"
     # the same statistics with a corrupted KV: the first audit aborts
-    bad = RequestMonitor(MonitorConfig(), audit=lambda: 0.3)   # above the post-mortem's audit_rtol 1/4
+    bad = RequestMonitor(MonitorConfig(), audit=lambda: 0.6)   # above the post-mortem's audit_rtol 1/2
     assert _run(bad, 0, 2, 1000) == (129, "low_accept_length") and bad.aborted and bad.audits == 0
     assert _run(RequestMonitor(MonitorConfig(), audit=lambda: float("nan")), 2, 2, 500)[1] == "degenerate_accept_rate"
 
@@ -142,7 +144,7 @@ def test_kv_audit_measures_corruption() -> None:
         assert core._kv_error(a) < 1e-9
         n = min(a.num_cached, b.num_cached)
         foreign = core.export_tokens(b.pages, n)
-        assert kv_error(core.model, foreign, a.tokens[:n]) > 0.5, "another prompt's KV is not this one's"
+        assert kv_error(core.model, foreign, a.tokens[:n]) > 1.0, "another prompt's KV is not this one's"
         core.cache.corrupt(a.pages, a.num_cached, seed=1)
         assert core._kv_error(a) > 1.0 and core._kv_error(b) < 1e-9
     finally:
