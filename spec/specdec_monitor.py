@@ -249,10 +249,10 @@ class Thresholds:
 # a clean request pays for an audit and how much corruption is caught, not the false-positive rate.
 THRESHOLDS: dict[str, Thresholds] = {
     # audit_rtol 1/2 (both entries): a correct recomputation differs from the incrementally cached rows by
-    # rounding (~1e-16 in float64; ~1e-2 expected in bf16, not measured here) and, past the first layer, where the indexer's top-k
-    # picks differently in another batch layout (the Triton backend's fp8 indexer: up to 0.11 on a few
-    # positions, measured on the tiny model); foreign KV (another request's rows) differs by ~1.4, the
-    # injected bit flips by ~27.
+    # rounding (~1e-16 in float64; ~1e-2 expected in bf16, not measured here) and, past the first layer,
+    # where the indexer's top-k picks differently in another batch layout (the Triton backend's fp8
+    # indexer: up to 0.11 on a few positions, measured on the tiny model); foreign KV (another request's
+    # rows) differs by ~1.4, the injected bit flips by ~27.
     "post_mortem": Thresholds(128, Fraction(7, 5), Fraction(24, 25), Fraction(1, 2)),
     # The embedded seeded model (`tiny`, float64): its greedy output falls into attention-driven loops its
     # token-path MTP head cannot predict on ~15% of coding-agent prompts (accept length 1.00-1.4 after 128
