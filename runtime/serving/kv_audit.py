@@ -20,7 +20,7 @@ CHUNK = 512                                    # positions per prefill chunk of 
 
 
 def recompute_kv(model: DSAModel, tokens: list[int]) -> torch.Tensor:
-    """The KV of positions 0..n-1 of `tokens` from one fresh prefill: [L, n, kv_width + index_dim] (cache dtype)."""
+    """The KV of positions 0..n-1 of `tokens` from a fresh prefill: [L, n, kv_width + index_dim] (cache dtype)."""
     mc, n = model.cfg, len(tokens)
     pages = -(-n // mc.page_size)
     dev = next(model.parameters()).device

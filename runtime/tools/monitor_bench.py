@@ -42,7 +42,7 @@ def _run(prompts: list[list[int]], corrupt: bool, max_tokens: int) -> list[dict[
     try:
         for i, p in enumerate(prompts):
             rid = f"{'c' if corrupt else 'h'}{i}"
-            rec: dict[str, Any] = {"steps": [], "audit_s": [], "end": None}
+            rec: dict[str, Any] = {"steps": [], "audit_s": [], "audit_err": [], "end": None}
             recs[rid] = rec
             core.add(GenerationRequest(rid, tuple(p), SamplingParams(max_tokens=max_tokens)),
                      lambda ev, _rec=rec: _rec.__setitem__("end", ev) if ev.finished else None)
@@ -53,7 +53,7 @@ def _run(prompts: list[list[int]], corrupt: bool, max_tokens: int) -> list[dict[
             step, audit = mon.step, mon.audit
             # record the (accepted, drafted) of each verification step and time each audit
             mon.step = lambda a, d, _f=step, _r=rec: (_r["steps"].append((a, d)), _f(a, d))[1]  # type: ignore
-            mon.audit = lambda _f=audit, _r=rec: _timed(_f, _r["audit_s"])                  # type: ignore
+            mon.audit = lambda _f=audit, _r=rec: _timed(_f, _r)                              # type: ignore
         while core.step():
             pass
     finally:
@@ -61,10 +61,11 @@ def _run(prompts: list[list[int]], corrupt: bool, max_tokens: int) -> list[dict[
     return list(recs.values())
 
 
-def _timed(f: Any, out: list[float]) -> float:
+def _timed(f: Any, rec: dict[str, Any]) -> float:
     t = time.perf_counter()
     err = f()
-    out.append(time.perf_counter() - t)
+    rec["audit_s"].append(time.perf_counter() - t)
+    rec["audit_err"].append(err)
     return err
 
 
@@ -116,6 +117,9 @@ def bench_monitor(requests: int = 1000, corrupted: int = 100, max_tokens: int = 
             "clean_requests_audited": sum(1 for a in audits if a), "clean_audits": sum(audits),
             "clean_audit_s": round(audit_s, 2),
             "clean_audit_ms_mean": round(1000 * audit_s / sum(audits), 1) if sum(audits) else None,
+            # the audit's margin: the largest KV error of a clean request vs the smallest of a corrupted one
+            "clean_kv_error_max": max((e for r in clean for e in r["audit_err"]), default=None),
+            "corrupted_kv_error_min": min((e for r in bad for e in r["audit_err"]), default=None),
         },
         "statistics_alone": {},
     }
