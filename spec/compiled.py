@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Emission, Firing, Instance, Ops, data_domain, receive_guard
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Emission, Firing, Ops, data_domain, receive_guard
 from kvproof.spec.traced import TracedExpr
 
 

@@ -31,7 +31,8 @@ from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Saf
 from kvproof.runtime.transport.messages import receive_args
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.core import ProtocolViolation
-from kvproof.spec.machine import Emission, Firing, Instance
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Emission, Firing
 
 SendFn = Callable[[int, Message], None]       # (rank, message)
 ReportFn = Callable[[Result], None]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Union
+from typing import ClassVar, Literal, Union
 
 from kvproof.runtime.transport.messages import MessageError, MessageSet, spec_message
 from kvproof.spec.kv_slot import KVSlot

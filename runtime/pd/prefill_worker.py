@@ -32,7 +32,8 @@ from kvproof.runtime.transport import Completion, Transport
 from kvproof.runtime.transport.messages import receive_args
 from kvproof.spec.core import ProtocolViolation
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Firing, Instance
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Firing
 
 # the prefill actions that receive an abort; their guards are disjoint, at most one is enabled
 ABORT_ACTIONS = tuple(a for a, d in KVSlot.actions.items() if d.receives == "abort" and d.actor == "prefill")

@@ -29,10 +29,10 @@ from kvproof.runtime.transport import make_transport
 from kvproof.runtime.transport.messages import receive_args
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
-from kvproof.runtime.vllm_connector.messages import Alloc, Done, Hello, Safe, decode, encode, from_emission
+from kvproof.runtime.vllm_connector.messages import Done, Hello, Safe, decode, encode, from_emission
 from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 CONTROL = ChannelConfig(heartbeat_interval_s=None, heartbeat_timeout_s=None)
 

@@ -28,7 +28,7 @@ from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode
 from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 @dataclass
