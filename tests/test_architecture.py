@@ -248,3 +248,21 @@ def test_one_hicache_core():
         assert "HostPages(" in text, f"{rel} is not built on the HiCache core"
         for call in ("hicache_plan(", "PlanGate(", "execute(", "layer_copy(", "LocalInstance(", ".copy_(self.dev"):
             assert call not in text, f"{rel} calls {call}: that is the HiCache core's (hicache/core.py)"
+
+
+def test_protocol_messages_are_derived_from_the_spec():
+    """No runtime module hand-writes a message class for a spec channel (TYPE = a channel name): the
+    wire classes of protocol messages come from runtime/transport/messages.spec_message."""
+    from kvproof.spec.catalog import PROTOCOLS
+    channels = {c for proto in PROTOCOLS.values() for c in getattr(proto, "channels", {})}
+    offenders = []
+    for p in _modules("runtime"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for st in node.body:
+                    value = st.value if isinstance(st, (ast.Assign, ast.AnnAssign)) else None
+                    names = [t.id for t in (st.targets if isinstance(st, ast.Assign) else [st.target])
+                             if isinstance(t, ast.Name)] if value is not None else []
+                    if "TYPE" in names and isinstance(value, ast.Constant) and value.value in channels:
+                        offenders.append(f"{p.relative_to(ROOT)}:{node.lineno} class {node.name} (TYPE={value.value!r})")
+    assert not offenders, f"hand-kept copies of spec channel messages (use spec_message): {offenders}"
