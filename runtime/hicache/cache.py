@@ -197,28 +197,26 @@ class HiCache:
                     n.device_page = dp = self._alloc_device_page()
                     swapped.append(n)
                     swaps.append((n.host_page, dp))
-            for n in swapped:
-                self.dev_pool.start_load(n.device_page)  # type: ignore[arg-type]
             self._stats["swap_ins"] += len(swaps)
             q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
             h0 = hidden if hidden is not None else torch.ones(cfg.kv_dim)
             indexer, attention, out = self._forward([n.device_page for n in nodes], q.to(self.device, cfg.dtype),
                                                     h0.to(self.device, cfg.dtype), compute)
-            res = self.host.swap_in(swaps, indexer, attention, schedule, timing=cfg.record_times)
+            res = self.host.swap_in(swaps, self.dev_pool, indexer, attention, schedule, timing=cfg.record_times)
         except BaseException:
             if self.cuda:
                 torch.cuda.synchronize(self.device)     # no copy may still land in a page given up
             for n in swapped:                       # pages never loaded must not look resident
                 dp = n.device_page
                 assert dp is not None
-                if not self.dev_pool.table.enabled("free", dp):     # its load was started: nothing is
-                    self.dev_pool.landed(dp)                         # in flight once execution returned
+                if not self.dev_pool.table.enabled("free", dp):     # its load was started and did not land:
+                    self.dev_pool.landed(dp)                         # nothing is in flight once execution returned
                 self.dev_pool.abandon(dp)
                 n.device_page = None
             self.unhold(held)
             raise
         for n in swapped:                           # the plan ran to the end: every load landed
-            self.dev_pool.loaded(n.device_page)  # type: ignore[arg-type]
+            self.dev_pool.load_done(n.device_page)  # type: ignore[arg-type]
             held.append((self.dev_pool, n.device_page, self.dev_pool.epoch(n.device_page)))  # type: ignore[arg-type]
         self.unhold(held)
         self._last = (self.host.plan, res.times)

@@ -18,7 +18,7 @@ decoder's forward). What they share lives here once:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -73,6 +73,16 @@ def _both(impls: list[OpImpl]) -> OpImpl:
     return start
 
 
+class LoadTarget(Protocol):
+    """The device pages a swap-in loads into (the engine's `PagePool`, HiCache's device `TierPages`)."""
+
+    def start_load(self, p: int) -> None:
+        """A load into fresh page p starts (the page spec's `load_start`)."""
+
+    def landed(self, p: int) -> None:
+        """The load into p has landed (the page spec's `land`)."""
+
+
 class HostPages:
     """Host pages mirroring device KV and Indexer-cache tensors, their page table and the checked swap-in."""
 
@@ -105,12 +115,15 @@ class HostPages:
             h[:, host_page].copy_(d[:, device_page])
         self.pages.store(host_page)
 
-    def swap_in(self, swaps: list[tuple[int, int]], indexer: Callable[[int], OpImpl],
+    def swap_in(self, swaps: list[tuple[int, int]], device: LoadTarget, indexer: Callable[[int], OpImpl],
                 attention: Callable[[int], OpImpl], schedule: str | None = None,
                 timing: bool = False) -> ExecResult:
-        """Run the checked plan of one batch: load `swaps` [(host page, device page)] layer by layer
-        while the forward stream runs `indexer(l)` and `attention(l)` (two-phase ops of the owner)."""
+        """Run the checked plan of one batch: load `swaps` [(host page, device page of `device`)] layer by
+        layer while the forward stream runs `indexer(l)` and `attention(l)` (two-phase ops of the owner);
+        the device pages are marked landed only once the plan ran to the end."""
         self.gate(self.plan, self.allow_races)
+        for _, p in swaps:
+            device.start_load(p)
         emulated = not self.cuda
         impls: dict[str, OpImpl] = {}
         for l in range(self.dev_kv.shape[0]):
@@ -121,5 +134,7 @@ class HostPages:
             impls[f"attention[{l}]"] = attention(l)
         res = execute(self.plan, impls, schedule or self.schedule, self.seed + self.batches, cuda=self._executor,
                       timing=timing)
+        for _, p in swaps:                                       # the plan ran to the end: every load landed
+            device.landed(p)
         self.batches += 1
         return res

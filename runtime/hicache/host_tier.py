@@ -124,8 +124,6 @@ class HostTier:
                 swaps: list[tuple[int, int]]) -> torch.Tensor:
         """Model forward (tokens [T] -> hidden [T, D]) of a batch that first swaps `swaps` [(host, device)] in."""
         cache, L = self.cache, len(model.layers)
-        for _, p in swaps:
-            self.pool.start_load(p)
         dst = torch.tensor([d for _, d in swaps], dtype=torch.long, device=cache.kv.device)
         with torch.inference_mode():
             hidden: dict[int, torch.Tensor] = {0: model.embed(tokens)}
@@ -148,9 +146,7 @@ class HostTier:
                     return lambda: hidden.__setitem__(l + 1, y)
                 return start
 
-            res = self.core.swap_in(swaps, indexer, attention)
-        for _, p in swaps:                                       # the plan ran to the end: every load landed
-            self.pool.landed(p)
+            res = self.core.swap_in(swaps, self.pool, indexer, attention)
         self.counts["swap_ins"] += len(swaps)
         self.counts["swap_batches"] += 1
         self.last = {"swaps": list(swaps), "indexer_reads": reads, "exec": res}

@@ -140,9 +140,8 @@ class TierPages:
         """The load into p has landed (or, its batch having failed, will never land)."""
         self.table.fire("land", p, self.epoch(p))
 
-    def loaded(self, p: int) -> None:
-        """The load into p landed: p is a cached page (still held by the loader)."""
-        self.landed(p)
+    def load_done(self, p: int) -> None:
+        """The load into p landed (`landed`): p is a cached page (still held by the loader)."""
         self.table.fire("load_done", p)
 
     def abandon(self, p: int) -> None:
