@@ -269,7 +269,7 @@ def mla_config(H: int, DL: int, kv_fp8: bool, arch: int, block_h: int | None = N
     assert block_h in (16, 32, 64), f"block_h must be 16, 32 or 64, got {block_h}"
     wide = block_h == 64
     if acc_split is None:
-        acc_split = 4 if arch < 100 and wide and DL >= 64 else 1
+        acc_split = 1 if (arch >= 100 and wide) or DL < 64 else 4
     assert acc_split in (1, 4) and DL // acc_split >= 16, (
         f"acc_split must be 1 or 4 with latent dim / acc_split >= 16, got {acc_split} for latent {DL}")
     block_n = block_n or (16 if wide else 32)

@@ -54,6 +54,22 @@ def test_no_spills_in_default_configurations(report):
     assert all(r["local_bytes"] == 0 for r in report["rows"] if r["default"])
 
 
+def test_no_kernel_is_compiled_to_a_trap(report):
+    # An over-allocation of tensor memory (sm_100) or another invalid lowering compiles
+    # "successfully" to a kernel that only traps; the report counts PTX traps.
+    assert report["summary"]["traps"] == []
+    assert all(r["ptx_traps"] == 0 for r in report["rows"])
+
+
+def test_mla_production_defaults_hold_64_heads_on_tensor_cores(report):
+    # bf16 KV, 64 heads: one program per query (Hopper wgmma needs M = 64), no spills.
+    rows = _rows(report, config="mla sparse kv=bf16 H=64 splits=1", kernel="_mla_attn_kernel")
+    assert {r["arch"] for r in rows} == {"sm_90", "sm_100"}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["local_bytes"] == 0
+        assert set(r["tensor_core_ops"]) & {"HGMMA", "UTCHMMA"}, r
+
+
 def test_shared_memory_within_the_architecture_limit(report):
     assert report["summary"]["over_shared_limit"] == []
     assert all(0 <= r["shared_bytes"] <= r["shared_limit"] for r in report["rows"])
