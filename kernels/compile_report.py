@@ -24,7 +24,8 @@ from .compile_target import Launch, compile_launch, recording
 
 KERNELS = {
     "kvproof.kernels.indexer": ["indexer_scores_kernel"],
-    "kvproof.kernels.topk": ["_radix_topk_kernel"],
+    "kvproof.kernels.topk": ["_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
+                             "_topk_select_kernel"],
     "kvproof.kernels.sparse_mla": ["_mla_attn_kernel", "_mla_combine_kernel"],
     "kvproof.kernels.paged_copy": ["_paged_copy_kernel"],
 }
@@ -63,10 +64,10 @@ def _indexer_cases() -> list[tuple[str, bool, Callable[[], None]]]:
 def _topk_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .topk import radix_topk
     cases = []
-    for k in (2048, 16):
-        def run(k=k) -> None:
-            radix_topk(torch.empty(64, 32_768, device=META), _i32(64), k)
-        cases.append((f"topk k={k}", True, run))
+    for k, n in ((2048, 32_768), (16, 32_768), (2048, 4096)):   # cooperative above 8192 scores a row
+        def run(k=k, n=n) -> None:
+            radix_topk(torch.empty(64, n, device=META), _i32(64), k)
+        cases.append((f"topk k={k} n={n}", True, run))
     return cases
 
 

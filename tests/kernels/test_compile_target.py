@@ -35,8 +35,8 @@ def _rows(report: dict, **match) -> list[dict]:
 def test_every_configuration_compiles(report):
     assert report["rows"] and report["summary"]["failed"] == []
     kernels = {r["kernel"] for r in report["rows"]}
-    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_mla_attn_kernel",
-                       "_mla_combine_kernel", "_paged_copy_kernel"}
+    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
+                       "_topk_select_kernel", "_mla_attn_kernel", "_mla_combine_kernel", "_paged_copy_kernel"}
 
 
 def test_production_shapes_are_compiled_for_hopper_and_blackwell(report):
