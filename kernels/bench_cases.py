@@ -14,7 +14,7 @@ from .common import dequantize_kv_fp8, indexer_fp8_layout, indexer_views, kv_bf1
 from .indexer import indexer_scores, query_tiles, select_topk
 from .paged_copy import gather_pages, page_work_list, scatter_pages
 from .sparse_mla import dense_mla_attention, sparse_mla_attention
-from .topk import radix_topk
+from .topk import COOP_MIN_LEN, radix_topk
 
 IDX_H, IDX_D, DL, DR, HEADS, PAGE = 32, 128, 512, 64, 64, 64
 
@@ -155,7 +155,7 @@ def bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
             same = torch.equal(radix_topk(scores, lens, k)[0].sort(1).values,
                                select_topk(scores, lens, k)[0].sort(1).values)
             diff = 0.0 if same else float("inf")
-        rows.append(_row("indexer.topk.triton_radix", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0 * 4, 0,
+        rows.append(_row("indexer.topk.triton_radix", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0 * (2 if ctx > COOP_MIN_LEN else 4), 0,
                          t_torch, diff))
     return rows
 
