@@ -155,7 +155,8 @@ def bench_indexer(spec, dev, run_kernels, timer) -> list[dict]:
             same = torch.equal(radix_topk(scores, lens, k)[0].sort(1).values,
                                select_topk(scores, lens, k)[0].sort(1).values)
             diff = 0.0 if same else float("inf")
-        rows.append(_row("indexer.topk.triton_radix", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0 * (2 if ctx > COOP_MIN_LEN else 4), 0,
+        reads = 2 if ctx > COOP_MIN_LEN else 4                   # cooperative: histogram + compaction
+        rows.append(_row("indexer.topk.triton_radix", dict(rows=B, ctx=ctx, k=k), ms, B * ctx * 4.0 * reads, 0,
                          t_torch, diff))
     return rows
 
