@@ -102,7 +102,8 @@ def test_default_configurations_hold_all_heads_of_a_query():
     assert mla_config(64, 512, False, 90) == MlaConfig(block_h=64, block_n=16, num_warps=8, acc_split=4)
     assert mla_config(128, 512, False, 90).block_h == 64
     assert mla_config(64, 512, False, 100) == MlaConfig(block_h=64, block_n=16, num_warps=8, acc_split=1)
-    assert mla_config(16, 512, False, 90) == MlaConfig(block_h=16, block_n=32, num_warps=8, acc_split=1)
+    assert mla_config(16, 512, False, 90) == MlaConfig(block_h=16, block_n=32, num_warps=8, acc_split=4)
+    assert mla_config(16, 512, False, 100).acc_split == 4            # warp MMA below 64 heads: quarters
     for arch in (90, 100):
         assert mla_config(64, 512, True, arch).block_h == MLA_FP8_BLOCK_H[arch >= 100]
     with pytest.raises(AssertionError, match="acc_split"):
