@@ -26,7 +26,7 @@ KERNELS = {
     "kvproof.kernels.indexer": ["indexer_scores_kernel"],
     "kvproof.kernels.topk": ["_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
                              "_topk_select_kernel"],
-    "kvproof.kernels.sparse_mla": ["_mla_attn_kernel", "_mla_combine_kernel"],
+    "kvproof.kernels.sparse_mla": ["mla_attn_kernel", "mla_combine_kernel"],
     "kvproof.kernels.paged_copy": ["_paged_copy_kernel"],
 }
 META = torch.device("meta")

@@ -21,7 +21,7 @@ import triton
 
 from .common import (FP8_BLOCK, KV_LATENT_DIM, check_int_vector, check_page_table, dequantize_kv_fp8,
                       dot_in_fp32, kv_fp8_token_bytes)
-from .sparse_mla_kernels import _mla_attn_kernel, _mla_combine_kernel
+from .sparse_mla_kernels import mla_attn_kernel, mla_combine_kernel
 
 # ---------------------------------------------------------------------------------
 # torch reference (float64)
@@ -75,7 +75,7 @@ MLA_FP8_BLOCK_H = {False: 16, True: 16}
 
 @dataclass(frozen=True)
 class MlaConfig:
-    """Launch configuration of _mla_attn_kernel: heads and tokens per program step, warps, accumulator split."""
+    """Launch configuration of mla_attn_kernel: heads and tokens per program step, warps, accumulator split."""
 
     block_h: int
     block_n: int
@@ -186,7 +186,7 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
         c = kv.view(-1, width)
         r, sc = c[:, DL:], c
     grid = (T * triton.cdiv(H, cfg.block_h), num_splits)
-    _mla_attn_kernel[grid](
+    mla_attn_kernel[grid](
         q_nope, q_pe, c, r, sc, page_table, q_req, tok, counts, part, plse,
         H, sm_scale,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -198,7 +198,7 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
         NUM_STAGES=2, ACC_SPLIT=cfg.acc_split, num_warps=cfg.num_warps,
     )
     if num_splits > 1:
-        _mla_combine_kernel[(T, H)](
+        mla_combine_kernel[(T, H)](
             part, plse, out, lse,
             part.stride(0), part.stride(1), part.stride(2), plse.stride(0), plse.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),

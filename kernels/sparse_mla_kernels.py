@@ -1,7 +1,7 @@
 """Triton kernels of the MLA attention (sparse_mla.py holds the reference and the launchers).
 
-_mla_attn_kernel: one program per (query, head block, token split), online softmax over the
-selected cache rows; _mla_combine_kernel: merges the split partials by log-sum-exp.
+mla_attn_kernel: one program per (query, head block, token split), online softmax over the
+selected cache rows; mla_combine_kernel: merges the split partials by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _latent_part(c_row, s_row, valid, COL0: tl.constexpr, W: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _mla_attn_kernel(
+def mla_attn_kernel(
     # pointers
     qn_ptr, qp_ptr, c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, count_ptr, out_ptr, lse_ptr,
     # sizes / scalars
@@ -60,7 +60,7 @@ def _mla_attn_kernel(
     tensor memory, which separate quarter accumulators would overflow. Each selected row is
     loaded and (fp8) dequantised once per program. Sparse programs read pre-resolved cache rows
     (tok = page * PAGE_SIZE + slot, built once by the launcher). With NUM_SPLITS > 1
-    (flash-decoding) out/lse are fp32 partials per split, merged by _mla_combine_kernel.
+    (flash-decoding) out/lse are fp32 partials per split, merged by mla_combine_kernel.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     QW: tl.constexpr = DL // ACC_SPLIT
@@ -141,7 +141,7 @@ def _mla_attn_kernel(
 
 
 @triton.jit
-def _mla_combine_kernel(
+def mla_combine_kernel(
     # pointers
     part_ptr, plse_ptr, out_ptr, lse_ptr,
     # strides (elements)
