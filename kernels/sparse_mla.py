@@ -68,8 +68,9 @@ def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, de
 # Heads per program with fp8 KV, {Hopper: ..., Blackwell: ...}. Staging the fp8 rows through
 # registers for dequantisation costs what a 64-head program does not have left (compile
 # report: 255 registers and 56-70 spill stores on sm_90, 26-48 on sm_100); 32 heads fall back
-# to warp MMA with the query in registers and spill more (143-166). So fp8 runs 16 heads a
-# program (172-180 registers): 4 neighbouring programs per 64-head query.
+# to warp MMA with the query in registers and spill too (6-166 stores over 4-16 warps and
+# 16-128 rows a step). So fp8 runs 16 heads a program (172-180 registers): 4 neighbouring
+# programs per 64-head query.
 MLA_FP8_BLOCK_H = {False: 16, True: 16}
 
 
