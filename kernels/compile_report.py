@@ -24,8 +24,9 @@ from .compile_target import Launch, compile_launch, recording
 
 KERNELS = {
     "kvproof.kernels.indexer": ["indexer_scores_kernel"],
-    "kvproof.kernels.topk": ["_radix_topk_kernel"],
-    "kvproof.kernels.sparse_mla": ["_mla_attn_kernel", "_mla_combine_kernel"],
+    "kvproof.kernels.topk": ["_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
+                             "_topk_select_kernel"],
+    "kvproof.kernels.sparse_mla": ["mla_attn_kernel", "mla_combine_kernel"],
     "kvproof.kernels.paged_copy": ["_paged_copy_kernel"],
 }
 META = torch.device("meta")
@@ -63,10 +64,10 @@ def _indexer_cases() -> list[tuple[str, bool, Callable[[], None]]]:
 def _topk_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .topk import radix_topk
     cases = []
-    for k in (2048, 16):
-        def run(k=k) -> None:
-            radix_topk(torch.empty(64, 32_768, device=META), _i32(64), k)
-        cases.append((f"topk k={k}", True, run))
+    for k, n in ((2048, 32_768), (16, 32_768), (2048, 4096)):   # cooperative above 8192 scores a row
+        def run(k=k, n=n) -> None:
+            radix_topk(torch.empty(64, n, device=META), _i32(64), k)
+        cases.append((f"topk k={k} n={n}", True, run))
     return cases
 
 
@@ -75,10 +76,12 @@ def _mla_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .common import kv_fp8_token_bytes
     cases = []
     for kv_kind in ("bf16", "fp8"):
-        for H in (16, 32, 64, 128):
+        for H, block_h in ((16, None), (32, None), (64, None), (128, None), (64, 64)):
+            if block_h and kv_kind == "bf16":
+                continue                    # bf16 takes 64 heads per program by default
             for sparse in (True, False):
                 for splits in (1, 4):
-                    def run(kv_kind=kv_kind, H=H, sparse=sparse, splits=splits) -> None:
+                    def run(kv_kind=kv_kind, H=H, sparse=sparse, splits=splits, block_h=block_h) -> None:
                         T, P = 8, 1024
                         qn = torch.empty(T, H, 512, dtype=torch.bfloat16, device=META)
                         qp = torch.empty(T, H, 64, dtype=torch.bfloat16, device=META)
@@ -86,12 +89,13 @@ def _mla_cases() -> list[tuple[str, bool, Callable[[], None]]]:
                               else torch.empty(P, 64, kv_fp8_token_bytes(), dtype=torch.uint8, device=META))
                         if sparse:
                             sparse_mla_attention(qn, qp, kv, _i32(T, 512), _i32(T), _i32(T, 2048), _i32(T),
-                                                 0.07, num_splits=splits)
+                                                 0.07, num_splits=splits, block_h=block_h)
                         else:
                             dense_mla_attention(qn, qp, kv, _i32(T, 512), _i32(T), _i32(T), 0.07,
-                                                num_splits=splits)
-                    name = f"mla {'sparse' if sparse else 'dense'} kv={kv_kind} H={H} splits={splits}"
-                    cases.append((name, True, run))
+                                                num_splits=splits, block_h=block_h)
+                    name = (f"mla {'sparse' if sparse else 'dense'} kv={kv_kind} H={H} splits={splits}"
+                            + (f" block_h={block_h}" if block_h else ""))
+                    cases.append((name, block_h is None, run))
     return cases
 
 
@@ -116,12 +120,14 @@ def _copy_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     return cases
 
 
-def launch_matrix() -> list[tuple[str, bool, Launch]]:
-    """(configuration name, is a default configuration, recorded launch) for every kernel launch."""
+def launch_matrix(arch: int = 90) -> list[tuple[str, bool, Launch]]:
+    """(configuration name, is a default configuration, recorded launch) for every kernel launch,
+    as the launchers configure them for sm_<arch>."""
     out = []
     for group in (_indexer_cases, _topk_cases, _mla_cases, _copy_cases):
         for name, default, run in group():
-            with recording(KERNELS) as sink:
+            with recording(KERNELS) as sink, mock.patch("kvproof.kernels.sparse_mla.target_arch",
+                                                       lambda device: arch):
                 run()
             assert sink, f"{name}: the launcher launched nothing"
             for launch in sink:
@@ -146,9 +152,8 @@ def compile_report(archs: tuple[int, ...] = (90, 100), scope: str = "full") -> d
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _in_subprocess(archs, scope)
     rows, seen, t0 = [], {}, time.time()
-    matrix = launch_matrix()
     for j, arch in enumerate(archs):
-        for name, default, launch in matrix:
+        for name, default, launch in launch_matrix(arch):
             if scope == "ci" and not (default if j == 0 else default and _production(name)):
                 continue
             # GPU launches pass DOT_F32=False (dot_in_fp32 is False on CUDA); meta tensors say True.
@@ -172,13 +177,15 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         over_shared_limit=[r["config"] + " @ " + r["arch"] for r in ok if r["shared_bytes"] > r["shared_limit"]],
         dot_without_tensor_cores=[r["config"] + " @ " + r["arch"] for r in ok
                                   if r["has_dot"] and not r["tensor_core_ops"]],
+        # a kernel the compiler reduced to a trap (e.g. tensor memory over-allocated on sm_100)
+        traps=[r["config"] + " @ " + r["arch"] for r in ok if r["ptx_traps"]],
         max_registers=max((r["registers"] for r in ok), default=0),
     )
 
 
 def _production(name: str) -> bool:
-    return any(s in name for s in ("indexer H=64 D=128 q=fp8", "mla sparse kv=bf16 H=64", "mla sparse kv=fp8 H=64",
-                                   "H=128", "topk k=2048"))
+    return "block_h=" not in name and any(s in name for s in (
+        "indexer H=64 D=128 q=fp8", "mla sparse kv=bf16 H=64", "mla sparse kv=fp8 H=64", "H=128", "topk k=2048"))
 
 
 def _in_subprocess(archs: tuple[int, ...], scope: str) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def compile_launch(launch: Launch, arch: int, overrides: dict[str, Any] | None =
     return dict(ok=True, num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
                 shared_bytes=shared, shared_limit=SMEM_LIMIT.get(arch), has_dot="tt.dot" in k.asm["ttir"],
                 ptx_vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", k.asm["ptx"])),
-                ptx_scalar_b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", k.asm["ptx"])), **res)
+                ptx_scalar_b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", k.asm["ptx"])),
+                ptx_traps=len(re.findall(r"\btrap;", k.asm["ptx"])), **res)
 
 
 def supported_archs() -> list[int]:

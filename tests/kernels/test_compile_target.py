@@ -35,8 +35,8 @@ def _rows(report: dict, **match) -> list[dict]:
 def test_every_configuration_compiles(report):
     assert report["rows"] and report["summary"]["failed"] == []
     kernels = {r["kernel"] for r in report["rows"]}
-    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_mla_attn_kernel",
-                       "_mla_combine_kernel", "_paged_copy_kernel"}
+    assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
+                       "_topk_select_kernel", "mla_attn_kernel", "mla_combine_kernel", "_paged_copy_kernel"}
 
 
 def test_production_shapes_are_compiled_for_hopper_and_blackwell(report):
@@ -54,6 +54,22 @@ def test_no_spills_in_default_configurations(report):
     assert all(r["local_bytes"] == 0 for r in report["rows"] if r["default"])
 
 
+def test_no_kernel_is_compiled_to_a_trap(report):
+    # An over-allocation of tensor memory (sm_100) or another invalid lowering compiles
+    # "successfully" to a kernel that only traps; the report counts PTX traps.
+    assert report["summary"]["traps"] == []
+    assert all(r["ptx_traps"] == 0 for r in report["rows"])
+
+
+def test_mla_production_defaults_hold_64_heads_on_tensor_cores(report):
+    # bf16 KV, 64 heads: one program per query (Hopper wgmma needs M = 64), no spills.
+    rows = _rows(report, config="mla sparse kv=bf16 H=64 splits=1", kernel="mla_attn_kernel")
+    assert {r["arch"] for r in rows} == {"sm_90", "sm_100"}
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["local_bytes"] == 0
+        assert set(r["tensor_core_ops"]) & {"HGMMA", "UTCHMMA"}, r
+
+
 def test_shared_memory_within_the_architecture_limit(report):
     assert report["summary"]["over_shared_limit"] == []
     assert all(0 <= r["shared_bytes"] <= r["shared_limit"] for r in report["rows"])
@@ -61,7 +77,7 @@ def test_shared_memory_within_the_architecture_limit(report):
 
 def test_dots_run_on_tensor_cores(report):
     dots = [r for r in report["rows"] if r["has_dot"]]
-    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "_mla_attn_kernel"}
+    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "mla_attn_kernel"}
     assert report["summary"]["dot_without_tensor_cores"] == []
     for r in dots:
         want = {"sm_90": {"HGMMA", "QGMMA", "HMMA"}, "sm_100": {"UTCHMMA", "UTCQMMA", "HMMA", "QMMA"}}[r["arch"]]
@@ -70,5 +86,5 @@ def test_dots_run_on_tensor_cores(report):
 
 def test_fp8_rope_loads_are_vectorised(report):
     # The fp8 row's rope sits at byte 528 of a 656 B row: 16-byte aligned, so no 2-byte loads.
-    for r in _rows(report, config="mla sparse kv=fp8", kernel="_mla_attn_kernel"):
+    for r in _rows(report, config="mla sparse kv=fp8", kernel="mla_attn_kernel"):
         assert r["ptx_scalar_b16_loads"] == 0, r["config"]

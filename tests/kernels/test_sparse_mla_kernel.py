@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kvproof.kernels.common import decode_queries, prefill_queries
-from kvproof.kernels.sparse_mla import dense_mla_attention, mla_attention_ref, sparse_mla_attention
+from kvproof.kernels.sparse_mla import (MLA_FP8_BLOCK_H, MlaConfig, dense_mla_attention, mla_attention_ref,
+                                        mla_config, sparse_mla_attention)
 
 from kernel_testing import DEVICE, build_kv_cache
 
@@ -40,10 +41,11 @@ def _check(out, lse, want_out, want_lse, fp8: bool = False) -> None:
     torch.testing.assert_close(lse.double(), want_lse, **(LSE_TOL_FP8 if fp8 else LSE_TOL))
 
 
-@pytest.mark.parametrize("H,dl,dr,splits,fp8", [(20, 64, 16, 1, False), (20, 64, 16, 3, False),
-                                                (16, 512, 64, 1, False), (20, 128, 16, 2, True),
-                                                (16, 512, 64, 1, True)])
-def test_sparse_decode(H, dl, dr, splits, fp8, gen):
+# acc_split 4: the Hopper path (latent in four accumulator quarters); 1: one accumulator (Blackwell).
+@pytest.mark.parametrize("H,dl,dr,splits,fp8,acc_split", [
+    (20, 64, 16, 1, False, 4), (20, 64, 16, 3, False, 1), (16, 512, 64, 1, False, 4),
+    (20, 128, 16, 2, True, 4), (16, 512, 64, 1, True, 1), (16, 512, 64, 2, True, 4)])
+def test_sparse_decode(H, dl, dr, splits, fp8, acc_split, gen):
     page_size, topk = 16, 24
     lens = [37, 1, 0, 20, 45]                       # partial last pages: slot `len` is NaN
     kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen, fp8=fp8)
@@ -54,15 +56,15 @@ def test_sparse_decode(H, dl, dr, splits, fp8, gen):
     scale = (dl + dr) ** -0.5
     out = torch.full((len(lens), H, dl), float("nan"), dtype=torch.bfloat16, device=DEVICE)  # poison
     got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, scale, out=out, block_n=16,
-                                    num_splits=splits)
+                                    num_splits=splits, acc_split=acc_split)
     assert got.data_ptr() == out.data_ptr()
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, scale, indices=idx)
     _check(got, lse, want, want_lse, fp8)
     assert torch.all(got[2] == 0) and torch.all(torch.isneginf(lse[2])), "empty query: out 0, lse -inf"
 
 
-@pytest.mark.parametrize("splits,block_h", [(1, 16), (2, 32)])
-def test_dense_prefill_causal(splits, block_h, gen):
+@pytest.mark.parametrize("splits,block_h,acc_split", [(1, 16, 1), (2, 32, 4)])
+def test_dense_prefill_causal(splits, block_h, acc_split, gen):
     page_size, H, dl, dr = 16, 16, 64, 16
     prefix, extend = [0, 30], [3, 4]
     lens = [p + e for p, e in zip(prefix, extend)]
@@ -71,9 +73,41 @@ def test_dense_prefill_causal(splits, block_h, gen):
                                    torch.tensor(extend, dtype=torch.int32, device=DEVICE))
     qn, qp = _q(q_req.shape[0], H, dl, dr, gen)
     got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, block_n=16, num_splits=splits,
-                                   block_h=block_h)
+                                   block_h=block_h, acc_split=acc_split)
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
     _check(got, lse, want, want_lse)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_all_heads_of_a_query_in_one_program(fp8, gen):
+    # 40 heads in one 64-head program (the default block for bf16 from 33 heads), four
+    # accumulator quarters; k (24) above the valid tokens of some rows, contexts that end
+    # mid-page (page 16), an empty query, and more splits than some rows have token blocks.
+    page_size, topk, H, dl, dr = 16, 24, 40, 128, 16
+    lens = [21, 0, 50, 5]
+    kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen, fp8=fp8)
+    q_req, q_len = decode_queries(seq_lens)
+    idx, counts = _random_indices(q_len, topk, pad_with=q_len, gen=gen)
+    qn, qp = _q(len(lens), H, dl, dr, gen)
+    got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, 0.1, block_h=64, block_n=16,
+                                    num_splits=3, acc_split=4)
+    want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, 0.1, indices=idx)
+    _check(got, lse, want, want_lse, fp8)
+    assert torch.all(got[1] == 0) and torch.all(torch.isneginf(lse[1])), "empty query: out 0, lse -inf"
+
+
+def test_default_configurations_hold_all_heads_of_a_query():
+    # bf16 KV: every head of a query in one program up to 64 heads, 128 heads in two; Hopper
+    # splits the accumulator in four quarters, Blackwell keeps one (tensor memory).
+    assert mla_config(64, 512, False, 90) == MlaConfig(block_h=64, block_n=16, num_warps=8, acc_split=4)
+    assert mla_config(128, 512, False, 90).block_h == 64
+    assert mla_config(64, 512, False, 100) == MlaConfig(block_h=64, block_n=16, num_warps=8, acc_split=1)
+    assert mla_config(16, 512, False, 90) == MlaConfig(block_h=16, block_n=32, num_warps=8, acc_split=4)
+    assert mla_config(16, 512, False, 100).acc_split == 4            # warp MMA below 64 heads: quarters
+    for arch in (90, 100):
+        assert mla_config(64, 512, True, arch).block_h == MLA_FP8_BLOCK_H[arch >= 100]
+    with pytest.raises(AssertionError, match="acc_split"):
+        mla_config(64, 32, False, 90, acc_split=4)
 
 
 def test_sparse_with_all_tokens_equals_dense(gen):

@@ -20,8 +20,9 @@ def _expected_sets(scores: torch.Tensor, q_len: torch.Tensor, k: int) -> list[se
     return out
 
 
-@pytest.mark.parametrize("k", [1, 7, 40])
-def test_radix_topk_matches_stable_sort(k, gen):
+# chunk=None: one CTA per row; chunk=256: the cooperative path, two chunks per 300-score row.
+@pytest.mark.parametrize("k,chunk", [(1, None), (7, None), (40, None), (7, 256), (40, 256)])
+def test_radix_topk_matches_stable_sort(k, chunk, gen):
     T, N = 6, 300
     ties = torch.randint(-3, 4, (T, N), generator=gen).float()             # heavy ties
     fine = torch.randn(T, N, generator=gen) * 1e3
@@ -30,7 +31,7 @@ def test_radix_topk_matches_stable_sort(k, gen):
     q_len = torch.tensor([300, 257, 0, 1, 40, 41], dtype=torch.int32)
     scores, q_len = scores.to(DEVICE), q_len.to(DEVICE)
     poison = torch.full((T, k), 0x7FFF_FFFF, dtype=torch.int32, device=DEVICE)
-    got, counts = radix_topk(scores, q_len, k, block=256, out=poison)
+    got, counts = radix_topk(scores, q_len, k, block=256, out=poison, chunk=chunk)
     assert got.data_ptr() == poison.data_ptr()
     assert counts.tolist() == torch.clamp(q_len, max=k).tolist()
     for t, want in enumerate(_expected_sets(scores, q_len, k)):
@@ -61,6 +62,8 @@ def test_bad_arguments_are_named():
         radix_topk(s, torch.zeros(3, dtype=torch.int32, device=DEVICE), 4)
     with pytest.raises(AssertionError, match="block"):
         radix_topk(s, torch.zeros(2, dtype=torch.int32, device=DEVICE), 4, block=100)
+    with pytest.raises(AssertionError, match="chunk"):
+        radix_topk(s, torch.zeros(2, dtype=torch.int32, device=DEVICE), 4, block=256, chunk=300)
 
 
 @pytest.mark.gpu
@@ -75,23 +78,38 @@ def test_production_shape_topk():
     assert torch.equal(got.sort(1).values, want.sort(1).values)
 
 
-@pytest.mark.parametrize("fill", [float("-inf"), 0.25])
-def test_all_minus_inf_and_fully_tied_rows_take_the_first_k(fill):
+def test_cooperative_rows_over_many_chunks_with_ties_across_chunks(gen):
+    # 5 chunks of 256 per row; the k-th value is tied across chunk boundaries, so the chunks'
+    # candidate lists must be merged in position order (lowest tied positions win).
+    k, N = 24, 1200
+    scores = torch.randint(0, 6, (3, N), generator=gen).float()
+    scores[1] = torch.randn(N, generator=gen)
+    q_len = torch.tensor([1200, 1100, 513], dtype=torch.int32)
+    scores, q_len = scores.to(DEVICE), q_len.to(DEVICE)
+    got, counts = radix_topk(scores, q_len, k, block=256, chunk=256)
+    one, _ = radix_topk(scores, q_len, k, block=256)                         # one CTA per row
+    for t, want in enumerate(_expected_sets(scores, q_len, k)):
+        assert set(got[t].tolist()) == want == set(one[t].tolist()), f"row {t}"
+
+
+@pytest.mark.parametrize("fill,chunk", [(float("-inf"), None), (0.25, None), (float("-inf"), 256), (0.25, 256)])
+def test_all_minus_inf_and_fully_tied_rows_take_the_first_k(fill, chunk):
     # Every score equal (all -inf: a query whose keys all scored -inf; or one finite value):
     # the k-th key is the common one and ties go to the lowest positions.
     k, N = 16, 300
     scores = torch.full((3, N), fill, device=DEVICE)
     q_len = torch.tensor([300, 17, 100], dtype=torch.int32, device=DEVICE)
-    got, counts = radix_topk(scores, q_len, k, block=256)
+    got, counts = radix_topk(scores, q_len, k, block=256, chunk=chunk)
     assert counts.tolist() == [16, 16, 16]
     for t in range(3):
         assert got[t].tolist() == list(range(k)), f"row {t}"
 
 
-def test_k_larger_than_the_valid_tokens():
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_k_larger_than_the_valid_tokens(chunk):
     scores = torch.randn(3, 50, device=DEVICE)
     q_len = torch.tensor([50, 7, 0], dtype=torch.int32, device=DEVICE)
-    got, counts = radix_topk(scores, q_len, 64, block=256)
+    got, counts = radix_topk(scores, q_len, 64, block=256, chunk=chunk)
     assert counts.tolist() == [50, 7, 0]
     assert got[0, :50].sort().values.tolist() == list(range(50)) and torch.all(got[0, 50:] == 0)
     assert got[1, :7].tolist() == list(range(7)) and torch.all(got[1, 7:] == 0)
