@@ -28,6 +28,7 @@ from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.cpus import CpuLayout, format_cpus, pin_process, plan_layout
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
     Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of,
@@ -56,12 +57,14 @@ class PDEngineConfig:
     transport: str = "tcp"                  # tcp | mooncake | verbs: how KV bytes move (no protocol change)
     listen: tuple[str, int] | None = None   # router role: decode (started elsewhere) connects here; None:
                                             # spawn decode and the prefill ranks on this host
+    cpu_layout: str = "auto"                # auto: decode alone on one CPU, the rest elsewhere (pd.cpus); off
 
     def pd_config(self, ecfg: EngineConfig) -> PDConfig:
         """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
         mc = _model_config(ecfg)
         tb = token_bytes(mc)
         mpt = self.max_prompt_tokens if self.max_prompt_tokens is not None else _max_model_len(ecfg, mc)
+        plan_layout(self.cpu_layout, set())               # ValueError names a bad layout now
         if tb % (8 * self.writers):
             raise ValueError(f"writers={self.writers}: the model's KV token ({tb} bytes) must split into "
                              f"whole 64-bit words per writer")
@@ -87,8 +90,9 @@ class ModelCluster(PDCluster):
 
     def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
                  on_result: Callable[[Result], None], start_timeout_s: float = 120.0,
-                 listen: tuple[str, int] | None = None, secret: Any = None) -> None:
+                 listen: tuple[str, int] | None = None, secret: Any = None, cpus: CpuLayout | None = None) -> None:
         super().__init__(cfg, start_timeout_s, secret=secret, listen=listen)
+        self.cpus = cpus                                    # None: every process runs where the OS puts it
         self.ecfg_json = engine_config_to_json(ecfg)
         # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
         # every layer of every prompt, so it runs unsplit
@@ -100,8 +104,11 @@ class ModelCluster(PDCluster):
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
+        pin = []
+        if self.cpus is not None:
+            pin = ["--cpus", format_cpus(self.cpus.decode if args[0] == "decode" else self.cpus.others)]
         return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
-                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg], self.secret)
+                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg, *pin], self.secret)
 
     def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
@@ -181,8 +188,12 @@ class PDEngine(StreamingMixin):
         """Start decode and the prefill ranks (each loads the model); blocking."""
         if self.cluster is not None:
             return
+        # a one-command launch owns its host's CPUs; per-role processes are placed by whoever starts them
+        cpus = plan_layout(self.pd.cpu_layout) if self.pd.listen is None else None
+        if cpus is not None:
+            pin_process(cpus.others)                       # the router (HTTP loop, channel thread) too
         cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s,
-                          listen=self.pd.listen, secret=self.secret)
+                          listen=self.pd.listen, secret=self.secret, cpus=cpus)
         cl.start()
         self.cluster = cl
         self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)

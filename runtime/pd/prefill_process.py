@@ -26,8 +26,8 @@ def run_prefill(cfg: PDConfig, rank: int, ctrl_addr: tuple[str, int], data_addr:
                 secret: Secret | None = None) -> int:
     """One prefill rank's process: control channel to decode, one data connection with fault injection.
 
-    `compute(alloc) -> uint8 [layers, n_tokens, bytes_per_token]` (real-KV mode) prefills the model;
-    None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
+    `compute(allocs) -> [uint8 [layers, n_tokens, bytes_per_token] | ValueError]` (real-KV mode,
+    prefill_worker.ComputeFn) prefills the model for the first k of the pending prompts; None: synthetic KV. `live_stats()`: counters sent to decode every LIVE_STATS_S as a live Stats."""
     if secret is None:
         raise ValueError("run_prefill needs the deployment secret (every connection is authenticated)")
     who = f"prefill-{rank}"
@@ -122,4 +122,12 @@ def _prefill_loop(prank: PrefillRank, inbox: queue.Queue, who: str,
                 ev = inbox.get_nowait() if n < 256 else None
             except queue.Empty:
                 ev = None
-        prank.pump()
+        if prank.compute is None:
+            prank.pump()                                   # synthetic KV: one layer per slot per turn
+            continue
+        # real KV: one batched forward over the prompts that arrived, then every layer of them goes out
+        # at once; the next batch is computed on the next turn (after its completions and aborts are in)
+        for err in prank.compute_pending():
+            log(who, f"prefill failed, the request will time out: {err}")
+        while prank.pump():
+            pass
