@@ -35,6 +35,7 @@ from kvproof.runtime.pd.messages import (
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.serving.server_metrics import histogram
+from kvproof.runtime.transport.event_frames import EventBatch, WireEvent
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.kv_slot import DState
 
@@ -74,6 +75,13 @@ class PDEngineConfig:
                         transport=self.transport)
 
 
+def _fields(w: WireEvent) -> dict[str, Any]:
+    """A wire event as an Event message's `event` dict (TokenEvent's fields but request_id)."""
+    d = w._asdict()
+    del d["rid"]
+    return d
+
+
 def _model_config(ecfg: EngineConfig) -> Any:
     if ecfg.checkpoint is not None:
         from kvproof.runtime.model.checkpoint import read_config
@@ -86,10 +94,11 @@ def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
 
 
 class ModelCluster(PDCluster):
-    """PDCluster whose processes run the model (pd_model_worker); Events and live Stats go to hooks."""
+    """PDCluster whose processes run the model (pd_model_worker); events, Results and live Stats go to hooks."""
 
     def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
                  on_result: Callable[[Result], None], start_timeout_s: float = 120.0,
+                 on_events: Callable[[EventBatch], None] | None = None,
                  listen: tuple[str, int] | None = None, secret: Any = None, cpus: CpuLayout | None = None) -> None:
         super().__init__(cfg, start_timeout_s, secret=secret, listen=listen)
         self.cpus = cpus                                    # None: every process runs where the OS puts it
@@ -98,6 +107,7 @@ class ModelCluster(PDCluster):
         # every layer of every prompt, so it runs unsplit
         self.decode_json = engine_config_to_json(replace(ecfg, layersplit=1))
         self.on_event, self.on_result = on_event, on_result
+        self.on_events = on_events or (lambda batch: [on_event(Event(w.rid, _fields(w))) for w in batch])
         self.live: dict[str, Any] = {}
         self.live_at = 0.0                                  # when the last live snapshot arrived
         self.live_nonce = 0                                 # the newest StatsRequest decode answered
@@ -109,6 +119,12 @@ class ModelCluster(PDCluster):
             pin = ["--cpus", format_cpus(self.cpus.decode if args[0] == "decode" else self.cpus.others)]
         return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
                             [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg, *pin], self.secret)
+
+    def _on_message(self, raw: Any) -> None:
+        if isinstance(raw, EventBatch):                     # checked by the channel thread as it read the frame
+            self.on_events(raw)
+        else:
+            super()._on_message(raw)
 
     def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
@@ -193,7 +209,7 @@ class PDEngine(StreamingMixin):
         if cpus is not None:
             pin_process(cpus.others)                       # the router (HTTP loop, channel thread) too
         cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s,
-                          listen=self.pd.listen, secret=self.secret, cpus=cpus)
+                          on_events=self._on_events, listen=self.pd.listen, secret=self.secret, cpus=cpus)
         cl.start()
         self.cluster = cl
         self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)
@@ -340,6 +356,23 @@ class PDEngine(StreamingMixin):
                     _bump(self._counters["aborts_total{cause}"], "anomaly")
         d["request_id"] = request_id
         sink(TokenEvent(**d))
+
+    def _on_events(self, batch: EventBatch) -> None:
+        """A decode step's events (one binary frame): to each request's sink, under one lock acquisition."""
+        out = []
+        with self._mu:
+            for w in batch:
+                entry = self._by_rid.get(w.rid)
+                if entry is None:
+                    continue                                # ended here already (an abort raced the step)
+                request_id, sink, _ = entry
+                if w.finished:
+                    self._forget(w.rid, request_id, w.finish_reason)
+                    if w.finish_reason == "anomaly":
+                        _bump(self._counters["aborts_total{cause}"], "anomaly")
+                out.append((sink, TokenEvent(request_id, *w[1:])))
+        for sink, ev in out:
+            sink(ev)
 
     def _on_result(self, r: Result) -> None:
         if r.status in ("aborted", "failed"):

@@ -16,6 +16,7 @@ speculative decoding, the anomaly monitor) and streams `Event` messages back to 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -167,19 +168,26 @@ class DecodeModel:
         self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
         self.pool: KVPool | None = None
         self._send: Callable[[Message], None] | None = None
-        self._batch: list[list] | None = None               # [rid, event] pairs of the step running now
+        self._send_events: Callable[[list], None] | None = None
+        self._batch: list[tuple[int, TokenEvent]] | None = None    # (rid, event) pairs of the step running now
         self._next_stats = 0.0
         self.imported_tokens = 0
         self.security: Callable[[], dict[str, Any]] = dict   # run_decode: refused connections and writes
         self.rank_stats: dict[int, dict[str, Any]] = {}    # prefill rank -> its latest live counters
+        self._lock: Any = contextlib.nullcontext()
 
     def on_rank_stats(self, rank: int, data: dict[str, Any]) -> None:
         """A prefill rank's live counters (its prefix cache: where PD's cache hits happen)."""
         self.rank_stats[rank] = data
 
-    def attach(self, pool: KVPool, send: Callable[[Message], None]) -> None:
-        """Called by run_decode: the slot pool to read from and the client channel's send."""
-        self.pool, self._send = pool, send
+    def attach(self, pool: KVPool, send: Callable[[Message], None],
+               send_events: Callable[[list], None] | None = None, lock: Any = None) -> None:
+        """Called by run_decode: the slot pool to read from, the client channel's send, its send_events
+        ((rid, TokenEvent) pairs as one binary frame; None: as Event/Events messages) and the lock
+        that guards the slot worker (held for the live snapshot; None: no other thread uses it)."""
+        self.pool, self._send, self._send_events = pool, send, send_events
+        if lock is not None:
+            self._lock = lock
 
     def on_submit(self, msg: Submit) -> None:
         """Remember a request's prompt and sampling parameters until its KV arrives."""
@@ -244,14 +252,14 @@ class DecodeModel:
                 busy = self.core.step()
         finally:
             batch, self._batch = self._batch, None
-            if len(batch) == 1:
-                self._send_msg(Event(*batch[0]))
-            elif batch:
-                self._send_msg(Events(batch))
+            if batch:
+                self._flush(batch)
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
-            self._send_msg(Stats(self.snapshot(worker)))
+            with self._lock:                                # the client thread may be submitting
+                snap = self.snapshot(worker)
+            self._send_msg(Stats(snap))
         return busy
 
     def snapshot(self, worker: Any) -> dict[str, Any]:
@@ -287,12 +295,22 @@ class DecodeModel:
         return out
 
     def _event(self, rid: int, ev: TokenEvent) -> None:
-        d = {f: getattr(ev, f) for f in _EVENT_FIELDS}         # shallow: asdict's deep copy costs ~10x
-        d["tokens"] = list(ev.tokens)
         if self._batch is not None:
-            self._batch.append([rid, d])
+            self._batch.append((rid, ev))
         else:
-            self._send_msg(Event(rid, d))
+            self._flush([(rid, ev)])
+
+    def _flush(self, batch: list[tuple[int, TokenEvent]]) -> None:
+        """A step's events to the router: one binary EVENTS frame (or JSON Event/Events without one)."""
+        if self._send_events is not None:
+            self._send_events(batch)
+            return
+        items = []
+        for rid, ev in batch:
+            d = {f: getattr(ev, f) for f in _EVENT_FIELDS}     # shallow: asdict's deep copy costs ~10x
+            d["tokens"] = list(ev.tokens)
+            items.append([rid, d])
+        self._send_msg(Event(*items[0]) if len(items) == 1 else Events(items))
 
     def _send_msg(self, msg: Message) -> None:
         if self._send is not None:
