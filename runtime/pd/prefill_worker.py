@@ -110,14 +110,23 @@ class PrefillRank:
 
     def compute_pending(self) -> list[str]:
         """Run the model for pending jobs (one batch: as many as the hook takes); why any job was dropped."""
-        pending = self._pending()
-        if not pending or self.compute is None:
-            return []
-        out = self.compute([j.alloc for _, j in pending])        # type: ignore[misc]
+        pending = self.take_pending()
+        return self.store_computed(pending, self.compute([j.alloc for _, j in pending])) if pending else []
+
+    def take_pending(self) -> list[tuple[int, Job]]:
+        """The jobs whose KV is still to compute (the caller runs `compute` on their Allocs, maybe without
+        holding the rank's lock, then hands the results to `store_computed`)."""
+        return self._pending() if self.compute is not None else []
+
+    def store_computed(self, pending: list[tuple[int, Job]], out: list[Any]) -> list[str]:
+        """Keep `compute`'s results for the first len(out) of `pending`; why any job was dropped."""
         if not 1 <= len(out) <= len(pending):
-            raise ValueError(f"compute returned {len(out)} results for {len(pending)} prompts, expected 1..{len(pending)}")
+            raise ValueError(f"compute returned {len(out)} results for {len(pending)} prompts, "
+                             f"expected 1..{len(pending)}")
         errors = []
         for (s, job), data in zip(pending, out):
+            if self.jobs.get(s) is not job or job.alloc is None:
+                continue                                    # replaced or dropped meanwhile
             job.alloc = None
             want = (self.cfg.layers, job.n_tokens, self.cfg.bytes_per_token)
             if not isinstance(data, ValueError) and data.shape != want:
