@@ -28,7 +28,7 @@ from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
-from kvproof.runtime.pd.cpus import CpuLayout, format_cpus, pin_process, plan_layout
+from kvproof.runtime.pd.cpus import CpuLayout, affinity, format_cpus, pin_process, plan_layout
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
     Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of,
@@ -198,6 +198,7 @@ class PDEngine(StreamingMixin):
         self._totals = {"requests_total": 0, "prompt_tokens_total": 0}
         self._watch: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._cpus_before: set[int] | None = None          # this process's CPUs before cpu_layout moved it
 
     # ------------------------------------------------------------ lifecycle
     def start_sync(self) -> None:
@@ -207,10 +208,17 @@ class PDEngine(StreamingMixin):
         # a one-command launch owns its host's CPUs; per-role processes are placed by whoever starts them
         cpus = plan_layout(self.pd.cpu_layout) if self.pd.listen is None else None
         if cpus is not None:
+            self._cpus_before = affinity()                 # given back at stop (tests run engines in-process)
             pin_process(cpus.others)                       # the router (HTTP loop, channel thread) too
         cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s,
                           on_events=self._on_events, listen=self.pd.listen, secret=self.secret, cpus=cpus)
-        cl.start()
+        try:
+            cl.start()
+        except BaseException:
+            if self._cpus_before:
+                pin_process(self._cpus_before)
+                self._cpus_before = None
+            raise
         self.cluster = cl
         self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)
         self._watch.start()
@@ -244,6 +252,9 @@ class PDEngine(StreamingMixin):
             cl.close()
         if self._watch is not None:
             self._watch.join(2.0)
+        if self._cpus_before:
+            pin_process(self._cpus_before)
+            self._cpus_before = None
 
     async def stop(self) -> None:
         """Stop serving; pending requests finish with reason 'abort'."""
