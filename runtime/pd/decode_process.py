@@ -100,6 +100,8 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         log("decode", f"client gone: {e}")
         return 1
     finally:
+        with mu:
+            up.clear()                       # a late Submit goes to the inbox nobody reads, not to a closing worker
         for ch in ctrls.values():
             ch.close()
         for t in datas.values():
