@@ -114,6 +114,10 @@ def test_cpu_layout_plans() -> None:
     assert plan_layout("auto", {3}) is None and plan_layout("off", {0, 1}) is None
     with pytest.raises(ValueError, match="cpu_layout='fast', expected one of"):
         plan_layout("fast", {0, 1})
+    from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
+    from kvproof.runtime.serving.engine import EngineConfig
+    with pytest.raises(ValueError, match="cpu_layout='pinned', expected one of"):
+        PDEngine(EngineConfig(), PDEngineConfig(cpu_layout="pinned"))           # refused before any process starts
     assert parse_cpus(format_cpus({4, 0, 2})) == {0, 2, 4}
     for bad in ("", "a,b", "-1"):
         with pytest.raises(ValueError, match="--cpus"):
