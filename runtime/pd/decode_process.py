@@ -1,8 +1,10 @@
 """The decode process: accepts the client and every prefill rank, then runs the decode loop.
 
-Its loop thread owns the decode spec instance (`DecodeWorker`); the channel and transport threads
-only put events into the loop's inbox (and the data connections' receive threads call
-`DecodeWorker.on_land`). A rank is declared dead when its control channel or data connection
+Its loop thread owns the decode spec instance (`DecodeWorker`) and the model; the channel and
+transport threads only put events into the loop's inbox (and the data connections' receive threads
+call `DecodeWorker.on_land`), except one: a `Submit` is handled by the client channel's thread as it
+arrives (under the worker's lock, which the loop holds for everything but the model step), so a new
+request's `Alloc` goes to the prefill ranks while a decode step runs, not after it. A rank is declared dead when its control channel or data connection
 dies; decode then closes *and drains* the data connection before firing anything on its behalf.
 Every connection (client, control, data) passes the deployment secret's mutual challenge-response
 (transport/auth.py) for its purpose first; a listener refuses and counts impostors and keeps
@@ -12,6 +14,7 @@ waiting for the real rank.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from typing import Any
 
@@ -38,9 +41,18 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         raise ValueError("run_decode needs the deployment secret (every connection is authenticated)")
     inbox: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     ccfg = channel_config(cfg)
+    mu = threading.RLock()                  # the worker (and the model's pending prompts): loop vs Submits
+    up: list[DecodeWorker] = []             # the worker, once every rank is connected
+
+    def on_client(m: Any) -> None:
+        if up and isinstance(m, dict) and m.get("type") == Submit.TYPE:
+            with mu:                        # at once, while the loop thread runs a model step
+                _submit(up[0], model, m)
+        else:
+            inbox.put(("client", -1, m))
+
     client = Channel(connect_authenticated(client_addr, secret, "client")[0], config=ccfg, label="decode-client",
-                     on_message=lambda m: inbox.put(("client", -1, m)),
-                     on_dead=lambda r: inbox.put(("client_dead", -1, r)))
+                     on_message=on_client, on_dead=lambda r: inbox.put(("client_dead", -1, r)))
     ctrl_l = [ChannelListener(listen_host, rank_ports(listen_port, w)[0]) for w in range(cfg.writers)]
     data_l = [TcpListener(listen_host, rank_ports(listen_port, w)[1]) for w in range(cfg.writers)]
     ctrls: dict[int, Channel] = {}
@@ -59,7 +71,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         client.send(encode(r))
 
     if model is not None:
-        model.attach(pool, lambda m: client.send(encode(m)))
+        model.attach(pool, lambda m: client.send(encode(m)), client.send_events, lock=mu)
     worker = DecodeWorker(cfg, pool, send, report, trace=open_trace(cfg, "decode"),
                           read=model.read if model is not None else None)
     try:
@@ -76,8 +88,9 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
             datas[w].register(pool.buffer, region_id=POOL_REGION)
         if model is not None:
             model.security = lambda: security_counters(datas)
+        up.append(worker)
         client.send(encode(Up(cfg.writers)))
-        rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model)
+        rank_stats = _decode_loop(cfg, worker, inbox, ctrls, datas, model, mu)
         summary = worker.summary()
         summary["prefill"] = rank_stats
         summary.update(security_counters(datas))
@@ -87,6 +100,8 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         log("decode", f"client gone: {e}")
         return 1
     finally:
+        with mu:
+            up.clear()                       # a late Submit goes to the inbox nobody reads, not to a closing worker
         for ch in ctrls.values():
             ch.close()
         for t in datas.values():
@@ -126,31 +141,70 @@ def _rank_dead(worker: DecodeWorker, datas: dict[int, Any], ctrls: dict[int, Cha
     worker.rank_dead(w, why)
 
 
+def _submit(worker: DecodeWorker, model: Any, raw: Any) -> None:
+    """A client's Submit: the model keeps the prompt, the worker queues it (Alloc as soon as a slot is free)."""
+    msg = parse_message(raw, "decode", worker.stats)
+    if not isinstance(msg, Submit):
+        return
+    try:
+        if model is not None:
+            model.on_submit(msg)
+        extra = None if msg.tokens is None else {"tokens": msg.tokens, "corrupt": msg.corrupt}
+        worker.submit(msg.rid, msg.n_tokens, extra)
+    except ValueError as e:
+        worker.stats["malformed_messages"] += 1
+        log("decode", f"refused submit: {e}")
+
+
 def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls: dict[int, Channel],
-                 datas: dict[int, Any], model: Any = None) -> dict[str, Any]:
+                 datas: dict[int, Any], model: Any = None, mu: Any = None) -> dict[str, Any]:
+    mu = mu if mu is not None else threading.RLock()
     deadline: float | None = None
     rank_stats: dict[str, Any] = {}
     stats_wanted: float | None = None
     busy, last_step = False, 0.0
     while True:
-        nxt = worker.tick()
+        with mu:
+            nxt = worker.tick()
         wait = 0.0 if busy else (min(0.05, nxt) if nxt is not None else 0.05)
         try:
             kind, w, raw = inbox.get(timeout=wait) if wait > 0 else inbox.get_nowait()
         except queue.Empty:
             kind, w, raw = "idle", -1, None
-        if kind == "client":
+        with mu:
+            deadline, stats_wanted = _handle(cfg, worker, ctrls, datas, model, rank_stats, kind, w, raw,
+                                             deadline, stats_wanted)
+        if model is not None and (inbox.empty() or time.monotonic() - last_step > 0.01):
+            busy = model.step(worker)                       # messages first, but a step every 10 ms
+            last_step = time.monotonic()
+        with mu:
+            for rw, t in datas.items():
+                if t.is_dead and rw not in worker.dead and stats_wanted is None:
+                    _rank_dead(worker, datas, ctrls, rw, f"data connection: {t.dead_reason}")
+            now = time.monotonic()
+            if stats_wanted is None and deadline is not None and (worker.idle() or now > deadline):
+                for rw, ch in ctrls.items():
+                    if rw not in worker.dead:
+                        try:
+                            ch.send(encode(Shutdown()))
+                        except ChannelClosed:
+                            pass
+                stats_wanted = now + 3.0
+            if stats_wanted is not None and (now > stats_wanted or
+                                             len(rank_stats) == cfg.writers - len(worker.dead)):
+                return rank_stats
+
+
+def _handle(cfg: PDConfig, worker: DecodeWorker, ctrls: dict[int, Channel], datas: dict[int, Any], model: Any,
+            rank_stats: dict[str, Any], kind: str, w: int, raw: Any, deadline: float | None,
+            stats_wanted: float | None) -> tuple[float | None, float | None]:
+    """One inbox event (the worker's lock held); returns the new (drain deadline, stats deadline)."""
+    if kind == "client":
+        if isinstance(raw, dict) and raw.get("type") == Submit.TYPE:
+            _submit(worker, model, raw)
+        else:
             msg = parse_message(raw, "decode", worker.stats)
-            if isinstance(msg, Submit):
-                try:
-                    if model is not None:
-                        model.on_submit(msg)
-                    extra = None if msg.tokens is None else {"tokens": msg.tokens, "corrupt": msg.corrupt}
-                    worker.submit(msg.rid, msg.n_tokens, extra)
-                except ValueError as e:
-                    worker.stats["malformed_messages"] += 1
-                    log("decode", f"refused submit: {e}")
-            elif isinstance(msg, ClientAbort):
+            if isinstance(msg, ClientAbort):
                 worker.abort(msg.rid)
                 if model is not None:
                     model.abort(msg.rid, msg.cause)
@@ -159,41 +213,24 @@ def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls:
                     model.send_stats(worker, msg.nonce)
             elif isinstance(msg, Shutdown) and deadline is None:
                 deadline = time.monotonic() + cfg.drain_timeout_s
-        elif kind == "client_dead":
-            raise ChannelClosed(raw)
-        elif kind == "rank":
-            msg = parse_message(raw, "decode", worker.stats)
-            if isinstance(msg, Hello):
-                if msg.rank != w:
-                    _rank_dead(worker, datas, ctrls, w, f"hello from rank {msg.rank} on rank {w}'s channel")
-            elif isinstance(msg, Stats) and msg.data.get("live"):
-                if model is not None:
-                    model.on_rank_stats(w, msg.data)
-            elif isinstance(msg, Stats):                    # a rank's final summary, at shutdown
-                rank_stats[str(w)] = msg.data
-            elif msg is not None:
-                try:
-                    worker.on_message(w, msg)
-                except ValueError as e:
-                    worker.stats["malformed_messages"] += 1
-                    log("decode", f"rank {w}: {e}")
-        elif kind == "rank_dead" and stats_wanted is None:
-            _rank_dead(worker, datas, ctrls, w, raw)
-        if model is not None and (inbox.empty() or time.monotonic() - last_step > 0.01):
-            busy = model.step(worker)                       # messages first, but a step every 10 ms
-            last_step = time.monotonic()
-        for rw, t in datas.items():
-            if t.is_dead and rw not in worker.dead and stats_wanted is None:
-                _rank_dead(worker, datas, ctrls, rw, f"data connection: {t.dead_reason}")
-        now = time.monotonic()
-        if stats_wanted is None and deadline is not None and (worker.idle() or now > deadline):
-            for rw, ch in ctrls.items():
-                if rw not in worker.dead:
-                    try:
-                        ch.send(encode(Shutdown()))
-                    except ChannelClosed:
-                        pass
-            stats_wanted = now + 3.0
-        if stats_wanted is not None and (now > stats_wanted or
-                                         len(rank_stats) == cfg.writers - len(worker.dead)):
-            return rank_stats
+    elif kind == "client_dead":
+        raise ChannelClosed(raw)
+    elif kind == "rank":
+        msg = parse_message(raw, "decode", worker.stats)
+        if isinstance(msg, Hello):
+            if msg.rank != w:
+                _rank_dead(worker, datas, ctrls, w, f"hello from rank {msg.rank} on rank {w}'s channel")
+        elif isinstance(msg, Stats) and msg.data.get("live"):
+            if model is not None:
+                model.on_rank_stats(w, msg.data)
+        elif isinstance(msg, Stats):                    # a rank's final summary, at shutdown
+            rank_stats[str(w)] = msg.data
+        elif msg is not None:
+            try:
+                worker.on_message(w, msg)
+            except ValueError as e:
+                worker.stats["malformed_messages"] += 1
+                log("decode", f"rank {w}: {e}")
+    elif kind == "rank_dead" and stats_wanted is None:
+        _rank_dead(worker, datas, ctrls, w, raw)
+    return deadline, stats_wanted

@@ -28,12 +28,14 @@ from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
 from kvproof.runtime.pd.cluster import ClusterError, PDCluster
 from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.cpus import CpuLayout, affinity, format_cpus, pin_process, plan_layout
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import (
     Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of,
 )
 from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.serving.server_metrics import histogram
+from kvproof.runtime.transport.event_frames import EventBatch, WireEvent
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.kv_slot import DState
 
@@ -56,12 +58,14 @@ class PDEngineConfig:
     transport: str = "tcp"                  # tcp | mooncake | verbs: how KV bytes move (no protocol change)
     listen: tuple[str, int] | None = None   # router role: decode (started elsewhere) connects here; None:
                                             # spawn decode and the prefill ranks on this host
+    cpu_layout: str = "auto"                # auto: decode alone on one CPU, the rest elsewhere (pd.cpus); off
 
     def pd_config(self, ecfg: EngineConfig) -> PDConfig:
         """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
         mc = _model_config(ecfg)
         tb = token_bytes(mc)
         mpt = self.max_prompt_tokens if self.max_prompt_tokens is not None else _max_model_len(ecfg, mc)
+        plan_layout(self.cpu_layout, set())               # ValueError names a bad layout now
         if tb % (8 * self.writers):
             raise ValueError(f"writers={self.writers}: the model's KV token ({tb} bytes) must split into "
                              f"whole 64-bit words per writer")
@@ -69,6 +73,13 @@ class PDEngineConfig:
                         tokens_per_slot=mpt, bytes_per_token=tb, delay_ms=self.delay_ms,
                         transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s,
                         transport=self.transport)
+
+
+def _fields(w: WireEvent) -> dict[str, Any]:
+    """A wire event as an Event message's `event` dict (TokenEvent's fields but request_id)."""
+    d = w._asdict()
+    del d["rid"]
+    return d
 
 
 def _model_config(ecfg: EngineConfig) -> Any:
@@ -83,25 +94,37 @@ def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
 
 
 class ModelCluster(PDCluster):
-    """PDCluster whose processes run the model (pd_model_worker); Events and live Stats go to hooks."""
+    """PDCluster whose processes run the model (pd_model_worker); events, Results and live Stats go to hooks."""
 
     def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
                  on_result: Callable[[Result], None], start_timeout_s: float = 120.0,
-                 listen: tuple[str, int] | None = None, secret: Any = None) -> None:
+                 on_events: Callable[[EventBatch], None] | None = None,
+                 listen: tuple[str, int] | None = None, secret: Any = None, cpus: CpuLayout | None = None) -> None:
         super().__init__(cfg, start_timeout_s, secret=secret, listen=listen)
+        self.cpus = cpus                                    # None: every process runs where the OS puts it
         self.ecfg_json = engine_config_to_json(ecfg)
         # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
         # every layer of every prompt, so it runs unsplit
         self.decode_json = engine_config_to_json(replace(ecfg, layersplit=1))
         self.on_event, self.on_result = on_event, on_result
+        self.on_events = on_events or (lambda batch: [on_event(Event(w.rid, _fields(w))) for w in batch])
         self.live: dict[str, Any] = {}
         self.live_at = 0.0                                  # when the last live snapshot arrived
         self.live_nonce = 0                                 # the newest StatsRequest decode answered
 
     def _spawn(self, args: list[str]) -> subprocess.Popen:
         ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
+        pin = []
+        if self.cpus is not None:
+            pin = ["--cpus", format_cpus(self.cpus.decode if args[0] == "decode" else self.cpus.others)]
         return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
-                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg], self.secret)
+                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg, *pin], self.secret)
+
+    def _on_message(self, raw: Any) -> None:
+        if isinstance(raw, EventBatch):                     # checked by the channel thread as it read the frame
+            self.on_events(raw)
+        else:
+            super()._on_message(raw)
 
     def _route(self, msg: Message) -> None:
         if isinstance(msg, Event):
@@ -175,15 +198,27 @@ class PDEngine(StreamingMixin):
         self._totals = {"requests_total": 0, "prompt_tokens_total": 0}
         self._watch: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._cpus_before: set[int] | None = None          # this process's CPUs before cpu_layout moved it
 
     # ------------------------------------------------------------ lifecycle
     def start_sync(self) -> None:
         """Start decode and the prefill ranks (each loads the model); blocking."""
         if self.cluster is not None:
             return
+        # a one-command launch owns its host's CPUs; per-role processes are placed by whoever starts them
+        cpus = plan_layout(self.pd.cpu_layout) if self.pd.listen is None else None
+        if cpus is not None:
+            self._cpus_before = affinity()                 # given back at stop (tests run engines in-process)
+            pin_process(cpus.others)                       # the router (HTTP loop, channel thread) too
         cl = ModelCluster(self.pd_cfg, self.cfg, self._on_event, self._on_result, self.pd.start_timeout_s,
-                          listen=self.pd.listen, secret=self.secret)
-        cl.start()
+                          on_events=self._on_events, listen=self.pd.listen, secret=self.secret, cpus=cpus)
+        try:
+            cl.start()
+        except BaseException:
+            if self._cpus_before:
+                pin_process(self._cpus_before)
+                self._cpus_before = None
+            raise
         self.cluster = cl
         self._watch = threading.Thread(target=self._watchdog, name="pd-engine-watch", daemon=True)
         self._watch.start()
@@ -217,6 +252,9 @@ class PDEngine(StreamingMixin):
             cl.close()
         if self._watch is not None:
             self._watch.join(2.0)
+        if self._cpus_before:
+            pin_process(self._cpus_before)
+            self._cpus_before = None
 
     async def stop(self) -> None:
         """Stop serving; pending requests finish with reason 'abort'."""
@@ -329,6 +367,23 @@ class PDEngine(StreamingMixin):
                     _bump(self._counters["aborts_total{cause}"], "anomaly")
         d["request_id"] = request_id
         sink(TokenEvent(**d))
+
+    def _on_events(self, batch: EventBatch) -> None:
+        """A decode step's events (one binary frame): to each request's sink, under one lock acquisition."""
+        out = []
+        with self._mu:
+            for w in batch:
+                entry = self._by_rid.get(w.rid)
+                if entry is None:
+                    continue                                # ended here already (an abort raced the step)
+                request_id, sink, _ = entry
+                if w.finished:
+                    self._forget(w.rid, request_id, w.finish_reason)
+                    if w.finish_reason == "anomaly":
+                        _bump(self._counters["aborts_total{cause}"], "anomaly")
+                out.append((sink, TokenEvent(request_id, *w[1:])))
+        for sink, ev in out:
+            sink(ev)
 
     def _on_result(self, r: Result) -> None:
         if r.status in ("aborted", "failed"):

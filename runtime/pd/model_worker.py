@@ -16,6 +16,7 @@ speculative decoding, the anomaly monitor) and streams `Event` messages back to 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -31,6 +32,7 @@ from kvproof.runtime.pd.kv_pool import KVPool
 from kvproof.runtime.model.config import ModelConfig
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.config import PDConfig
+from kvproof.runtime.pd.cpus import parse_cpus, pin_process
 from kvproof.runtime.pd.messages import Alloc, Event, Events, Message, Result, Stats, Submit
 from kvproof.runtime.serving.scheduler import Sequence
 from kvproof.runtime.serving.server_metrics import histogram
@@ -101,32 +103,59 @@ class PrefillModel:
 
     def __call__(self, alloc: Alloc) -> np.ndarray:
         """Run the model on the prompt (minus its last token) and export its KV for the slot."""
-        tokens = alloc.tokens
-        if not tokens:
-            raise ValueError(f"alloc for rid {alloc.rid} carries no prompt tokens (real-KV mode needs them)")
-        n = len(tokens) - 1
-        if max(n, 1) != alloc.n_tokens:
-            raise ValueError(f"alloc for rid {alloc.rid}: n_tokens={alloc.n_tokens}, expected "
-                             f"max(1, len(prompt) - 1) = {max(n, 1)}")
-        if n == 0:                                         # nothing to transfer; one token of padding
-            return np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8)
+        out = self.many([alloc])[0]
+        if isinstance(out, ValueError):
+            raise out
+        return out
+
+    def many(self, allocs: list[Alloc]) -> list[np.ndarray | ValueError]:
+        """KV bytes of the first k >= 1 prompts, prefilled in one forward of at most max_prefill_tokens
+        (past the first prompt); a malformed Alloc gets its ValueError and does not spoil the batch."""
         core = self.core
-        seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
-        core.scheduler._match_prefix(seq)                  # share cached full pages of the prefix
-        self.prompt_tokens += n
-        self.prefix_hit_tokens += seq.num_cached
+        budget = core.cfg.max_prefill_tokens
+        out: list[np.ndarray | ValueError] = []
+        batch: list[tuple[int, Alloc, Sequence]] = []            # (index in out, alloc, its sequence)
         try:
-            seq.pages += core.pool.allocate(-(-n // core.model.cfg.page_size) - len(seq.pages))
-            with torch.no_grad():
-                core.runner.prefill([seq], [n - seq.num_cached])
-            core.scheduler.prefilled(seq)                   # publish its full pages for later prompts
-            data = core.export_tokens(seq.pages, n).cpu()                   # uint8 [L, n, token_bytes]
+            for alloc in allocs:
+                tokens = alloc.tokens
+                n = len(tokens) - 1 if tokens else 0
+                if not tokens:
+                    out.append(ValueError(f"alloc for rid {alloc.rid} carries no prompt tokens "
+                                          f"(real-KV mode needs them)"))
+                elif max(n, 1) != alloc.n_tokens:
+                    out.append(ValueError(f"alloc for rid {alloc.rid}: n_tokens={alloc.n_tokens}, expected "
+                                          f"max(1, len(prompt) - 1) = {max(n, 1)}"))
+                elif n == 0:                                       # nothing to transfer; one token of padding
+                    out.append(np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8))
+                    self.prefilled += 1
+                else:
+                    seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
+                    core.scheduler._match_prefix(seq)              # share cached full pages of the prefix
+                    need = -(-n // core.model.cfg.page_size) - len(seq.pages)
+                    if batch and (n - seq.num_cached > budget or not core.pool.can_allocate(need)):
+                        core.pool.free(seq.pages)                  # the next batch takes it
+                        break
+                    seq.pages += core.pool.allocate(need)
+                    budget -= n - seq.num_cached
+                    self.prompt_tokens += n
+                    self.prefix_hit_tokens += seq.num_cached
+                    out.append(np.empty(0, dtype=np.uint8))        # filled below
+                    batch.append((len(out) - 1, alloc, seq))
+            if batch:
+                seqs = [q for _, _, q in batch]
+                with torch.no_grad():
+                    core.runner.prefill(seqs, [len(q.prompt) - q.num_cached for q in seqs])
+                for i, alloc, seq in batch:
+                    core.scheduler.prefilled(seq)                  # publish its full pages for later prompts
+                    data = core.export_tokens(seq.pages, len(seq.prompt)).cpu()    # uint8 [L, n, token_bytes]
+                    if alloc.corrupt:
+                        data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
+                    out[i] = data.numpy()
+                    self.prefilled += 1
         finally:
-            core.pool.free(seq.pages)
-        if alloc.corrupt:
-            data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
-        self.prefilled += 1
-        return data.numpy()
+            for _, _, seq in batch:
+                core.pool.free(seq.pages)
+        return out
 
 
 # ---------------------------------------------------------------- decode
@@ -139,19 +168,26 @@ class DecodeModel:
         self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
         self.pool: KVPool | None = None
         self._send: Callable[[Message], None] | None = None
-        self._batch: list[list] | None = None               # [rid, event] pairs of the step running now
+        self._send_events: Callable[[list], None] | None = None
+        self._batch: list[tuple[int, TokenEvent]] | None = None    # (rid, event) pairs of the step running now
         self._next_stats = 0.0
         self.imported_tokens = 0
         self.security: Callable[[], dict[str, Any]] = dict   # run_decode: refused connections and writes
         self.rank_stats: dict[int, dict[str, Any]] = {}    # prefill rank -> its latest live counters
+        self._lock: Any = contextlib.nullcontext()
 
     def on_rank_stats(self, rank: int, data: dict[str, Any]) -> None:
         """A prefill rank's live counters (its prefix cache: where PD's cache hits happen)."""
         self.rank_stats[rank] = data
 
-    def attach(self, pool: KVPool, send: Callable[[Message], None]) -> None:
-        """Called by run_decode: the slot pool to read from and the client channel's send."""
-        self.pool, self._send = pool, send
+    def attach(self, pool: KVPool, send: Callable[[Message], None],
+               send_events: Callable[[list], None] | None = None, lock: Any = None) -> None:
+        """Called by run_decode: the slot pool to read from, the client channel's send, its send_events
+        ((rid, TokenEvent) pairs as one binary frame; None: as Event/Events messages) and the lock
+        that guards the slot worker (held for the live snapshot; None: no other thread uses it)."""
+        self.pool, self._send, self._send_events = pool, send, send_events
+        if lock is not None:
+            self._lock = lock
 
     def on_submit(self, msg: Submit) -> None:
         """Remember a request's prompt and sampling parameters until its KV arrives."""
@@ -216,14 +252,14 @@ class DecodeModel:
                 busy = self.core.step()
         finally:
             batch, self._batch = self._batch, None
-            if len(batch) == 1:
-                self._send_msg(Event(*batch[0]))
-            elif batch:
-                self._send_msg(Events(batch))
+            if batch:
+                self._flush(batch)
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
-            self._send_msg(Stats(self.snapshot(worker)))
+            with self._lock:                                # the client thread may be submitting
+                snap = self.snapshot(worker)
+            self._send_msg(Stats(snap))
         return busy
 
     def snapshot(self, worker: Any) -> dict[str, Any]:
@@ -259,12 +295,22 @@ class DecodeModel:
         return out
 
     def _event(self, rid: int, ev: TokenEvent) -> None:
-        d = {f: getattr(ev, f) for f in _EVENT_FIELDS}         # shallow: asdict's deep copy costs ~10x
-        d["tokens"] = list(ev.tokens)
         if self._batch is not None:
-            self._batch.append([rid, d])
+            self._batch.append((rid, ev))
         else:
-            self._send_msg(Event(rid, d))
+            self._flush([(rid, ev)])
+
+    def _flush(self, batch: list[tuple[int, TokenEvent]]) -> None:
+        """A step's events to the router: one binary EVENTS frame (or JSON Event/Events without one)."""
+        if self._send_events is not None:
+            self._send_events(batch)
+            return
+        items = []
+        for rid, ev in batch:
+            d = {f: getattr(ev, f) for f in _EVENT_FIELDS}     # shallow: asdict's deep copy costs ~10x
+            d["tokens"] = list(ev.tokens)
+            items.append([rid, d])
+        self._send_msg(Event(*items[0]) if len(items) == 1 else Events(items))
 
     def _send_msg(self, msg: Message) -> None:
         if self._send is not None:
@@ -277,15 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     from kvproof.runtime.pd.decode_process import run_decode
     from kvproof.runtime.pd.prefill_process import run_prefill
     from kvproof.runtime.pd.process import worker_args
-    a = worker_args("python -m kvproof.runtime.pd.model_worker", argv,
-                    lambda ap: ap.add_argument("--engine", required=True, help="EngineConfig as JSON"))
+    def extra(ap: Any) -> None:
+        ap.add_argument("--engine", required=True, help="EngineConfig as JSON")
+        ap.add_argument("--cpus", default=None, help="run on these CPUs only, e.g. 1 or 0,2 (pd.cpus); default: all")
+    a = worker_args("python -m kvproof.runtime.pd.model_worker", argv, extra)
+    if a.cpus is not None:
+        pin_process(parse_cpus(a.cpus))                   # before the model and its threads exist
     cfg = PDConfig.from_json(a.config)
     ecfg = engine_config_from_json(a.engine)
     if a.role == "decode":
         return run_decode(cfg, a.client, model=DecodeModel(ecfg, cfg), secret=a.secret, listen_host=a.listen_host)
     model = PrefillModel(ecfg, cfg)                       # with layersplit R: spawns its R-1 followers
     try:
-        return run_prefill(cfg, a.rank, a.control, a.data, compute=model, live_stats=model.stats, secret=a.secret)
+        return run_prefill(cfg, a.rank, a.control, a.data, compute=model.many, live_stats=model.stats,
+                           secret=a.secret)
     finally:
         model.core.close()                                 # stop and join the followers
 

@@ -1,7 +1,11 @@
 """One prefill rank: computes a request's KV and pushes it into decode's slot, via the spec.
 
 The KV is synthetic (`kv_chunk`) unless a `compute` hook is given (real-KV mode,
-pd_model_worker.PrefillModel: the model's exported KV, of which the rank writes its byte share).
+pd_model_worker.PrefillModel.many: the model's exported KV, of which the rank writes its byte share).
+With a hook, an Alloc only records the job; `compute_pending()` (the process loop calls it after
+draining its inbox) runs the model once for as many pending prompts as the hook takes, so a
+burst of Allocs costs a few batched forwards, and each batch's layers are posted before the next
+batch is computed.
 
 `PrefillRank` is the protocol logic of one rank (writer w), free of threads so
 tests can drive it step by step; the process loop (pd/prefill_process.py) feeds it
@@ -37,6 +41,8 @@ from kvproof.spec.machine import Firing
 
 # the prefill actions that receive an abort; their guards are disjoint, at most one is enabled
 ABORT_ACTIONS = tuple(a for a, d in KVSlot.actions.items() if d.receives == "abort" and d.actor == "prefill")
+# real-KV compute: the KV bytes of the first k >= 1 of these Allocs' prompts (a ValueError for a bad one)
+ComputeFn = Callable[[list[Alloc]], list["np.ndarray | ValueError"]]
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Job:
     n_tokens: int
     epoch: int
     data: np.ndarray | None = None          # real-KV mode: uint8 [layers, n_tokens, bytes_per_token]
+    alloc: Alloc | None = None              # real-KV mode: the prompt, until compute_pending computed `data`
 
 
 class PrefillRank:
@@ -54,7 +61,7 @@ class PrefillRank:
 
     def __init__(self, cfg: PDConfig, rank: int, transport: Transport, send: Callable[[Message], None],
                  trace: IO[str] | str | None = None, auto: bool = True,
-                 compute: Callable[[Alloc], np.ndarray] | None = None) -> None:
+                 compute: ComputeFn | None = None) -> None:
         # auto=False: a completion fires only p_complete; the caller fires p_finish /
         # p_answer_safe itself, one step at a time (model-based tests)
         if not 0 <= rank < cfg.writers:
@@ -75,18 +82,16 @@ class PrefillRank:
             if not 1 <= msg.n_tokens <= self.cfg.tokens_per_slot:
                 raise ValueError(f"alloc: n_tokens={msg.n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
             if self._try("p_on_alloc", **receive_args(msg, "p_on_alloc")):
-                data = self.compute(msg) if self.compute else None
-                if data is not None and data.shape != (self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token):
-                    raise ValueError(f"compute returned KV of shape {data.shape}, expected "
-                                     f"{(self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token)}")
-                self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch, data=data)
+                self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch,
+                                          alloc=msg if self.compute is not None else None)
         elif isinstance(msg, Abort):
             act = next((a for a in ABORT_ACTIONS if self._emit(self.inst.try_fire(a, **receive_args(msg, a)))), None)
             if act is None:
                 self.stats["ignored_abort"] += 1
                 return
-            if act == "p_on_abort_unseen":
-                self.jobs.pop(msg.slot, None)
+            job = self.jobs.get(msg.slot)
+            if act == "p_on_abort_unseen" or (job is not None and job.alloc is not None):
+                self.jobs.pop(msg.slot, None)               # nothing posted: nothing left to compute or send
         else:
             raise ValueError(f"prefill rank {self.rank}: unexpected {msg.TYPE} message")
 
@@ -104,13 +109,45 @@ class PrefillRank:
         if not self._emit(self.inst.try_fire("p_answer_safe", s=s, w=w)):
             self._maybe_finish(s)
 
+    def compute_pending(self) -> list[str]:
+        """Run the model for pending jobs (one batch: as many as the hook takes); why any job was dropped."""
+        pending = self.take_pending()
+        return self.store_computed(pending, self.compute([j.alloc for _, j in pending])) if pending else []
+
+    def take_pending(self) -> list[tuple[int, Job]]:
+        """The jobs whose KV is still to compute (the caller runs `compute` on their Allocs, maybe without
+        holding the rank's lock, then hands the results to `store_computed`)."""
+        return self._pending() if self.compute is not None else []
+
+    def store_computed(self, pending: list[tuple[int, Job]], out: list[Any]) -> list[str]:
+        """Keep `compute`'s results for the first len(out) of `pending`; why any job was dropped."""
+        if not 1 <= len(out) <= len(pending):
+            raise ValueError(f"compute returned {len(out)} results for {len(pending)} prompts, "
+                             f"expected 1..{len(pending)}")
+        errors = []
+        for (s, job), data in zip(pending, out):
+            if self.jobs.get(s) is not job or job.alloc is None:
+                continue                                    # replaced or dropped meanwhile
+            job.alloc = None
+            want = (self.cfg.layers, job.n_tokens, self.cfg.bytes_per_token)
+            if not isinstance(data, ValueError) and data.shape != want:
+                data = ValueError(f"compute returned KV of shape {data.shape}, expected {want}")
+            if isinstance(data, ValueError):
+                # the slot gets no writes: decode's transfer timeout ends the request (as before batching)
+                del self.jobs[s]
+                self.stats["compute_errors"] += 1
+                errors.append(f"slot {s} rid {job.rid}: {data}")
+            else:
+                job.data = data
+        return errors
+
     def pump(self, max_posts: int | None = None) -> int:
-        """Post the next layer of every slot still sending; returns how many writes were posted."""
+        """Post the next layer of every slot still sending (whose KV is computed); returns how many were posted."""
         posted = 0
         for s, job in list(self.jobs.items()):
             if max_posts is not None and posted >= max_posts:
                 break
-            if self._next_layer(s) >= self.cfg.layers:
+            if job.alloc is not None or self._next_layer(s) >= self.cfg.layers:
                 continue
             f = self.inst.try_fire("p_post", s=s, w=self.rank)
             if not f:
@@ -135,7 +172,7 @@ class PrefillRank:
         self._emit(self._fire("p_answer_safe", s=s, w=self.rank))
 
     def has_work(self) -> bool:
-        """Whether some slot still has layers to post."""
+        """Whether some slot still has KV to compute or layers to post."""
         return any(self._next_layer(s) < self.cfg.layers and self.inst.enabled("p_post", s=s, w=self.rank)
                    for s in self.jobs)
 
@@ -144,6 +181,11 @@ class PrefillRank:
         return {**self.stats, "rank": self.rank}
 
     # ------------------------------------------------------------ internals
+    def _pending(self) -> list[tuple[int, Job]]:
+        """Jobs whose KV is still to compute, in Alloc order (the spec still lets them post)."""
+        return [(s, j) for s, j in self.jobs.items()
+                if j.alloc is not None and self.inst.enabled("p_post", s=s, w=self.rank)]
+
     def _next_layer(self, s: int) -> int:
         return self.inst.get("posted", s, self.rank)
 

@@ -89,7 +89,7 @@ def run_worker_role(args: argparse.Namespace, ecfg: Any, pd_cfg: Any, secret: An
     ctrl, data = rank_ports(port, args.rank)
     model = PrefillModel(ecfg, pd_cfg)
     try:
-        return run_prefill(pd_cfg, args.rank, (host, ctrl), (host, data), compute=model,
+        return run_prefill(pd_cfg, args.rank, (host, ctrl), (host, data), compute=model.many,
                            live_stats=model.stats, secret=secret)
     finally:
         model.core.close()

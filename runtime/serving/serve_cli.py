@@ -66,6 +66,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     pd.add_argument("--transport", default="tcp", choices=("tcp", "mooncake", "verbs"),
                     help="how KV bytes move: tcp (default), mooncake (Mooncake Transfer Engine; the mooncake "
                          "extra), verbs (RDMA via pyverbs; needs a device); the protocol is the same")
+    pd.add_argument("--cpu-layout", default="auto", choices=("auto", "off"),
+                    help="auto (default): decode alone on one CPU, the router and prefill ranks on the others "
+                         "(with >= 2 CPUs; the one-command launch); off: wherever the OS puts them")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap on prompt + output tokens per request (default: what the model and KV pool allow)")
     parser.add_argument("--api-key", default=os.environ.get("KVPROOF_API_KEY"),
@@ -135,7 +138,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         check_available(args.transport)                    # TransportUnavailable says how to get it
         pd = PDEngineConfig(slots=args.slots, writers=args.writers, protocol=args.protocol,
                             max_prompt_tokens=args.max_prompt_tokens, delay_ms=args.kv_delay_ms,
-                            transport=args.transport, listen=args.pd_listen if args.role == "router" else None)
+                            transport=args.transport, listen=args.pd_listen if args.role == "router" else None,
+                            cpu_layout=args.cpu_layout)
         secret = None
         if args.role is not None:                          # hand-started roles share the operator's secret
             from kvproof.runtime.pd.launch import secret_from_env

@@ -3,7 +3,11 @@
 A message is a JSON object with a string `type` field; what the types mean is
 the protocol's business, not the channel's. Frames are length-prefixed:
 
-    magic 4s "KVCH" | version u8 | kind u8 (1 MSG, 2 HEARTBEAT, 3 BYE) | flags u16 (0) | length u32 | payload
+    magic 4s "KVCH" | version u8 | kind u8 (1 MSG, 2 HEARTBEAT, 3 BYE, 4 EVENTS) | flags u16 (0) |
+    length u32 | payload
+
+EVENTS is the per-step fast path of token events (`event_frames`: struct-packed, checked once per
+frame by the receiving thread, delivered as an `EventBatch` instead of a dict).
 
 The channel is separate from the data plane on purpose: a KV write may land
 after a control message sent later, and the protocol has to cope with that.
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .endpoint import SocketEndpoint, SocketListener
+from .event_frames import EventBatch, EventFrameError, decode_events, encode_events
 
 MAGIC = b"KVCH"
 VERSION = 1
@@ -36,6 +41,7 @@ class Kind(enum.IntEnum):
     MSG = 1
     HEARTBEAT = 2
     BYE = 3
+    EVENTS = 4
 
 
 class ChannelError(Exception):
@@ -90,7 +96,7 @@ def decode_header(raw: bytes, max_frame_bytes: int) -> tuple[Kind, int]:
         raise ChannelError(f"malformed frame: flags={flags:#x}, expected 0")
     if length > max_frame_bytes:
         raise ChannelError(f"malformed frame: length={length}, expected <= max_frame_bytes={max_frame_bytes}")
-    if Kind(kind) is not Kind.MSG and length:
+    if Kind(kind) not in (Kind.MSG, Kind.EVENTS) and length:
         raise ChannelError(f"malformed frame: length={length}, expected 0 for a {Kind(kind).name} frame")
     return Kind(kind), length
 
@@ -124,7 +130,7 @@ class Channel(SocketEndpoint):
         sock: socket.socket,
         *,
         config: ChannelConfig = ChannelConfig(),
-        on_message: Callable[[Message], None] | None = None,
+        on_message: Callable[[Message | EventBatch], None] | None = None,
         on_dead: Callable[[str], None] | None = None,
         label: str = "",
     ) -> None:
@@ -132,7 +138,7 @@ class Channel(SocketEndpoint):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._on_message, self._on_dead = on_message, on_dead
-        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._inbox: queue.Queue[Message | EventBatch] = queue.Queue()
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._dead_reason: str | None = None
@@ -158,6 +164,17 @@ class Channel(SocketEndpoint):
                                f"expected <= max_frame_bytes={self.config.max_frame_bytes}")
         self._send_frame(frame)
 
+    def send_events(self, events: Any) -> None:
+        """Send (rid, event) pairs as one binary EVENTS frame (`event_frames`); thread-safe."""
+        try:
+            payload = encode_events(events)
+        except EventFrameError as e:
+            raise ChannelError(str(e)) from None
+        if len(payload) > self.config.max_frame_bytes:
+            raise ChannelError(f"events frame is {len(payload)} bytes, expected <= "
+                               f"max_frame_bytes={self.config.max_frame_bytes}")
+        self._send_frame(HEADER.pack(MAGIC, VERSION, int(Kind.EVENTS), 0, len(payload)) + payload)
+
     def _send_frame(self, frame: bytes) -> None:
         if self._closed or self._dead_reason is not None:
             raise ChannelClosed(f"{self.label}: send on a {'closed' if self._closed else 'dead'} channel"
@@ -170,8 +187,9 @@ class Channel(SocketEndpoint):
             raise ChannelClosed(f"{self.label}: send failed, peer dead ({e!r})") from e
 
     # -- receiving ---------------------------------------------------------------
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message (queue mode); ChannelClosed once the channel is dead and drained."""
+    def recv(self, timeout: float | None = None) -> Message | EventBatch:
+        """The next message (queue mode: a dict, or an EventBatch for an EVENTS frame); ChannelClosed once
+        the channel is dead and drained."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -208,7 +226,15 @@ class Channel(SocketEndpoint):
                     return
                 if kind is Kind.HEARTBEAT:
                     continue
-                msg = decode_message(self._recv_exact(length, "payload") or b"")
+                payload = self._recv_exact(length, "payload") or b""
+                msg: Message | EventBatch
+                if kind is Kind.EVENTS:
+                    try:
+                        msg = decode_events(payload)
+                    except EventFrameError as e:
+                        raise ChannelError(str(e)) from None
+                else:
+                    msg = decode_message(payload)
                 if self._on_message is not None:
                     self._on_message(msg)
                 else:

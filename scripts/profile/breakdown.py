@@ -1,6 +1,6 @@
 """Categorise py-spy raw stacks: python scripts/profile/breakdown.py FILE.raw (see docs/performance.md)."""
 import sys, collections
-cats = [("spec firing (monitor/slot protocol)", ("spec/machine.py", "spec/compiled.py", "spec/core.py", "monitor.py")),
+cats = [("spec firing (monitor/slot protocol)", ("spec/machine.py", "spec/compiled.py", "spec/core.py", "spec/instance.py", "spec/local.py", "monitor.py")),
         ("model compute (decoder, torch ops)", ("model/decoder.py", "model/cache.py", "torch/nn", "model_runner.py")),
         ("HTTP/SSE (aiohttp, server)", ("aiohttp", "serving/server", "openai_protocol", "server_choices", "server_metrics", "asyncio", "json/")),
         ("inter-process hops (control channel, messages)", ("transport/", "pd/messages.py", "socket", "selectors")),

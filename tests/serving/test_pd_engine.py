@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 
 import aiohttp
@@ -55,10 +56,16 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
     rng = random.Random(1)
     plan = [(rng.randrange(len(prompts)), rng.choice(["none"] * 5 + ["abort", "disconnect"])) for _ in range(40)]
 
+    before = os.sched_getaffinity(0)
+
     async def main() -> dict:
         engine = PDEngine(EngineConfig(), PDEngineConfig(slots=6, writers=2, delay_ms=15.0, max_prompt_tokens=512))
         runner, url = await start_server(engine, "127.0.0.1", 0)
         try:
+            cpus = sorted(os.sched_getaffinity(engine.cluster.decode.pid))
+            if len(before) >= 2:                                    # cpu_layout auto: decode alone on one CPU
+                assert cpus == [max(before)] and os.sched_getaffinity(0) == before - {max(before)}
+                assert all(max(before) not in os.sched_getaffinity(p.pid) for p in engine.cluster.prefill)
             res = await asyncio.gather(*[_collect(engine, f"r{i}", TOK.encode(prompts[p]), params, f, 0.02 * i)
                                          for i, (p, f) in enumerate(plan)])
             done = 0
@@ -99,6 +106,7 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
             await engine.stop()
 
     st = asyncio.run(main())
+    assert os.sched_getaffinity(0) == before                        # the router's CPUs are given back at stop
     print({k: st[k] for k in ("kv_transfers_total", "kv_requests_aborted_total", "slots_reclaimed_total",
                               "reclaim_latency_seconds_sum", "aborts_total{cause}")})
 

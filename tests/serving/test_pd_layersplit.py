@@ -96,7 +96,8 @@ def test_pd_engine_with_layersplit_prefill_ranks_equals_reference() -> None:
     assert st["kv_foreign_landings_total"] == 0
     # every prefill rank (2) exported every prompt through its group; hits on the shared prefix
     assert st["prefill_layersplit_exports_total"] == 2 * len(prompts)
-    assert st["prefill_layersplit_forwards_total"] >= 2 * len(prompts)
+    # a rank batches the prompts that arrived together into one forward: the warm-up's, then 1..4 more
+    assert 2 * 2 <= st["prefill_layersplit_forwards_total"] <= 2 * len(prompts)
     assert st["prefill_prefix_hit_tokens_total"] >= 2 * 32 * (len(prompts) - 1)
     assert tree["decode"] == [], "decode runs unsplit: no followers"
     followers = [p for name, ps in tree.items() if name != "decode" for p in ps]
