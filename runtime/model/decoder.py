@@ -15,7 +15,8 @@ the layer's cache tensors, so a LayerSplit rank passes a receive buffer where it
 store the layer; the single-process path passes the `KVCache`'s own.
 
 Attention runs on one of two backends:
-  "torch"  vectorised torch over the paged cache (fast on the CPU, float64-exact);
+  "torch"  vectorised torch over the paged cache (`sparse_torch`: per-token top-k, fast on the CPU,
+           batch-invariant in float64);
   "triton" the project's kernels (`kernels/indexer.py`, `kernels/sparse_mla.py`), for a
            GPU, or on the CPU under TRITON_INTERPRET=1 (slow; used by a test).
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvproof.runtime.model import sparse_torch
 from kvproof.runtime.model.cache import KVCache, write_index_keys, write_rows
 from kvproof.runtime.model.config import ModelConfig
 
@@ -53,7 +55,7 @@ class Indexed:
     q_nope: torch.Tensor        # [T, H, dn]
     q_pe: torch.Tensor          # [T, H, dr]   (RoPE applied)
     rows: torch.Tensor          # [T, DL + dr] the new tokens' KV rows, written by `attend`
-    select: tuple[torch.Tensor, ...]   # torch: (valid [B, Q, K],); triton: (indices, counts)
+    select: tuple[torch.Tensor, ...]   # torch: (slots [T, W], real [T, W]); triton: (indices, counts)
 
 
 class RMSNorm(nn.Module):
@@ -156,47 +158,18 @@ class MLAttention(nn.Module):
         if backend == "triton":
             o_lat = self._attend_triton(q_lat, st.q_pe, st.select, b, kv)
         else:
-            o_lat = self._attend_torch(q_lat, st.q_pe, st.select[0], b, kv)
+            o_lat = self._attend_torch(q_lat, st.q_pe, st.select, b, kv)
         o = torch.einsum("thl,hvl->thv", o_lat, w_uv)                           # [T, H, dv]
         return self.wo(o.reshape(T, H * c.v_head_dim))
 
     def _select_torch(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_pages: torch.Tensor
-                      ) -> tuple[torch.Tensor]:
-        c = self.cfg
-        ik = ik_pages.view(-1, c.index_dim)[b.key_slots]                        # [B, K, DI]
-        B, K = b.key_slots.shape
-        qpos = b.positions[b.q_index]                                           # [B, Q]
-        kpos = torch.arange(K, device=ik.device)
-        valid = (kpos[None, None, :] <= qpos[:, :, None]) & b.q_mask[:, :, None]  # [B, Q, K] causal
-        valid &= kpos[None, None, :] < b.ctx_lens[:, None, None]
-        # lightning indexer: score[b, q, k] = sum_h w[h] relu(iq[h] . ik[k])
-        biq, biw = iq[b.q_index], iw[b.q_index]                                 # [B, Q, HI, DI], [B, Q, HI]
-        score = torch.einsum("bqhk,bqh->bqk", torch.einsum("bqhd,bkd->bqhk", biq, ik).relu_(), biw)
-        score = score.masked_fill(~valid, float("-inf"))
-        if K > c.index_topk:
-            # Identical keys (repeated tokens) tie; batch shape changes the rounding of such ties in
-            # the last bits. Snap scores to a 2^-24 grid, then a stable sort sends ties to the
-            # lower position, so the selection does not depend on the batch.
-            snapped = torch.round(score * 2.0 ** 24)
-            order = torch.sort(snapped, dim=-1, descending=True, stable=True).indices[..., : c.index_topk]
-            keep = torch.zeros_like(valid).scatter_(-1, order, True)
-            valid &= keep
-        return (valid,)
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparse_torch.select(iq, iw, b, ik_pages, self.cfg.index_topk)
 
-    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, valid: torch.Tensor, b: AttnBatch,
-                      kv_pages: torch.Tensor) -> torch.Tensor:
-        c, DL = self.cfg, self.cfg.kv_lora_rank
-        kv = kv_pages.view(-1, c.kv_width)[b.key_slots]                         # [B, K, DL + dr]
-        # absorbed MLA over the selected tokens
-        bq, bpe = q_lat[b.q_index], q_pe[b.q_index]                             # [B, Q, H, DL], [B, Q, H, dr]
-        s = (torch.einsum("bqhl,bkl->bhqk", bq, kv[..., :DL])
-             + torch.einsum("bqhr,bkr->bhqk", bpe, kv[..., DL:])) * c.sm_scale   # [B, H, Q, K]
-        s = s.masked_fill(~valid[:, None], float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                            # padded rows -> 0
-        o = torch.einsum("bhqk,bkl->bqhl", p, kv[..., :DL])                      # [B, Q, H, DL]
-        out = torch.zeros_like(q_lat)
-        out[b.q_index[b.q_mask]] = o[b.q_mask]
-        return out
+    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, select: tuple[torch.Tensor, ...],
+                      b: AttnBatch, kv_pages: torch.Tensor) -> torch.Tensor:
+        slots, real = select
+        return sparse_torch.attend(q_lat, q_pe, slots, real, kv_pages, self.cfg.sm_scale)
 
     def _select_triton(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_fp8: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

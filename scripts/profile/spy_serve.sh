@@ -1,6 +1,6 @@
 #!/bin/bash
 # usage: spy.sh ENGINE OUT ; profiles a kvproof serve under the bench load with py-spy (all processes)
-cd /work/wt/perf
+cd "$(dirname "$0")/../.."
 ENGINE=$1; OUT=$2; PORT=$((18000 + RANDOM % 1000))
 OMP_NUM_THREADS=1 .venv/bin/python -m kvproof serve --engine $ENGINE --port $PORT --served-model-name tiny > $OUT.serve.log 2>&1 &
 SPID=$!
