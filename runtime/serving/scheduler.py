@@ -231,11 +231,19 @@ class Scheduler:
     def reads(self, batch: ScheduledBatch) -> None:
         """Check with the page spec that every page the batch reads is held at the content its sequence
         expects (pages a host load fills this batch are read inside the checked load plan instead)."""
+        pages: list[int] = []
+        tags: list[int] = []
         for seq in batch.seqs:
+            if not seq.swaps:
+                pages += seq.pages
+                tags += seq.page_tags
+                continue
             loading = {p for _, p, _ in seq.swaps}
             for p, e in zip(seq.pages, seq.page_tags):
                 if p not in loading:
-                    self.pool.read([p], [e])
+                    pages.append(p)
+                    tags.append(e)
+        self.pool.read(pages, tags)
 
     def _end_swaps(self, seq: Sequence, publish: bool) -> None:
         for hp, p, h in seq.swaps:

@@ -2,7 +2,7 @@
 
 The same request mix as `kvproof bench serving` (loadgen's prompts, 200 requests, 32 in flight, max_tokens
 16..64, ignore_eos), replayed in a closed loop straight into EngineCore.step (no HTTP, no second process):
-the model + scheduler share of a served token. Prints tok/s, steps by kind and ms per step; with PROFILE=1
+the model + scheduler share of a served token. Prints tok/s (wall), CPU ms per token (steadier on a shared box), steps by kind and ms per step; with PROFILE=1
 the top of a cProfile of the run.
 """
 import argparse
@@ -44,7 +44,7 @@ times = {"prefill": [0.0, 0], "decode": [0.0, 0]}
 pr = cProfile.Profile()
 if prof:
     pr.enable()
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 while todo or live:
     while todo and len(live) < 32:
         add()
@@ -53,11 +53,12 @@ while todo or live:
     core.step()
     times[kind][0] += time.perf_counter() - s
     times[kind][1] += 1
-el = time.perf_counter() - t0
+el, cpu = time.perf_counter() - t0, time.process_time() - c0
 if prof:
     pr.disable()
 n = core.totals["generation_tokens_total"]
-print(dtype, "elapsed %.2f s tokens %d tok/s %.0f ms/token %.3f" % (el, n, n / el, 1000 * el / n),
+print(dtype, "elapsed %.2f s tokens %d tok/s %.0f; CPU %.2f s: %.3f ms/token, %.0f tok per CPU-s"
+      % (el, n, n / el, cpu, 1000 * cpu / n, n / cpu),
       {k: {"s": round(v[0], 2), "steps": v[1], "ms/step": round(1000 * v[0] / max(v[1], 1), 2)}
        for k, v in times.items()})
 if prof:
