@@ -60,36 +60,91 @@ def _scores(iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor) -> torch.Tenso
     return torch.bmm(iw.view(n, 1, HI), s.view(n, HI, -1)).view(n, -1)
 
 
+def _split(ctx: list[int], rows: int, page: int) -> list[list[int]]:
+    """Sequences (indices into ctx) in groups by context length, so that padding every sequence of a
+    group to its longest costs less than the extra ops of one more group (at most three groups)."""
+    order = sorted(range(len(ctx)), key=ctx.__getitem__)
+    fixed = 2048 // max(rows, 1)       # one more group's ops cost about as much as this many (sequence, key) pairs
+
+    def best(part: list[int]) -> tuple[int, int | None]:
+        """(cost, split point) of `part` as one group or as two."""
+        n = len(part)
+        one = n * (ctx[part[-1]] + page)
+        cut, cost = None, one
+        for i in range(1, n):
+            c = i * (ctx[part[i - 1]] + page) + (n - i) * (ctx[part[-1]] + page) + fixed
+            if c < cost:
+                cut, cost = i, c
+        return cost, cut
+
+    _, cut = best(order)
+    if cut is None:
+        return [order]
+    groups = [order[:cut], order[cut:]]
+    big = max(range(2), key=lambda g: len(groups[g]) * ctx[groups[g][-1]])
+    _, cut2 = best(groups[big])
+    if cut2 is not None:
+        g = groups.pop(big)
+        groups[big:big] = [g[:cut2], g[cut2:]]
+    return groups
+
+
+def _batched(iq: torch.Tensor, iw: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+             ik_pages: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`width` keys of B sequences with Q query tokens each, keys padded to the longest:
+    iq [B*Q, HI, DI], iw [B*Q, HI], positions [B*Q], table [B, pages] -> (slots [B*Q, width], real)."""
+    T, HI, DI = iq.shape
+    B, MP = table.shape
+    Q, S = T // B, ik_pages.shape[1]
+    K = MP * S
+    ik = ik_pages[table].view(B, K, DI)                                        # whole pages: one index per page
+    s = torch.matmul(iq.view(B, Q * HI, DI), ik.transpose(1, 2)).relu_()       # [B, Q * HI, K]
+    score = torch.bmm(iw.view(T, 1, HI), s.view(T, HI, K)).view(T, K)
+    valid = torch.arange(K, device=iq.device)[None, :] <= positions[:, None]
+    pos, real = top_positions(pack_scores(score, valid), width)
+    tok_table = table.repeat_interleave(Q, dim=0) if Q > 1 else table           # [T, pages]
+    return tok_table.gather(1, pos // S) * S + pos % S, real
+
+
 def select(iq: torch.Tensor, iw: torch.Tensor, b: "AttnBatch", ik_pages: torch.Tensor, width: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-`width` keys by indexer score: (flat cache slots [T, width], real [T, width])."""
     T, HI, DI = iq.shape
-    ik_flat = ik_pages.view(-1, DI)
+    S = ik_pages.shape[1]
     B, Q = b.q_index.shape
-    if B * Q == T:                         # every sequence has Q tokens (decode): one batched product
-        K = b.key_slots.shape[1]
-        ik = ik_flat[b.key_slots]                                              # [B, K, DI]
-        s = torch.matmul(iq.view(B, Q * HI, DI), ik.transpose(1, 2)).relu_()   # [B, Q * HI, K]
-        score = torch.bmm(iw.view(T, 1, HI), s.view(T, HI, K)).view(T, K)
-        valid = torch.arange(K, device=iq.device)[None, :] <= b.positions[:, None]
-        pos, real = top_positions(pack_scores(score, valid), width)
-        return b.key_slots.view(B, 1, K).expand(B, Q, K).reshape(T, K).gather(1, pos), real
+    table = b.page_table.to(torch.int64)
+    if B * Q == T:                         # every sequence has Q tokens (decode): batched, grouped by length
+        groups = getattr(b, "_groups", None)
+        if groups is None:
+            groups = b._groups = _split(b.ctx_lens.tolist(), Q, S)                # type: ignore[attr-defined]
+        if len(groups) == 1:
+            return _batched(iq, iw, b.positions, table, ik_pages, width)
+        slots = torch.empty(T, width, dtype=torch.int64, device=iq.device)
+        real = torch.empty(T, width, dtype=torch.bool, device=iq.device)
+        ctx = b.ctx_lens.tolist()
+        for g in groups:
+            seqs = torch.tensor(g, device=iq.device)
+            rows = (seqs[:, None] * Q + torch.arange(Q, device=iq.device)).view(-1)
+            mp = -(-max(ctx[i] for i in g) // S)
+            sl, re = _batched(iq[rows], iw[rows], b.positions[rows], table[seqs, :mp], ik_pages, width)
+            slots[rows], real[rows] = sl, re
+        return slots, real
     # ragged (prefill chunks): sequence by sequence over its own keys, no padding
     lens, ctx = b.q_mask.sum(1).tolist(), b.ctx_lens.tolist()
-    slots, reals, t0 = [], [], 0
+    slots_l, reals, t0 = [], [], 0
     for i, (n, k) in enumerate(zip(lens, ctx)):
-        ks = b.key_slots[i, :k]
-        ik = ik_flat[ks]                                                       # [k, DI]
-        kpos = torch.arange(k, device=iq.device)
-        step = max(1, _CHUNK // (HI * k))
+        pages = table[i, : -(-k // S)]
+        ik = ik_pages[pages].view(-1, DI)                                      # [pages * S, DI] >= k keys
+        kpos = torch.arange(ik.shape[0], device=iq.device)
+        step = max(1, _CHUNK // (HI * ik.shape[0]))
         for a in range(t0, t0 + n, step):
             e = min(a + step, t0 + n)
             score = _scores(iq[a:e], iw[a:e], ik)
             pos, real = top_positions(pack_scores(score, kpos[None, :] <= b.positions[a:e, None]), width)
-            slots.append(ks[pos])
+            slots_l.append(pages[pos // S] * S + pos % S)
             reals.append(real)
         t0 += n
-    return torch.cat(slots), torch.cat(reals)
+    return torch.cat(slots_l), torch.cat(reals)
 
 
 def attend(q_lat: torch.Tensor, q_pe: torch.Tensor, slots: torch.Tensor, real: torch.Tensor,
