@@ -48,18 +48,22 @@ class ModelRunner:
         ctx = [s + n for s, n in zip(starts, lens)]
         K = max(ctx)
         max_pages = max(len(s.pages) for s in seqs)
-        table = torch.zeros(B, max_pages, dtype=torch.int64)
-        for b, s in enumerate(seqs):
-            table[b, : len(s.pages)] = torch.tensor(s.pages)
-        offs = torch.tensor([0] + lens).cumsum(0)[:-1]                           # [B] first token row
-        j = torch.arange(Q)
-        q_mask = j[None, :] < torch.tensor(lens)[:, None]                        # [B, Q]
-        q_index = torch.where(q_mask, offs[:, None] + j[None, :], 0)
-        tok_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))   # [T]
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        table = torch.tensor([s.pages + [0] * (max_pages - len(s.pages)) for s in seqs], dtype=torch.int64)
+        lens_t, starts_t = torch.tensor(lens), torch.tensor(starts)
+        if Q * B == sum(lens):                                                  # uniform (decode): no ragged rows
+            q_mask = torch.ones(B, Q, dtype=torch.bool)
+            q_index = torch.arange(B * Q).view(B, Q)
+            tok_seq = torch.arange(B).repeat_interleave(Q)
+            positions = (starts_t[:, None] + torch.arange(Q)).view(-1)
+        else:
+            offs = lens_t.cumsum(0) - lens_t                                     # [B] first token row
+            j = torch.arange(Q)
+            q_mask = j[None, :] < lens_t[:, None]                                # [B, Q]
+            q_index = torch.where(q_mask, offs[:, None] + j[None, :], 0)
+            tok_seq = torch.repeat_interleave(torch.arange(B), lens_t)           # [T]
+            positions = starts_t[tok_seq] + torch.arange(len(tok_seq)) - offs[tok_seq]
         slots = table[tok_seq, positions // S] * S + positions % S               # [T]
-        kpos = torch.arange(K)
-        key_slots = table[:, torch.clamp(kpos // S, max=max_pages - 1)] * S + kpos % S   # [B, K]
+        key_slots = (table[:, :, None] * S + torch.arange(S)).view(B, -1)[:, :K]  # [B, K]
         return AttnBatch(positions.to(dev), slots.to(dev), q_index.to(dev), q_mask.to(dev),
                          key_slots.to(dev), torch.tensor(ctx, device=dev),
                          table.to(torch.int32).to(dev), tok_seq.to(torch.int32).to(dev))

@@ -243,7 +243,10 @@ class Scheduler:
                 if p not in loading:
                     pages.append(p)
                     tags.append(e)
-        self.pool.read(pages, tags)
+        # a page shared by several sequences (a cached prefix) is read at the same epoch by each: `read` is
+        # idempotent for equal arguments, so one firing per distinct (page, epoch) checks the same thing
+        pairs = dict.fromkeys(zip(pages, tags))
+        self.pool.read([p for p, _ in pairs], [e for _, e in pairs])
 
     def _end_swaps(self, seq: Sequence, publish: bool) -> None:
         for hp, p, h in seq.swaps:
