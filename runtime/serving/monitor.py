@@ -100,7 +100,8 @@ class RequestMonitor:
         if not self.cfg.enabled:           # statistics only
             return None
         for action in ("flag_low_accept", "flag_degenerate"):
-            if self.inst.try_fire(action):
+            # `enabled` first: a refused try_fire re-runs the body interpreted to name the guard (per token)
+            if self.inst.enabled(action) and self.inst.try_fire(action):
                 return self.reason
         return None
 
