@@ -13,12 +13,9 @@ the lower position, and `topk` of the packed keys is deterministic (no full stab
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from kvproof.runtime.model.decoder import AttnBatch
 
 POS_BITS = 17                          # positions < 2^17: every preset's max_seq_len fits
 _LOW = (1 << POS_BITS) - 1
@@ -106,9 +103,11 @@ def _batched(iq: torch.Tensor, iw: torch.Tensor, positions: torch.Tensor, table:
     return tok_table.gather(1, pos // S) * S + pos % S, real
 
 
-def select(iq: torch.Tensor, iw: torch.Tensor, b: "AttnBatch", ik_pages: torch.Tensor, width: int
+def select(iq: torch.Tensor, iw: torch.Tensor, b: Any, ik_pages: torch.Tensor, width: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's top-`width` keys by indexer score: (flat cache slots [T, width], real [T, width])."""
+    """Each token's top-`width` keys by indexer score: (flat cache slots [T, width], real [T, width]).
+
+    `b` is the forward's `decoder.AttnBatch` (not imported here: decoder imports this module)."""
     T, HI, DI = iq.shape
     S = ik_pages.shape[1]
     B, Q = b.q_index.shape

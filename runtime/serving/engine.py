@@ -4,7 +4,8 @@
 `abort(request_id)` terminates a request (client abort, disconnect), `stats()` feeds
 /metrics. `LocalEngine` runs the whole model in this process with continuous
 batching, chunked prefill, MTP speculative decoding and the anomaly monitor; it is
-also the reference that end-to-end integrity tests compare against. The PD engine
+also the reference that end-to-end integrity tests compare against. `kvproof serve --engine
+local` runs the same EngineCore in a process of its own (`engine_proc.ProcessEngine`). The PD engine
 (prefill and decode processes) implements the same interface. The interface types live in
 `engine_api` and are re-exported here.
 """

@@ -1,9 +1,10 @@
-"""EngineCore alone under the serving bench's load: python scripts/profile/core_serve.py [DTYPE] [PROFILE(0|1)].
+"""EngineCore alone under the serving bench's load: python scripts/profile/core_serve.py [DTYPE] [PROFILE(0|1)] [PART/PARTS].
 
 The same request mix as `kvproof bench serving` (loadgen's prompts, 200 requests, 32 in flight, max_tokens
 16..64, ignore_eos), replayed in a closed loop straight into EngineCore.step (no HTTP, no second process):
 the model + scheduler share of a served token. Prints tok/s (wall), CPU ms per token (steadier on a shared box), steps by kind and ms per step; with PROFILE=1
-the top of a cProfile of the run.
+the top of a cProfile of the run. PART/PARTS: every PARTS-th request from PART, 32/PARTS in flight (one
+of PARTS data-parallel cores).
 """
 import argparse
 import cProfile
@@ -22,6 +23,9 @@ prof = len(sys.argv) > 2 and sys.argv[2] == "1"
 p = argparse.ArgumentParser()
 add_loadgen_args(p)
 mix = _mix(p.parse_args(["--abort-fraction", "0", "--seed", "0"]))
+part, parts = (int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0/1").split("/"))   # this share of the mix
+mix = mix[part::parts]
+inflight = 32 // parts
 tok = ByteTokenizer()
 core = EngineCore(EngineConfig(model=preset("tiny").replace(dtype=dtype)))
 todo = collections.deque(enumerate(mix))
@@ -46,7 +50,7 @@ if prof:
     pr.enable()
 t0, c0 = time.perf_counter(), time.process_time()
 while todo or live:
-    while todo and len(live) < 32:
+    while todo and len(live) < inflight:
         add()
     kind = "prefill" if core.scheduler.waiting else "decode"
     s = time.perf_counter()
