@@ -5,8 +5,9 @@ HTTP/SSE work take turns under one GIL. `ProcessEngine` gives the `EngineCore` (
 monitor) its own process, as vLLM separates its API server from its engine core: the core runs
 `step()` back to back and sends, after each step, ONE message with every event of that step;
 requests, aborts, fault injections and stats requests go the other way. Messages are pickled
-tuples over a socket pair (`multiprocessing.Pipe`); the server's asyncio loop reads the core's
-messages with `add_reader`, so events reach the request queues without a thread hop.
+tuples over a socket pair (`multiprocessing.Pipe`; the core's side and the messages are in
+`core_process`); the server's asyncio loop reads the core's messages with `add_reader`, so events
+reach the request queues without a thread hop.
 
 Life cycle: `start()` spawns the core (a fresh interpreter: no fork of a threaded server) and waits
 for its "ready"; `stop()` asks it to abort what is pending and exit, then joins it (terminate,
@@ -20,102 +21,16 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import pickle
-import signal
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any, AsyncIterator, Callable
 
 from kvproof.runtime.model.tokenizer import ByteTokenizer
+from kvproof.runtime.serving.core_process import core_main
 from kvproof.runtime.serving.engine_api import GenerationRequest, StreamingMixin, TokenEvent
 
 Sink = Callable[[TokenEvent], None]
-_EV_FIELDS = ("request_id", "tokens", "finished", "finish_reason", "detail", "prompt_tokens", "completion_tokens",
-              "accept_length", "accept_rate", "logprobs", "queue_s")
-STATS_EVERY_S = 0.25                   # an idle-free core also refreshes the server's snapshot this often
-
-
-def _as_tuple(ev: TokenEvent) -> tuple:
-    return (ev.request_id, ev.tokens, ev.finished, ev.finish_reason, ev.detail, ev.prompt_tokens,
-            ev.completion_tokens, ev.accept_length, ev.accept_rate, ev.logprobs, ev.queue_s)
-
-
-# ---------------------------------------------------------------- the core process
-def core_main(cfg: Any, conn: Connection) -> None:
-    """Entry point of the engine-core process: build the EngineCore, then step and exchange messages."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the whole group: the server stops us
-    from kvproof.runtime.serving.engine import EngineCore
-    try:
-        core = EngineCore(cfg)
-    except BaseException as e:
-        conn.send_bytes(pickle.dumps(("error", f"engine core failed to start: {type(e).__name__}: {e}",
-                                      traceback.format_exc())))
-        conn.close()
-        raise SystemExit(1) from None
-    conn.send_bytes(pickle.dumps(("ready", {"max_model_len": core.max_model_len,
-                                            "vocab_size": core.model.cfg.vocab_size, "stats": core.stats()})))
-    try:
-        _core_loop(core, conn)
-    finally:
-        core.close()
-        conn.close()
-
-
-def _core_loop(core: Any, conn: Connection) -> None:
-    out: list[tuple] = []
-    finished = [False]
-
-    def sink(ev: TokenEvent) -> None:
-        out.append(_as_tuple(ev))
-        finished[0] |= ev.finished
-
-    busy, stopping, nonce, last_stats = False, False, None, time.monotonic()
-    try:
-        while not stopping:
-            # block only when there is nothing to step; a closed pipe (server gone) ends the loop
-            ready = conn.poll(0 if busy else None)
-            while ready:
-                msg = pickle.loads(conn.recv_bytes())
-                kind = msg[0]
-                if kind == "add":
-                    try:
-                        core.add(msg[1], sink)
-                    except ValueError as e:                   # the server checked first: a race at most
-                        sink(TokenEvent(msg[1].request_id, (), True, "abort", f"refused: {e}"))
-                elif kind == "abort":
-                    core.abort(msg[1], msg[2])
-                elif kind == "corrupt":
-                    core.corrupt_after_prefill.add(msg[1])
-                elif kind == "stats":
-                    nonce = msg[1]
-                elif kind == "stop":
-                    stopping = True
-                ready = conn.poll(0)
-            if not stopping:
-                busy = core.step()
-            now = time.monotonic()
-            if nonce is not None or finished[0] or now - last_stats > STATS_EVERY_S:
-                stats, last_stats = core.stats(), now
-            else:
-                stats = None
-            if out or stats is not None:
-                conn.send_bytes(pickle.dumps(("events", out, stats, nonce), protocol=pickle.HIGHEST_PROTOCOL))
-                out.clear()
-                nonce, finished[0] = None, False
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        return                                                # the server is gone: nobody to answer
-    except BaseException as e:                                # a model error: tell the server, then exit
-        try:
-            conn.send_bytes(pickle.dumps(("error", f"engine core failed: {type(e).__name__}: {e}",
-                                          traceback.format_exc())))
-        except OSError:
-            pass
-        raise
-    for rid in list(core.seqs):                               # stop: pending requests end as aborts
-        core.abort(rid, "shutdown")
-    conn.send_bytes(pickle.dumps(("events", out, core.stats(), None)))
-    conn.send_bytes(pickle.dumps(("stopped",)))
 
 
 # ---------------------------------------------------------------- the server side
