@@ -12,81 +12,27 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
-from kvproof.spec.machine import Emission, Firing, Instance, Ops, data_domain, receive_guard
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Emission, Firing, Ops, data_domain, receive_guard
+from kvproof.spec.traced import TracedExpr
 
 
-class Expr:
+class Expr(TracedExpr):
     """A node of a traced expression; renders to Python source."""
 
-    __slots__ = ("src",)
+    __slots__ = ()
 
-    def __init__(self, src: str) -> None:
-        self.src = src
-
-    def _bin(self, op: str, other: Any) -> "Expr":
-        return Expr(f"({self.src} {op} {_src(other)})")
-
-    def _rbin(self, op: str, other: Any) -> "Expr":
-        return Expr(f"({_src(other)} {op} {self.src})")
-
-    def __eq__(self, o: Any) -> "Expr":  # type: ignore[override]
-        return self._bin("==", o)
-
-    def __ne__(self, o: Any) -> "Expr":  # type: ignore[override]
-        return self._bin("!=", o)
-
-    def __lt__(self, o: Any) -> "Expr":
-        return self._bin("<", o)
-
-    def __le__(self, o: Any) -> "Expr":
-        return self._bin("<=", o)
-
-    def __gt__(self, o: Any) -> "Expr":
-        return self._bin(">", o)
-
-    def __ge__(self, o: Any) -> "Expr":
-        return self._bin(">=", o)
-
-    def __add__(self, o: Any) -> "Expr":
-        return self._bin("+", o)
-
-    def __radd__(self, o: Any) -> "Expr":
-        return self._rbin("+", o)
-
-    def __sub__(self, o: Any) -> "Expr":
-        return self._bin("-", o)
-
-    def __rsub__(self, o: Any) -> "Expr":
-        return self._rbin("-", o)
-
-    def __mul__(self, o: Any) -> "Expr":
-        return self._bin("*", o)
-
-    def __rmul__(self, o: Any) -> "Expr":
-        return self._rbin("*", o)
-
-    def __neg__(self) -> "Expr":
-        return Expr(f"(-{self.src})")
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __bool__(self) -> bool:
-        raise TypeError("state values cannot be used in Python 'if'/'and'/'or'/'not' inside an "
-                        "action; use m.ite / m.all / m.any / m.not_")
+    @classmethod
+    def literal(cls, v: Any) -> str:
+        """Python source of a constant: bools, None and ints as themselves, other objects as C[i]."""
+        if isinstance(v, bool) or v is None or type(v) is int:
+            return repr(v)
+        _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
+        return f"C[{len(_CONSTS) - 1}]"
 
 
 _CONSTS: list[Any] = []
-
-
-def _src(v: Any) -> str:
-    if isinstance(v, Expr):
-        return v.src
-    if isinstance(v, bool) or v is None:
-        return repr(v)
-    if type(v) is int:
-        return repr(v)
-    _CONSTS.append(v)                  # IntEnum members etc.: keep the object, not just its value
-    return f"C[{len(_CONSTS) - 1}]"
+_src = Expr.text
 
 
 def source(v: Any) -> str:
@@ -321,26 +267,23 @@ class FastInstance(Instance):
             return super().enabled(action, **args)
         return fn(self.state, *[args[d] for d in data]) is not None
 
-    def fire(self, action: str, **args: Any) -> list[Emission]:
-        """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
+    def _fast_fire(self, action: str, args: dict[str, Any]) -> bool:
+        """Fire through the compiled function when it applies and every guard (and Nat) holds; False: it
+        did nothing, and the interpreted path decides (and names the guard or the Nat)."""
         data, fn, nats = self._fast(action, args)
         if fn is None or self._trace is not None:
-            return super().fire(action, **args)
+            return False
         with self._lock:
             nxt = fn(self.state, *[args[d] for d in data])
             if nxt is not None and not any(nxt[p] < 0 for p in nats):
                 self.state[:] = nxt
-                return []
-        return super().fire(action, **args)          # raises ProtocolViolation naming the guard (or the Nat)
+                return True
+        return False
+
+    def fire(self, action: str, **args: Any) -> list[Emission]:
+        """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
+        return [] if self._fast_fire(action, args) else super().fire(action, **args)
 
     def try_fire(self, action: str, **args: Any) -> Firing:
         """Fire `action(args)` if enabled (see Instance.try_fire); compiled as `fire` is."""
-        data, fn, nats = self._fast(action, args)
-        if fn is None or self._trace is not None:
-            return super().try_fire(action, **args)
-        with self._lock:
-            nxt = fn(self.state, *[args[d] for d in data])
-            if nxt is not None and not any(nxt[p] < 0 for p in nats):
-                self.state[:] = nxt
-                return Firing(None, [])
-        return super().try_fire(action, **args)      # the guard's name (or the Nat violation) from the view
+        return Firing(None, []) if self._fast_fire(action, args) else super().try_fire(action, **args)

@@ -56,8 +56,9 @@ def test_runtime_fires_the_kv_slot_spec():
     assert "Instance(" in text and "fire(" in text
 
 
-# The modules that own KV pages: the engine's page pool, HiCache's tiers, the engine's host tier.
-PAGE_OWNERS = ("runtime/model/page_pool.py", "runtime/hicache/pages.py", "runtime/hicache/host_tier.py")
+# The modules that own KV pages: the engine's page pool and HiCache's tier pages (under both the
+# standalone HiCache and the engine's host tier, through hicache/core.py).
+PAGE_OWNERS = ("runtime/model/page_pool.py", "runtime/hicache/pages.py")
 # Names of hand-kept page bookkeeping the page spec (spec/kv_page.py) holds instead.
 PAGE_COUNTERS = {"ref", "refs", "refcount", "refcounts", "pin", "pins", "locks", "used"}
 
@@ -234,3 +235,34 @@ def test_runtime_never_reads_protocol_state_by_hand():
     """runtime/ asks the spec (enabled, try_fire, holds) instead of comparing its state."""
     offenders = [f"{p.relative_to(ROOT)}:{n}" for p in _modules("runtime") for n in _spec_state_reads(p.read_text())]
     assert not offenders, f"spec state read by hand (ask enabled/try_fire/holds instead): {offenders}"
+
+
+def test_one_hicache_core():
+    """The standalone HiCache and the engine's host tier are built on one core (runtime/hicache/core.py):
+    neither builds, gates or executes the swap-in plan, copies pages or keeps a page table itself."""
+    core = (ROOT / "runtime/hicache/core.py").read_text()
+    for call in ("hicache_plan(", "PlanGate(", "execute(", "def layer_copy(", "TierPages("):
+        assert call in core, f"hicache/core.py lost {call}"
+    for rel in ("runtime/hicache/cache.py", "runtime/hicache/host_tier.py"):
+        text = (ROOT / rel).read_text()
+        assert "HostPages(" in text, f"{rel} is not built on the HiCache core"
+        for call in ("hicache_plan(", "PlanGate(", "execute(", "layer_copy(", "LocalInstance(", ".copy_(self.dev"):
+            assert call not in text, f"{rel} calls {call}: that is the HiCache core's (hicache/core.py)"
+
+
+def test_protocol_messages_are_derived_from_the_spec():
+    """No runtime module hand-writes a message class for a spec channel (TYPE = a channel name): the
+    wire classes of protocol messages come from runtime/transport/messages.spec_message."""
+    from kvproof.spec.catalog import PROTOCOLS
+    channels = {c for proto in PROTOCOLS.values() for c in getattr(proto, "channels", {})}
+    offenders = []
+    for p in _modules("runtime"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for st in node.body:
+                    value = st.value if isinstance(st, (ast.Assign, ast.AnnAssign)) else None
+                    names = [t.id for t in (st.targets if isinstance(st, ast.Assign) else [st.target])
+                             if isinstance(t, ast.Name)] if value is not None else []
+                    if "TYPE" in names and isinstance(value, ast.Constant) and value.value in channels:
+                        offenders.append(f"{p.relative_to(ROOT)}:{node.lineno} class {node.name} (TYPE={value.value!r})")
+    assert not offenders, f"hand-kept copies of spec channel messages (use spec_message): {offenders}"

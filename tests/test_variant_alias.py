@@ -11,7 +11,7 @@ from kvproof.spec.core import variant_arg, variant_name
 from kvproof.spec.hicache_plan import hicache_plan
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.layersplit_plan import LayerSplitShape
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.verify.explore import explore
 
 PARAMS = {"slots": 1, "writers": 1, "max_epoch": 2, "max_chunks": 1}

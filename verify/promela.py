@@ -21,75 +21,33 @@ from typing import Any
 
 from kvproof.spec.core import NAT_PROPERTY, ActionDef, Bool, EnumT, Layout, Nat, Protocol
 from kvproof.spec.machine import Ops, View, data_domain, holds, receive_guard
+from kvproof.spec.traced import TracedExpr
 
 
-class PExpr:
+class PExpr(TracedExpr):
     """A Promela expression built by running an action body; remembers the positions it reads."""
 
-    __slots__ = ("src", "reads")
+    __slots__ = ("reads",)
 
     def __init__(self, src: str, reads: frozenset[int] = frozenset()) -> None:
-        self.src, self.reads = src, reads
+        super().__init__(src)
+        self.reads = reads
 
-    def _bin(self, op: str, other: Any, rev: bool = False) -> "PExpr":
-        a, b = (_src(other), self.src) if rev else (self.src, _src(other))
-        return PExpr(f"({a} {op} {b})", self.reads | _reads(other))
+    @classmethod
+    def literal(cls, v: Any) -> str:
+        """Promela source of a constant: a bool or an int (IntEnum members too: Promela sees their value)."""
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(int(v))
+        raise TypeError(f"cannot translate {v!r} ({type(v).__name__}) to Promela; expected a state "
+                        f"value, a bool, an int or an IntEnum member")
 
-    def __eq__(self, o: Any) -> "PExpr":  # type: ignore[override]
-        return self._bin("==", o)
-
-    def __ne__(self, o: Any) -> "PExpr":  # type: ignore[override]
-        return self._bin("!=", o)
-
-    def __lt__(self, o: Any) -> "PExpr":
-        return self._bin("<", o)
-
-    def __le__(self, o: Any) -> "PExpr":
-        return self._bin("<=", o)
-
-    def __gt__(self, o: Any) -> "PExpr":
-        return self._bin(">", o)
-
-    def __ge__(self, o: Any) -> "PExpr":
-        return self._bin(">=", o)
-
-    def __add__(self, o: Any) -> "PExpr":
-        return self._bin("+", o)
-
-    def __radd__(self, o: Any) -> "PExpr":
-        return self._bin("+", o, rev=True)
-
-    def __sub__(self, o: Any) -> "PExpr":
-        return self._bin("-", o)
-
-    def __rsub__(self, o: Any) -> "PExpr":
-        return self._bin("-", o, rev=True)
-
-    def __mul__(self, o: Any) -> "PExpr":
-        return self._bin("*", o)
-
-    def __rmul__(self, o: Any) -> "PExpr":
-        return self._bin("*", o, rev=True)
-
-    def __neg__(self) -> "PExpr":
-        return PExpr(f"(-{self.src})", self.reads)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __bool__(self) -> bool:
-        raise TypeError("state values cannot be used in Python 'if'/'and'/'or'/'not' inside an "
-                        "action; use m.ite / m.all / m.any / m.not_")
+    def _node(self, src: str, *operands: Any) -> "PExpr":
+        return PExpr(src, self.reads.union(*map(_reads, operands)))
 
 
-def _src(v: Any) -> str:
-    if isinstance(v, PExpr):
-        return v.src
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):          # IntEnum members included: Promela sees their value
-        return str(int(v))
-    raise TypeError(f"cannot translate {v!r} ({type(v).__name__}) to Promela; expected a state "
-                    f"value, a bool, an int or an IntEnum member")
+_src = PExpr.text
 
 
 def _reads(v: Any) -> frozenset[int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvproof.spec.catalog import PROTOCOLS
 from kvproof.spec.core import Protocol, ProtocolViolation, SpecError
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 class TraceFormatError(ValueError):

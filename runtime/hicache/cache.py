@@ -7,24 +7,26 @@ copy is kept after a swap-in so a second eviction is free); a batch whose
 prefix is partly on the host swaps it in layer by layer on a load stream with
 one event per layer for the Indexer cache and one for the KV.
 
-Every batch executes the plan of ``spec.hicache_plan`` (load + toy forward),
-and that plan is checked by ``spec.streams.check_plan`` before it runs, once
-per plan shape. The pre-fix ``unfixed`` plan only runs with ``allow_races``.
-On CPU the plan runs on the stream emulator; with CUDA on streams and events.
+Host pages, write-back and the layer-wise swap-in are the HiCache core
+(``hicache.core.HostPages``, which the serving engine's host tier is built on too):
+every batch executes the plan of ``spec.hicache_plan`` (load + toy forward), checked
+by ``spec.streams.check_plan`` when the cache is made and gated before each batch.
+The pre-fix ``unfixed`` plan only runs with ``allow_races``. On CPU the plan runs on
+the stream emulator; with CUDA on streams and events. This module adds the radix
+index, the device tier and its eviction policy, and the toy DSA forward.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from kvproof.runtime.hicache.pages import BatchResult, CacheFullError, HiCacheConfig, TierPages, layer_copy
-from kvproof.runtime.streams.gate import PlanGate
+from kvproof.runtime.hicache.core import HostPages
+from kvproof.runtime.hicache.pages import BatchResult, CacheFullError, HiCacheConfig, TierPages
 from kvproof.runtime.model.radix import RadixIndex, RadixNode
-from kvproof.runtime.streams.executor import CudaExecutor, ExecResult, OpImpl, execute
-from kvproof.spec.hicache_plan import hicache_plan
+from kvproof.runtime.streams.executor import OpImpl
 from kvproof.spec.stream_json import trace_dumps
 from kvproof.spec.streams import Plan, Violation
 
@@ -40,17 +42,15 @@ class HiCache:
             raise RuntimeError("HiCacheConfig.device is cuda but CUDA is not available")
         L, P = cfg.layers, cfg.page_size
         dev = dict(device=self.device, dtype=cfg.dtype)
-        host = dict(dtype=cfg.dtype, pin_memory=self.cuda)       # pinned: async H2D copies
         self.dev_kv = torch.zeros(L, cfg.device_pages, P, cfg.kv_dim, **dev)    # [L, pages, P, D]
         self.dev_idx = torch.zeros(L, cfg.device_pages, P, cfg.idx_dim, **dev)  # [L, pages, P, I]
-        self.host_kv = torch.zeros(L, cfg.host_pages, P, cfg.kv_dim, **host)
-        self.host_idx = torch.zeros(L, cfg.host_pages, P, cfg.idx_dim, **host)
+        self.host = HostPages(self.dev_kv, [self.dev_idx], cfg.host_pages, cfg.variant, cfg.allow_races,
+                              cfg.schedule, cfg.seed)
+        self.host_kv, self.host_idx = self.host.host_kv, self.host.host_idx[0]  # [L, host pages, P, D / I]
         self.index = RadixIndex(P)
         self.dev_pool = TierPages(cfg.device_pages, "device")
-        self.host_pool = TierPages(cfg.host_pages, "host")
+        self.host_pool = self.host.pages
         self._stats: Counter[str] = Counter()
-        self._gate = PlanGate()
-        self._executor = CudaExecutor(self.device) if self.cuda else None
         self._last: tuple[Plan, dict[int, tuple[float, float]]] | None = None
 
     # ------------------------------------------------------------ pages
@@ -106,10 +106,7 @@ class HiCache:
                     self._stats["dropped"] += 1
                     return
                 self.dev_pool.write_back(dp)
-                self.host_kv[:, hp].copy_(self.dev_kv[:, dp])
-                self.host_idx[:, hp].copy_(self.dev_idx[:, dp])
-                self.host_pool.publish(hp)
-                self.host_pool.unhold(hp, self.host_pool.table.get("tag", hp))
+                self.host.write_back(dp, hp)
                 node.host_page = hp
                 self._poison(dp)
                 self.dev_pool.written_back(dp)
@@ -163,7 +160,7 @@ class HiCache:
                 self.dev_kv[:, dp].copy_(kv[:, k * P:(k + 1) * P])
                 self.dev_idx[:, dp].copy_(idx[:, k * P:(k + 1) * P])
                 self.dev_pool.publish(dp)
-                held.append((self.dev_pool, dp, self.dev_pool.table.get("tag", dp)))
+                held.append((self.dev_pool, dp, self.dev_pool.epoch(dp)))
         except CacheFullError:
             self.unhold(held)
             for node in reversed(new):                      # new nodes form a chain: drop it leaf first
@@ -181,7 +178,7 @@ class HiCache:
 
     def check(self, plan: Plan) -> tuple[Violation, ...]:
         """The plan's races, checked once per plan shape (plans carry no page data)."""
-        return self._gate.races(plan)
+        return self.host.check(plan)
 
     def load(self, tokens: Sequence[int], q: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
              compute: bool = True, schedule: str | None = None) -> BatchResult:
@@ -191,8 +188,6 @@ class HiCache:
         total = len(self.index.pages(tokens))
         self._stats["hits"] += len(nodes)
         self._stats["misses"] += total - len(nodes)
-        plan = hicache_plan(cfg.layers, cfg.variant)
-        self._gate(plan, cfg.allow_races)
         held = self.hold(nodes)
         swapped: list[RadixNode] = []
         try:
@@ -202,33 +197,30 @@ class HiCache:
                     n.device_page = dp = self._alloc_device_page()
                     swapped.append(n)
                     swaps.append((n.host_page, dp))
-            for n in swapped:
-                self.dev_pool.start_load(n.device_page)  # type: ignore[arg-type]
             self._stats["swap_ins"] += len(swaps)
             q = q if q is not None else torch.linspace(-1, 1, cfg.layers * cfg.idx_dim).view(cfg.layers, -1)
             h0 = hidden if hidden is not None else torch.ones(cfg.kv_dim)
-            impls, out = self._impls([n.device_page for n in nodes], swaps, q.to(self.device, cfg.dtype),
-                                     h0.to(self.device, cfg.dtype), compute)
-            res = self._execute(plan, impls, schedule or cfg.schedule)
+            indexer, attention, out = self._forward([n.device_page for n in nodes], q.to(self.device, cfg.dtype),
+                                                    h0.to(self.device, cfg.dtype), compute)
+            res = self.host.swap_in(swaps, self.dev_pool, indexer, attention, schedule, timing=cfg.record_times)
         except BaseException:
             if self.cuda:
                 torch.cuda.synchronize(self.device)     # no copy may still land in a page given up
             for n in swapped:                       # pages never loaded must not look resident
                 dp = n.device_page
                 assert dp is not None
-                if not self.dev_pool.table.enabled("free", dp):     # its load was started: nothing is
-                    self.dev_pool.landed(dp)                         # in flight once execution returned
+                if not self.dev_pool.table.enabled("free", dp):     # its load was started and did not land:
+                    self.dev_pool.landed(dp)                         # nothing is in flight once execution returned
                 self.dev_pool.abandon(dp)
                 n.device_page = None
             self.unhold(held)
             raise
         for n in swapped:                           # the plan ran to the end: every load landed
-            self.dev_pool.loaded(n.device_page)  # type: ignore[arg-type]
-            held.append((self.dev_pool, n.device_page, self.dev_pool.table.get("tag", n.device_page)))
+            self.dev_pool.load_done(n.device_page)  # type: ignore[arg-type]
+            held.append((self.dev_pool, n.device_page, self.dev_pool.epoch(n.device_page)))  # type: ignore[arg-type]
         self.unhold(held)
-        self._stats["batches"] += 1
-        self._last = (plan, res.times)
-        return BatchResult(plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],
+        self._last = (self.host.plan, res.times)
+        return BatchResult(self.host.plan, len(nodes), len(swaps), [out["scores"].get(l) for l in range(cfg.layers)],
                            out["hidden"][cfg.layers], res)
 
     def gather(self, tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,23 +240,18 @@ class HiCache:
 
     def stats(self) -> dict[str, int]:
         """Counters: hits/misses (pages), evictions, swap_ins, dropped, batches, plan checks and cache hits."""
-        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted", "batches")
-        return {k: self._stats[k] for k in keys} | {
-            "plans_checked": self._gate.checked, "plan_cache_hits": self._gate.hits,
+        keys = ("hits", "misses", "evictions", "swap_ins", "dropped", "inserted")
+        return {k: self._stats[k] for k in keys} | {"batches": self.host.batches,
+            "plans_checked": self.host.gate.checked, "plan_cache_hits": self.host.gate.hits,
             "device_pages_used": len(self.dev_pool.used), "host_pages_used": len(self.host_pool.used)}
 
-    # ------------------------------------------------------------ plan execution
-    def _execute(self, plan: Plan, impls: dict[str, OpImpl], schedule: str) -> ExecResult:
-        return execute(plan, impls, schedule, self.cfg.seed + self._stats["batches"], cuda=self._executor,
-                       timing=self.cfg.record_times)
-
-    def _impls(self, dev_pages: list[int | None], swaps: list[tuple[int, int]], q: torch.Tensor,
-               h0: torch.Tensor, compute: bool) -> tuple[dict[str, OpImpl], dict]:
-        """Two-phase implementations of every op of the batch's plan (read at start, write at end)."""
-        cfg, emulated = self.cfg, not self.cuda
+    # ------------------------------------------------------------ the toy forward
+    def _forward(self, dev_pages: list[int | None], q: torch.Tensor, h0: torch.Tensor, compute: bool
+                 ) -> tuple[Callable[[int], OpImpl], Callable[[int], OpImpl], dict]:
+        """The forward stream's two-phase ops per layer (read at start, write at end), and their outputs."""
+        cfg = self.cfg
         pages = torch.tensor(dev_pages, dtype=torch.long, device=self.device)
         out: dict = {"scores": {}, "topk": {}, "hidden": {0: h0}}
-        impls: dict[str, OpImpl] = {}
 
         def indexer(l: int) -> OpImpl:
             def start():
@@ -296,12 +283,9 @@ class HiCache:
                 return None
             return start
 
-        for l in range(cfg.layers):
-            impls[f"load_idx[{l}]"] = layer_copy(self.host_idx, self.dev_idx, l, swaps, emulated)
-            impls[f"load_kv[{l}]"] = layer_copy(self.host_kv, self.dev_kv, l, swaps, emulated)
-            impls[f"indexer[{l}]"] = indexer(l) if compute else noop
-            impls[f"attention[{l}]"] = attention(l) if compute else keep(l)
-        return impls, out
+        if not compute:
+            return (lambda l: noop), keep, out
+        return indexer, attention, out
 
 
 def reference_forward(kv: torch.Tensor, idx: torch.Tensor, q: torch.Tensor, hidden: torch.Tensor,

@@ -11,40 +11,32 @@ keys and, with the Triton backend, the fp8 indexer pages):
 - reload: the scheduler's prefix match finds a hash on the host (`reserve`), takes a fresh
   device page and records the swap on the sequence; the prefill batch that first reads the page
   runs as the HiCache stream plan (`spec.hicache_plan`): the load stream copies each layer's
-  Indexer-cache pages, records `idx_ready[l]`, then its KV pages and `kv_ready[l]`
-  (`hicache.pages.layer_copy`); the forward stream runs the model layer by layer — `indexer[l]` reads
+  Indexer-cache pages, records `idx_ready[l]`, then its KV pages and `kv_ready[l]`; the forward stream runs the model layer by layer — `indexer[l]` reads
   the layer's Indexer cache, `attention[l]` runs the decoder layer on what the indexer read and
   on the KV. The `fixed` plan waits for both events; the plan is checked with
   `spec.streams.check_plan` (once per shape) and a racy plan (`unfixed`) is refused unless
   `allow_races`. CPU: the stream emulator (`schedule`: eager / random / adversarial); CUDA:
   `CudaExecutor`, pinned host memory.
+
+Host pages, write-back and the checked swap-in are the HiCache core (`hicache.core.HostPages`), the
+one the standalone `hicache.cache.HiCache` is built on too; this module adds the engine's policy
+(hash-indexed LRU host pages, pins of pending swaps) and the decoder's forward as the plan's ops.
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 
 import torch
 
-from kvproof.runtime.hicache.pages import layer_copy
-from kvproof.runtime.streams.gate import PlanGate
+from kvproof.runtime.hicache.core import HostPages
 from kvproof.runtime.model.cache import KVCache
 from kvproof.runtime.model.cache import PagePool
-from kvproof.runtime.streams.executor import POLICIES, CudaExecutor, ExecResult, OpImpl, execute
+from kvproof.runtime.streams.executor import POLICIES
 from kvproof.spec.core import variant_name
-from kvproof.spec.kv_page import KVPage, PState
-from kvproof.spec.local import LocalInstance
-from kvproof.spec.hicache_plan import VARIANTS, hicache_plan
+from kvproof.spec.hicache_plan import VARIANTS
 from kvproof.spec.streams import Plan, Violation
 
 SCHEDULES: tuple[str, ...] = POLICIES + ("sync",)
-
-
-def _both(impls: list[OpImpl]) -> OpImpl:
-    """One op made of several two-phase parts (started together, committed together)."""
-    def start():
-        commits = [c for c in (f() for f in impls) if c is not None]
-        return (lambda: [c() for c in commits]) if commits else None
-    return start
 
 
 class HostTier:
@@ -61,50 +53,37 @@ class HostTier:
             raise ValueError(f"host_cache_schedule={schedule!r}; expected one of {SCHEDULES}")
         self.cache, self.pool, self.num_pages = cache, pool, pages
         self.variant, self.schedule, self.allow_races, self.seed = variant, schedule, allow_races, seed
-        dev = cache.kv.device
-        self.cuda = dev.type == "cuda"
+        self.cuda = cache.kv.device.type == "cuda"
         self.idx_tensors = [cache.ik] + ([cache.ik_fp8] if cache.ik_fp8 is not None else [])
-
-        def host_like(t: torch.Tensor) -> torch.Tensor:          # [L, pages, ...], pinned with CUDA
-            return torch.zeros((t.shape[0], pages) + tuple(t.shape[2:]), dtype=t.dtype, pin_memory=self.cuda)
-        self.host_kv = host_like(cache.kv)
-        self.host_idx = [host_like(t) for t in self.idx_tensors]
-        # Host pages follow the same page protocol as device pages (write-back = new content,
-        # a pending swap's pin = a holder, dropping = evicting without a copy): state, pins and
-        # residency live in this instance; free_pages and by_hash are derived indexes.
-        self.table = LocalInstance(KVPage, "fixed", "page", pages)
-        self.free_pages: deque[int] = deque(range(pages))
+        # Host pages follow the same page protocol as device pages (write-back = new content, a
+        # pending swap's pin = a holder, dropping = evicting without a copy), in the HiCache core;
+        # by_hash is a derived index.
+        self.core = HostPages(cache.kv, self.idx_tensors, pages, variant, allow_races, schedule, seed)
+        self.host_kv, self.host_idx, self.plan = self.core.host_kv, self.core.host_idx, self.core.plan
         self.by_hash: OrderedDict[bytes, int] = OrderedDict()    # least recently used first
         self.counts: Counter[str] = Counter()
-        self._gate = PlanGate()
-        self._executor = CudaExecutor(dev) if self.cuda else None
         self.last: dict | None = None                            # the last swap-in batch (tests, audits)
-        self.plan = hicache_plan(cache.cfg.n_layers, variant)
-        self._gate(self.plan, allow_races)                              # fail fast, before serving
         pool.on_evict = self.evict
 
     # ------------------------------------------------------------ host pages
     def check(self, plan: Plan) -> tuple[Violation, ...]:
         """The plan's races (spec.streams.check_plan), checked once per plan shape."""
-        return self._gate.races(plan)
+        return self.core.check(plan)
 
     @property
     def pins(self) -> dict[int, int]:
         """Host page -> pending swaps that read it (pages with none are left out)."""
-        return {hp: n for hp in range(self.num_pages) if (n := self.table.get("refs", hp))}
+        return {hp: n for hp in range(self.num_pages) if (n := self.core.pages.holders(hp))}
 
     def _alloc_host(self) -> int | None:
-        if self.free_pages:
-            hp = self.free_pages.popleft()
-            self.table.fire("alloc", hp)
-            return hp
-        for h, hp in self.by_hash.items():                       # LRU first; a pinned page refuses
-            if self.table.try_fire("drop", hp):
-                del self.by_hash[h]
-                self.counts["dropped"] += 1
-                self.table.fire("alloc", hp)
-                return hp
-        return None
+        pages = self.core.pages
+        if not pages.can_allocate():
+            drop = next((h for h, hp in self.by_hash.items() if pages.try_drop(hp)), None)   # LRU first;
+            if drop is None:                                                                 # a pinned page refuses
+                return None
+            del self.by_hash[drop]
+            self.counts["dropped"] += 1
+        return pages.allocate()
 
     def evict(self, page: int, h: bytes) -> None:
         """Device page `page` (prefix hash `h`) is about to be reused: keep its content on the host."""
@@ -116,11 +95,7 @@ class HostTier:
         if hp is None:                                           # every host page is pinned
             self.counts["dropped"] += 1
             return
-        self.host_kv[:, hp].copy_(self.cache.kv[:, page])
-        for host, dev in zip(self.host_idx, self.idx_tensors):
-            host[:, hp].copy_(dev[:, page])
-        self.table.fire("publish", hp)                           # written: cached on the host
-        self.table.fire("unlock", hp, self.table.get("tag", hp))  # and held by nobody
+        self.core.write_back(page, hp)                           # cached on the host, held by nobody
         self.by_hash[h] = hp
         self.counts["evictions"] += 1
         self.counts["writebacks"] += 1
@@ -131,12 +106,12 @@ class HostTier:
         if hp is None or not self.pool.can_allocate(1):
             return None
         self.by_hash.move_to_end(h)
-        self.table.fire("lock", hp)                              # pinned: allocating may evict to the host
+        self.core.pages.hold(hp)                                 # pinned: allocating may evict to the host
         return hp, self.pool.allocate(1)[0]
 
     def release(self, hp: int) -> None:
         """A reserved swap is done or abandoned: its host page may be dropped again."""
-        self.table.fire("unlock", hp, self.table.get("tag", hp))
+        self.core.pages.unhold(hp, self.core.pages.epoch(hp))
 
     def count_match(self, device_hits: int, host_hits: int, considered: int) -> None:
         """Record one prefix match: pages hit on the device, on the host, and pages considered."""
@@ -148,24 +123,19 @@ class HostTier:
     def forward(self, model: torch.nn.Module, tokens: torch.Tensor, batch: object,
                 swaps: list[tuple[int, int]]) -> torch.Tensor:
         """Model forward (tokens [T] -> hidden [T, D]) of a batch that first swaps `swaps` [(host, device)] in."""
-        self._gate(self.plan, self.allow_races)
         cache, L = self.cache, len(model.layers)
-        for _, p in swaps:
-            self.pool.start_load(p)
         dst = torch.tensor([d for _, d in swaps], dtype=torch.long, device=cache.kv.device)
-        emulated = not self.cuda
         with torch.inference_mode():
             hidden: dict[int, torch.Tensor] = {0: model.embed(tokens)}
             reads: dict[int, list[torch.Tensor]] = {}
-            impls: dict[str, OpImpl] = {}
 
-            def indexer(l: int) -> OpImpl:
+            def indexer(l: int):
                 def start():                                     # the Indexer cache as the indexer sees it
                     reads[l] = [t[l].index_select(0, dst) for t in self.idx_tensors]
                     return None
                 return start
 
-            def attention(l: int) -> OpImpl:
+            def attention(l: int):
                 def start():                                     # the layer on the indexer's view + the KV now
                     mine = [t[l].index_select(0, dst) for t in self.idx_tensors]
                     for t, r in zip(self.idx_tensors, reads[l]):
@@ -176,36 +146,25 @@ class HostTier:
                     return lambda: hidden.__setitem__(l + 1, y)
                 return start
 
-            for l in range(L):
-                impls[f"load_idx[{l}]"] = _both([layer_copy(h, d, l, swaps, emulated)
-                                                 for h, d in zip(self.host_idx, self.idx_tensors)])
-                impls[f"load_kv[{l}]"] = layer_copy(self.host_kv, cache.kv, l, swaps, emulated)
-                impls[f"indexer[{l}]"] = indexer(l)
-                impls[f"attention[{l}]"] = attention(l)
-            res = self._execute(impls)
-        for _, p in swaps:                                       # the plan ran to the end: every load landed
-            self.pool.landed(p)
+            res = self.core.swap_in(swaps, self.pool, indexer, attention)
         self.counts["swap_ins"] += len(swaps)
         self.counts["swap_batches"] += 1
         self.last = {"swaps": list(swaps), "indexer_reads": reads, "exec": res}
-        if emulated:
+        if not self.cuda:
             src = torch.tensor([s for s, _ in swaps], dtype=torch.long)
             stale = sum(not torch.equal(reads[l][0], self.host_idx[0][l].index_select(0, src)) for l in range(L))
             self.last["stale_layers"] = stale
             self.counts["stale_indexer_reads"] += stale
         return hidden[L]
 
-    def _execute(self, impls: dict[str, OpImpl]) -> ExecResult:
-        return execute(self.plan, impls, self.schedule, self.seed + self.counts["swap_batches"], cuda=self._executor)
-
     def stats(self) -> dict:
         """Counters for /metrics (pages unless named otherwise)."""
         c = self.counts
         out = {f"hicache_{k}_total": c[k] for k in (
             "device_hits", "host_hits", "misses", "evictions", "writebacks", "swap_ins", "swap_batches",
-            "dropped", "stale_indexer_reads")} | {"hicache_plans_checked_total": self._gate.checked}
-        free = self.table.count("st", PState.FREE)
-        out["hicache_host_pages{state}"] = {"used": self.num_pages - free, "free": free}
+            "dropped", "stale_indexer_reads")} | {"hicache_plans_checked_total": self.core.gate.checked}
+        used = len(self.core.pages.used)
+        out["hicache_host_pages{state}"] = {"used": used, "free": self.num_pages - used}
         return out
 
 

@@ -1,4 +1,4 @@
-"""HiCache's building blocks: its configuration, the page pool of one tier, a batch's result, the swap-in copy.
+"""HiCache's building blocks: its configuration, the page pool of one tier, a batch's result.
 
 A tier's pages (`TierPages`) are driven only by firing the KV page spec (spec/kv_page.py): which pages
 are free, who holds them (a batch using a radix node holds its pages: the radix tree's lock
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvproof.runtime.streams.executor import POLICIES, ExecResult, OpImpl
+from kvproof.runtime.streams.executor import POLICIES, ExecResult
 from kvproof.runtime.streams.gate import PlanRaceError  # noqa: F401  (re-exported: the one refusal class)
 from kvproof.spec.core import variant_name
 from kvproof.spec.hicache_plan import VARIANTS
@@ -85,10 +85,23 @@ class TierPages:
         """The new content of p is complete: it is a cached page (still held by its writer)."""
         self.table.fire("publish", p)
 
+    def store(self, p: int) -> None:
+        """The writer of fresh page p is done: p is a cached page nobody holds (`publish` + `unhold`)."""
+        self.table.fire("publish", p)
+        self.table.fire("unlock", p, self.epoch(p))
+
+    def epoch(self, p: int) -> int:
+        """The epoch of p's current content (what a holder passes to `unhold`)."""
+        return self.table.get("tag", p)
+
+    def holders(self, p: int) -> int:
+        """How many holders p has."""
+        return self.table.get("refs", p)
+
     def hold(self, p: int) -> int:
         """One more holder of cached page p (a batch uses its node); returns the epoch held."""
         self.table.fire("lock", p)
-        return self.table.get("tag", p)
+        return self.epoch(p)
 
     def unhold(self, p: int, epoch: int) -> None:
         """A holder of p (at `epoch`) is done with it."""
@@ -112,17 +125,23 @@ class TierPages:
         self.table.fire("drop", p)
         self._free.append(p)
 
+    def try_drop(self, p: int) -> bool:
+        """`drop` p if the page spec allows it now (cached and unheld); whether it did."""
+        if not self.table.try_fire("drop", p):
+            return False
+        self._free.append(p)
+        return True
+
     def start_load(self, p: int) -> None:
         """The holder of fresh page p starts loading content into it."""
         self.table.fire("load_start", p)
 
     def landed(self, p: int) -> None:
         """The load into p has landed (or, its batch having failed, will never land)."""
-        self.table.fire("land", p, self.table.get("tag", p))
+        self.table.fire("land", p, self.epoch(p))
 
-    def loaded(self, p: int) -> None:
-        """The load into p landed: p is a cached page (still held by the loader)."""
-        self.landed(p)
+    def load_done(self, p: int) -> None:
+        """The load into p landed (`landed`): p is a cached page (still held by the loader)."""
         self.table.fire("load_done", p)
 
     def abandon(self, p: int) -> None:
@@ -141,39 +160,3 @@ class BatchResult:
     scores: list[torch.Tensor]       # per layer: [T] relu(idx_keys @ q[l])
     hidden: torch.Tensor             # [kv_dim]
     exec: ExecResult
-
-
-def _runs(pages: list[int]) -> list[tuple[int, int]]:
-    """Coalesce page ids into (first, count) runs of consecutive pages."""
-    out: list[list[int]] = []
-    for p in pages:
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return [(a, n) for a, n in out]
-
-
-def layer_copy(host: torch.Tensor, dev: torch.Tensor, l: int, swaps: list[tuple[int, int]],
-               emulated: bool) -> OpImpl:
-    """Two-phase copy of layer ``l``'s pages host -> device for ``swaps`` [(host page, device page)]."""
-    src_t = torch.tensor([s for s, _ in swaps], dtype=torch.long)
-    dst_t = torch.tensor([d for _, d in swaps], dtype=torch.long)
-
-    def start():
-        if not swaps:
-            return None
-        layer = dev[l]                      # one view per layer: what the indexer reads too
-        if emulated:                        # the data is read now, lands at the end
-            snap = host[l].index_select(0, src_t)
-            return lambda: layer.index_copy_(0, dst_t, snap)
-        # On the load stream: pinned host runs -> device staging (async), then scatter to pages.
-        # Both tensors are allocated on this stream and used only here (allocator-safe).
-        stage = torch.empty((len(swaps),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
-        k = 0
-        for s, n in _runs([s for s, _ in swaps]):
-            stage[k:k + n].copy_(host[l, s:s + n], non_blocking=True)
-            k += n
-        layer.index_copy_(0, dst_t.to(layer.device, non_blocking=True), stage)
-        return None
-    return start

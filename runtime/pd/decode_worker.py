@@ -28,9 +28,11 @@ from typing import IO, Any, Callable
 from kvproof.runtime.pd.kv_pool import KVPool
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import Abort, Alloc, Done, Message, Result, Safe, from_emission
+from kvproof.runtime.transport.messages import receive_args
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.core import ProtocolViolation
-from kvproof.spec.machine import Emission, Firing, Instance
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Emission, Firing
 
 SendFn = Callable[[int, Message], None]       # (rank, message)
 ReportFn = Callable[[Result], None]
@@ -112,10 +114,10 @@ class DecodeWorker:
         if isinstance(msg, (Done, Safe)) and msg.writer != rank:
             raise ValueError(f"{msg.TYPE} from rank {rank} names writer={msg.writer}")
         if isinstance(msg, Done):
-            if self._try("on_done", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto:
+            if self._try("on_done", **receive_args(msg, "on_done")) and self.auto:
                 self._after_start(msg.slot, bool(self._emit(self.inst.try_fire("start_decode", s=msg.slot))))
         elif isinstance(msg, Safe):
-            if self._try("on_safe", s=msg.slot, w=msg.writer, e=msg.epoch) and self.auto:
+            if self._try("on_safe", **receive_args(msg, "on_safe")) and self.auto:
                 self._maybe_reclaim(msg.slot)
         else:
             raise ValueError(f"decode: unexpected {msg.TYPE} message from prefill rank {rank}")

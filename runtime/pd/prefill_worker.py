@@ -29,9 +29,11 @@ from kvproof.runtime.pd.kv_pool import POOL_REGION, kv_chunk, offset
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.messages import Abort, Alloc, Message, from_emission
 from kvproof.runtime.transport import Completion, Transport
+from kvproof.runtime.transport.messages import receive_args
 from kvproof.spec.core import ProtocolViolation
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Firing, Instance
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import Firing
 
 # the prefill actions that receive an abort; their guards are disjoint, at most one is enabled
 ABORT_ACTIONS = tuple(a for a, d in KVSlot.actions.items() if d.receives == "abort" and d.actor == "prefill")
@@ -72,15 +74,14 @@ class PrefillRank:
         if isinstance(msg, Alloc):
             if not 1 <= msg.n_tokens <= self.cfg.tokens_per_slot:
                 raise ValueError(f"alloc: n_tokens={msg.n_tokens}, expected 1..{self.cfg.tokens_per_slot}")
-            if self._try("p_on_alloc", s=msg.slot, w=self.rank, e=msg.epoch):
+            if self._try("p_on_alloc", **receive_args(msg, "p_on_alloc")):
                 data = self.compute(msg) if self.compute else None
                 if data is not None and data.shape != (self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token):
                     raise ValueError(f"compute returned KV of shape {data.shape}, expected "
                                      f"{(self.cfg.layers, msg.n_tokens, self.cfg.bytes_per_token)}")
                 self.jobs[msg.slot] = Job(msg.rid, msg.n_tokens, msg.epoch, data=data)
         elif isinstance(msg, Abort):
-            args = {"s": msg.slot, "w": self.rank, "e": msg.epoch}
-            act = next((a for a in ABORT_ACTIONS if self._emit(self.inst.try_fire(a, **args))), None)
+            act = next((a for a in ABORT_ACTIONS if self._emit(self.inst.try_fire(a, **receive_args(msg, a)))), None)
             if act is None:
                 self.stats["ignored_abort"] += 1
                 return

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 def _decode_cycle(inst: Instance, s: int, writers: int) -> int:

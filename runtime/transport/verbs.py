@@ -25,7 +25,6 @@ safe-to-recycle handshake.
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import threading
 import time
@@ -35,7 +34,7 @@ from .base import (
     Buffer, Completion, LandHook, Region, RecvEvent, Status, Tag, Transport,
     TransportError, TransportUnavailable, check_bounds,
 )
-from .verbs_device import VerbsConfig, address_of, connect_qp, load_pyverbs, rdma_devices
+from .verbs_device import Bootstrap, VerbsConfig, address_of, connect_qp, load_pyverbs, rdma_devices
 
 CTL_BIT = 1 << 63  # marks the wr_id of a memory-window work request
 
@@ -73,16 +72,13 @@ class VerbsTransport(Transport):
         self._mrs: dict[int, Any] = {}  # region id -> MR
         self._windows: dict[int, tuple[Any, int]] = {}  # window id -> (MW, rkey)
         self._ctl: dict[int, tuple[threading.Event, list[int]]] = {}  # memory-window WRs in flight
-        self._remote: dict[int, tuple[int, int, int]] = {}  # peer region id -> (addr, rkey, length)
         self._pending: dict[int, tuple[Tag, int]] = {}
         self._lock = threading.Lock()
-        self._remote_cv = threading.Condition(self._lock)
         self._wr_ids = itertools.count(1)
-        self._boot = bootstrap
-        self._boot_rx = bootstrap.makefile("rb")
-        self._boot_lock = threading.Lock()
+        self._boot = Bootstrap(bootstrap, self._lock)
+        self._remote = self._boot.remote  # peer region id -> (addr, rkey, length), as announced
         self._recv_mr = MR(self._pd, 64, e.IBV_ACCESS_LOCAL_WRITE)  # the SGE receive WRs must carry
-        connect_qp(e, config, self._ctx, self._qp, self._send_boot, self._recv_boot, self._post_recv)
+        connect_qp(e, config, self._ctx, self._qp, self._boot.send, self._boot.recv, self._post_recv)
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=f, name=f"verbs-{n}", daemon=True)
                          for n, f in (("poll", self._poll_loop), ("boot", self._boot_loop))]
@@ -97,37 +93,12 @@ class VerbsTransport(Transport):
         sock.settimeout(None)
         return cls(sock, **kw)
 
-    # -- bootstrap -----------------------------------------------------------------
-    def _send_boot(self, msg: dict) -> None:
-        with self._boot_lock:
-            self._boot.sendall(json.dumps(msg).encode() + b"\n")
-
-    def _recv_boot(self) -> dict | None:
-        line = self._boot_rx.readline()
-        return json.loads(line) if line else None
-
     def _boot_loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                msg = self._recv_boot()
-                if msg is None or msg.get("op") == "close":
-                    self._die("peer closed the connection" + (" (EOF)" if msg is None else ""))
-                    return
-                with self._remote_cv:
-                    if msg["op"] == "region":
-                        self._remote[msg["id"]] = (msg["addr"], msg["rkey"], msg["length"])
-                    elif msg["op"] == "deregister":
-                        self._remote.pop(msg["id"], None)
-                    self._remote_cv.notify_all()
-        except (OSError, ValueError, KeyError) as exc:
-            if not self._closed:
-                self._die(f"bootstrap channel failed: {exc!r}")
+        self._boot.serve(self._stop, self._die, lambda: self._closed)
 
     def wait_remote_region(self, region: int, timeout: float = 5.0) -> None:
         """Block until the peer has announced region (registration is asynchronous)."""
-        with self._remote_cv:
-            if not self._remote_cv.wait_for(lambda: region in self._remote, timeout):
-                raise TimeoutError(f"peer did not announce region={region} within {timeout} s")
+        self._boot.wait_region(region, timeout)
 
     # -- memory ----------------------------------------------------------------------
     def register(self, buf: Buffer, region_id: int | None = None) -> Region:
@@ -140,14 +111,13 @@ class VerbsTransport(Transport):
         addr = address_of(mv)
         access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_MW_BIND
         self._mrs[region.id] = MR(self._pd, region.length, access, address=addr)
-        self._send_boot({"op": "region", "id": region.id, "addr": addr,
-                         "rkey": self._mrs[region.id].rkey, "length": region.length})
+        self._boot.announce(region.id, addr, self._mrs[region.id].rkey, region.length)
         return region
 
     def deregister(self, region_id: int) -> None:
         """Withdraw a region: the peer forgets it and the NIC rejects writes to it."""
         super().deregister(region_id)
-        self._send_boot({"op": "deregister", "id": region_id})
+        self._boot.withdraw(region_id)
         self._mrs.pop(region_id).close()
 
     def bind_window(self, region_id: int, offset: int, length: int, window_id: int) -> None:
@@ -170,7 +140,7 @@ class VerbsTransport(Transport):
         self._post_and_wait(wr, f"bind window {window_id}")
         self._windows[window_id] = (mw, rkey)
         # announced only once the bind completed, so the peer never writes through an unbound rkey
-        self._send_boot({"op": "region", "id": window_id, "addr": addr, "rkey": rkey, "length": length})
+        self._boot.announce(window_id, addr, rkey, length)
 
     def invalidate_window(self, window_id: int) -> None:
         """Revoke a window's rkey: later writes through it fail at the writer instead of landing."""
@@ -182,7 +152,7 @@ class VerbsTransport(Transport):
         # invalidate_rkey shares a union with imm_data in ibv_send_wr; pyverbs exposes only the latter
         wr = SendWR(opcode=self._e.IBV_WR_LOCAL_INV, imm_data=rkey, send_flags=self._e.IBV_SEND_SIGNALED)
         self._post_and_wait(wr, f"invalidate window {window_id}")  # on return the fence is in place
-        self._send_boot({"op": "deregister", "id": window_id})
+        self._boot.withdraw(window_id)
         mw.close()
 
     def _post_and_wait(self, wr: Any, what: str, timeout: float = 5.0) -> None:
@@ -289,7 +259,7 @@ class VerbsTransport(Transport):
                 return
             self._closed = True
         try:
-            self._send_boot({"op": "close"})
+            self._boot.send({"op": "close"})
         except OSError:
             pass
         from pyverbs.qp import QPAttr
@@ -304,12 +274,12 @@ class VerbsTransport(Transport):
         self._mrs.clear()
         self._stop.set()
         try:
-            self._boot.shutdown(socket.SHUT_RDWR)
+            self._boot.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         for t in self._threads:
             t.join(timeout)
         self._die("transport closed")
         self._ctx.close()  # closes the QP, CQs, PD and anything left registered under it
-        self._boot.close()
+        self._boot.sock.close()
 

@@ -1,14 +1,19 @@
-"""RDMA device set-up for the verbs transport: pyverbs loading, device list, queue-pair settings, the QP handshake.
+"""RDMA device set-up for the verbs transport: pyverbs loading, devices, QP settings, the bootstrap channel and QP handshake.
 
 pyverbs is imported lazily: without it, or without an RDMA device, the calls here raise
 TransportUnavailable saying how to get one (see verbs.py for the transport itself).
+`Bootstrap` is the TCP side channel a connection keeps open: JSON lines carrying the QP
+handshake (`connect_qp`), the peer's region announcements and the orderly close.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import random
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -109,3 +114,57 @@ def connect_qp(e: Any, c: VerbsConfig, ctx: Any, qp: Any, send_boot: Callable[[d
     attr.qp_state, attr.sq_psn = e.IBV_QPS_RTS, psn
     attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic = c.timeout, c.retry_cnt, c.rnr_retry, 1
     qp.to_rts(attr)
+
+
+class Bootstrap:
+    """The TCP side channel of one verbs connection: JSON lines, and the regions the peer announced."""
+
+    def __init__(self, sock: socket.socket, lock: threading.Lock) -> None:
+        # lock: the transport's, so a post sees the peer's regions consistently with its own state
+        self.sock = sock
+        self._rx = sock.makefile("rb")
+        self._send_lock = threading.Lock()
+        self.remote: dict[int, tuple[int, int, int]] = {}       # peer region id -> (addr, rkey, length)
+        self.remote_cv = threading.Condition(lock)
+
+    def send(self, msg: dict) -> None:
+        """Send one message (a JSON object); thread-safe."""
+        with self._send_lock:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def recv(self) -> dict | None:
+        """The next message, or None at EOF."""
+        line = self._rx.readline()
+        return json.loads(line) if line else None
+
+    def announce(self, region: int, addr: int, rkey: int, length: int) -> None:
+        """Tell the peer it may write into `region` at (addr, rkey, length)."""
+        self.send({"op": "region", "id": region, "addr": addr, "rkey": rkey, "length": length})
+
+    def withdraw(self, region: int) -> None:
+        """Tell the peer to forget `region`."""
+        self.send({"op": "deregister", "id": region})
+
+    def serve(self, stop: threading.Event, on_dead: Callable[[str], None], closed: Callable[[], bool]) -> None:
+        """Receive until `stop`: record the peer's announcements; EOF, a close or a failure calls on_dead."""
+        try:
+            while not stop.is_set():
+                msg = self.recv()
+                if msg is None or msg.get("op") == "close":
+                    on_dead("peer closed the connection" + (" (EOF)" if msg is None else ""))
+                    return
+                with self.remote_cv:
+                    if msg["op"] == "region":
+                        self.remote[msg["id"]] = (msg["addr"], msg["rkey"], msg["length"])
+                    elif msg["op"] == "deregister":
+                        self.remote.pop(msg["id"], None)
+                    self.remote_cv.notify_all()
+        except (OSError, ValueError, KeyError) as exc:
+            if not closed():
+                on_dead(f"bootstrap channel failed: {exc!r}")
+
+    def wait_region(self, region: int, timeout: float) -> None:
+        """Block until the peer has announced `region`; TimeoutError names it."""
+        with self.remote_cv:
+            if not self.remote_cv.wait_for(lambda: region in self.remote, timeout):
+                raise TimeoutError(f"peer did not announce region={region} within {timeout} s")

@@ -26,12 +26,13 @@ from typing import Any, Callable
 
 from kvproof.runtime.transport.control import Channel, ChannelConfig
 from kvproof.runtime.transport import make_transport
+from kvproof.runtime.transport.messages import receive_args
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
-from kvproof.runtime.vllm_connector.messages import Alloc, Done, Hello, Safe, decode, encode, from_emission
+from kvproof.runtime.vllm_connector.messages import Done, Hello, Safe, decode, encode, from_emission
 from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 CONTROL = ChannelConfig(heartbeat_interval_s=None, heartbeat_timeout_s=None)
 
@@ -195,16 +196,15 @@ class DecodeSide(SpecDriver):
         if not isinstance(msg, (Done, Safe)) or msg.writer != rank:
             raise ValueError(f"decode: unexpected {raw!r} from prefill rank {rank}")
         with self.lock:
-            args = {"s": msg.slot, "w": msg.writer, "e": msg.epoch}
             if isinstance(msg, Done):
-                if self._try("on_done", **args) and self.inst.enabled("start_decode", s=msg.slot):
+                if self._try("on_done", **receive_args(msg, "on_done")) and self.inst.enabled("start_decode", s=msg.slot):
                     self._fire("start_decode", s=msg.slot)
                     rec = self.by_slot[msg.slot]
                     rec.received = True
                     self.received.add(rec.req_id)
                     self.events.write("received", req=rec.req_id, slot=msg.slot, epoch=msg.epoch,
                                       ms=round((time.monotonic() - rec.started) * 1e3, 3))
-            elif self._try("on_safe", **args) and self.inst.enabled("reclaim", s=msg.slot):
+            elif self._try("on_safe", **receive_args(msg, "on_safe")) and self.inst.enabled("reclaim", s=msg.slot):
                 self._fire("reclaim", s=msg.slot)
                 self._freed(self.by_slot[msg.slot], report=True)
 

@@ -1,17 +1,18 @@
 """Control messages of the vLLM connector: the KV slot spec's channels plus the connection hello.
 
-Each is a frozen dataclass; `encode` gives the JSON object the control channel
-(runtime/transport/control.py) carries and `decode` checks the type tag, the exact
-field set and the field types, naming what was wrong -- both are runtime/pd/messages.py's,
-over this module's message set.
+Abort, Done and Safe are the spec channels' messages (runtime/transport/messages.py derives
+them from spec/kv_slot.py; the PD runtime's are the same classes), Alloc is the `alloc`
+channel's message with the connector's payload (prefill's request id and decode's blocks).
+`VLLM` is this channel's message set: the one codec (encode, decode with every check,
+from_emission) over these five types only -- a PD Alloc or Submit is not a connector message.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import ClassVar, Union
 
-from kvproof.runtime.pd import messages as pd_messages
-from kvproof.runtime.pd.messages import MessageError  # noqa: F401  (re-exported: one error for every control message)
+from kvproof.runtime.transport.messages import MessageError, MessageSet, spec_message  # noqa: F401  (one error)
+from kvproof.spec.kv_slot import KVSlot
 
 
 @dataclass(frozen=True)
@@ -26,62 +27,11 @@ class Hello:
     layers: list                    # one LayerLayout.to_json() per layer: where decode's blocks lie
 
 
-@dataclass(frozen=True)
-class Alloc:
-    """decode -> prefill rank: `slot` at `epoch` receives request `req` (prefill's id) into `blocks`."""
-
-    TYPE: ClassVar[str] = "alloc"
-    slot: int
-    writer: int
-    epoch: int
-    req: str
-    blocks: list
-
-
-@dataclass(frozen=True)
-class Abort:
-    """decode -> prefill rank: the request in `slot` at `epoch` was terminated."""
-
-    TYPE: ClassVar[str] = "abort"
-    slot: int
-    writer: int
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Done:
-    """prefill rank -> decode: every write of this rank for `slot` at `epoch` landed."""
-
-    TYPE: ClassVar[str] = "done"
-    slot: int
-    writer: int
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Safe:
-    """prefill rank -> decode: no write of this rank for `slot` at `epoch` can land any more."""
-
-    TYPE: ClassVar[str] = "safe"
-    slot: int
-    writer: int
-    epoch: int
-
+Alloc = spec_message(KVSlot, "alloc", req=str, blocks=list)
+Abort = spec_message(KVSlot, "abort")
+Done = spec_message(KVSlot, "done")
+Safe = spec_message(KVSlot, "safe")
 
 Message = Union[Hello, Alloc, Abort, Done, Safe]
-TYPES: dict[str, type] = {c.TYPE: c for c in (Hello, Alloc, Abort, Done, Safe)}
-
-
-def encode(msg: Message) -> dict[str, Any]:
-    """The JSON object for one message."""
-    return pd_messages.encode(msg, TYPES)
-
-
-def decode(raw: Any) -> Message:
-    """Parse and check one received JSON object (type tag, exact field set, field types)."""
-    return pd_messages.decode_message(raw, TYPES)
-
-
-def from_emission(em: Any, **extra: Any) -> Alloc | Abort | Done | Safe:
-    """The message for a spec `send` emission (index [slot, writer], epoch); extra adds Alloc's payload."""
-    return pd_messages.from_emission(em, TYPES, **extra)
+VLLM = MessageSet("vllm-connector", Hello, Alloc, Abort, Done, Safe)
+encode, decode, from_emission = VLLM.encode, VLLM.decode, VLLM.from_emission

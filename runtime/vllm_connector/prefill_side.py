@@ -21,13 +21,14 @@ from typing import Any
 from kvproof.runtime.pd.prefill_worker import ABORT_ACTIONS          # derived from the spec
 from kvproof.runtime.transport.control import Channel, ChannelListener
 from kvproof.runtime.transport import FaultConfig, TcpListener, TcpTransport
+from kvproof.runtime.transport.messages import receive_args
 from kvproof.runtime.vllm_connector.config import ConnectorConfig
 from kvproof.runtime.vllm_connector.decode_side import CONTROL, EventLog, trace_path
 from kvproof.runtime.vllm_connector.kv_layout import LayerLayout
 from kvproof.runtime.vllm_connector.messages import Abort, Alloc, Hello, decode, encode
 from kvproof.runtime.vllm_connector.spec_driver import SpecDriver
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 @dataclass
@@ -76,16 +77,18 @@ class Peer(SpecDriver):
         side, w = self.side, self.side.rank
         with side.lock:
             if isinstance(msg, Alloc):
-                if self._try("p_on_alloc", s=msg.slot, w=w, e=msg.epoch):
+                if self._try("p_on_alloc", **receive_args(msg, "p_on_alloc")):
                     self.jobs[msg.slot] = Job(msg.req, msg.epoch, list(msg.blocks))
                     self.push(msg.slot)
             elif isinstance(msg, Abort):
-                args = {"s": msg.slot, "w": w, "e": msg.epoch}
-                act = next((a for a in ABORT_ACTIONS if self.inst.enabled(a, **args)), None)
-                if act is None:
+                for act in ABORT_ACTIONS:                   # the one the spec enables, evaluated once
+                    f = self.inst.try_fire(act, **receive_args(msg, act))
+                    if f:
+                        break
+                else:
                     side.stats["ignored_abort"] += 1
                     return
-                self._fire(act, **args)
+                self._emit(f.emissions)
                 side.events.write("abort", slot=msg.slot, epoch=msg.epoch, action=act)
                 if act != "p_on_abort_busy":
                     self._end(msg.slot)

@@ -5,7 +5,7 @@ from collections import Counter
 from typing import Any
 
 from kvproof.runtime.vllm_connector.messages import from_emission
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 class SpecDriver:

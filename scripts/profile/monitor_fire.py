@@ -1,7 +1,7 @@
 """Interpreted Instance vs FastInstance: microseconds per monitor firing/enabled."""
 import time
 from fractions import Fraction
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.spec.compiled import FastInstance
 from kvproof.spec.specdec_monitor import monitor_protocol
 proto = monitor_protocol(128, Fraction(7,5), Fraction(24,25))

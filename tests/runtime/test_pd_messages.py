@@ -105,15 +105,49 @@ def test_kv_content_detects_any_foreign_chunk() -> None:
 
 
 def test_vllm_connector_messages_use_the_one_validator() -> None:
+    """The connector's channel has the same codec over its own set: kv_slot's abort/done/safe are the
+    very classes PD uses (no copy to drift), its Alloc carries its own payload, PD plumbing is refused."""
+    from kvproof.runtime.pd.messages import Hello, Submit
     from kvproof.runtime.vllm_connector import messages as vm
     assert vm.MessageError is MessageError
+    assert (vm.Abort, vm.Done, vm.Safe) == (Abort, Done, Safe)          # one class per spec channel
+    assert vm.Alloc is not Alloc and vm.Alloc.TYPE == Alloc.TYPE == "alloc"
     assert vm.decode(vm.encode(vm.Alloc(1, 0, 2, "req-1", [3, 4]))) == vm.Alloc(1, 0, 2, "req-1", [3, 4])
+    assert vm.decode(vm.encode(Done(0, 1, 2))) == Done(0, 1, 2)       # kv_slot's done, whichever runtime built it
     with pytest.raises(MessageError, match=r"field 'slot'=-1, expected an int >= 0"):
         vm.decode({"type": "done", "slot": -1, "writer": 0, "epoch": 0})
     with pytest.raises(MessageError, match="expected one of"):
         vm.decode({"type": "submit", "rid": 0, "n_tokens": 1})          # a pd message is not a vLLM one
-    with pytest.raises(MessageError, match="not a control message type"):
-        vm.encode(Done(0, 0, 0))
+    with pytest.raises(MessageError, match="missing fields \\['blocks', 'req'\\]"):
+        vm.decode(encode(Alloc(0, 0, 1, 7, 3)))                      # PD's alloc payload is not the connector's
+    for foreign in (Alloc(0, 0, 1, 7, 3), Submit(1, 8), Hello(0)):
+        with pytest.raises(MessageError, match="not a vllm-connector control message type"):
+            vm.encode(foreign)
+
+
+def test_spec_messages_are_derived_from_the_spec_channels() -> None:
+    """Each kv_slot channel's message has exactly the channel's index fields and the epoch (then the
+    runtime's payload): adding a channel or an index field to the spec changes the wire class."""
+    from dataclasses import fields
+
+    from kvproof.runtime.transport.messages import SpecMessage, receive_args, spec_message
+    from kvproof.runtime.vllm_connector import messages as vm
+    from kvproof.spec.kv_slot import KVSlot
+    for name, ch in KVSlot.channels.items():
+        cls = MESSAGE_TYPES[name]
+        assert issubclass(cls, SpecMessage) and cls.PROTOCOL is KVSlot
+        assert [f.name for f in fields(cls)][:len(ch.index) + 1] == [*ch.index, "epoch"]
+        assert vm.VLLM.types[name].__mro__[1] is SpecMessage
+    assert [f.name for f in fields(Alloc)][3:] == ["rid", "n_tokens", "tokens", "corrupt"]
+    assert spec_message(KVSlot, "done") is Done
+    assert receive_args(Safe(3, 1, 2), "on_safe") == {"s": 3, "w": 1, "e": 2}
+    assert receive_args(Abort(3, 1, 2), "p_on_abort_busy") == {"s": 3, "w": 1, "e": 2}
+    with pytest.raises(MessageError, match="does not receive 'safe'"):
+        receive_args(Safe(3, 1, 2), "on_done")
+    with pytest.raises(MessageError, match="no channel 'bogus'"):
+        spec_message(KVSlot, "bogus")
+    with pytest.raises(MessageError, match="channel's own fields"):
+        spec_message(KVSlot, "abort", epoch=int)
 
 
 def test_events_batch_round_trips_and_validates_each_item() -> None:

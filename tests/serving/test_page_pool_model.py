@@ -91,7 +91,7 @@ class PoolUnderTest:
         elif action == "load_start":
             h = self._host_only()[0]
             hp = self.host.by_hash[h]
-            self.host.table.fire("lock", hp)              # what reserve() does: pin the host copy
+            self.host.core.pages.hold(hp)                 # what reserve() does: pin the host copy
             pool.start_load(p)
             self.loads[p] = (hp, h)
         elif action == "land":

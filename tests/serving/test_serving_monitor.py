@@ -7,7 +7,7 @@ from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationR
 from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.core import ProtocolViolation
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor, Phase, monitor_protocol
 from kvproof.verify.checks_monitor import _check
 from kvproof.verify.verdict import Status

@@ -8,7 +8,7 @@ import pytest
 
 from kvproof.spec.compiled import FastInstance
 from kvproof.spec.core import ProtocolViolation, SpecError
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.spec.specdec_monitor import monitor_protocol
 
 

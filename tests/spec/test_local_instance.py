@@ -9,7 +9,7 @@ from kvproof.spec.core import ProtocolViolation, SpecError
 from kvproof.spec.kv_page import KVPage, PState
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.local import LocalInstance
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 
 
 def _random_walk(steps: int, seed: int) -> tuple[LocalInstance, Instance, int]:

@@ -6,7 +6,8 @@ import z3
 
 from kvproof.spec.core import Layout, ProtocolViolation, SpecError
 from kvproof.spec.kv_slot import DState, KVSlot, PState
-from kvproof.spec.machine import CONCRETE, Instance, evaluate, successors
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import CONCRETE, evaluate, successors
 from kvproof.verify.explore import explore
 from kvproof.verify.symbolic import Z3, Encoding
 

@@ -103,7 +103,8 @@ def test_plan_checked_once_per_shape() -> None:
     for _ in range(3):
         c.load(toks)
     s = c.stats()
-    assert (s["plans_checked"], s["plan_cache_hits"], s["batches"]) == (1, 2, 3)
+    # checked when the cache is made, then a verdict-cache hit in front of each batch
+    assert (s["plans_checked"], s["plan_cache_hits"], s["batches"]) == (1, 3, 3)
 
 
 @pytest.mark.parametrize("schedule", ["adversarial", "random", "eager"])

@@ -202,3 +202,27 @@ def test_fake_nic_peer_close_is_detected_and_nothing_lands_after_drain(fake_pair
     with pytest.raises(TransportClosed):
         a.post_write(src, 0, 0)
     assert dst == bytearray(8)
+
+
+def test_bootstrap_channel_tracks_the_peers_regions_and_its_close():
+    """The side channel (no RDMA needed): announcements and withdrawals reach the peer's region table;
+    the peer's close ends the receive loop with on_dead; a silent peer is a TimeoutError naming the region."""
+    from kvproof.runtime.transport.verbs_device import Bootstrap
+
+    a_sock, b_sock = socket.socketpair()
+    a, b = Bootstrap(a_sock, threading.Lock()), Bootstrap(b_sock, threading.Lock())
+    stop, dead = threading.Event(), []
+    t = threading.Thread(target=b.serve, args=(stop, dead.append, lambda: False), daemon=True)
+    t.start()
+    a.announce(7, 0x1000, 42, 4096)
+    b.wait_region(7, timeout=5)
+    assert b.remote == {7: (0x1000, 42, 4096)}
+    a.withdraw(7)
+    wait_until(lambda: 7 not in b.remote, what="withdrawal reaching the peer")
+    with pytest.raises(TimeoutError, match="region=8"):
+        b.wait_region(8, timeout=0.05)
+    a.send({"op": "close"})
+    t.join(5)
+    assert dead == ["peer closed the connection"]
+    a_sock.close()
+    b_sock.close()

@@ -3,7 +3,7 @@ from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvproof.spec.kv_page import KVPage, PState
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.spec.core import ProtocolViolation
 from kvproof.verify.bmc import bmc, induction
 from kvproof.verify.locality import slot_locality

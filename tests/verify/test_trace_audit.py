@@ -6,7 +6,8 @@ import pytest
 
 from kvproof.spec.kv_slot import KVSlot
 from kvproof.spec.core import Layout
-from kvproof.spec.machine import Instance, successors
+from kvproof.spec.instance import Instance
+from kvproof.spec.machine import successors
 from kvproof.verify.trace_audit import TraceFormatError, audit
 
 

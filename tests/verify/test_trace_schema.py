@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvproof.spec.kv_slot import KVSlot
-from kvproof.spec.machine import Instance
+from kvproof.spec.instance import Instance
 from kvproof.verify.trace_audit import audit
 from kvproof.verify.trace_schema import check_file, errors, load_schema
 
