@@ -19,6 +19,7 @@ requests finish with reason "abort" and the error, `submit` raises RuntimeError 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import pickle
 import threading
@@ -31,6 +32,7 @@ from kvproof.runtime.serving.core_process import core_main
 from kvproof.runtime.serving.engine_api import GenerationRequest, StreamingMixin, TokenEvent
 
 Sink = Callable[[TokenEvent], None]
+log = logging.getLogger("kvproof.engine")
 
 
 # ---------------------------------------------------------------- the server side
@@ -83,6 +85,7 @@ class ProcessEngine(StreamingMixin):
             raise RuntimeError(f"engine core process exited with code {proc.exitcode} before it was ready") from None
         if msg[0] != "ready":
             proc.join(5)
+            log.error("%s\n%s", msg[1], msg[2])
             raise RuntimeError(msg[1])
         self._info, self._stats = msg[1], msg[1]["stats"]
         self.proc, self._conn = proc, mine
@@ -97,18 +100,19 @@ class ProcessEngine(StreamingMixin):
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
 
     async def stop(self) -> None:
-        """Abort everything pending, stop the core process and reap it."""
-        proc, conn = self.proc, self._conn
-        if proc is None or conn is None:
+        """Abort everything pending, stop the core process and reap it (also after the core failed)."""
+        proc = self.proc
+        if proc is None:
             return
-        try:
-            self._send(("stop",))
-        except RuntimeError:
-            pass
-        # the loop keeps reading: the core's last events (aborts of pending requests) arrive here
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self._stopped.wait, 15.0):
-            proc.terminate()
+        if self._conn is not None:
+            try:
+                self._send(("stop",))
+            except RuntimeError:
+                pass
+            # the loop keeps reading: the core's last events (aborts of pending requests) arrive here
+            if not await loop.run_in_executor(None, self._stopped.wait, 15.0):
+                proc.terminate()
         await loop.run_in_executor(None, _reap, proc)
         self._detach("engine stopped")
         self.proc = None
@@ -175,6 +179,7 @@ class ProcessEngine(StreamingMixin):
             self._detach("shutdown")
             return True
         if kind == "error":
+            log.error("%s\n%s", msg[1], msg[2])                # the core's traceback, in the server's log
             self._fail(msg[1])
             return True
         raise RuntimeError(f"engine core sent an unknown message {kind!r}")

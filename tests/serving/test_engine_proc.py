@@ -135,3 +135,35 @@ def test_the_core_exits_when_its_server_is_killed() -> None:
         if srv.poll() is None:
             srv.kill()
             srv.wait(10)
+
+
+def test_an_exception_in_the_core_fails_pending_requests_with_its_message(caplog: pytest.LogCaptureFixture) -> None:
+    """The core raises (here: a malformed message, as a bug would): it reports the error before exiting,
+    pending requests end as aborts naming it, the traceback is in the server's log, submit refuses,
+    and stop() still reaps the process."""
+    async def main() -> None:
+        engine = ProcessEngine(EngineConfig(num_pages=256))
+        await engine.start()
+        pid = engine.proc.pid
+        try:
+            events = []
+
+            async def consume() -> None:
+                async for ev in engine.generate(GenerationRequest("a", (1, 2, 3),
+                                                                  SamplingParams(max_tokens=900, ignore_eos=True))):
+                    events.append(ev)
+            task = asyncio.create_task(consume())
+            await wait_for(lambda: len(events) >= 1, what="a first token")
+            engine._send(("corrupt", ["unhashable"]))                 # TypeError inside the core's loop
+            await asyncio.wait_for(task, 10)
+            assert events[-1].finish_reason == "abort" and "engine core failed: TypeError" in events[-1].detail
+            assert "engine core failed: TypeError" in str(engine.error)
+            with pytest.raises(RuntimeError, match="not running"):
+                engine.submit(GenerationRequest("b", (1,)), lambda ev: None)
+        finally:
+            await engine.stop()
+        assert not alive(pid), "stop() reaps a failed core"
+
+    with caplog.at_level("ERROR", logger="kvproof.engine"):
+        asyncio.run(main())
+    assert "Traceback" in caplog.text and "TypeError" in caplog.text
