@@ -83,3 +83,36 @@ def test_decode_batches_give_every_request_its_single_request_tokens() -> None:
     for i in range(3):
         assert together[i] == run([i])[i], f"request {i}: batched decode differs from alone"
     assert seeded_model(preset("tiny")).cfg.index_topk < 30
+
+
+def test_ragged_prefill_selection_equals_each_sequence_alone() -> None:
+    """A prefill batch of chunks of different lengths (the ragged path, rows padded for one top-k) selects
+    for every token exactly the slots that sequence selects alone (the batched path)."""
+    from kvproof.runtime.model.cache import KVCache, PagePool
+    from kvproof.runtime.serving.model_runner import ModelRunner
+    from kvproof.runtime.serving.scheduler import Sequence
+
+    cfg = preset("tiny")
+    model = seeded_model(cfg)
+    cache = KVCache(cfg, 64, torch.device("cpu"))
+    pool = PagePool(64)
+    runner = ModelRunner(model, cache, num_drafts=0)
+    g = torch.Generator().manual_seed(3)
+    seqs = [Sequence(str(i), torch.randint(32, 127, (n,), generator=g).tolist(), SamplingParams())
+            for i, n in enumerate((70, 33, 120))]
+    for s in seqs:
+        s.pages = pool.allocate(-(-len(s.prompt) // cfg.page_size))
+    runner.prefill(seqs, [len(s.prompt) - 10 for s in seqs])        # the cache holds all but 10 tokens of each
+    chunks = [10, 4, 7]                                             # ragged: the next 10 / 4 / 7 tokens
+    T = sum(chunks)
+    iq = torch.randn(T, cfg.index_heads, cfg.index_dim, generator=g, dtype=torch.float64)
+    iw = torch.randn(T, cfg.index_heads, generator=g, dtype=torch.float64)
+    b = runner._layout(seqs, [s.num_cached for s in seqs], chunks)
+    slots, real = sparse_torch.select(iq, iw, b, cache.ik[0], cfg.index_topk)
+    t0 = 0
+    for s, n in zip(seqs, chunks):
+        alone = runner._layout([s], [s.num_cached], [n])
+        sl, re = sparse_torch.select(iq[t0:t0 + n], iw[t0:t0 + n], alone, cache.ik[0], cfg.index_topk)
+        assert torch.equal(sl, slots[t0:t0 + n]) and torch.equal(re, real[t0:t0 + n]), s.request_id
+        t0 += n
+    assert real.all(), "every token has at least index_topk keys"
