@@ -107,43 +107,52 @@ def select(iq: torch.Tensor, iw: torch.Tensor, b: Any, ik_pages: torch.Tensor, w
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's top-`width` keys by indexer score: (flat cache slots [T, width], real [T, width]).
 
-    `b` is the forward's `decoder.AttnBatch` (not imported here: decoder imports this module)."""
+    Sequences with the same number of new tokens (decode rows; all of them in a decode step) run
+    batched, grouped by context length; the others (prefill chunks) one by one over their own keys.
+    A token selects the same keys either way (its score row covers its own sequence's keys; padding
+    is masked). `b` is the forward's `decoder.AttnBatch` (not imported: decoder imports this module)."""
     T, HI, DI = iq.shape
     S = ik_pages.shape[1]
     B, Q = b.q_index.shape
     table = b.page_table.to(torch.int64)
-    if B * Q == T:                         # every sequence has Q tokens (decode): batched, grouped by length
-        groups = getattr(b, "_groups", None)
-        if groups is None:
-            groups = b._groups = _split(b.ctx_lens.tolist(), Q, S)                # type: ignore[attr-defined]
-        if len(groups) == 1:
-            return _batched(iq, iw, b.positions, table, ik_pages, width)
-        slots = torch.empty(T, width, dtype=torch.int64, device=iq.device)
-        real = torch.empty(T, width, dtype=torch.bool, device=iq.device)
-        ctx = b.ctx_lens.tolist()
-        for g in groups:
-            seqs = torch.tensor(g, device=iq.device)
-            rows = (seqs[:, None] * Q + torch.arange(Q, device=iq.device)).view(-1)
-            mp = -(-max(ctx[i] for i in g) // S)
-            sl, re = _batched(iq[rows], iw[rows], b.positions[rows], table[seqs, :mp], ik_pages, width)
-            slots[rows], real[rows] = sl, re
-        return slots, real
-    # ragged (prefill chunks): sequence by sequence over its own keys, no padding
-    lens, ctx = b.q_mask.sum(1).tolist(), b.ctx_lens.tolist()
-    slots_l, reals, t0 = [], [], 0
-    for i, (n, k) in enumerate(zip(lens, ctx)):
+    ctx = b.ctx_lens.tolist()
+    if B * Q == T:
+        lens, same = [Q] * B, list(range(B))
+    else:
+        lens = b.q_mask.sum(1).tolist()
+        Q = max(set(lens), key=lens.count)                                      # the decode rows' length
+        same = [i for i, n in enumerate(lens) if n == Q] if lens.count(Q) > 1 else []
+    groups = getattr(b, "_groups", None)
+    if groups is None:
+        groups = b._groups = [[same[j] for j in g] for g in _split([ctx[i] for i in same], Q, S)] if same else []
+    if len(groups) == 1 and len(same) == B:                                     # one batched product: done
+        return _batched(iq, iw, b.positions, table, ik_pages, width)
+    slots = torch.empty(T, width, dtype=torch.int64, device=iq.device)
+    real = torch.empty(T, width, dtype=torch.bool, device=iq.device)
+    offs = [0]
+    for n in lens[:-1]:
+        offs.append(offs[-1] + n)
+    for g in groups:
+        seqs = torch.tensor(g, device=iq.device)
+        rows = (torch.tensor([offs[i] for i in g], device=iq.device)[:, None]
+                + torch.arange(Q, device=iq.device)).view(-1)
+        mp = -(-max(ctx[i] for i in g) // S)
+        sl, re = _batched(iq[rows], iw[rows], b.positions[rows], table[seqs, :mp], ik_pages, width)
+        slots[rows], real[rows] = sl, re
+    batched = set(same)
+    for i, (n, k) in enumerate(zip(lens, ctx)):                                 # ragged: one by one, no padding
+        if i in batched:
+            continue
         pages = table[i, : -(-k // S)]
         ik = ik_pages[pages].view(-1, DI)                                      # [pages * S, DI] >= k keys
         kpos = torch.arange(ik.shape[0], device=iq.device)
         step = max(1, _CHUNK // (HI * ik.shape[0]))
-        for a in range(t0, t0 + n, step):
-            e = min(a + step, t0 + n)
+        for a in range(offs[i], offs[i] + n, step):
+            e = min(a + step, offs[i] + n)
             score = _scores(iq[a:e], iw[a:e], ik)
-            pos, real = top_positions(pack_scores(score, kpos[None, :] <= b.positions[a:e, None]), width)
-            slots_l.append(pages[pos // S] * S + pos % S)
-            reals.append(real)
-        t0 += n
-    return torch.cat(slots_l), torch.cat(reals)
+            pos, re = top_positions(pack_scores(score, kpos[None, :] <= b.positions[a:e, None]), width)
+            slots[a:e], real[a:e] = pages[pos // S] * S + pos % S, re
+    return slots, real
 
 
 def attend(q_lat: torch.Tensor, q_pe: torch.Tensor, slots: torch.Tensor, real: torch.Tensor,

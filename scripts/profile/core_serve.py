@@ -44,7 +44,7 @@ def add() -> None:
                                SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, seed=r["seed"])), sink)
 
 
-times = {"prefill": [0.0, 0], "decode": [0.0, 0]}
+times = {"with prefill": [0.0, 0], "decode only": [0.0, 0]}
 pr = cProfile.Profile()
 if prof:
     pr.enable()
@@ -52,7 +52,7 @@ t0, c0 = time.perf_counter(), time.process_time()
 while todo or live:
     while todo and len(live) < inflight:
         add()
-    kind = "prefill" if core.scheduler.waiting else "decode"
+    kind = "with prefill" if core.scheduler.waiting else "decode only"
     s = time.perf_counter()
     core.step()
     times[kind][0] += time.perf_counter() - s

@@ -116,3 +116,31 @@ def test_ragged_prefill_selection_equals_each_sequence_alone() -> None:
         assert torch.equal(sl, slots[t0:t0 + n]) and torch.equal(re, real[t0:t0 + n]), s.request_id
         t0 += n
     assert real.all(), "every token has at least index_topk keys"
+
+
+def test_a_request_arriving_mid_decode_is_prefilled_in_the_decode_step() -> None:
+    """A new request's prefill chunk runs in the same forward as the running requests' decode rows (one
+    step, not two), and every request still gets its single-request tokens."""
+    prompts = [tuple(range(40, 40 + n)) for n in (30, 75, 140)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    core = EngineCore(EngineConfig(num_pages=64))
+    out: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for i in (0, 1):
+        core.add(GenerationRequest(str(i), prompts[i], params), lambda ev, i=i: out[i].extend(ev.tokens))
+    for _ in range(4):
+        core.step()
+    core.add(GenerationRequest("2", prompts[2], params), lambda ev: out[2].extend(ev.tokens))
+    before = dict(core.counters["steps_total{kind}"])
+    assert core.scheduler.running and core.step()
+    after = core.counters["steps_total{kind}"]
+    assert (after["prefill"] - before["prefill"], after["decode"] - before["decode"]) == (1, 1), "one mixed step"
+    assert out[2], "the new request's first token came from that step"
+    while core.step():
+        pass
+    for i in range(3):
+        alone = EngineCore(EngineConfig(num_pages=64))
+        ref: list[int] = []
+        alone.add(GenerationRequest("r", prompts[i], params), lambda ev: ref.extend(ev.tokens))
+        while alone.step():
+            pass
+        assert out[i] == ref, f"request {i}"
