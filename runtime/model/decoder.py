@@ -15,7 +15,8 @@ the layer's cache tensors, so a LayerSplit rank passes a receive buffer where it
 store the layer; the single-process path passes the `KVCache`'s own.
 
 Attention runs on one of two backends:
-  "torch"  vectorised torch over the paged cache (fast on the CPU, float64-exact);
+  "torch"  vectorised torch over the paged cache (`sparse_torch`: per-token top-k, fast on the CPU,
+           batch-invariant in float64);
   "triton" the project's kernels (`kernels/indexer.py`, `kernels/sparse_mla.py`), for a
            GPU, or on the CPU under TRITON_INTERPRET=1 (slow; used by a test).
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvproof.runtime.model import sparse_torch
 from kvproof.runtime.model.cache import KVCache, write_index_keys, write_rows
 from kvproof.runtime.model.config import ModelConfig
 
@@ -53,7 +55,7 @@ class Indexed:
     q_nope: torch.Tensor        # [T, H, dn]
     q_pe: torch.Tensor          # [T, H, dr]   (RoPE applied)
     rows: torch.Tensor          # [T, DL + dr] the new tokens' KV rows, written by `attend`
-    select: tuple[torch.Tensor, ...]   # torch: (valid [B, Q, K],); triton: (indices, counts)
+    select: tuple[torch.Tensor, ...]   # torch: (slots [T, W], real [T, W]); triton: (indices, counts)
 
 
 class RMSNorm(nn.Module):
@@ -66,22 +68,61 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dim."""
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def _linear(i: int, o: int, dtype: torch.dtype, device: torch.device | str) -> nn.Linear:
     return nn.Linear(i, o, bias=False, dtype=dtype, device=device)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate the last dim of x [T, ..., d] (halves as pairs) by position [T]."""
+def rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, d/2] of the rotation by position [T] (angles in float64, then `dtype`)."""
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)   # [d/2]
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]                                  # [T, d/2]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float,
+               tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rotate the last dim of x [T, ..., d] (halves as pairs) by position [T]; `tables`: rope_tables' result."""
     d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)   # [d/2]
-    ang = positions.to(torch.float64)[:, None] * inv[None, :]                          # [T, d/2]
+    cos, sin = tables if tables is not None else rope_tables(positions, d, theta, x.dtype)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (d // 2,)
-    cos, sin = ang.cos().to(x.dtype).view(shape), ang.sin().to(x.dtype).view(shape)
+    cos, sin = cos.view(shape), sin.view(shape)
     a, b = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+def _rope(b: AttnBatch, d: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_tables of a batch's positions, computed once per batch (every layer, q and k, reuse them)."""
+    memo = b.__dict__.setdefault("_rope", {})
+    key = (d, theta, dtype)
+    if key not in memo:
+        memo[key] = rope_tables(b.positions, d, theta, dtype)
+    return memo[key]
+
+
+class Fused:
+    """Several bias-free linears that read the same input, as one matmul: their weights stacked.
+
+    The stack is rebuilt whenever a weight changes (loading, in-place init, moving devices), so the
+    linears stay the parameters (checkpoints, state dicts); outputs are split back in order."""
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        self._key: tuple | None = None
+        self._w: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in] -> one tensor [..., out_i] per linear."""
+        ws = [lin.weight for lin in self.linears]
+        key = tuple((w._version, w.data_ptr()) for w in ws)
+        if key != self._key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._w = torch.cat([w.detach() for w in ws])
+            self._key = key
+        return torch.nn.functional.linear(x, self._w).split(self.sizes, dim=-1)
 
 
 class MLP(nn.Module):
@@ -93,10 +134,12 @@ class MLP(nn.Module):
         self.w_gate = _linear(cfg.hidden, cfg.intermediate, dt, device)
         self.w_up = _linear(cfg.hidden, cfg.intermediate, dt, device)
         self.w_down = _linear(cfg.intermediate, cfg.hidden, dt, device)
+        self._gate_up = Fused(self.w_gate, self.w_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]."""
-        return self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self._gate_up(x)
+        return self.w_down(nn.functional.silu(gate).mul_(up))
 
 
 class MLAttention(nn.Module):
@@ -116,6 +159,8 @@ class MLAttention(nn.Module):
         self.wi_q = _linear(c.q_lora_rank, c.index_heads * c.index_dim, dt, device)
         self.wi_k = _linear(c.hidden, c.index_dim, dt, device)
         self.wi_w = _linear(c.hidden, c.index_heads, dt, device)
+        self._from_x = Fused(self.wq_a, self.wkv_a, self.wi_k, self.wi_w)     # everything that reads x
+        self._from_qa = Fused(self.wq_b, self.wi_q)                            # everything that reads qa
 
     def forward(self, x: torch.Tensor, b: AttnBatch, cache: KVCache, backend: str) -> torch.Tensor:
         """x [T, D] -> [T, D]; writes this layer's KV and indexer keys of the T tokens first."""
@@ -128,15 +173,17 @@ class MLAttention(nn.Module):
         then selects each query's top-k keys from them."""
         c = self.cfg
         T, H, DL = x.shape[0], c.n_heads, c.kv_lora_rank
-        qa = self.q_norm(self.wq_a(x))                                          # [T, q_lora]
-        q = self.wq_b(qa).view(T, H, c.qk_head_dim)
-        q_nope, q_pe = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim:], b.positions, c.rope_theta)
-        kv = self.wkv_a(x)                                                      # [T, DL + dr]
-        k_pe = apply_rope(kv[:, DL:], b.positions, c.rope_theta)                # [T, dr]
+        qa, kv, ikey, iw = self._from_x(x)                  # wq_a, wkv_a [T, DL + dr], wi_k, wi_w: one matmul
+        qa = self.q_norm(qa)                                                    # [T, q_lora]
+        q, iq = self._from_qa(qa)                           # wq_b, wi_q
+        q = q.view(T, H, c.qk_head_dim)
+        tables = _rope(b, c.qk_rope_dim, c.rope_theta, x.dtype)                 # shared by q and k, every layer
+        q_nope, q_pe = q[..., : c.qk_nope_dim], apply_rope(q[..., c.qk_nope_dim:], b.positions, c.rope_theta, tables)
+        k_pe = apply_rope(kv[:, DL:], b.positions, c.rope_theta, tables)        # [T, dr]
         rows = torch.cat([self.kv_norm(kv[:, :DL]), k_pe], -1)
-        write_index_keys(ik, ik_fp8, b.slots, self.wi_k(x))
-        iq = self.wi_q(qa).view(T, c.index_heads, c.index_dim)                  # [T, HI, DI]
-        iw = self.wi_w(x) * (c.index_heads ** -0.5 * c.index_dim ** -0.5)       # [T, HI]
+        write_index_keys(ik, ik_fp8, b.slots, ikey)
+        iq = iq.contiguous().view(T, c.index_heads, c.index_dim)                # [T, HI, DI]
+        iw = iw * (c.index_heads ** -0.5 * c.index_dim ** -0.5)                 # [T, HI] (a new tensor)
         if backend == "triton":
             assert ik_fp8 is not None, "the triton backend needs KVCache(fp8_indexer=True)"
             select = self._select_triton(iq, iw, b, ik_fp8)
@@ -156,47 +203,18 @@ class MLAttention(nn.Module):
         if backend == "triton":
             o_lat = self._attend_triton(q_lat, st.q_pe, st.select, b, kv)
         else:
-            o_lat = self._attend_torch(q_lat, st.q_pe, st.select[0], b, kv)
+            o_lat = self._attend_torch(q_lat, st.q_pe, st.select, b, kv)
         o = torch.einsum("thl,hvl->thv", o_lat, w_uv)                           # [T, H, dv]
         return self.wo(o.reshape(T, H * c.v_head_dim))
 
     def _select_torch(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_pages: torch.Tensor
-                      ) -> tuple[torch.Tensor]:
-        c = self.cfg
-        ik = ik_pages.view(-1, c.index_dim)[b.key_slots]                        # [B, K, DI]
-        B, K = b.key_slots.shape
-        qpos = b.positions[b.q_index]                                           # [B, Q]
-        kpos = torch.arange(K, device=ik.device)
-        valid = (kpos[None, None, :] <= qpos[:, :, None]) & b.q_mask[:, :, None]  # [B, Q, K] causal
-        valid &= kpos[None, None, :] < b.ctx_lens[:, None, None]
-        # lightning indexer: score[b, q, k] = sum_h w[h] relu(iq[h] . ik[k])
-        biq, biw = iq[b.q_index], iw[b.q_index]                                 # [B, Q, HI, DI], [B, Q, HI]
-        score = torch.einsum("bqhk,bqh->bqk", torch.einsum("bqhd,bkd->bqhk", biq, ik).relu_(), biw)
-        score = score.masked_fill(~valid, float("-inf"))
-        if K > c.index_topk:
-            # Identical keys (repeated tokens) tie; batch shape changes the rounding of such ties in
-            # the last bits. Snap scores to a 2^-24 grid, then a stable sort sends ties to the
-            # lower position, so the selection does not depend on the batch.
-            snapped = torch.round(score * 2.0 ** 24)
-            order = torch.sort(snapped, dim=-1, descending=True, stable=True).indices[..., : c.index_topk]
-            keep = torch.zeros_like(valid).scatter_(-1, order, True)
-            valid &= keep
-        return (valid,)
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sparse_torch.select(iq, iw, b, ik_pages, self.cfg.index_topk)
 
-    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, valid: torch.Tensor, b: AttnBatch,
-                      kv_pages: torch.Tensor) -> torch.Tensor:
-        c, DL = self.cfg, self.cfg.kv_lora_rank
-        kv = kv_pages.view(-1, c.kv_width)[b.key_slots]                         # [B, K, DL + dr]
-        # absorbed MLA over the selected tokens
-        bq, bpe = q_lat[b.q_index], q_pe[b.q_index]                             # [B, Q, H, DL], [B, Q, H, dr]
-        s = (torch.einsum("bqhl,bkl->bhqk", bq, kv[..., :DL])
-             + torch.einsum("bqhr,bkr->bhqk", bpe, kv[..., DL:])) * c.sm_scale   # [B, H, Q, K]
-        s = s.masked_fill(~valid[:, None], float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                            # padded rows -> 0
-        o = torch.einsum("bhqk,bkl->bqhl", p, kv[..., :DL])                      # [B, Q, H, DL]
-        out = torch.zeros_like(q_lat)
-        out[b.q_index[b.q_mask]] = o[b.q_mask]
-        return out
+    def _attend_torch(self, q_lat: torch.Tensor, q_pe: torch.Tensor, select: tuple[torch.Tensor, ...],
+                      b: AttnBatch, kv_pages: torch.Tensor) -> torch.Tensor:
+        slots, real = select
+        return sparse_torch.attend(q_lat, q_pe, slots, real, kv_pages, self.cfg.sm_scale)
 
     def _select_triton(self, iq: torch.Tensor, iw: torch.Tensor, b: AttnBatch, ik_fp8: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

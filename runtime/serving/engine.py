@@ -4,7 +4,8 @@
 `abort(request_id)` terminates a request (client abort, disconnect), `stats()` feeds
 /metrics. `LocalEngine` runs the whole model in this process with continuous
 batching, chunked prefill, MTP speculative decoding and the anomaly monitor; it is
-also the reference that end-to-end integrity tests compare against. The PD engine
+also the reference that end-to-end integrity tests compare against. `kvproof serve --engine
+local` runs the same EngineCore in a process of its own (`engine_proc.ProcessEngine`). The PD engine
 (prefill and decode processes) implements the same interface. The interface types live in
 `engine_api` and are re-exported here.
 """
@@ -216,23 +217,16 @@ class EngineCore:
         if batch is None:
             return False
         self.scheduler.reads(batch)            # every page read is held at its sequence's content (spec)
+        kinds = self.counters["steps_total{kind}"]
         if batch.prefill:
-            self.counters["steps_total{kind}"]["prefill"] += 1
-            hidden = self.runner.prefill(batch.seqs, batch.chunks)              # [B, D]
-            for seq, h in zip(batch.seqs, hidden):
-                self.scheduler.prefilled(seq)
-                if seq.num_cached < seq.prefill_target:
-                    continue                                                    # more chunks to go
-                seq.hidden = h
-                self.scheduler.promote(seq)
-                if seq.request_id in self.corrupt_after_prefill:
-                    self.cache.corrupt(seq.pages, seq.num_cached, seed=zlib.crc32(seq.request_id.encode()))
-                if not seq.output:
-                    tok, lp = self.runner.first_token(seq, h)
-                    self._emit(seq, [tok], None if lp is None else [lp])
-            return True
-        self.counters["steps_total{kind}"]["decode"] += 1
-        for seq, v in zip(batch.seqs, self.runner.decode(batch.seqs)):
+            kinds["prefill"] += 1
+        if batch.decode:
+            kinds["decode"] += 1
+        if batch.decode:
+            verified, hidden = self.runner.step(batch.decode, batch.prefill, batch.chunks)
+        else:                                  # prefill alone (also the host tier's checked load path)
+            verified, hidden = [], self.runner.prefill(batch.prefill, batch.chunks)
+        for seq, v in zip(batch.decode, verified):
             if v.drafted:
                 self.totals["spec_steps_total"] += 1
                 self.totals["spec_drafted_total"] += v.drafted
@@ -244,6 +238,17 @@ class EngineCore:
                 _bump(self.counters["anomaly_aborts_total{rule}"], why)
                 _bump(self.counters["aborts_total{cause}"], "anomaly")
                 self._finish(seq, "anomaly", detail=why)
+        for seq, h in zip(batch.prefill, hidden):
+            self.scheduler.prefilled(seq)
+            if seq.num_cached < seq.prefill_target:
+                continue                                                    # more chunks to go
+            seq.hidden = h
+            self.scheduler.promote(seq)
+            if seq.request_id in self.corrupt_after_prefill:
+                self.cache.corrupt(seq.pages, seq.num_cached, seed=zlib.crc32(seq.request_id.encode()))
+            if not seq.output:
+                tok, lp = self.runner.first_token(seq, h)
+                self._emit(seq, [tok], None if lp is None else [lp])
         return True
 
     def stats(self) -> dict:

@@ -48,18 +48,22 @@ class ModelRunner:
         ctx = [s + n for s, n in zip(starts, lens)]
         K = max(ctx)
         max_pages = max(len(s.pages) for s in seqs)
-        table = torch.zeros(B, max_pages, dtype=torch.int64)
-        for b, s in enumerate(seqs):
-            table[b, : len(s.pages)] = torch.tensor(s.pages)
-        offs = torch.tensor([0] + lens).cumsum(0)[:-1]                           # [B] first token row
-        j = torch.arange(Q)
-        q_mask = j[None, :] < torch.tensor(lens)[:, None]                        # [B, Q]
-        q_index = torch.where(q_mask, offs[:, None] + j[None, :], 0)
-        tok_seq = torch.repeat_interleave(torch.arange(B), torch.tensor(lens))   # [T]
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+        table = torch.tensor([s.pages + [0] * (max_pages - len(s.pages)) for s in seqs], dtype=torch.int64)
+        lens_t, starts_t = torch.tensor(lens), torch.tensor(starts)
+        if Q * B == sum(lens):                                                  # uniform (decode): no ragged rows
+            q_mask = torch.ones(B, Q, dtype=torch.bool)
+            q_index = torch.arange(B * Q).view(B, Q)
+            tok_seq = torch.arange(B).repeat_interleave(Q)
+            positions = (starts_t[:, None] + torch.arange(Q)).view(-1)
+        else:
+            offs = lens_t.cumsum(0) - lens_t                                     # [B] first token row
+            j = torch.arange(Q)
+            q_mask = j[None, :] < lens_t[:, None]                                # [B, Q]
+            q_index = torch.where(q_mask, offs[:, None] + j[None, :], 0)
+            tok_seq = torch.repeat_interleave(torch.arange(B), lens_t)           # [T]
+            positions = starts_t[tok_seq] + torch.arange(len(tok_seq)) - offs[tok_seq]
         slots = table[tok_seq, positions // S] * S + positions % S               # [T]
-        kpos = torch.arange(K)
-        key_slots = table[:, torch.clamp(kpos // S, max=max_pages - 1)] * S + kpos % S   # [B, K]
+        key_slots = (table[:, :, None] * S + torch.arange(S)).view(B, -1)[:, :K]  # [B, K]
         return AttnBatch(positions.to(dev), slots.to(dev), q_index.to(dev), q_mask.to(dev),
                          key_slots.to(dev), torch.tensor(ctx, device=dev),
                          table.to(torch.int32).to(dev), tok_seq.to(torch.int32).to(dev))
@@ -90,17 +94,38 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> list[Verified]:
         """One speculative step per sequence: draft k tokens with the MTP head, verify them in one forward."""
+        return self.step(seqs, [], [])[0]
+
+    def step(self, seqs: list[Sequence], prefill: list[Sequence], chunks: list[int]
+             ) -> tuple[list[Verified], torch.Tensor]:
+        """One forward for a decode step of `seqs` (draft k tokens each with the MTP head, verify them) and
+        the next prefill chunk of each of `prefill`: (verified per decode sequence, hidden state of each
+        chunk's last token [len(prefill), D])."""
         k, B = self.num_drafts, len(seqs)
-        last = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)   # [B]
-        if k:
-            h_prev = torch.stack([s.hidden for s in seqs])                      # [B, D]
-            drafts = self.model.draft(h_prev, last, k)                          # [B, k]
-        else:
-            drafts = last.new_zeros(B, 0)
-        toks = torch.cat([last[:, None], drafts], dim=1)                        # [B, k + 1]
-        starts = [s.num_tokens - 1 for s in seqs]
-        b = self._layout(seqs, starts, [k + 1] * B)
-        h = self._forward(toks.reshape(-1), b).view(B, k + 1, -1)               # [B, k + 1, D]
+        toks = []
+        if seqs:
+            last = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)   # [B]
+            if k:
+                h_prev = torch.stack([s.hidden for s in seqs])                      # [B, D]
+                drafts = self.model.draft(h_prev, last, k)                          # [B, k]
+            else:
+                drafts = last.new_zeros(B, 0)
+            toks.append(torch.cat([last[:, None], drafts], dim=1).reshape(-1))      # [B * (k + 1)]
+        starts = [s.num_tokens - 1 for s in seqs] + [s.num_cached for s in prefill]
+        if prefill:
+            toks.append(torch.tensor([t for s, n in zip(prefill, chunks) for t in s.tokens[s.num_cached: s.num_cached + n]],
+                                     device=self.device))
+        b = self._layout(seqs + prefill, starts, [k + 1] * B + chunks)
+        h = self._forward(torch.cat(toks) if len(toks) > 1 else toks[0], b)      # [T, D]
+        nd = B * (k + 1)
+        hidden = h[nd + torch.tensor(chunks, device=self.device).cumsum(0) - 1] if prefill else h[:0]
+        for s, n in zip(prefill, chunks):
+            s.num_cached += n
+        return (self._verify(seqs, h[:nd].view(B, k + 1, -1), drafts) if seqs else []), hidden
+
+    def _verify(self, seqs: list[Sequence], h: torch.Tensor, drafts: torch.Tensor) -> list[Verified]:
+        """Accept each sequence's drafts up to the first the model disagrees with, plus its own token."""
+        k = self.num_drafts
         logits = self.model.logits(h)                                           # [B, k + 1, V]
         greedy = logits.argmax(-1).tolist()                                     # [B, k + 1]
         drafts_l = drafts.tolist()

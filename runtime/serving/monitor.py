@@ -120,7 +120,10 @@ class RequestMonitor:
         self.inst.fire("step", accepted=accepted, drafted=drafted)
         if not self.cfg.enabled:           # statistics only
             return None
-        if not (self.inst.try_fire("suspect_low_accept") or self.inst.try_fire("suspect_degenerate")):
+        # `enabled` first: a refused compiled try_fire re-runs the body interpreted to name the guard,
+        # and on this per-token path a suspicion is the rare case
+        if not any(self.inst.enabled(a) and self.inst.try_fire(a)
+                   for a in ("suspect_low_accept", "suspect_degenerate")):
             return None
         assert self.audit is not None
         self.last_error = err = self.audit()

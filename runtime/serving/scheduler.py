@@ -1,7 +1,9 @@
 """Sequences and the continuous-batching scheduler of the single-process engine.
 
-Each step is either a prefill step (chunks of waiting prompts, up to a token budget)
-or a decode step (every running sequence verifies its last token plus its drafts).
+Each step runs one forward over the next chunks of waiting prompts (up to a token budget) and
+the decode rows of every running sequence (its last token plus its drafts, verified); a step
+whose prompts load pages from the host tier runs its prefill alone (the checked load plan covers
+that forward).
 The page pool (`model.cache.PagePool`) owns KV pages; a sequence holds pages for
 every position it has cached or is about to write. When a decode step cannot get
 pages, the newest running sequence is preempted: its pages are freed and it is
@@ -83,19 +85,26 @@ class Sequence:
 
 @dataclass
 class ScheduledBatch:
-    """What one engine step runs: a prefill chunk per sequence, or one decode row per sequence."""
+    """What one engine step runs in one forward: the next prefill chunk of some waiting sequences and
+    one decode row-set (last token + drafts) of some running ones (either list may be empty)."""
 
-    prefill: bool
-    seqs: list[Sequence]
-    chunks: list[int]                      # new positions per sequence this step
+    prefill: list[Sequence]
+    chunks: list[int]                      # new positions per prefill sequence this step
+    decode: list[Sequence]
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """Every sequence the step computes for."""
+        return self.prefill + self.decode
 
 
 class Scheduler:
-    """FIFO admission, chunked prefill first, then decode of everything running."""
+    """FIFO admission of prefill chunks within a token budget, plus a decode row-set of everything running."""
 
     def __init__(self, pool: PagePool, page_size: int, max_batch: int, max_prefill_tokens: int,
-                 lookahead: int, host: "HostTier | None" = None) -> None:
+                 lookahead: int, host: "HostTier | None" = None, mixed: bool = True) -> None:
         self.pool, self.page_size, self.host = pool, page_size, host
+        self.mixed = mixed                     # prefill chunks and decode rows in one step
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.lookahead = lookahead             # positions a decode step writes: 1 + drafts
         self.waiting: deque[Sequence] = deque()
@@ -140,10 +149,12 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
-        if seqs:
-            return ScheduledBatch(True, seqs, chunks)
+        # a step with host-tier loads runs its prefill alone (the checked load plan covers that forward);
+        # otherwise the running sequences decode in the same forward (one step, not two)
+        if seqs and (not self.mixed or any(s.swaps for s in seqs)):
+            return ScheduledBatch(seqs, chunks, [])
         if not self.running:
-            return None
+            return ScheduledBatch(seqs, chunks, []) if seqs else None
         ready: list[Sequence] = []
         for seq in list(self.running):
             if seq.status != SeqStatus.RUNNING:          # preempted as a victim of an earlier one
@@ -157,9 +168,9 @@ class Scheduler:
                 ready.append(seq)
         # a sequence preempted after it was placed in `ready` is dropped from it
         ready = [s for s in ready if s.status == SeqStatus.RUNNING]
-        if not ready:                     # everything was preempted: its pages are free for prefill
+        if not ready and not seqs:        # everything was preempted: its pages are free for prefill
             return self.schedule() if self.waiting else None
-        return ScheduledBatch(False, ready, [self.lookahead] * len(ready))
+        return ScheduledBatch(seqs, chunks, ready)
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Share the cached pages of the longest cached prefix (always leaving one token to compute)."""
@@ -231,11 +242,22 @@ class Scheduler:
     def reads(self, batch: ScheduledBatch) -> None:
         """Check with the page spec that every page the batch reads is held at the content its sequence
         expects (pages a host load fills this batch are read inside the checked load plan instead)."""
+        pages: list[int] = []
+        tags: list[int] = []
         for seq in batch.seqs:
+            if not seq.swaps:
+                pages += seq.pages
+                tags += seq.page_tags
+                continue
             loading = {p for _, p, _ in seq.swaps}
             for p, e in zip(seq.pages, seq.page_tags):
                 if p not in loading:
-                    self.pool.read([p], [e])
+                    pages.append(p)
+                    tags.append(e)
+        # a page shared by several sequences (a cached prefix) is read at the same epoch by each: `read` is
+        # idempotent for equal arguments, so one firing per distinct (page, epoch) checks the same thing
+        pairs = dict.fromkeys(zip(pages, tags))
+        self.pool.read([p for p, _ in pairs], [e for _, e in pairs])
 
     def _end_swaps(self, seq: Sequence, publish: bool) -> None:
         for hp, p, h in seq.swaps:

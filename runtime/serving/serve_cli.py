@@ -31,7 +31,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="name clients pass as 'model'")
     parser.add_argument("--engine", default="pd", choices=("pd", "local"),
                         help="pd (default): a router plus prefill and decode worker processes, KV moved "
-                             "through the verified slot protocol; local: the whole model in this process")
+                             "through the verified slot protocol; local: one engine core (see --local-core)")
+    parser.add_argument("--local-core", default="process", choices=("process", "thread"),
+                        help="--engine local: run the EngineCore (scheduler + model) in its own process, so the "
+                             "model step and the HTTP server run in parallel (default), or on a thread of the "
+                             "server's process")
     parser.add_argument("--backend", default="torch", choices=("torch", "triton"),
                         help="attention: torch (CPU) or the project's Triton kernels")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -130,7 +134,8 @@ def _host_pages(n: int) -> int:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
-    """The engine selected by --engine (LocalEngine or PDEngine); ValueError names a bad option."""
+    """The engine selected by --engine (ProcessEngine or LocalEngine by --local-core, or PDEngine); ValueError
+    names a bad option."""
     check_role_args(args)
     if args.engine == "pd":
         from kvproof.runtime.pd.engine import PDEngine, PDEngineConfig
@@ -145,6 +150,9 @@ def build_engine(args: argparse.Namespace) -> Any:
             from kvproof.runtime.pd.launch import secret_from_env
             secret = secret_from_env()
         return PDEngine(engine_config(args), pd, model_name=args.served_model_name, secret=secret)
+    if args.local_core == "process":
+        from kvproof.runtime.serving.engine_proc import ProcessEngine
+        return ProcessEngine(engine_config(args), model_name=args.served_model_name)
     return LocalEngine(engine_config(args), model_name=args.served_model_name)
 
 

@@ -6,9 +6,10 @@ import contextlib
 import dataclasses
 import os
 import random
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from kvproof.runtime.serving.engine import EngineConfig, LocalEngine
+from kvproof.runtime.serving.engine_proc import ProcessEngine
 from kvproof.runtime.model.config import preset
 from kvproof.runtime.serving.server import start_server
 
@@ -30,9 +31,16 @@ def shared_prefix_prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 @contextlib.asynccontextmanager
-async def serving(cfg: EngineConfig | None = None) -> AsyncIterator[tuple[LocalEngine, str]]:
-    """A LocalEngine behind the HTTP server on 127.0.0.1:<free port>; yields (engine, base url)."""
-    engine = LocalEngine(cfg or EngineConfig())
+async def serving(cfg: EngineConfig | None = None, core: str = "thread") -> AsyncIterator[tuple[Any, str]]:
+    """The local engine behind the HTTP server on 127.0.0.1:<free port>; yields (engine, base url).
+
+    core="thread": LocalEngine (EngineCore on a thread here); "process": ProcessEngine (`kvproof serve`'s default)."""
+    if core == "process":
+        engine: Any = ProcessEngine(cfg or EngineConfig())
+    elif core == "thread":
+        engine = LocalEngine(cfg or EngineConfig())
+    else:
+        raise ValueError(f"core={core!r}; expected 'thread' or 'process'")
     runner, url = await start_server(engine, "127.0.0.1", 0)
     try:
         yield engine, url

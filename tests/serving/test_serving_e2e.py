@@ -103,13 +103,16 @@ def _check_request_counts(st: dict, plan: Plan, done: int) -> None:
     assert sum(fin.values()) == st["requests_total"] and fin.get("length", 0) >= done
 
 
-def test_concurrent_load_matches_reference() -> None:
+@pytest.mark.parametrize("core", ["thread", "process"])
+def test_concurrent_load_matches_reference(core: str) -> None:
+    """The local engine with its EngineCore on a thread of the server, and in its own process
+    (`kvproof serve --engine local`'s default)."""
     prompts, plan = _prompts(), _plan(len(_prompts()), 0)
     ref_tokens = _reference(prompts)
     cfg = EngineConfig(num_pages=90, max_prefill_tokens=384)        # tight pool: preemptions happen
 
     async def main() -> tuple[list, dict]:
-        async with serving(cfg) as (engine, url):
+        async with serving(cfg, core) as (engine, url):
             results = await _load(url, prompts, plan, 0)
             await wait_for(lambda: engine.stats()["queue_depth{queue}"] == {"waiting": 0, "prefilling": 0,
                                                                            "running": 0}, what="idle engine")

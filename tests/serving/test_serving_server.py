@@ -113,9 +113,10 @@ BAD = [  # (body, status, param named in the error)
 ]
 
 
-def test_bad_requests_get_4xx_and_the_server_stays_up() -> None:
+@pytest.mark.parametrize("core", ["thread", "process"])
+def test_bad_requests_get_4xx_and_the_server_stays_up(core: str) -> None:
     async def main() -> None:
-        async with serving() as (engine, url), aiohttp.ClientSession() as s:
+        async with serving(core=core) as (engine, url), aiohttp.ClientSession() as s:
             for body, status, param in BAD:
                 route = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
                 kw = {"data": body} if isinstance(body, str) else {"json": body}
@@ -130,10 +131,11 @@ def test_bad_requests_get_4xx_and_the_server_stays_up() -> None:
     asyncio.run(main())
 
 
-def test_client_disconnect_aborts_the_request() -> None:
+@pytest.mark.parametrize("core", ["thread", "process"])
+def test_client_disconnect_aborts_the_request(core: str) -> None:
     async def main() -> None:
         cfg = EngineConfig(num_pages=256)
-        async with serving(cfg) as (engine, url):
+        async with serving(cfg, core) as (engine, url):
             async with aiohttp.ClientSession() as s:           # streaming: read one chunk, hang up
                 r = await s.post(f"{url}/v1/completions", json={"prompt": "long", "max_tokens": 900,
                                                                  "ignore_eos": True, "temperature": 0,
@@ -158,9 +160,10 @@ def test_client_disconnect_aborts_the_request() -> None:
     asyncio.run(main())
 
 
-def test_metrics_parse_and_add_up() -> None:
+@pytest.mark.parametrize("core", ["thread", "process"])
+def test_metrics_parse_and_add_up(core: str) -> None:
     async def main() -> None:
-        async with serving() as (engine, url), aiohttp.ClientSession() as s:
+        async with serving(core=core) as (engine, url), aiohttp.ClientSession() as s:
             for i in range(3):
                 await s.post(f"{url}/v1/completions", json={"prompt": f"p{i}", "max_tokens": 5, "temperature": 0})
             await s.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"})
@@ -194,7 +197,9 @@ def test_serve_cli_arguments() -> None:
     from kvproof.runtime.pd.engine import PDEngine
     eng = build_engine(args)          # the default: a router plus one prefill and one decode worker
     assert isinstance(eng, PDEngine) and eng.pd_cfg.writers == 1 and eng.cluster is None
-    assert isinstance(build_engine(p.parse_args(["--engine", "local"])), LocalEngine)
+    from kvproof.runtime.serving.engine_proc import ProcessEngine
+    assert isinstance(build_engine(p.parse_args(["--engine", "local"])), ProcessEngine)   # core in its own process
+    assert isinstance(build_engine(p.parse_args(["--engine", "local", "--local-core", "thread"])), LocalEngine)
     cfg = engine_config(p.parse_args(["--num-drafts", "3", "--monitor-min-tokens", "64", "--no-monitor"]))
     assert cfg.num_drafts == 3 and cfg.monitor.min_tokens == 64 and not cfg.monitor.enabled
     eng = build_engine(p.parse_args(["--engine", "pd", "--writers", "2", "--slots", "4", "--protocol", "unfixed"]))

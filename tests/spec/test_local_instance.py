@@ -72,3 +72,28 @@ def test_bad_input_is_named():
         LocalInstance(KVPage, "fixed", "page", 2).fire("alloc", 2)
     with pytest.raises(SpecError, match="unknown variant"):
         LocalInstance(KVPage, "nope", "page", 2)
+
+
+def test_fire_each_is_fire_in_a_loop_and_stops_at_the_first_refusal():
+    """`fire_each` (a batch's page reads): the same effects and trace as `fire` per index, and the first
+    disabled index raises naming its guard after the ones before it fired."""
+    buf_a, buf_b = io.StringIO(), io.StringIO()
+    a = LocalInstance(KVPage, "fixed", "page", 4, trace=buf_a)
+    b = LocalInstance(KVPage, "fixed", "page", 4, trace=buf_b)
+    for t in (a, b):
+        for p in range(3):
+            t.fire("alloc", p)
+    tags = [a.get("tag", p) for p in range(3)]
+    a.fire_each("read", [0, 1, 2], tags)
+    for p in range(3):
+        b.fire("read", p, tags[p])
+    assert a.state == b.state
+    strip = lambda buf: [{k: v for k, v in json.loads(x).items() if k != "t_ns"} for x in buf.getvalue().splitlines()]
+    assert strip(buf_a) == strip(buf_b)
+    with pytest.raises(ProtocolViolation) as e:
+        a.fire_each("read", [0, 3, 1], [tags[0], 0, tags[1]])      # page 3 was never allocated: no holder
+    assert e.value.guard == "holder_exists" and e.value.params == {"p": 3, "e": 0}
+    with pytest.raises(SpecError, match="out of range"):
+        a.fire_each("read", [9], [0])
+    with pytest.raises(ValueError):
+        a.fire_each("read", [0, 1], [tags[0]])                      # one epoch short
