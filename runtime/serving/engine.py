@@ -60,6 +60,8 @@ class EngineConfig:
     layersplit_variant: str = "fixed"      # fixed; unfixed / no_owner_wait: racy plans (refused unless allowed)
     layersplit_allow_races: bool = False   # run a plan the checker refutes (demonstrations only)
     max_model_len: int | None = None       # cap on prompt + output tokens; None: what the model and pool allow
+    mixed_steps: bool = False              # prefill chunks ride in the decode step (more tok/s, later first
+                                           # token); False: a prefill step runs alone first (TTFT)
 
 
 class EngineCore:
@@ -85,7 +87,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.cache, cfg.num_drafts, self.host,
                                   forward=self.group.forward if self.group is not None else None)
         self.scheduler = Scheduler(self.pool, mc.page_size, cfg.max_batch, cfg.max_prefill_tokens,
-                                   1 + cfg.num_drafts, self.host)
+                                   1 + cfg.num_drafts, self.host, mixed=cfg.mixed_steps)
         self.seqs: dict[str, Sequence] = {}
         self.sinks: dict[str, Callable[[TokenEvent], None]] = {}
         self.corrupt_after_prefill: set[str] = set()     # fault injection (tests)

@@ -81,6 +81,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="server log level (default info)")
     parser.add_argument("--max-body-mb", type=float, default=16.0,
                         help="largest request body in MiB; larger ones get HTTP 413 (default 16)")
+    parser.add_argument("--mixed-steps", action="store_true",
+                        help="run prefill chunks in the same forward as the decode rows (more tok/s, later first "
+                             "token; default: a prefill step runs alone, first)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, best for the tiny model; 0: torch's default)")
     add_role_args(parser)
@@ -95,7 +98,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                        max_prefill_tokens=args.max_prefill_tokens, num_drafts=args.num_drafts,
                        monitor=mon, device=args.device, threads=args.threads or None,
                        host_cache_pages=_host_pages(args.host_cache_pages), layersplit=_layersplit(args),
-                       max_model_len=_max_model_len(args.max_model_len))
+                       max_model_len=_max_model_len(args.max_model_len), mixed_steps=args.mixed_steps)
     # the rest of LayerSplit's checks (ranks <= layers, no host tier, CPU), before anything starts
     if args.checkpoint is None:
         mc = cfg.model

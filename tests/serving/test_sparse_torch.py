@@ -118,12 +118,15 @@ def test_ragged_prefill_selection_equals_each_sequence_alone() -> None:
     assert real.all(), "every token has at least index_topk keys"
 
 
-def test_a_request_arriving_mid_decode_is_prefilled_in_the_decode_step() -> None:
-    """A new request's prefill chunk runs in the same forward as the running requests' decode rows (one
-    step, not two), and every request still gets its single-request tokens."""
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_request_arriving_mid_decode_is_prefilled_in_the_decode_step(mixed: bool) -> None:
+    """With mixed steps a new request's prefill chunk runs in the same forward as the running requests'
+    decode rows (one step, not two); without (the default, for time to first token) it runs alone first.
+    Either way the new request's first token comes from that step and every request still gets its
+    single-request tokens."""
     prompts = [tuple(range(40, 40 + n)) for n in (30, 75, 140)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    core = EngineCore(EngineConfig(num_pages=64))
+    core = EngineCore(EngineConfig(num_pages=64, mixed_steps=mixed))
     out: dict[int, list[int]] = {0: [], 1: [], 2: []}
     for i in (0, 1):
         core.add(GenerationRequest(str(i), prompts[i], params), lambda ev, i=i: out[i].extend(ev.tokens))
@@ -133,7 +136,8 @@ def test_a_request_arriving_mid_decode_is_prefilled_in_the_decode_step() -> None
     before = dict(core.counters["steps_total{kind}"])
     assert core.scheduler.running and core.step()
     after = core.counters["steps_total{kind}"]
-    assert (after["prefill"] - before["prefill"], after["decode"] - before["decode"]) == (1, 1), "one mixed step"
+    assert (after["prefill"] - before["prefill"], after["decode"] - before["decode"]) == (1, int(mixed)), \
+        "one mixed step" if mixed else "the prefill step alone"
     assert out[2], "the new request's first token came from that step"
     while core.step():
         pass
