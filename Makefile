@@ -35,8 +35,13 @@ $(STAMP): pyproject.toml Makefile
 	  echo "libibverbs1 not installed: --transport mooncake will be unavailable"
 	-$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,mooncake]' || \
 	  echo "mooncake extra not installed: --transport mooncake will be unavailable"
-	# Optional RDMA extra: rdma-core's pyverbs (Debian: python3-pyverbs), when installed
-	# system-wide for this Python version, is linked into the venv; nothing happens otherwise.
+	# Optional RDMA extra: rdma-core's pyverbs (Debian: python3-pyverbs, installed when missing and
+	# apt-get is usable as root), when built for this Python version, is linked into the venv, so the
+	# verbs transport's "no RDMA device" path runs against the real library; nothing happens otherwise.
+	-[ -d /usr/lib/python3/dist-packages/pyverbs ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pyverbs || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pyverbs)); } || \
+	  echo "python3-pyverbs not installed: the verbs transport's tests with the real library will skip"
 	$(PY) -c "$$LINK_PYVERBS"
 	# SPIN, the second explicit-state engine (`kvproof explore --engine spin`): Debian's `spin`
 	# package, installed when missing and apt-get is usable (root); its tests skip otherwise.
