@@ -56,6 +56,61 @@ def _sortable_key(x):
 
 
 @triton.jit
+def _fill_all(out, n, K: tl.constexpr, BLOCK: tl.constexpr):
+    """A row with at most K valid scores: its top-k is every position (the rest of the K padded with 0)."""
+    offs = tl.arange(0, BLOCK)
+    for s0 in range(0, K, BLOCK):
+        o = s0 + offs
+        tl.store(out + o, tl.where(o < n, o, 0), mask=o < K)
+
+
+@triton.jit
+def _digit_hist(key, valid, prefix, P: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of digit P (11-bit digits from the top, the last one shorter) of the valid keys whose
+    bits above that digit equal `prefix`'s."""
+    HIGH = 32 - BITS * P                    # constexpr arithmetic: digit P covers bits [SHIFT, HIGH)
+    SHIFT = (HIGH - BITS) * (HIGH > BITS)   # max(HIGH - BITS, 0)
+    match = valid
+    if P > 0:
+        match = match & ((key >> HIGH) == (prefix >> HIGH))
+    digit = tl.where(match, (key >> SHIFT) & ((1 << (HIGH - SHIFT)) - 1), 0).to(tl.int32)
+    miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)     # non-matching lanes were counted in bin 0
+    bins = tl.arange(0, 1 << BITS)
+    return tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
+
+
+@triton.jit
+def _kth_digit(hist, k_rem, BITS: tl.constexpr):
+    """The digit b holding the k_rem-th largest key, and how many keys have a digit above b."""
+    bins = tl.arange(0, 1 << BITS)
+    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist          # count in bins >= b
+    b = tl.max(tl.where(suffix >= k_rem, bins, 0), axis=0)
+    return b, tl.sum(tl.where(bins > b, hist, 0), axis=0)
+
+
+@triton.jit
+def _narrow(hist, k_rem, prefix, P: tl.constexpr, BITS: tl.constexpr):
+    """After digit P's histogram: (keys still to place at the new prefix, the prefix with digit P set)."""
+    HIGH = 32 - BITS * P
+    SHIFT = (HIGH - BITS) * (HIGH > BITS)
+    b, above = _kth_digit(hist, k_rem, BITS)
+    return k_rem - above, prefix | (b.to(tl.uint32) << SHIFT)
+
+
+@triton.jit
+def _emit(out, key, valid, pos, prefix, n_gt, k_rem, gt_base, eq_base):
+    """Store, in position order, the valid keys above the k-th key and the first k_rem equal to it;
+    returns the new (greater, equal) counts."""
+    gt = valid & (key > prefix)
+    eq = valid & (key == prefix)
+    g_pos = gt_base + tl.cumsum(gt.to(tl.int32), axis=0) - 1
+    e_pos = eq_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+    tl.store(out + g_pos, pos, mask=gt)
+    tl.store(out + n_gt + e_pos, pos, mask=eq & (e_pos < k_rem))
+    return gt_base + tl.sum(gt.to(tl.int32), axis=0), eq_base + tl.sum(eq.to(tl.int32), axis=0)
+
+
+@triton.jit
 def _radix_topk_kernel(
     # pointers
     scores_ptr, q_len_ptr, idx_ptr, count_ptr,
@@ -72,46 +127,24 @@ def _radix_topk_kernel(
     tl.store(count_ptr + t, tl.minimum(n, K))
     offs = tl.arange(0, BLOCK)
     if n <= K:
-        for s0 in range(0, K, BLOCK):
-            o = s0 + offs
-            tl.store(out + o, tl.where(o < n, o, 0), mask=o < K)
+        _fill_all(out, n, K, BLOCK)
     else:
-        bins = tl.arange(0, 1 << BITS)
         prefix = (n * 0).to(tl.uint32)          # bits of the k-th key found so far
         k_rem = n * 0 + K                       # how many of the k are still to place at `prefix`
         for p in tl.static_range(PASSES):
-            # digit p covers bits [SHIFT, HIGH): 11-bit digits from the top, the last one shorter
-            HIGH = 32 - BITS * p                # constexpr arithmetic on the static_range index
-            SHIFT = (HIGH - BITS) * (HIGH > BITS)    # max(HIGH - BITS, 0) in constexpr arithmetic
             hist = tl.zeros([1 << BITS], tl.int32)
             for s0 in range(0, n, BLOCK):
                 o = s0 + offs
                 key = _sortable_key(tl.load(row + o, mask=o < n, other=0.0))
-                match = o < n
-                if p > 0:
-                    match = match & ((key >> HIGH) == (prefix >> HIGH))
-                digit = tl.where(match, (key >> SHIFT) & ((1 << (HIGH - SHIFT)) - 1), 0).to(tl.int32)
-                # Non-matching lanes were counted in bin 0: take them back out.
-                miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-                hist += tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
-            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist          # count in bins >= b
-            b = tl.max(tl.where(suffix >= k_rem, bins, 0), axis=0)
-            k_rem -= tl.sum(tl.where(bins > b, hist, 0), axis=0)
-            prefix = prefix | (b.to(tl.uint32) << SHIFT)
+                hist += _digit_hist(key, o < n, prefix, p, BITS, BLOCK)
+            k_rem, prefix = _narrow(hist, k_rem, prefix, p, BITS)
         n_gt = K - k_rem
         gt_base = n * 0
         eq_base = n * 0
         for s0 in range(0, n, BLOCK):
             o = s0 + offs
             key = _sortable_key(tl.load(row + o, mask=o < n, other=0.0))
-            gt = (o < n) & (key > prefix)
-            eq = (o < n) & (key == prefix)
-            g_pos = gt_base + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-            e_pos = eq_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-            tl.store(out + g_pos, o, mask=gt)
-            tl.store(out + n_gt + e_pos, o, mask=eq & (e_pos < k_rem))
-            gt_base += tl.sum(gt.to(tl.int32), axis=0)
-            eq_base += tl.sum(eq.to(tl.int32), axis=0)
+            gt_base, eq_base = _emit(out, key, o < n, o, prefix, n_gt, k_rem, gt_base, eq_base)
 
 
 @triton.jit
@@ -132,13 +165,11 @@ def _topk_hist_kernel(
         offs = tl.arange(0, BLOCK)
         bins = tl.arange(0, 1 << BITS)
         hist = tl.zeros([1 << BITS], tl.int32)
+        top = (n * 0).to(tl.uint32)             # digit 0 has no bits above it
         for s0 in tl.range(c0, tl.minimum(c0 + CHUNK, n), BLOCK, num_stages=2):
             o = s0 + offs
-            valid = o < n
-            key = _sortable_key(tl.load(row + o, mask=valid, other=0.0))
-            digit = tl.where(valid, key >> (32 - BITS), 0).to(tl.int32)
-            miss = BLOCK - tl.sum(valid.to(tl.int32), axis=0)
-            hist += tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
+            key = _sortable_key(tl.load(row + o, mask=o < n, other=0.0))
+            hist += _digit_hist(key, o < n, top, 0, BITS, BLOCK)
         tl.atomic_add(hist_ptr + t * stride_ht + bins, hist, mask=hist > 0, sem="relaxed")
 
 
@@ -160,8 +191,8 @@ def _topk_compact_kernel(
     if (n > K) & (c0 < n):
         bins = tl.arange(0, 1 << BITS)
         hist = tl.load(hist_ptr + t * stride_ht + bins)
-        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist          # count in bins >= b
-        b = tl.max(tl.where(suffix >= K, bins, 0), axis=0).to(tl.uint32)
+        b, _ = _kth_digit(hist, K, BITS)
+        b = b.to(tl.uint32)
         row = scores_ptr + t * stride_st
         cand = cand_ptr + t * stride_ct + c0
         offs = tl.arange(0, BLOCK)
@@ -197,18 +228,13 @@ def _topk_select_kernel(
     tl.store(count_ptr + t, tl.minimum(n, K))
     offs = tl.arange(0, BLOCK)
     if n <= K:
-        for s0 in range(0, K, BLOCK):
-            o = s0 + offs
-            tl.store(out + o, tl.where(o < n, o, 0), mask=o < K)
+        _fill_all(out, n, K, BLOCK)
     else:
-        bins = tl.arange(0, 1 << BITS)
         used = tl.cdiv(n, CHUNK)
         # pass 0 over the candidates gives the top digit again (every candidate has digit >= b)
         prefix = (n * 0).to(tl.uint32)
         k_rem = n * 0 + K
         for p in tl.static_range(PASSES):
-            HIGH = 32 - BITS * p
-            SHIFT = (HIGH - BITS) * (HIGH > BITS)
             hist = tl.zeros([1 << BITS], tl.int32)
             for c in range(0, used):
                 cnt = tl.load(ccount_ptr + t * stride_nt + c)
@@ -216,16 +242,8 @@ def _topk_select_kernel(
                     j = s0 + offs
                     pos = tl.load(cand + c * CHUNK + j, mask=j < cnt, other=0)
                     key = _sortable_key(tl.load(row + pos, mask=j < cnt, other=0.0))
-                    match = j < cnt
-                    if p > 0:
-                        match = match & ((key >> HIGH) == (prefix >> HIGH))
-                    digit = tl.where(match, (key >> SHIFT) & ((1 << (HIGH - SHIFT)) - 1), 0).to(tl.int32)
-                    miss = BLOCK - tl.sum(match.to(tl.int32), axis=0)
-                    hist += tl.histogram(digit, 1 << BITS) - tl.where(bins == 0, miss, 0)
-            suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-            b = tl.max(tl.where(suffix >= k_rem, bins, 0), axis=0)
-            k_rem -= tl.sum(tl.where(bins > b, hist, 0), axis=0)
-            prefix = prefix | (b.to(tl.uint32) << SHIFT)
+                    hist += _digit_hist(key, j < cnt, prefix, p, BITS, BLOCK)
+            k_rem, prefix = _narrow(hist, k_rem, prefix, p, BITS)
         n_gt = K - k_rem
         gt_base = n * 0
         eq_base = n * 0
@@ -235,14 +253,7 @@ def _topk_select_kernel(
                 j = s0 + offs
                 pos = tl.load(cand + c * CHUNK + j, mask=j < cnt, other=0)
                 key = _sortable_key(tl.load(row + pos, mask=j < cnt, other=0.0))
-                gt = (j < cnt) & (key > prefix)
-                eq = (j < cnt) & (key == prefix)
-                g_pos = gt_base + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-                e_pos = eq_base + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-                tl.store(out + g_pos, pos, mask=gt)
-                tl.store(out + n_gt + e_pos, pos, mask=eq & (e_pos < k_rem))
-                gt_base += tl.sum(gt.to(tl.int32), axis=0)
-                eq_base += tl.sum(eq.to(tl.int32), axis=0)
+                gt_base, eq_base = _emit(out, key, j < cnt, pos, prefix, n_gt, k_rem, gt_base, eq_base)
 
 
 # ---------------------------------------------------------------------------------
