@@ -175,7 +175,7 @@ def bench_transports(total_bytes: int, chunk: int, repeats: int = 3) -> dict:
     out: dict[str, Any] = {"total_bytes": total_bytes, "chunk": chunk, "repeats": repeats, **best}
     for k in ("tcp_gbps", "mooncake_gbps", "mooncake_engine_gbps"):
         if k in best:
-            out[k.replace("_gbps", "_over_plain_socket")] = round(best[k] / best["plain_socket_gbps"], 4)
+            out[k.replace("_gbps", "_over_plain_socket")] = float(f"{best[k] / best['plain_socket_gbps']:.4g}")    # 4 significant digits
     if mooncake is not None:
         out["mooncake"] = f"not measured: {mooncake}"
     return out
