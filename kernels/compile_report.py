@@ -26,7 +26,7 @@ KERNELS = {
     "kvproof.kernels.indexer": ["indexer_scores_kernel"],
     "kvproof.kernels.topk": ["_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
                              "_topk_select_kernel"],
-    "kvproof.kernels.sparse_mla": ["mla_attn_kernel", "mla_combine_kernel"],
+    "kvproof.kernels.sparse_mla": ["mla_attn_kernel", "mla_attn_fp8_staged_kernel", "mla_combine_kernel"],
     "kvproof.kernels.paged_copy": ["_paged_copy_kernel"],
 }
 META = torch.device("meta")
@@ -76,9 +76,11 @@ def _mla_cases() -> list[tuple[str, bool, Callable[[], None]]]:
     from .common import kv_fp8_token_bytes
     cases = []
     for kv_kind in ("bf16", "fp8"):
-        for H, block_h in ((16, None), (32, None), (64, None), (128, None), (64, 64)):
+        for H, block_h in ((16, None), (32, None), (64, None), (128, None), (64, 16), (64, 64)):
             if block_h and kv_kind == "bf16":
                 continue                    # bf16 takes 64 heads per program by default
+            # fp8: block_h=16 is the 4 x 16-head layout (Blackwell's default), block_h=64 the
+            # staged program (Hopper's default); each is the other architecture's alternative
             for sparse in (True, False):
                 for splits in (1, 4):
                     def run(kv_kind=kv_kind, H=H, sparse=sparse, splits=splits, block_h=block_h) -> None:

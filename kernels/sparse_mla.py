@@ -21,6 +21,7 @@ import triton
 
 from .common import (FP8_BLOCK, KV_LATENT_DIM, check_int_vector, check_page_table, dequantize_kv_fp8,
                       dot_in_fp32, kv_fp8_token_bytes)
+from .sparse_mla_fp8 import mla_attn_fp8_staged_kernel
 from .sparse_mla_kernels import mla_attn_kernel, mla_combine_kernel
 
 # ---------------------------------------------------------------------------------
@@ -65,23 +66,33 @@ def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, de
     return int(max(1, min(want, max_tokens // (8 * block_n))))
 
 
-# Heads per program with fp8 KV, {Hopper: ..., Blackwell: ...}. Staging the fp8 rows through
-# registers for dequantisation costs what a 64-head program does not have left (compile
-# report: 255 registers and 56-70 spill stores on sm_90, 26-48 on sm_100); 32 heads fall back
-# to warp MMA with the query in registers and spill too (6-166 stores over 4-16 warps and
-# 16-128 rows a step). So fp8 runs 16 heads a program (172-180 registers): 4 neighbouring
-# programs per 64-head query.
-MLA_FP8_BLOCK_H = {False: 16, True: 16}
+# Heads per program with fp8 KV from 33 heads, {Hopper: ..., Blackwell: ...}. Hopper: 64, in
+# mla_attn_fp8_staged_kernel (sparse_mla_fp8.py), each row dequantised once per query into a
+# staging slot (252-255 registers, no spills; dequantising through registers inside the
+# 64-head loop spills 56-70 stores). Blackwell: the staged kernel spills (36-39 stores: the
+# accumulator leaves tensor memory across the chunk loop; 1-4 with a single loop, whose loads
+# are then not pipelined), so 16 heads a program, 4 programs per 64-head query.
+MLA_FP8_BLOCK_H = {False: 64, True: 16}
+# Below 33 heads, and on Blackwell: mla_attn_kernel dequantising through registers, 16 heads a
+# program (172-180 registers; 32 heads fall back to warp MMA with the query in registers and
+# spill 6-166 stores over 4-16 warps and 16-128 rows a step).
+MLA_FP8_SMALL_BLOCK_H = 16
+# Rows dequantised per chunk into a 64-head fp8 program's staging slot (bf16 [rows, 576]:
+# 72 KiB a program at 64 rows), and how many at a time (16 rows compile without spills).
+MLA_FP8_STAGE_ROWS = 64
+MLA_FP8_DQ_ROWS = 16
 
 
 @dataclass(frozen=True)
 class MlaConfig:
-    """Launch configuration of mla_attn_kernel: heads and tokens per program step, warps, accumulator split."""
+    """Launch configuration of the MLA attention kernel: heads and tokens per program step, warps,
+    accumulator split, and (fp8 KV, 64 heads: mla_attn_fp8_staged_kernel) rows staged per chunk."""
 
     block_h: int
     block_n: int
     num_warps: int
     acc_split: int          # 4: the latent in four column quarters (Hopper), 1: one accumulator
+    stage_rows: int | None = None   # fp8 64-head programs: rows dequantised once per chunk (staged)
 
 
 def target_arch(device: torch.device) -> int:
@@ -93,35 +104,46 @@ def target_arch(device: torch.device) -> int:
 
 
 def mla_config(H: int, DL: int, kv_fp8: bool, arch: int, block_h: int | None = None,
-               block_n: int | None = None, acc_split: int | None = None) -> MlaConfig:
+               block_n: int | None = None, acc_split: int | None = None,
+               stage_rows: int | None = None) -> MlaConfig:
     """Default MLA launch configuration for H heads on sm_<arch> (the explicit arguments win).
 
     From the compile report (kvproof bench kernels --compile-report), the largest head blocks
     that compile without register spills: bf16 KV takes all heads up to 64 in one program
     (Hopper: 4 accumulator quarters, wgmma, 8 warps, 16 tokens a step, 238-250 registers;
     Blackwell: one accumulator, tcgen05, 214-236 registers; four separate quarters would
-    over-allocate tensor memory and compile to a trap). fp8 KV: see MLA_FP8_BLOCK_H. 128 heads
-    are two neighbouring programs of 64 (a [128, 512] fp32 accumulator is an SM's whole
-    register file).
+    over-allocate tensor memory and compile to a trap). fp8 KV (MLA_FP8_BLOCK_H): Hopper takes
+    64 heads a program from 33 heads, staged (each row dequantised once per query,
+    `stage_rows` at a time, then the same loop; 252-255 registers); Blackwell and fewer heads
+    16. 128 heads are two neighbouring programs of 64 (a [128, 512] fp32 accumulator is an
+    SM's whole register file).
     """
     want_h = min(64, max(16, triton.next_power_of_2(H)))
-    block_h = block_h or (min(want_h, MLA_FP8_BLOCK_H[arch >= 100]) if kv_fp8 else want_h)
+    if kv_fp8:
+        want_h = MLA_FP8_BLOCK_H[arch >= 100] if want_h == 64 else MLA_FP8_SMALL_BLOCK_H
+    block_h = block_h or want_h
     assert block_h in (16, 32, 64), f"block_h must be 16, 32 or 64, got {block_h}"
     wide = block_h == 64
+    if kv_fp8 and wide:
+        stage_rows = stage_rows or MLA_FP8_STAGE_ROWS
+        assert stage_rows >= MLA_FP8_DQ_ROWS and stage_rows & (stage_rows - 1) == 0, (
+            f"stage_rows must be a power of two >= {MLA_FP8_DQ_ROWS}, got {stage_rows}")
+    else:
+        assert stage_rows is None, "stage_rows applies to fp8 KV with 64 heads a program only"
     if acc_split is None:
         acc_split = 1 if (arch >= 100 and wide) or DL < 64 else 4
     assert acc_split in (1, 4) and DL // acc_split >= 16, (
         f"acc_split must be 1 or 4 with latent dim / acc_split >= 16, got {acc_split} for latent {DL}")
     block_n = block_n or (16 if wide else 32)
     assert block_n >= 16 and block_n & (block_n - 1) == 0, f"block_n must be a power of two >= 16, got {block_n}"
-    return MlaConfig(block_h, block_n, 8 if DL >= KV_LATENT_DIM else 4, acc_split)
+    return MlaConfig(block_h, block_n, 8 if DL >= KV_LATENT_DIM else 4, acc_split, stage_rows)
 
 
 def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page_table: torch.Tensor,
                 q_req: torch.Tensor, counts: torch.Tensor, sm_scale: float,
                 indices: torch.Tensor | None, out: torch.Tensor | None, block_n: int | None,
-                num_splits: int | None, block_h: int | None, acc_split: int | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                num_splits: int | None, block_h: int | None, acc_split: int | None,
+                stage_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     assert q_nope.dim() == 3 and q_nope.stride(2) == 1, (
         f"q_nope must be [T, H, latent] contiguous in latent, got {tuple(q_nope.shape)}")
     T, H, DL = q_nope.shape
@@ -151,7 +173,7 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
                 f"indices must be int32 [T={T}, k] contiguous per row, got {indices.dtype} "
                 f"{tuple(indices.shape)}")
     assert math.isfinite(sm_scale) and sm_scale > 0, f"sm_scale must be a positive number, got {sm_scale}"
-    cfg = mla_config(H, DL, kv_fp8, target_arch(q_nope.device), block_h, block_n, acc_split)
+    cfg = mla_config(H, DL, kv_fp8, target_arch(q_nope.device), block_h, block_n, acc_split, stage_rows)
     S = kv.shape[1]
     max_tokens = indices.shape[1] if indices is not None else page_table.shape[1] * S
     if num_splits is None:
@@ -187,17 +209,29 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
         c = kv.view(-1, width)
         r, sc = c[:, DL:], c
     grid = (T * triton.cdiv(H, cfg.block_h), num_splits)
-    mla_attn_kernel[grid](
-        q_nope, q_pe, c, r, sc, page_table, q_req, tok, counts, part, plse,
+    args = (q_nope, q_pe, c, r, sc, page_table, q_req, tok, counts, part, plse)
+    sizes_strides = (
         H, sm_scale,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         page_table.stride(0), tok.stride(0), part.stride(0), part.stride(1),
-        part.stride(2) if num_splits > 1 else 0, plse.stride(0), plse.stride(1),
+        part.stride(2) if num_splits > 1 else 0, plse.stride(0), plse.stride(1))
+    consts = dict(
         ROW_C=c.stride(0), ROW_R=r.stride(0), ROW_S=sc.stride(0),
         DL=DL, DR=DR, PAGE_SIZE=S, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        SPARSE=indices is not None, KV_FP8=kv_fp8, QBLOCK=FP8_BLOCK, DOT_F32=dot_in_fp32(q_nope),
-        NUM_STAGES=2, ACC_SPLIT=cfg.acc_split, num_warps=cfg.num_warps,
-    )
+        SPARSE=indices is not None, QBLOCK=FP8_BLOCK, DOT_F32=dot_in_fp32(q_nope),
+        NUM_STAGES=2, ACC_SPLIT=cfg.acc_split, num_warps=cfg.num_warps)
+    if cfg.stage_rows is not None:
+        # One staging slot per program: [stage_rows, DL + DR], bf16 as the tensor cores take it
+        # (fp32 under the interpreter, which keeps dequantised latents exact; see dot_in_fp32).
+        # `meta` (the compile report) stands for the GPU.
+        interpreted = q_nope.device.type == "cpu"
+        stage = torch.empty(grid[0] * num_splits, cfg.stage_rows, DL + DR, device=q_nope.device,
+                            dtype=torch.float32 if interpreted else torch.bfloat16)
+        mla_attn_fp8_staged_kernel[grid](
+            *args, stage, *sizes_strides, **consts, STAGE_ROWS=cfg.stage_rows, DQ_ROWS=MLA_FP8_DQ_ROWS,
+            NATIVE=not interpreted)
+    else:
+        mla_attn_kernel[grid](*args, *sizes_strides, **consts, KV_FP8=kv_fp8)
     if num_splits > 1:
         mla_combine_kernel[(T, H)](
             part, plse, out, lse,
@@ -212,19 +246,19 @@ def sparse_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Ten
                          page_table: torch.Tensor, q_req: torch.Tensor, indices: torch.Tensor,
                          counts: torch.Tensor, sm_scale: float, out: torch.Tensor | None = None,
                          block_n: int | None = None, num_splits: int | None = None,
-                         block_h: int | None = None, acc_split: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_h: int | None = None, acc_split: int | None = None,
+                         stage_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its indexer-selected tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, counts, sm_scale, indices, out, block_n,
-                       num_splits, block_h, acc_split)
+                       num_splits, block_h, acc_split, stage_rows)
 
 
 def dense_mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                         page_table: torch.Tensor, q_req: torch.Tensor, q_len: torch.Tensor,
                         sm_scale: float, out: torch.Tensor | None = None,
                         block_n: int | None = None, num_splits: int | None = None,
-                        block_h: int | None = None, acc_split: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_h: int | None = None, acc_split: int | None = None,
+                        stage_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its first q_len cached tokens: (out [T, H, DL], lse [T, H])."""
     return _mla_launch(q_nope, q_pe, kv, page_table, q_req, q_len, sm_scale, None, out, block_n,
-                       num_splits, block_h, acc_split)
+                       num_splits, block_h, acc_split, stage_rows)

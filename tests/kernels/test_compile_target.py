@@ -36,7 +36,8 @@ def test_every_configuration_compiles(report):
     assert report["rows"] and report["summary"]["failed"] == []
     kernels = {r["kernel"] for r in report["rows"]}
     assert kernels == {"indexer_scores_kernel", "_radix_topk_kernel", "_topk_hist_kernel", "_topk_compact_kernel",
-                       "_topk_select_kernel", "mla_attn_kernel", "mla_combine_kernel", "_paged_copy_kernel"}
+                       "_topk_select_kernel", "mla_attn_kernel", "mla_attn_fp8_staged_kernel", "mla_combine_kernel",
+                       "_paged_copy_kernel"}
 
 
 def test_production_shapes_are_compiled_for_hopper_and_blackwell(report):
@@ -70,6 +71,22 @@ def test_mla_production_defaults_hold_64_heads_on_tensor_cores(report):
         assert set(r["tensor_core_ops"]) & {"HGMMA", "UTCHMMA"}, r
 
 
+def test_fp8_64_heads_are_one_staged_program_on_hopper(report):
+    # fp8 KV, 64 and 128 heads on sm_90: 64 heads a program, each row dequantised once per query
+    # into the staging slot, wgmma and no spills (dequantising through registers in the 64-head
+    # loop spilled 56-70 stores). sm_100 keeps 16-head programs (the staged kernel spills there).
+    for H in (64, 128):
+        for kind in ("sparse", "dense"):
+            rows = _rows(report, config=f"mla {kind} kv=fp8 H={H} splits", arch="sm_90")
+            assert rows and {r["kernel"] for r in rows} == {"mla_attn_fp8_staged_kernel", "mla_combine_kernel"}
+            for r in rows:
+                if r["kernel"] == "mla_attn_fp8_staged_kernel":
+                    assert r["spill_stores"] == 0 and r["local_bytes"] == 0, r["config"]
+                    assert "HGMMA" in r["tensor_core_ops"], r["config"]
+    assert {r["kernel"] for r in _rows(report, config="mla sparse kv=fp8 H=128", arch="sm_100")} == {
+        "mla_attn_kernel", "mla_combine_kernel"}
+
+
 def test_shared_memory_within_the_architecture_limit(report):
     assert report["summary"]["over_shared_limit"] == []
     assert all(0 <= r["shared_bytes"] <= r["shared_limit"] for r in report["rows"])
@@ -77,7 +94,7 @@ def test_shared_memory_within_the_architecture_limit(report):
 
 def test_dots_run_on_tensor_cores(report):
     dots = [r for r in report["rows"] if r["has_dot"]]
-    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "mla_attn_kernel"}
+    assert {r["kernel"] for r in dots} == {"indexer_scores_kernel", "mla_attn_kernel", "mla_attn_fp8_staged_kernel"}
     assert report["summary"]["dot_without_tensor_cores"] == []
     for r in dots:
         want = {"sm_90": {"HGMMA", "QGMMA", "HMMA"}, "sm_100": {"UTCHMMA", "UTCQMMA", "HMMA", "QMMA"}}[r["arch"]]

@@ -96,6 +96,52 @@ def test_all_heads_of_a_query_in_one_program(fp8, gen):
     assert torch.all(got[1] == 0) and torch.all(torch.isneginf(lse[1])), "empty query: out 0, lse -inf"
 
 
+@pytest.mark.parametrize("sparse,splits,stage_rows", [(True, 1, 16), (True, 2, 32), (False, 3, 16)])
+def test_fp8_64_heads_dequantise_each_row_once(sparse, splits, stage_rows, gen):
+    # fp8 KV, 48 heads in one 64-head staged program (16 masked heads): each selected row is
+    # dequantised once into the program's staging slot, stage_rows at a time (several chunks
+    # per split here, the last one partial), then attended by all heads. Contexts end mid-page
+    # (slot `len` is poisoned NaN), one query is empty, one has fewer rows than a chunk.
+    page_size, topk, H, dl, dr = 16, 72, 48, 128, 16
+    lens = [70, 0, 9, 100]
+    kv, table, seq_lens = build_kv_cache(lens, page_size, dl, dr, gen, fp8=True)
+    q_req, q_len = decode_queries(seq_lens)
+    qn, qp = _q(len(lens), H, dl, dr, gen)
+    assert mla_config(H, dl, True, 90, stage_rows=stage_rows).stage_rows == stage_rows
+    if sparse:
+        idx, counts = _random_indices(q_len, topk, pad_with=q_len, gen=gen)
+        got, lse = sparse_mla_attention(qn, qp, kv, table, q_req, idx, counts, 0.1, num_splits=splits,
+                                        stage_rows=stage_rows)
+        want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, counts, 0.1, indices=idx)
+    else:
+        got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, num_splits=splits,
+                                       stage_rows=stage_rows)
+        want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
+    _check(got, lse, want, want_lse, fp8=True)
+    assert torch.all(got[1] == 0) and torch.all(torch.isneginf(lse[1])), "empty query: out 0, lse -inf"
+
+
+def test_fp8_128_heads_run_as_two_64_head_staged_programs(gen, monkeypatch):
+    # Default configuration (Hopper off the GPU): 128 fp8 heads are two 64-head staged programs
+    # per query (each dequantises the query's rows once), not eight 16-head programs.
+    from kvproof.kernels import sparse_mla
+    seen = []
+    real = sparse_mla.mla_attn_fp8_staged_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return real[grid]
+    monkeypatch.setattr(sparse_mla, "mla_attn_fp8_staged_kernel", Spy())
+    kv, table, seq_lens = build_kv_cache([40, 17], 16, 128, 16, gen, fp8=True)
+    q_req, q_len = decode_queries(seq_lens)
+    qn, qp = _q(2, 128, 128, 16, gen)
+    got, lse = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, num_splits=1)
+    assert seen == [(2 * 2, 1)], "128 fp8 heads: two 64-head staged programs per query"
+    want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
+    _check(got, lse, want, want_lse, fp8=True)
+
+
 def test_default_configurations_hold_all_heads_of_a_query():
     # bf16 KV: every head of a query in one program up to 64 heads, 128 heads in two; Hopper
     # splits the accumulator in four quarters, Blackwell keeps one (tensor memory).
@@ -106,6 +152,15 @@ def test_default_configurations_hold_all_heads_of_a_query():
     assert mla_config(16, 512, False, 100).acc_split == 4            # warp MMA below 64 heads: quarters
     for arch in (90, 100):
         assert mla_config(64, 512, True, arch).block_h == MLA_FP8_BLOCK_H[arch >= 100]
+        assert mla_config(32, 512, True, arch).block_h == 16 and mla_config(32, 512, True, arch).stage_rows is None
+    # fp8 KV on Hopper: all 64 heads in one staged program, each row dequantised once a query
+    assert mla_config(64, 512, True, 90) == MlaConfig(block_h=64, block_n=16, num_warps=8, acc_split=4,
+                                                      stage_rows=64)
+    assert mla_config(128, 512, True, 90).block_h == 64
+    with pytest.raises(AssertionError, match="stage_rows"):
+        mla_config(16, 512, True, 90, stage_rows=64)
+    with pytest.raises(AssertionError, match="stage_rows"):
+        mla_config(64, 512, True, 90, stage_rows=24)
     with pytest.raises(AssertionError, match="acc_split"):
         mla_config(64, 32, False, 90, acc_split=4)
 
