@@ -23,18 +23,19 @@ from .indexer import indexer_scores_kernel
 SHAPES = {
     "cpu": dict(copy=[(2, 40, 2)], idx_decode=[(2, 150)], idx_prefill=[(8, 150)],
                 topk=[(2, 300, 16)], sparse=[(2, 300, 16)], sparse_fp8=[(2, 300, 16)], dense=[(2, 100)],
-                mla_block_h=[None], reps=2, warmup=1),
+                mla_block_h=[None], mla_fp8_block_h=[None], reps=2, warmup=1),
     "quick": dict(copy=[(8, 16_384, 1)], idx_decode=[(64, 8_192), (64, 32_768)],
                   idx_prefill=[(1_024, 32_768)], topk=[(64, 32_768, 2048)],
                   sparse=[(4, 32_768, 2048), (64, 32_768, 2048)], sparse_fp8=[(64, 32_768, 2048)],
-                  dense=[(64, 2_048)], mla_block_h=[None], reps=10, warmup=3),
+                  dense=[(64, 2_048)], mla_block_h=[None], mla_fp8_block_h=[None, 16], reps=10, warmup=3),
     "full": dict(copy=[(8, 16_384, 1), (8, 16_384, 8), (32, 4_000, 78)],
                  idx_decode=[(64, 8_192), (64, 32_768), (128, 32_768), (64, 131_072), (128, 131_072)],
                  idx_prefill=[(2_048, 32_768), (4_096, 131_072)],
                  topk=[(64, 32_768, 2048), (128, 131_072, 2048)],
                  sparse=[(4, 32_768, 2048), (64, 32_768, 2048), (128, 32_768, 2048), (64, 131_072, 2048)],
                  sparse_fp8=[(64, 32_768, 2048), (128, 32_768, 2048)],
-                 dense=[(64, 2_048), (64, 8_192)], mla_block_h=[None, 16, 32], reps=50, warmup=5),
+                 dense=[(64, 2_048), (64, 8_192)], mla_block_h=[None, 16, 32], mla_fp8_block_h=[None, 16],
+                 reps=50, warmup=5),
 }
 
 

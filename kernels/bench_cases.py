@@ -200,8 +200,10 @@ def bench_mla(spec, dev, run_kernels, timer) -> list[dict]:
                                            block_h=block_h)[0]
 
             t_torch = timer(torch_fn, ins)
-            # heads per program is untuned: the plain sparse rows sweep it
-            for block_h in spec["mla_block_h"] if name == "sparse" else (None,):
+            # heads per program is untuned: the plain sparse rows sweep it; the fp8 rows compare
+            # the staged 64-head program (Hopper's default) with 4 x 16-head programs
+            sweep = dict(sparse=spec["mla_block_h"], sparse_fp8=spec.get("mla_fp8_block_h", [None]))
+            for block_h in sweep.get(name, (None,)):
                 ms = diff = None
                 if run_kernels:
                     ms = timer(lambda qn, qp, pos: kernel_fn(qn, qp, pos, block_h), ins)

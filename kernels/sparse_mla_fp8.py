@@ -37,11 +37,12 @@ def _block_id(AXIS: tl.constexpr, NATIVE: tl.constexpr, like):
 
 @triton.jit
 def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H, head_progs, stride_tr,
-                stride_it, c0, n_rows, ROW_C: tl.constexpr, ROW_R: tl.constexpr, ROW_S: tl.constexpr,
+                stride_it, c0, n_rows, hi, ROW_C: tl.constexpr, ROW_R: tl.constexpr, ROW_S: tl.constexpr,
                 DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr,
-                QBLOCK: tl.constexpr, DQ_ROWS: tl.constexpr, NATIVE: tl.constexpr):
-    """Rows c0 .. c0+n_rows of the query's selection, dequantised into slot[0 .. n_rows) as
-    [latent | rope] in the slot's dtype (bf16 on the GPU, fp32 under the interpreter)."""
+                QBLOCK: tl.constexpr, DQ_ROWS: tl.constexpr, NATIVE: tl.constexpr, STAGE_ROWS: tl.constexpr):
+    """Rows c0 .. c0+n_rows of the query's selection (of rows < hi), dequantised into
+    slot[0 .. n_rows) as [latent | rope] in the slot's dtype (bf16 on the GPU, fp32 under the
+    interpreter)."""
     ROW: tl.constexpr = DL + DR
     ty = slot.dtype.element_ty
     offs_d = tl.arange(0, DQ_ROWS)
@@ -59,6 +60,16 @@ def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H,
             tok = page * PAGE_SIZE + offs_n % PAGE_SIZE
         c_row = (c_ptr + tok * ROW_C)[:, None]
         s_row = sc_ptr + tok * ROW_S
+        if NATIVE and SPARSE:
+            # The same rows of the next chunk into L2 (eight 128 B lines cover a 656 B row),
+            # so that chunk's loads wait on L2, not HBM: the conversion loop is not pipelined.
+            nxt = offs_n + STAGE_ROWS
+            nv = nxt < hi
+            tok2 = tl.load(tok_ptr + t * stride_it + nxt, mask=nv, other=0).to(tl.int64)
+            lines = tl.minimum(tl.arange(0, 8) * 128, ROW_C - 1)
+            addr = tl.where(nv[:, None], (c_ptr + tok2 * ROW_C)[:, None] + lines[None, :], c_ptr)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr],
+                                      dtype=tl.int32, is_pure=False, pack=1)
         dst = slot + (d0 + offs_d)[:, None] * ROW
         for b in tl.static_range(DL // QBLOCK):          # one fp32 scale per row and 128-column block
             c = tl.load(c_row + b * QBLOCK + offs_q[None, :], mask=valid[:, None], other=0.0)
@@ -132,8 +143,8 @@ def mla_attn_fp8_staged_kernel(
         slot = stage_ptr + slot_id.to(tl.int64) * (STAGE_ROWS * ROW)
         tl.debug_barrier()                       # every warp is done reading the previous chunk
         _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H, head_progs, stride_tr,
-                    stride_it, c0, n_rows, ROW_C, ROW_R, ROW_S, DL, DR, PAGE_SIZE, SPARSE, QBLOCK, DQ_ROWS,
-                    NATIVE)
+                    stride_it, c0, n_rows, hi, ROW_C, ROW_R, ROW_S, DL, DR, PAGE_SIZE, SPARSE, QBLOCK, DQ_ROWS,
+                    NATIVE, STAGE_ROWS)
         tl.debug_barrier()                       # the chunk's rows are in the slot for every warp
         for n0 in tl.range(0, n_rows, BLOCK_N, num_stages=NUM_STAGES):
             offs_n = n0 + tl.arange(0, BLOCK_N)
