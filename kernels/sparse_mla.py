@@ -69,7 +69,7 @@ def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, de
 # Heads per program with fp8 KV from 33 heads, {Hopper: ..., Blackwell: ...}. Hopper: 64, in
 # mla_attn_fp8_staged_kernel (sparse_mla_fp8.py), each row dequantised once per query into a
 # staging slot (252-255 registers, no spills; dequantising through registers inside the
-# 64-head loop spills 56-70 stores). Blackwell: the staged kernel spills (36-39 stores: the
+# 64-head loop spills 56-70 stores). Blackwell: the staged kernel spills (36-41 stores: the
 # accumulator leaves tensor memory across the chunk loop; 1-4 with a single loop, whose loads
 # are then not pipelined), so 16 heads a program, 4 programs per 64-head query.
 MLA_FP8_BLOCK_H = {False: 64, True: 16}
