@@ -81,6 +81,10 @@ MLA_FP8_SMALL_BLOCK_H = 16
 # 72 KiB a program at 64 rows), and how many at a time (16 rows compile without spills).
 MLA_FP8_STAGE_ROWS = 64
 MLA_FP8_DQ_ROWS = 16
+# Largest staging buffer a launch allocates (one slot per program: 72 KiB, so about 900
+# programs, e.g. B = 450 decode queries at 2 splits); a default launch that would need more
+# runs 16-head programs instead.
+MLA_FP8_STAGE_MAX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -173,11 +177,20 @@ def _mla_launch(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, page
                 f"indices must be int32 [T={T}, k] contiguous per row, got {indices.dtype} "
                 f"{tuple(indices.shape)}")
     assert math.isfinite(sm_scale) and sm_scale > 0, f"sm_scale must be a positive number, got {sm_scale}"
-    cfg = mla_config(H, DL, kv_fp8, target_arch(q_nope.device), block_h, block_n, acc_split, stage_rows)
+    arch = target_arch(q_nope.device)
+    cfg = mla_config(H, DL, kv_fp8, arch, block_h, block_n, acc_split, stage_rows)
     S = kv.shape[1]
     max_tokens = indices.shape[1] if indices is not None else page_table.shape[1] * S
-    if num_splits is None:
-        num_splits = mla_num_splits(T, triton.cdiv(H, cfg.block_h), max_tokens, cfg.block_n, q_nope.device)
+    auto_splits = num_splits is None
+    splits = mla_num_splits(T, triton.cdiv(H, cfg.block_h), max_tokens, cfg.block_n, q_nope.device) \
+        if auto_splits else num_splits
+    if (cfg.stage_rows is not None and block_h is None
+            and T * triton.cdiv(H, cfg.block_h) * splits * cfg.stage_rows * (DL + DR) * 2 > MLA_FP8_STAGE_MAX_BYTES):
+        # a large batch (long prefill): 16-head programs rather than a staging buffer that grows with it
+        cfg = mla_config(H, DL, kv_fp8, arch, MLA_FP8_SMALL_BLOCK_H, block_n, acc_split)
+        if auto_splits:
+            splits = mla_num_splits(T, triton.cdiv(H, cfg.block_h), max_tokens, cfg.block_n, q_nope.device)
+    num_splits = splits
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
     if out is None:
         out = torch.empty(T, H, DL, dtype=q_nope.dtype, device=q_nope.device)

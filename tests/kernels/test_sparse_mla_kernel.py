@@ -140,6 +140,11 @@ def test_fp8_128_heads_run_as_two_64_head_staged_programs(gen, monkeypatch):
     assert seen == [(2 * 2, 1)], "128 fp8 heads: two 64-head staged programs per query"
     want, want_lse = mla_attention_ref(qn, qp, kv, table, q_req, q_len, 0.1)
     _check(got, lse, want, want_lse, fp8=True)
+    # a launch whose staging buffer would pass the cap runs 16-head programs instead
+    monkeypatch.setattr(sparse_mla, "MLA_FP8_STAGE_MAX_BYTES", 2 * 2 * 64 * 144 * 2 - 1)
+    got2, lse2 = dense_mla_attention(qn, qp, kv, table, q_req, q_len, 0.1, num_splits=1)
+    assert len(seen) == 1, "over the staging cap: no staged launch"
+    _check(got2, lse2, want, want_lse, fp8=True)
 
 
 def test_default_configurations_hold_all_heads_of_a_query():
