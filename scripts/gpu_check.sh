@@ -29,8 +29,9 @@ EXTRA=(benches:240 loadgen:300)     # not in the default run; setup + one of the
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)}
 SANITIZER=${SANITIZER:-compute-sanitizer}
 SERVE_ARGS=${SERVE_ARGS:---model small --device cuda --backend triton --threads 0}
-MEMCHECK_TESTS="tests/kernels/test_paged_copy_kernel.py tests/kernels/test_topk_kernel.py"
-MEMCHECK_K="(match_reference or agrees_with_torch or cooperative) and not production"
+# + the staged fp8 MLA kernel, which writes its rows into a global staging slot per program
+MEMCHECK_TESTS="tests/kernels/test_paged_copy_kernel.py tests/kernels/test_topk_kernel.py tests/kernels/test_sparse_mla_kernel.py"
+MEMCHECK_K="(match_reference or agrees_with_torch or cooperative or dequantise_each_row_once) and not production"
 RACECHECK_TESTS="tests/kernels/test_paged_copy_kernel.py tests/kernels/test_topk_kernel.py tests/kernels/test_indexer_kernel.py"
 RACECHECK_K="(roundtrip or agrees_with_torch or decode_scores) and not production"
 declare -a SUMMARY=()
