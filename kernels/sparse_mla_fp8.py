@@ -15,20 +15,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _block_id(AXIS: tl.constexpr, NATIVE: tl.constexpr, like):
+def _block_id(AXIS: tl.constexpr, NATIVE: tl.constexpr):
     """tl.program_id(AXIS), re-read where it is used when compiled for the GPU.
 
     At 253-255 registers the values derived from the program id before the token loop
     (output rows, head masks, the staging slot) are what spilled; an opaque read of the
     special register at the point of use keeps the compiler from holding them across the loop.
-    `like` is any int32 scalar (inline asm needs an operand); the interpreter runs no asm.
+    The interpreter runs no asm: there it is tl.program_id.
     """
     if NATIVE:
         if AXIS == 0:
-            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [like], dtype=tl.int32,
+            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r", [], dtype=tl.int32,
                                             is_pure=False, pack=1)
         else:
-            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [like], dtype=tl.int32,
+            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r", [], dtype=tl.int32,
                                             is_pure=False, pack=1)
     else:
         pid = tl.program_id(AXIS)
@@ -55,7 +55,7 @@ def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H,
             tok = tl.load(tok_ptr + t * stride_it + offs_n, mask=valid, other=0).to(tl.int64)
         else:
             # the request row is loaded here, not kept from before the loop (a register less)
-            req = tl.load(q_req_ptr + _block_id(0, NATIVE, H) // head_progs).to(tl.int64)
+            req = tl.load(q_req_ptr + _block_id(0, NATIVE) // head_progs).to(tl.int64)
             page = tl.load(table_ptr + req * stride_tr + offs_n // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
             tok = page * PAGE_SIZE + offs_n % PAGE_SIZE
         c_row = (c_ptr + tok * ROW_C)[:, None]
@@ -139,7 +139,7 @@ def mla_attn_fp8_staged_kernel(
     qk_scale = sm_scale * LOG2E
     for c0 in range(lo, hi, STAGE_ROWS):
         n_rows = tl.minimum(hi - c0, STAGE_ROWS)
-        slot_id = _block_id(0, NATIVE, H) * NUM_SPLITS + _block_id(1, NATIVE, H)
+        slot_id = _block_id(0, NATIVE) * NUM_SPLITS + _block_id(1, NATIVE)
         slot = stage_ptr + slot_id.to(tl.int64) * (STAGE_ROWS * ROW)
         tl.debug_barrier()                       # every warp is done reading the previous chunk
         _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H, head_progs, stride_tr,
@@ -176,8 +176,8 @@ def mla_attn_fp8_staged_kernel(
             m = m_new
     nonempty = l_sum > 0
     inv = (1.0 / tl.where(nonempty, l_sum, 1.0))[:, None]
-    pid0 = _block_id(0, NATIVE, H)                   # re-read: see _block_id
-    split = _block_id(1, NATIVE, H)
+    pid0 = _block_id(0, NATIVE)                   # re-read: see _block_id
+    split = _block_id(1, NATIVE)
     t = (pid0 // head_progs).to(tl.int64)
     offs_h = (pid0 % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = offs_h < H
