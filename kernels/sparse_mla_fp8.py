@@ -5,7 +5,7 @@ rows at a time goes fp8 -> bf16 into the program's own slot of a global staging 
 few tens of KB, written and re-read while it sits in L2), then the proven bf16 64-head loop
 (the pipelined loads of sparse_mla_kernels.mla_attn_kernel) runs over the slot. Dequantising
 into shared memory through registers inside that loop costs what a 64-head program has not
-got (docs/kernels.md: 55-70 spill stores); the staged rows reach shared memory by the same
+got (docs/kernels.md: 56-70 spill stores); the staged rows reach shared memory by the same
 asynchronous copies as bf16 rows, so the loop compiles as the bf16 one does.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _block_id(AXIS: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H, head_progs, stride_tr,
+def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, head_progs, stride_tr,
                 stride_it, c0, n_rows, hi, ROW_C: tl.constexpr, ROW_R: tl.constexpr, ROW_S: tl.constexpr,
                 DL: tl.constexpr, DR: tl.constexpr, PAGE_SIZE: tl.constexpr, SPARSE: tl.constexpr,
                 QBLOCK: tl.constexpr, DQ_ROWS: tl.constexpr, NATIVE: tl.constexpr, STAGE_ROWS: tl.constexpr):
@@ -61,7 +61,8 @@ def _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H,
         c_row = (c_ptr + tok * ROW_C)[:, None]
         s_row = sc_ptr + tok * ROW_S
         if NATIVE and SPARSE:
-            # The same rows of the next chunk into L2 (eight 128 B lines cover a 656 B row),
+            # The same rows of the next chunk into L2 (8 addresses hit the up to 7 lines of 128 B
+            # a 656 B row touches),
             # so that chunk's loads wait on L2, not HBM: the conversion loop is not pipelined.
             nxt = offs_n + STAGE_ROWS
             nv = nxt < hi
@@ -142,7 +143,7 @@ def mla_attn_fp8_staged_kernel(
         slot_id = _block_id(0, NATIVE) * NUM_SPLITS + _block_id(1, NATIVE)
         slot = stage_ptr + slot_id.to(tl.int64) * (STAGE_ROWS * ROW)
         tl.debug_barrier()                       # every warp is done reading the previous chunk
-        _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, H, head_progs, stride_tr,
+        _stage_rows(c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, slot, t, head_progs, stride_tr,
                     stride_it, c0, n_rows, hi, ROW_C, ROW_R, ROW_S, DL, DR, PAGE_SIZE, SPARSE, QBLOCK, DQ_ROWS,
                     NATIVE, STAGE_ROWS)
         tl.debug_barrier()                       # the chunk's rows are in the slot for every warp
