@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .sparse_mla_kernels import _softmax_step, _store_out
+
 
 @triton.jit
 def _block_id(AXIS: tl.constexpr, NATIVE: tl.constexpr):
@@ -163,31 +165,18 @@ def mla_attn_fp8_staged_kernel(
                 if DOT_F32:
                     c1_, c2_, c3_ = c1_.to(tl.float32), c2_.to(tl.float32), c3_.to(tl.float32)
                 s += tl.dot(q1, tl.trans(c1_)) + tl.dot(q2, tl.trans(c2_)) + tl.dot(q3, tl.trans(c3_))
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])                                            # [BH, BN] fp32
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            pc = p.to(c0_.dtype)                           # bf16 P @ V as in flash attention
-            acc0 = acc0 * alpha[:, None] + tl.dot(pc, c0_)
             if ACC_SPLIT == 4:
-                acc1 = acc1 * alpha[:, None] + tl.dot(pc, c1_)
-                acc2 = acc2 * alpha[:, None] + tl.dot(pc, c2_)
-                acc3 = acc3 * alpha[:, None] + tl.dot(pc, c3_)
-            m = m_new
-    nonempty = l_sum > 0
-    inv = (1.0 / tl.where(nonempty, l_sum, 1.0))[:, None]
+                m, l_sum, acc0, acc1, acc2, acc3 = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2,
+                                                                 acc3, c0_, c1_, c2_, c3_, ACC_SPLIT)
+            else:
+                m, l_sum, acc0, _, _, _ = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
+                                                        c0_, c0_, c0_, c0_, ACC_SPLIT)
     pid0 = _block_id(0, NATIVE)                   # re-read: see _block_id
-    split = _block_id(1, NATIVE)
     t = (pid0 // head_progs).to(tl.int64)
     offs_h = (pid0 % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = offs_h < H
-    o_row = out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + split * stride_os + offs_w[None, :]
-    ty = out_ptr.dtype.element_ty
-    tl.store(o_row, (acc0 * inv).to(ty), mask=hmask[:, None])
     if ACC_SPLIT == 4:
-        tl.store(o_row + QW, (acc1 * inv).to(ty), mask=hmask[:, None])
-        tl.store(o_row + 2 * QW, (acc2 * inv).to(ty), mask=hmask[:, None])
-        tl.store(o_row + 3 * QW, (acc3 * inv).to(ty), mask=hmask[:, None])
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l_sum, 1.0))) / LOG2E, float("-inf"))
-    tl.store(lse_ptr + t * stride_lt + offs_h * stride_lh + split, lse, mask=hmask)
+        _store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
+                   stride_lt, stride_lh, m, l_sum, acc0, acc1, acc2, acc3, QW, ACC_SPLIT)
+    else:
+        _store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
+                   stride_lt, stride_lh, m, l_sum, acc0, acc0, acc0, acc0, QW, ACC_SPLIT)

@@ -36,6 +36,43 @@ def _latent_part(c_row, s_row, valid, COL0: tl.constexpr, W: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c2, c3, ACC_SPLIT: tl.constexpr):
+    """One online-softmax step: scores s [BH, BN] (before qk_scale) of rows `valid` into the
+    running max m, sum l_sum and accumulators (acc1-3 and c1-3 unused when ACC_SPLIT is 1)."""
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])                                                   # [BH, BN] fp32
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    pc = p.to(c0.dtype)                                    # bf16 P @ V as in flash attention
+    acc0 = acc0 * alpha[:, None] + tl.dot(pc, c0)                                     # [BH, QW]
+    if ACC_SPLIT == 4:
+        acc1 = acc1 * alpha[:, None] + tl.dot(pc, c1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pc, c2)
+        acc3 = acc3 * alpha[:, None] + tl.dot(pc, c3)
+    return m_new, l_sum, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+               m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
+    """Normalised output rows (or split partials) and the natural-log lse; 0 and -inf when empty."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    nonempty = l_sum > 0
+    inv = (1.0 / tl.where(nonempty, l_sum, 1.0))[:, None]
+    offs_w = tl.arange(0, QW)
+    o_row = out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + split * stride_os + offs_w[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(o_row, (acc0 * inv).to(ty), mask=hmask[:, None])
+    if ACC_SPLIT == 4:
+        tl.store(o_row + QW, (acc1 * inv).to(ty), mask=hmask[:, None])
+        tl.store(o_row + 2 * QW, (acc2 * inv).to(ty), mask=hmask[:, None])
+        tl.store(o_row + 3 * QW, (acc3 * inv).to(ty), mask=hmask[:, None])
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l_sum, 1.0))) / LOG2E, float("-inf"))
+    tl.store(lse_ptr + t * stride_lt + offs_h * stride_lh + split, lse, mask=hmask)
+
+
+@triton.jit
 def mla_attn_kernel(
     # pointers
     qn_ptr, qp_ptr, c_ptr, r_ptr, sc_ptr, table_ptr, q_req_ptr, tok_ptr, count_ptr, out_ptr, lse_ptr,
@@ -115,29 +152,18 @@ def mla_attn_kernel(
             c2 = _latent_part(c_row, s_row, valid, 2 * QW, QW, BLOCK_N, QBLOCK, KV_FP8, DOT_F32, qp.dtype)
             c3 = _latent_part(c_row, s_row, valid, 3 * QW, QW, BLOCK_N, QBLOCK, KV_FP8, DOT_F32, qp.dtype)
             s += tl.dot(q1, tl.trans(c1)) + tl.dot(q2, tl.trans(c2)) + tl.dot(q3, tl.trans(c3))
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])                                               # [BH, BN] fp32
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        pc = p.to(c0.dtype)                                # bf16 P @ V as in flash attention
-        acc0 = acc0 * alpha[:, None] + tl.dot(pc, c0)                                 # [BH, QW]
         if ACC_SPLIT == 4:
-            acc1 = acc1 * alpha[:, None] + tl.dot(pc, c1)
-            acc2 = acc2 * alpha[:, None] + tl.dot(pc, c2)
-            acc3 = acc3 * alpha[:, None] + tl.dot(pc, c3)
-        m = m_new
-    nonempty = l_sum > 0
-    inv = (1.0 / tl.where(nonempty, l_sum, 1.0))[:, None]
-    o_row = out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + split * stride_os + offs_w[None, :]
-    ty = out_ptr.dtype.element_ty
-    tl.store(o_row, (acc0 * inv).to(ty), mask=hmask[:, None])
+            m, l_sum, acc0, acc1, acc2, acc3 = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3,
+                                                             c0, c1, c2, c3, ACC_SPLIT)
+        else:
+            m, l_sum, acc0, _, _, _ = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
+                                                    c0, c0, c0, c0, ACC_SPLIT)
     if ACC_SPLIT == 4:
-        tl.store(o_row + QW, (acc1 * inv).to(ty), mask=hmask[:, None])
-        tl.store(o_row + 2 * QW, (acc2 * inv).to(ty), mask=hmask[:, None])
-        tl.store(o_row + 3 * QW, (acc3 * inv).to(ty), mask=hmask[:, None])
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l_sum, 1.0))) / LOG2E, float("-inf"))
-    tl.store(lse_ptr + t * stride_lt + offs_h * stride_lh + split, lse, mask=hmask)
+        _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+                   m, l_sum, acc0, acc1, acc2, acc3, QW, ACC_SPLIT)
+    else:
+        _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+                   m, l_sum, acc0, acc0, acc0, acc0, QW, ACC_SPLIT)
 
 
 @triton.jit
