@@ -119,11 +119,15 @@ class EngineCore:
         return context_limit(self.cfg, self.model.cfg)
 
     def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None],
-            prefilled: tuple[list[int], int] | None = None) -> None:
+            prefilled: tuple[list[int], int] | None = None, hidden: torch.Tensor | None = None,
+            times: tuple[float, float] | None = None) -> None:
         """Queue a request; its events go to `sink` (called on the engine thread).
 
         `prefilled=(pages, n)`: someone else (a PD prefill worker) already wrote the KV of the
-        first n prompt positions into these pages of this core's pool; n < prompt length.
+        first n prompt positions into these pages of this core's pool. n < prompt length: the core
+        computes the rest; n = prompt length: `hidden` is the last prompt position's hidden state [D],
+        and the first token is sampled from it and emitted now, before any step.
+        `times=(arrival, scheduled)`: when the request arrived and first got compute elsewhere (PD's queue).
         """
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
@@ -137,15 +141,26 @@ class EngineCore:
                                          audit=functools.partial(self._kv_error, seq))
         if prefilled is not None:
             pages, cached = prefilled
-            if not 0 <= cached < n or cached > len(pages) * self.model.cfg.page_size:
-                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} "
-                                 f"and fit in {len(pages)} pages")
+            whole = hidden is not None
+            if not 0 <= cached <= n or (cached == n) != whole or cached > len(pages) * self.model.cfg.page_size:
+                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} (or all "
+                                 f"{n} with the last hidden state) and fit in {len(pages)} pages")
             seq.pages, seq.num_cached = list(pages), cached
             seq.page_tags = [self.pool.tag(p) for p in seq.pages]
+        if hidden is not None and (prefilled is None or tuple(hidden.shape) != (self.model.cfg.hidden,)):
+            raise ValueError(f"hidden of shape {tuple(hidden.shape)} needs the whole prompt prefilled and "
+                             f"shape ({self.model.cfg.hidden},)")
+        if times is not None:
+            seq.arrival, seq.scheduled_at = times
         self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
         self.scheduler.add(seq)
         self.totals["requests_total"] += 1
         self.totals["prompt_tokens_total"] += n
+        if hidden is not None:                 # the prompt is computed: decode from the next step on
+            seq.hidden = hidden
+            self.scheduler.promote(seq)
+            tok, lp = self.runner.first_token(seq, hidden)
+            self._emit(seq, [tok], None if lp is None else [lp])
 
     def _kv_error(self, seq: Sequence) -> float:
         """The anomaly monitor's evidence: how far the sequence's cached KV is from a recomputation."""

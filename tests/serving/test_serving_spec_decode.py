@@ -1,6 +1,8 @@
 """Speculative decoding with the MTP head is lossless: the same greedy tokens as plain decoding."""
 from __future__ import annotations
 
+import pytest
+
 from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.serving.scheduler import Sequence
@@ -78,4 +80,35 @@ def test_kv_handoff_between_cores_equals_reference() -> None:
             pass
         out.append([t for ev in events for t in ev.tokens])
     assert out == ref
+
+
+def test_whole_prompt_handoff_with_the_hidden_state_emits_the_first_token_at_once() -> None:
+    """PD's path: core A computes the whole prompt; B gets its KV and last hidden state, emits the first
+    token inside `add` (before any step) and decodes the reference's tokens; mismatched inputs are refused."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8, seed=7)
+    ref = generate_reference(EngineConfig(), PROMPTS, params)
+    a, b = EngineCore(EngineConfig()), EngineCore(EngineConfig(num_pages=300))
+    out = []
+    for i, p in enumerate(PROMPTS):
+        n = len(p)
+        seq = Sequence("pf", list(p), params)
+        seq.pages = a.pool.allocate(-(-n // a.model.cfg.page_size))
+        h = a.runner.prefill([seq], [n])[0]
+        data = a.cache.export_tokens(seq.pages, n)
+        a.pool.free(seq.pages)
+        dst = b.pool.allocate(-(-n // b.model.cfg.page_size))
+        b.cache.import_tokens(dst, data)
+        events: list = []
+        b.add(GenerationRequest(str(i), tuple(p), params), events.append, prefilled=(dst, n), hidden=h)
+        assert len(events) == 1 and len(events[0].tokens) == 1          # the first token, before any step
+        while b.step():
+            pass
+        out.append([t for ev in events for t in ev.tokens])
+    assert out == ref
+    dst = b.pool.allocate(1)
+    with pytest.raises(ValueError, match="with the last hidden state"):
+        b.add(GenerationRequest("x", (1, 2), params), lambda ev: None, prefilled=(dst, 2))
+    with pytest.raises(ValueError, match="shape"):
+        b.add(GenerationRequest("y", (1, 2), params), lambda ev: None, prefilled=(dst, 2), hidden=h[:3])
+    b.pool.free(dst)
     assert b.pool.num_free == b.pool.num_pages
