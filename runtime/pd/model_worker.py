@@ -26,6 +26,7 @@ import json
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import asdict, fields
 from typing import Any, Callable
 
@@ -188,6 +189,8 @@ class DecodeModel:
         self.core = EngineCore(ecfg)
         self.pd = pd
         self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
+        # (rid, request, started sequence, its KV bytes): first token sent, not yet in the core
+        self._started: deque[tuple[int, GenerationRequest, Sequence, np.ndarray]] = deque()
         self.pool: KVPool | None = None
         self._send: Callable[[Message], None] | None = None
         self._send_events: Callable[[list], None] | None = None
@@ -227,44 +230,53 @@ class DecodeModel:
             self.pending.pop(r.rid, None)
 
     def read(self, s: int, req: Any) -> int:
-        """DecodeWorker's read of READY slot s: import its KV into model pages and start decoding (the
-        first token is sampled now, from the hidden state the last Done carried)."""
+        """DecodeWorker's read of READY slot s: copy its KV out, sample the first token from the hidden state
+        the last Done carried and send it at once; the loop thread admits the sequence before its next step.
+
+        Runs where the Done is handled: on a rank channel's thread, beside a model step, so it touches no
+        queue, page or counter of the core (`EngineCore.start`) and sends its event itself."""
         assert self.pool is not None
         greq = self.pending.pop(req.rid)
-        n = len(greq.prompt_tokens)
-        core = self.core
-        rid = req.rid
-
-        def refuse(why: str) -> int:
-            self._event(rid, TokenEvent(greq.request_id, (), True, "abort", why, n))
-            return 0
+        n, rid = len(greq.prompt_tokens), req.rid
         try:
             if req.hidden is None:
                 raise ValueError("done: no 'hidden' (real-KV mode needs the prompt's last hidden state)")
-            hidden = hidden_from_wire(req.hidden, core.model.cfg).to(core.cache.kv.device)
-        except ValueError as e:
-            return refuse(f"decode refused: {e}")
-        need = -(-n // core.model.cfg.page_size)
-        if not core.pool.can_allocate(need):
-            return refuse("decode out of KV pages")
-        pages = core.pool.allocate(need)
-        raw = self.pool.array[s, :, :, :n]                                   # [W, L, n, Bw]
-        data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)
-        core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
-        self.imported_tokens += n
-        # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
-        times = (req.submitted, req.allocated if req.allocated is not None else req.submitted)
-        try:
-            with torch.no_grad():
-                core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n), hidden=hidden, times=times)
+            hidden = hidden_from_wire(req.hidden, self.core.model.cfg).to(self.core.cache.kv.device)
+            # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
+            times = (req.submitted, req.allocated if req.allocated is not None else req.submitted)
+            seq, ev = self.core.start(greq, hidden, times)
         except ValueError as e:                             # the router validates; never strand the slot
-            core.pool.free(pages)
-            return refuse(f"decode refused: {e}")
+            self._flush([(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n))])
+            return 0
+        raw = self.pool.array[s, :, :, :n]                                   # [W, L, n, Bw]
+        data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)   # the slot is freed next
+        self._flush([(rid, ev)])                            # the first token now, not with a step's events
+        self._started.append((rid, greq, seq, data))
         return 0
+
+    def _admit(self) -> None:
+        """Loop thread: the started sequences' KV into model pages, the sequences into the core."""
+        core = self.core
+        while self._started:
+            rid, greq, seq, data = self._started.popleft()
+            n = len(greq.prompt_tokens)
+            need = -(-n // core.model.cfg.page_size)
+            if not core.pool.can_allocate(need):
+                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages", n, 1))
+                continue
+            pages = core.pool.allocate(need)
+            core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
+            self.imported_tokens += n
+            try:
+                core.add(greq, lambda ev, rid=rid: self._event(rid, ev), prefilled=(pages, n), started=seq)
+            except ValueError as e:
+                core.pool.free(pages)
+                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n, 1))
 
     def abort(self, rid: int, cause: str = "client") -> None:
         """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
         self.pending.pop(rid, None)
+        self._admit()                                       # a started request is in the core before it aborts
         self.core.abort(str(rid), cause)
 
     def send_stats(self, worker: Any, nonce: int) -> None:
@@ -277,6 +289,7 @@ class DecodeModel:
         self._batch = []
         try:
             with torch.no_grad():
+                self._admit()
                 busy = self.core.step()
         finally:
             batch, self._batch = self._batch, None
