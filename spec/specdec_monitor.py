@@ -85,6 +85,7 @@ def _intact(P: Any, m: Any, num: Any, den: Any) -> Any:
 
 
 def _suspect(m: Any) -> Any:
+    """A suspicion is raised and its KV audit pending (a predicate: `Instance.holds("suspected")`)."""
     return m.any([m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, m.phase[()] == Phase.SUSPECT_DEGENERATE])
 
 
@@ -281,6 +282,7 @@ def _monitor_protocol(min_tokens: int, min_accept_length: Fraction, max_accept_r
         "flag_low_accept": action("monitor", tags=(AUDIT_OUTCOME,), **_AUDIT_ARGS)(_flag_low_accept),
         "flag_degenerate": action("monitor", tags=(AUDIT_OUTCOME,), **_AUDIT_ARGS)(_flag_degenerate),
         "running": staticmethod(_running),
+        "suspected": staticmethod(_suspect),
         "aborted": staticmethod(_aborted),
     }
     for prop in PROPERTIES:

@@ -71,9 +71,11 @@ class RequestMonitor:
         if cfg.enabled and audit is None:
             raise ValueError("RequestMonitor: an enabled monitor needs an `audit` (the request's KV audit) "
                              "to settle a suspicion; expected a callable returning the KV error")
-        self.audit, self.audit_rtol = audit, thresholds_for(model).audit_rtol
+        self.audit = audit
+        # the audit tolerance is the spec's, for the model: a protocol constant its outcome guards compare with
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
-                                 Fraction(cfg.max_accept_rate).limit_denominator(1000), self.audit_rtol)
+                                 Fraction(cfg.max_accept_rate).limit_denominator(1000),
+                                 thresholds_for(model).audit_rtol)
         # what to try after a step, and after an audit: the spec's actions of those roles
         self._suspicions, self._outcomes = proto.tagged(SUSPICION), proto.tagged(AUDIT_OUTCOME)
         # rule disabled: the naive variant's `step` has no threshold guard, so the instance only

@@ -14,7 +14,7 @@ from kvproof.spec.core import ProtocolViolation, SpecError
 from kvproof.spec.instance import Instance
 from kvproof.spec.specdec_monitor import (AUDIT_OUTCOME, PROPERTIES, SUSPICION, AcceptMonitor, Phase, audit_error,
                                           monitor_protocol)
-from kvproof.verify.checks_monitor import _check
+from kvproof.verify.checks_monitor import _check, _settles
 from kvproof.verify.verdict import Status
 
 
@@ -154,6 +154,16 @@ def test_the_monitor_tries_the_spec_actions_of_each_role() -> None:
     assert mon._outcomes == AcceptMonitor.tagged(AUDIT_OUTCOME) == ("clear", "flag_low_accept", "flag_degenerate")
     with pytest.raises(SpecError, match="no action is tagged 'nope'.*audit_outcome"):
         AcceptMonitor.tagged("nope")
+
+
+@pytest.mark.parametrize("variant", AcceptMonitor.variants)
+def test_every_suspicion_settles_by_exactly_one_outcome(variant: str) -> None:
+    """Z3: the runtime's loop over the audit outcomes always fires one, and one only; without a guard of the
+    decision two are enabled at once (so the check can fail)."""
+    assert _settles(variant).status == Status.PROVEN
+    for guard in ("audit_error_beyond_rtol", "audit_error_within_rtol", "audit_error_finite"):
+        v = _settles(variant, dropped=frozenset({guard}))
+        assert v.status == Status.REFUTED and "both enabled" in v.detail, (guard, v.detail)
 
 
 @pytest.mark.parametrize("variant", AcceptMonitor.variants)
