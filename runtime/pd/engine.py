@@ -306,7 +306,7 @@ class PDEngine(StreamingMixin):
             self._totals["prompt_tokens_total"] += n
             corrupt = int(req.request_id in self._corrupt)
             self._corrupt.discard(req.request_id)
-        self.cluster.submit_request(Submit(rid, max(1, n - 1), list(req.prompt_tokens), params, corrupt))
+        self.cluster.submit_request(Submit(rid, n, list(req.prompt_tokens), params, corrupt))
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
         """Abort a request through the protocol (ClientAbort -> spec abort); False when unknown."""

@@ -3,24 +3,30 @@
     python -m kvproof.runtime.pd.model_worker decode|prefill --stdin   (arguments + secret on stdin)
 
 The processes are the ones of `pd.process` (same loops, same spec firing); this module only plugs
-the model in. A prefill rank's `PrefillModel` runs the model on the first n-1 prompt tokens (the
-prompt rides on `Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n-1, token_bytes]`;
-the rank posts its byte share of every token, one write per layer, exactly as for synthetic KV.
+the model in. A prefill rank's `PrefillModel` runs the model on the whole prompt (it rides on
+`Alloc`) and returns `KVCache.export_tokens` bytes `[layers, n, token_bytes]` and the hidden state of
+the prompt's last position; the rank posts its byte share of every token, one write per layer, exactly
+as for synthetic KV, and its `Done` carries the hidden state (`hidden_to_wire`).
 With `layersplit=R` each prefill rank is rank 0 of its own LayerSplit group (R-1 follower processes
 of its own) and gathers the layers it does not store from their owners for the export
 (`EngineCore.export_tokens`); decode always runs unsplit (`ModelCluster` gives it layersplit=1).
 Decode's `DecodeModel.read` is `DecodeWorker`'s read of a READY slot: it copies the slot's bytes
 into its own model KV pages (`import_tokens`) and hands the request to its `EngineCore`
-(`prefilled=(pages, n-1)`); the slot is then finished (freed) and the core decodes (MTP
-speculative decoding, the anomaly monitor) and streams `Event` messages back to the router.
+(`prefilled=(pages, n)` with the hidden state), which samples the first token from it at once: the
+first token goes to the router without waiting for a decode step. The slot is then finished (freed)
+and the core decodes (MTP speculative decoding, the anomaly monitor) and streams `Event` messages back
+to the router.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import sys
 import time
 import zlib
+from collections import deque
 from dataclasses import asdict, fields
 from typing import Any, Callable
 
@@ -34,6 +40,7 @@ from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.cpus import parse_cpus, pin_process
 from kvproof.runtime.pd.messages import Alloc, Event, Events, Message, Result, Stats, Submit
+from kvproof.runtime.pd.prefill_worker import Prefilled
 from kvproof.runtime.serving.scheduler import Sequence
 from kvproof.runtime.serving.server_metrics import histogram
 from kvproof.spec.kv_slot import DState
@@ -63,6 +70,24 @@ def engine_config_from_json(text: str) -> EngineConfig:
 def token_bytes(mc: ModelConfig) -> int:
     """Bytes of one token of one layer in the KV export format ([kv row | indexer key])."""
     return (mc.kv_width + mc.index_dim) * torch.empty((), dtype=mc.torch_dtype).element_size()
+
+
+def hidden_to_wire(h: torch.Tensor) -> str:
+    """A hidden state [D] as Done carries it: base64 of its bytes in the model's dtype."""
+    return base64.b64encode(h.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()).decode("ascii")
+
+
+def hidden_from_wire(text: str, mc: ModelConfig) -> torch.Tensor:
+    """Done's hidden state back as a [D] tensor of the model's dtype; a malformed one raises ValueError."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"done: field 'hidden' is not base64 ({e})") from None
+    want = mc.hidden * torch.empty((), dtype=mc.torch_dtype).element_size()
+    if len(raw) != want:
+        raise ValueError(f"done: field 'hidden' has {len(raw)} bytes, expected {want} "
+                         f"({mc.hidden} x {mc.torch_dtype})")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(mc.torch_dtype)
 
 
 def corrupt_payload(data: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -101,36 +126,34 @@ class PrefillModel:
         out.update({f"prefill_{k}": v for k, v in (host | group).items() if isinstance(v, (int, float))})
         return out
 
-    def __call__(self, alloc: Alloc) -> np.ndarray:
-        """Run the model on the prompt (minus its last token) and export its KV for the slot."""
+    def __call__(self, alloc: Alloc) -> Prefilled:
+        """Run the model on the prompt and export its KV (and last hidden state) for the slot."""
         out = self.many([alloc])[0]
         if isinstance(out, ValueError):
             raise out
         return out
 
-    def many(self, allocs: list[Alloc]) -> list[np.ndarray | ValueError]:
-        """KV bytes of the first k >= 1 prompts, prefilled in one forward of at most max_prefill_tokens
-        (past the first prompt); a malformed Alloc gets its ValueError and does not spoil the batch."""
+    def many(self, allocs: list[Alloc]) -> list[Prefilled | ValueError]:
+        """The first k >= 1 prompts computed in one forward of at most max_prefill_tokens (past the first
+        prompt): their KV bytes and last hidden states; a malformed Alloc gets its ValueError and does not
+        spoil the batch."""
         core = self.core
         budget = core.cfg.max_prefill_tokens
-        out: list[np.ndarray | ValueError] = []
+        out: list[Prefilled | ValueError] = []
         batch: list[tuple[int, Alloc, Sequence]] = []            # (index in out, alloc, its sequence)
         try:
             for alloc in allocs:
                 tokens = alloc.tokens
-                n = len(tokens) - 1 if tokens else 0
+                n = len(tokens) if tokens else 0
                 if not tokens:
                     out.append(ValueError(f"alloc for rid {alloc.rid} carries no prompt tokens "
                                           f"(real-KV mode needs them)"))
-                elif max(n, 1) != alloc.n_tokens:
+                elif n != alloc.n_tokens:
                     out.append(ValueError(f"alloc for rid {alloc.rid}: n_tokens={alloc.n_tokens}, expected "
-                                          f"max(1, len(prompt) - 1) = {max(n, 1)}"))
-                elif n == 0:                                       # nothing to transfer; one token of padding
-                    out.append(np.zeros((self.pd.layers, 1, self.pd.bytes_per_token), dtype=np.uint8))
-                    self.prefilled += 1
+                                          f"len(prompt) = {n}"))
                 else:
-                    seq = Sequence(f"pf-{alloc.rid}", list(tokens[:n]), SamplingParams())
-                    core.scheduler._match_prefix(seq)              # share cached full pages of the prefix
+                    seq = Sequence(f"pf-{alloc.rid}", list(tokens), SamplingParams())
+                    core.scheduler._match_prefix(seq)              # cached full pages (the last token is computed)
                     need = -(-n // core.model.cfg.page_size) - len(seq.pages)
                     if batch and (n - seq.num_cached > budget or not core.pool.can_allocate(need)):
                         core.pool.free(seq.pages)                  # the next batch takes it
@@ -139,18 +162,18 @@ class PrefillModel:
                     budget -= n - seq.num_cached
                     self.prompt_tokens += n
                     self.prefix_hit_tokens += seq.num_cached
-                    out.append(np.empty(0, dtype=np.uint8))        # filled below
+                    out.append(ValueError("not computed"))         # replaced below
                     batch.append((len(out) - 1, alloc, seq))
             if batch:
                 seqs = [q for _, _, q in batch]
                 with torch.no_grad():
-                    core.runner.prefill(seqs, [len(q.prompt) - q.num_cached for q in seqs])
-                for i, alloc, seq in batch:
+                    hidden = core.runner.prefill(seqs, [len(q.prompt) - q.num_cached for q in seqs])   # [B, D]
+                for (i, alloc, seq), h in zip(batch, hidden):
                     core.scheduler.prefilled(seq)                  # publish its full pages for later prompts
                     data = core.export_tokens(seq.pages, len(seq.prompt)).cpu()    # uint8 [L, n, token_bytes]
                     if alloc.corrupt:
                         data = corrupt_payload(data, core.model.cfg.torch_dtype, zlib.crc32(str(alloc.rid).encode()))
-                    out[i] = data.numpy()
+                    out[i] = Prefilled(data.numpy(), hidden_to_wire(h))
                     self.prefilled += 1
         finally:
             for _, _, seq in batch:
@@ -166,6 +189,8 @@ class DecodeModel:
         self.core = EngineCore(ecfg)
         self.pd = pd
         self.pending: dict[int, GenerationRequest] = {}    # rid -> request, until its slot is read
+        # (rid, request, started sequence, its KV bytes): first token sent, not yet in the core
+        self._started: deque[tuple[int, GenerationRequest, Sequence, np.ndarray]] = deque()
         self.pool: KVPool | None = None
         self._send: Callable[[Message], None] | None = None
         self._send_events: Callable[[list], None] | None = None
@@ -193,8 +218,8 @@ class DecodeModel:
         """Remember a request's prompt and sampling parameters until its KV arrives."""
         if msg.tokens is None or msg.params is None:
             raise ValueError(f"submit rid {msg.rid}: real-KV mode needs 'tokens' and 'params'")
-        if max(1, len(msg.tokens) - 1) != msg.n_tokens:
-            raise ValueError(f"submit rid {msg.rid}: n_tokens={msg.n_tokens}, expected max(1, len(tokens) - 1)")
+        if len(msg.tokens) != msg.n_tokens or not msg.tokens:
+            raise ValueError(f"submit rid {msg.rid}: n_tokens={msg.n_tokens}, expected len(tokens) >= 1")
         p = dict(msg.params)
         p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
         self.pending[msg.rid] = GenerationRequest(str(msg.rid), tuple(msg.tokens), SamplingParams(**p))
@@ -205,38 +230,53 @@ class DecodeModel:
             self.pending.pop(r.rid, None)
 
     def read(self, s: int, req: Any) -> int:
-        """DecodeWorker's read of READY slot s: import its KV into model pages and start decoding."""
+        """DecodeWorker's read of READY slot s: copy its KV out, sample the first token from the hidden state
+        the last Done carried and send it at once; the loop thread admits the sequence before its next step.
+
+        Runs where the Done is handled: on a rank channel's thread, beside a model step, so it touches no
+        queue, page or counter of the core (`EngineCore.start`) and sends its event itself."""
         assert self.pool is not None
         greq = self.pending.pop(req.rid)
-        n = len(greq.prompt_tokens) - 1
-        core = self.core
-        pages = core.pool.allocate(-(-n // core.model.cfg.page_size)) if core.pool.can_allocate(
-            -(-n // core.model.cfg.page_size)) else None
-        if pages is None:
-            self._event(req.rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages",
-                                            len(greq.prompt_tokens)))
+        n, rid = len(greq.prompt_tokens), req.rid
+        try:
+            if req.hidden is None:
+                raise ValueError("done: no 'hidden' (real-KV mode needs the prompt's last hidden state)")
+            hidden = hidden_from_wire(req.hidden, self.core.model.cfg).to(self.core.cache.kv.device)
+            # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
+            times = (req.submitted, req.allocated if req.allocated is not None else req.submitted)
+            seq, ev = self.core.start(greq, hidden, times)
+        except ValueError as e:                             # the router validates; never strand the slot
+            self._flush([(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n))])
             return 0
-        if n:
-            raw = self.pool.array[s, :, :, :n]                               # [W, L, n, Bw]
-            data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)
+        raw = self.pool.array[s, :, :, :n]                                   # [W, L, n, Bw]
+        data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)   # the slot is freed next
+        self._flush([(rid, ev)])                            # the first token now, not with a step's events
+        self._started.append((rid, greq, seq, data))
+        return 0
+
+    def _admit(self) -> None:
+        """Loop thread: the started sequences' KV into model pages, the sequences into the core."""
+        core = self.core
+        while self._started:
+            rid, greq, seq, data = self._started.popleft()
+            n = len(greq.prompt_tokens)
+            need = -(-n // core.model.cfg.page_size)
+            if not core.pool.can_allocate(need):
+                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages", n, 1))
+                continue
+            pages = core.pool.allocate(need)
             core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
             self.imported_tokens += n
-        rid = req.rid
-        try:
-            core.add(greq, lambda ev: self._event(rid, ev), prefilled=(pages, n))
-            # PD's queue: from the Submit until decode allocated its KV slot (prefill starts then)
-            seq = core.seqs[greq.request_id]
-            seq.arrival = req.submitted
-            seq.scheduled_at = req.allocated if req.allocated is not None else req.submitted
-        except ValueError as e:                             # the router validates; never strand the slot
-            core.pool.free(pages)
-            self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}",
-                                        len(greq.prompt_tokens)))
-        return 0
+            try:
+                core.add(greq, lambda ev, rid=rid: self._event(rid, ev), prefilled=(pages, n), started=seq)
+            except ValueError as e:
+                core.pool.free(pages)
+                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n, 1))
 
     def abort(self, rid: int, cause: str = "client") -> None:
         """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
         self.pending.pop(rid, None)
+        self._admit()                                       # a started request is in the core before it aborts
         self.core.abort(str(rid), cause)
 
     def send_stats(self, worker: Any, nonce: int) -> None:
@@ -249,6 +289,7 @@ class DecodeModel:
         self._batch = []
         try:
             with torch.no_grad():
+                self._admit()
                 busy = self.core.step()
         finally:
             batch, self._batch = self._batch, None

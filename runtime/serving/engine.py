@@ -119,33 +119,72 @@ class EngineCore:
         return context_limit(self.cfg, self.model.cfg)
 
     def add(self, req: GenerationRequest, sink: Callable[[TokenEvent], None],
-            prefilled: tuple[list[int], int] | None = None) -> None:
+            prefilled: tuple[list[int], int] | None = None, started: Sequence | None = None,
+            times: tuple[float, float] | None = None) -> None:
         """Queue a request; its events go to `sink` (called on the engine thread).
 
         `prefilled=(pages, n)`: someone else (a PD prefill worker) already wrote the KV of the
-        first n prompt positions into these pages of this core's pool; n < prompt length.
+        first n prompt positions into these pages of this core's pool. n < prompt length: the core
+        computes the rest; n = prompt length: `started` is the sequence `start` made (its first token
+        already delivered), which decodes from the next step on.
+        `times=(arrival, scheduled)`: when the request arrived and first got compute elsewhere (PD's queue).
         """
+        seq = started if started is not None else self._sequence(req, times)
         if req.request_id in self.seqs:
             raise ValueError(f"request_id {req.request_id!r} is already running")
+        n = len(req.prompt_tokens)
+        if prefilled is not None:
+            pages, cached = prefilled
+            if not 0 <= cached <= n or (cached == n) != (started is not None) \
+                    or cached > len(pages) * self.model.cfg.page_size:
+                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} (or all "
+                                 f"{n}, started) and fit in {len(pages)} pages")
+            seq.pages, seq.num_cached = list(pages), cached
+            seq.page_tags = [self.pool.tag(p) for p in seq.pages]
+        elif started is not None:
+            raise ValueError("started: a started sequence needs its whole prompt prefilled")
+        if self.cfg.num_drafts:
+            seq.monitor = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name,
+                                         audit=functools.partial(self._kv_error, seq))
+        self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
+        self.scheduler.add(seq)
+        self.totals["requests_total"] += 1
+        self.totals["prompt_tokens_total"] += n
+        if started is not None:                 # the prompt is computed and its first token delivered
+            self.scheduler.promote(seq)
+            self.totals["generation_tokens_total"] += len(seq.output)
+            reason = self._stop_reason(seq, seq.output[-1])
+            if reason:
+                self._finish(seq, reason)
+
+    def start(self, req: GenerationRequest, hidden: torch.Tensor,
+              times: tuple[float, float] | None = None) -> tuple[Sequence, TokenEvent]:
+        """A request whose whole prompt was computed elsewhere (a PD prefill rank): its first token, sampled
+        from the prompt's last hidden state [D], and the event that delivers it. Touches none of the core's
+        queues or counters, so it may run beside a step on another thread; `add(started=seq)` admits it."""
+        seq = self._sequence(req, times)
+        if tuple(hidden.shape) != (self.model.cfg.hidden,):
+            raise ValueError(f"hidden of shape {tuple(hidden.shape)}, expected ({self.model.cfg.hidden},)")
+        with torch.no_grad():                   # no_grad is per thread
+            tok, lp = self.runner.first_token(seq, hidden)
+        seq.hidden, seq.first_token_at = hidden, time.monotonic()
+        seq.output.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        ev = TokenEvent(seq.request_id, (tok,), logprobs=self._logprobs(seq), queue_s=self._queue_s(seq))
+        seq.sent = 1
+        return seq, ev
+
+    def _sequence(self, req: GenerationRequest, times: tuple[float, float] | None) -> Sequence:
+        """A new request's sequence (its prompt and max_tokens checked against the context)."""
         n = len(req.prompt_tokens)
         if n == 0 or n + req.params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens + max_tokens {req.params.max_tokens} must be in "
                              f"1..{self.max_model_len} tokens")
         seq = Sequence(req.request_id, list(req.prompt_tokens), req.params)
-        if self.cfg.num_drafts:
-            seq.monitor = RequestMonitor(self.cfg.monitor, model=self.model.cfg.name,
-                                         audit=functools.partial(self._kv_error, seq))
-        if prefilled is not None:
-            pages, cached = prefilled
-            if not 0 <= cached < n or cached > len(pages) * self.model.cfg.page_size:
-                raise ValueError(f"prefilled: {cached} cached positions must be < the prompt's {n} "
-                                 f"and fit in {len(pages)} pages")
-            seq.pages, seq.num_cached = list(pages), cached
-            seq.page_tags = [self.pool.tag(p) for p in seq.pages]
-        self.seqs[req.request_id], self.sinks[req.request_id] = seq, sink
-        self.scheduler.add(seq)
-        self.totals["requests_total"] += 1
-        self.totals["prompt_tokens_total"] += n
+        if times is not None:
+            seq.arrival, seq.scheduled_at = times
+        return seq
 
     def _kv_error(self, seq: Sequence) -> float:
         """The anomaly monitor's evidence: how far the sequence's cached KV is from a recomputation."""
@@ -190,7 +229,6 @@ class EngineCore:
 
     def _emit(self, seq: Sequence, tokens: list[int], logprobs: list | None = None) -> bool:
         """Append tokens (and their logprob entries) up to a stop condition; True when the sequence finished."""
-        p = seq.params
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         reason = None
@@ -199,10 +237,7 @@ class EngineCore:
             if logprobs is not None:
                 seq.logprobs.append(logprobs[i])
             self.totals["generation_tokens_total"] += 1
-            if (t == self.model.cfg.eos_id and not p.ignore_eos) or t in p.stop_token_ids:
-                reason = "stop"
-            elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-                reason = "length"
+            reason = self._stop_reason(seq, t)
             if reason:
                 break
         if reason:
@@ -212,6 +247,15 @@ class EngineCore:
                                               logprobs=self._logprobs(seq), queue_s=self._queue_s(seq)))
         seq.sent = len(seq.output)
         return False
+
+    def _stop_reason(self, seq: Sequence, t: int) -> str | None:
+        """Why the sequence ends with its latest token t: "stop", "length", or None while it goes on."""
+        p = seq.params
+        if (t == self.model.cfg.eos_id and not p.ignore_eos) or t in p.stop_token_ids:
+            return "stop"
+        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     def step(self) -> bool:
         """Run one scheduled batch; False when there was nothing to do."""
