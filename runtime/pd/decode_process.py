@@ -36,7 +36,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
                accept_timeout_s: float = ACCEPT_TIMEOUT_S) -> int:
     """The decode process: slot table, KV pool, one control channel + data connection per rank.
 
-    `model` (real-KV mode, pd.model_worker.DecodeModel): reads READY slots into its model, decodes,
+    `model` (real-KV mode, pd.decode_model.DecodeModel): reads READY slots into its model, decodes,
     streams Event messages; None: synthetic KV compared byte for byte. listen_port (per-role launch):
     rank w listens on base+2w (control) and base+2w+1 (data); None: free ports, reported in Ready."""
     if secret is None:

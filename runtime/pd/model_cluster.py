@@ -18,7 +18,8 @@ from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.cpus import CpuLayout, format_cpus, plan_layout
 from kvproof.runtime.pd.launch import spawn_worker
 from kvproof.runtime.pd.messages import Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of
-from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
+from kvproof.runtime.pd.kv_export import token_bytes
+from kvproof.runtime.pd.model_worker import engine_config_to_json
 from kvproof.runtime.transport.event_frames import EventBatch, WireEvent
 
 

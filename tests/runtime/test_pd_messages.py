@@ -174,7 +174,7 @@ def test_done_hidden_state_round_trips_and_a_malformed_one_is_named() -> None:
     import torch
 
     from kvproof.runtime.model.config import ModelConfig
-    from kvproof.runtime.pd.model_worker import hidden_from_wire, hidden_to_wire
+    from kvproof.runtime.pd.kv_export import hidden_from_wire, hidden_to_wire
     mc = ModelConfig()
     h = torch.randn(mc.hidden, dtype=mc.torch_dtype)
     msg = decode_message(json.loads(json.dumps(encode(Done(1, 0, 3, hidden_to_wire(h))))))
