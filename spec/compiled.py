@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, variant_name
+from kvproof.spec.core import NAT_PROPERTY, ActionDef, Layout, Nat, Protocol, ProtocolViolation, variant_name
 from kvproof.spec.instance import Instance
 from kvproof.spec.machine import Emission, Firing, Ops, data_domain, receive_guard
 from kvproof.spec.traced import TracedExpr
@@ -197,13 +197,16 @@ class Compiled:
 
 
 def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant: str, local: bool,
-                  env_checked: frozenset[str]) -> tuple[Callable[..., list | None], list[int]] | None:
-    """One action instance as `f(state, *data) -> next state | None` (guard false), for a live instance.
+                  env_checked: frozenset[str]) -> tuple[Callable[..., list | str], list[int]] | None:
+    """One action instance as `f(state, args) -> next state | name of the first false guard`, for a live instance.
 
-    Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies none; an
-    actor-local instance (`local`) keeps no 'net' writes (`Instance._kept`). Also returns the Nat
-    positions written, which `fire` checks for negatives. None when the action receives or emits:
-    those effects need the interpreted view.
+    `args` is the firing's argument dict (its data values are read by name). The guards are tested
+    one by one in the order the body states them, which is the order the interpreted view checks
+    them in (the restricted style has no branch on state), so a refusal names the guard `Instance`
+    would name. Unlike `_compile` (search), no search bounds are applied, as `Instance.fire` applies
+    none; an actor-local instance (`local`) keeps no 'net' writes (`Instance._kept`). Also returns
+    the Nat positions written, which `fire` checks for negatives. None when the action receives or
+    emits: those effects need the interpreted view.
     """
     from kvproof.spec.machine import View
     if adef.receives is not None:
@@ -214,76 +217,102 @@ def _compile_fire(layout: Layout, adef: ActionDef, args: dict[str, int], variant
     adef.body(layout.protocol, m, **{**args, **{d: Expr(d) for d in data}})
     if m.emissions:
         return None
-    guard = " and ".join(_src(c) for _, _, c in m.guards) or "True"
+    reads = "".join(f"    {d} = a[{d!r}]\n" for d in data)
+    # a guard's name is a str (the refusal), a next state a list: callers tell them apart by type
+    tests = "".join(f"    if not ({_src(c)}):\n        return {name!r}\n" for _, name, c in m.guards)
     writes = {p: v for p, v in m.writes.items()
               if not local or layout.vars[layout.names[p][0]].owner != "net"}
-    assigns = "\n".join(f"    n[{pos}] = {_src(v)}" for pos, v in writes.items())
-    src = (f"def f(st, {', '.join(data + [''])}C=C):\n"
-           f"    if not ({guard}):\n        return None\n"
-           f"    n = list(st)\n{assigns or '    pass'}\n    return n\n")
+    assigns = "".join(f"    n[{pos}] = {_src(v)}\n" for pos, v in writes.items())
+    src = f"def f(st, a, C=C):\n{reads}{tests}    n = list(st)\n{assigns}    return n\n"
     ns: dict[str, Any] = {"C": list(_CONSTS)}
     exec(compile(src, f"<fire {adef.name}{tuple(args.values())}>", "exec"), ns)
     nats = [p for p in writes if isinstance(layout.vars[layout.names[p][0]].type, Nat)]
     return ns["f"], nats
 
 
-# (protocol, params, variant, action, index args) -> (data names, compiled fn or None); shared by
-# every instance of one protocol class, so a per-request instance compiles nothing after the first
-_FIRE_CACHE: dict[tuple, tuple[list[str], Callable | None, list[int]]] = {}
+# (names of all its parameters, compiled fn or None, Nat positions written) of one action instance
+_Fast = tuple[frozenset[str], "Callable[..., list | str] | None", list[int]]
+# (protocol, params, variant, local, env_checked, action, index args) -> _Fast; shared by every
+# instance of one protocol class, so a per-request instance compiles nothing after the first
+_FIRE_CACHE: dict[tuple, _Fast] = {}
+_NONE: _Fast = (frozenset(), None, [])
 
 
 class FastInstance(Instance):
     """An `Instance` whose emission-free actions run compiled from the same spec (traced once).
 
     Same behaviour as `Instance` (a test compares them): a false guard raises the same
-    ProtocolViolation (its guard name from the interpreted path), and tracing, receiving or
-    emitting actions take the interpreted path. For per-token firings (the anomaly monitor).
+    ProtocolViolation, and `try_fire` / `why_disabled` name the same guard, straight from the
+    compiled function (no interpreted re-run); tracing, receiving or emitting actions, wrong
+    arguments, and a firing that would make a Nat negative take the interpreted path (which
+    names the error). For per-token firings (the anomaly monitor).
     """
 
-    def _fast(self, action: str, args: dict[str, Any]) -> tuple[list[str], Callable | None, list[int]]:
-        local = self.__dict__.setdefault("_unindexed", {})     # actions without index parameters
-        hit = local.get(action)
-        if hit is not None and len(args) == len(hit[0]) and all(d in args for d in hit[0]):
-            return hit
-        adef = self._adef(action)
-        idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
-        key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None,
-               self.env_checked, action, idx)
-        hit = _FIRE_CACHE.get(key)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._unindexed: dict[str, _Fast] = {}     # per action without index parameters: no key to build
+
+    def _fast(self, action: str, args: dict[str, Any]) -> _Fast:
+        """The compiled form of `action(args)`, or `_NONE` where the interpreted path must run."""
+        hit = self._unindexed.get(action)
         if hit is None:
-            data = [p.name for p in adef.params if p.index is None]
-            if set(args) != {p.name for p in adef.params} or any(v is None for _, v in idx):
-                return data, None, []                          # let the interpreted path name the error
-            fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None, self.env_checked)
-            hit = _FIRE_CACHE[key] = (data, *fn) if fn is not None else (data, None, [])
-        if not idx:
-            local[action] = hit
-        return hit
+            adef = self._adef(action)
+            idx = tuple((p.name, args.get(p.name)) for p in adef.params if p.index is not None)
+            key = (self.protocol, tuple(sorted(self.params.items())), self.variant, self.actor is not None,
+                   self.env_checked, action, idx)
+            hit = _FIRE_CACHE.get(key)
+            if hit is None:
+                if any(v is None for _, v in idx):
+                    return _NONE                                # an index missing: the interpreted error
+                fn = _compile_fire(self.layout, adef, dict(idx), self.variant, self.actor is not None,
+                                   self.env_checked)
+                hit = _FIRE_CACHE[key] = (frozenset(p.name for p in adef.params), *fn) if fn else _NONE
+            if not idx:
+                self._unindexed[action] = hit
+        # exactly the action's parameters, else the interpreted path names the error (a TypeError)
+        return hit if args.keys() == hit[0] else _NONE
+
+    def why_disabled(self, action: str, **args: Any) -> str | None:
+        """The first false guard of `action(args)`, or None when it is enabled."""
+        fn = self._fast(action, args)[1]
+        if fn is None:
+            return super().why_disabled(action, **args)
+        r = fn(self.state, args)
+        return r if type(r) is str else None
 
     def enabled(self, action: str, **args: Any) -> bool:
         """Whether `action(args)` may fire now."""
-        data, fn, _ = self._fast(action, args)
-        if fn is None:
-            return super().enabled(action, **args)
-        return fn(self.state, *[args[d] for d in data]) is not None
+        return self.why_disabled(action, **args) is None
 
-    def _fast_fire(self, action: str, args: dict[str, Any]) -> bool:
-        """Fire through the compiled function when it applies and every guard (and Nat) holds; False: it
-        did nothing, and the interpreted path decides (and names the guard or the Nat)."""
-        data, fn, nats = self._fast(action, args)
+    def _fast_fire(self, action: str, args: dict[str, Any]) -> bool | str | None:
+        """Fire through the compiled function where it applies: True when it fired, the first false
+        guard's name when refused; None when it did nothing and the interpreted path must decide (it
+        does not apply, or a Nat would become negative, which the interpreted path names)."""
+        _, fn, nats = self._fast(action, args)
         if fn is None or self._trace is not None:
-            return False
+            return None
         with self._lock:
-            nxt = fn(self.state, *[args[d] for d in data])
-            if nxt is not None and not any(nxt[p] < 0 for p in nats):
-                self.state[:] = nxt
-                return True
-        return False
+            nxt = fn(self.state, args)
+            if type(nxt) is str:
+                return nxt
+            for p in nats:
+                if nxt[p] < 0:
+                    return None
+            self.state[:] = nxt
+            return True
 
     def fire(self, action: str, **args: Any) -> list[Emission]:
         """Fire `action(args)` (see Instance.fire); compiled when it neither traces, receives nor emits."""
-        return [] if self._fast_fire(action, args) else super().fire(action, **args)
+        r = self._fast_fire(action, args)
+        if r is True:
+            return []
+        if r is None:
+            return super().fire(action, **args)
+        raise ProtocolViolation(self.protocol.name, action, args, r)
 
     def try_fire(self, action: str, **args: Any) -> Firing:
-        """Fire `action(args)` if enabled (see Instance.try_fire); compiled as `fire` is."""
-        return Firing(None, []) if self._fast_fire(action, args) else super().try_fire(action, **args)
+        """Fire `action(args)` if enabled (see Instance.try_fire); compiled as `fire` is, a refusal named by it."""
+        r = self._fast_fire(action, args)
+        if r is None:
+            return super().try_fire(action, **args)
+        return Firing(None if r is True else r, [])

@@ -157,6 +157,7 @@ class ActionDef:
     body: Callable[..., None]
     receives: str | None = None
     doc: str = ""
+    tags: frozenset[str] = frozenset()   # roles the runtime selects actions by (Protocol.tagged)
 
 
 @dataclass(frozen=True)
@@ -181,11 +182,16 @@ class LivenessDef:
     doc: str = ""
 
 
-def action(actor: str, receives: str | None = None, **params: str) -> Callable:
-    """Declare an action; keyword params map a parameter name to an index set or 'data:BOUND'."""
+def action(actor: str, receives: str | None = None, *, tags: tuple[str, ...] = (), **params: str) -> Callable:
+    """Declare an action; keyword params map a parameter name to an index set or 'data:BOUND'.
+
+    `tags` name roles the runtime selects actions by (`Protocol.tagged`), so that it never keeps
+    its own list of a protocol's action names."""
+    if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+        raise SpecError(f"action tags={tags!r}; expected a tuple of role names (strings)")
 
     def wrap(fn: Callable) -> Callable:
-        fn.__kv_action__ = (actor, receives, params)
+        fn.__kv_action__ = (actor, receives, params, frozenset(tags))
         return fn
 
     return wrap
@@ -253,13 +259,13 @@ class Protocol:
             cls.name = cls.__name__     # a derived protocol is a different protocol: own name, own checks
         for attr, fn in list(vars(cls).items()):
             if hasattr(fn, "__kv_action__"):
-                actor, receives, ps = fn.__kv_action__
+                actor, receives, ps, tags = fn.__kv_action__
                 if actor not in cls.actors and actor != "net":
                     raise SpecError(f"{cls.__name__}.{attr}: unknown actor {actor!r}")
                 if receives is not None and receives not in cls.channels:
                     raise SpecError(f"{cls.__name__}.{attr}: unknown channel {receives!r}")
                 cls.actions[attr] = ActionDef(attr, actor, _parse_params(ps), fn, receives,
-                                              (fn.__doc__ or "").strip())
+                                              (fn.__doc__ or "").strip(), tags)
             elif hasattr(fn, "__kv_invariant__"):
                 strengthening, ps = fn.__kv_invariant__
                 names = list(inspect.signature(fn).parameters)[2:]      # skip (P, m)
@@ -283,6 +289,15 @@ class Protocol:
         problems = check_ownership(cls)
         if problems:
             raise OwnershipError(cls.__name__, problems)
+
+    @classmethod
+    def tagged(cls, tag: str) -> tuple[str, ...]:
+        """The actions declared with role `tag`, in declaration order (a SpecError when none is)."""
+        out = tuple(a for a, d in cls.actions.items() if tag in d.tags)
+        if not out:
+            known = sorted({t for d in cls.actions.values() for t in d.tags})
+            raise SpecError(f"{cls.name}: no action is tagged {tag!r}; expected one of {known}")
+        return out
 
     @classmethod
     def quiescent(cls, m: Any) -> Any:

@@ -16,6 +16,13 @@ A mismatch is corruption, and only then is the generation aborted (`flag_*`); an
 cache clears the suspicion and restarts the statistics window (`clear`), so the rule
 re-arms after another `min_tokens` tokens.
 
+The audit's outcome is decided here too: `clear` and `flag_*` take the audit's error as an
+exact rational `error_num / error_den` (`audit_error(err)` encodes a float; `error_den = 0`
+stands for no finite value, an infinite or NaN error) and compare it with the protocol's
+`audit_rtol`: within it (and finite) only `clear` is enabled, beyond it only `flag_*`. The
+runtime tries the actions by their role (`Protocol.tagged`: "suspicion", "audit_outcome"),
+never by a list of its own.
+
 The spec layer works on integers, so the thresholds are rationals compared by
 cross-multiplication over the running totals of the window: `steps` verification
 steps, `accepted` drafts and `drafted` drafts:
@@ -24,6 +31,8 @@ steps, `accepted` drafts and `drafted` drafts:
                          <=>  LEN_DEN * (accepted + steps) < LEN_NUM * steps
     accept rate        = accepted / drafted > RATE_NUM / RATE_DEN
                          <=>  RATE_DEN * accepted > RATE_NUM * drafted
+
+    audit error within rtol  <=>  error_den >= 1  and  RTOL_DEN * error_num <= RTOL_NUM * error_den
 
 Actor: `monitor` (the decode scheduler's per-request monitor). `step` is disabled
 once a rule is crossed, so the runtime cannot keep generating past a crossing
@@ -39,6 +48,7 @@ requests whose first few steps were unlucky (the verifier refutes
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -69,7 +79,13 @@ def _armed(P: Any, m: Any) -> Any:
     return m.generated[()] > P.MIN_TOKENS
 
 
+def _intact(P: Any, m: Any, num: Any, den: Any) -> Any:
+    """The audit error num/den is finite (den >= 1) and within audit_rtol (cross-multiplied, as den > 0)."""
+    return m.all([den >= 1, P.RTOL_DEN * num <= P.RTOL_NUM * den])
+
+
 def _suspect(m: Any) -> Any:
+    """A suspicion is raised and its KV audit pending (a predicate: `Instance.holds("suspected")`)."""
     return m.any([m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, m.phase[()] == Phase.SUSPECT_DEGENERATE])
 
 
@@ -108,9 +124,17 @@ def _suspect_degenerate(P: Any, m: Any) -> None:
     m.phase[()] = Phase.SUSPECT_DEGENERATE
 
 
-def _clear(P: Any, m: Any) -> None:
-    """The audit found the cached KV intact: not corruption; resume and restart the statistics window."""
+def _record_audit(m: Any, error_num: Any, error_den: Any) -> None:
+    m.last_error_num[()] = error_num
+    m.last_error_den[()] = error_den
+
+
+def _clear(P: Any, m: Any, error_num: Any, error_den: Any) -> None:
+    """The audit's error is finite and within audit_rtol, the cached KV intact: resume, restart the window."""
     m.require(_suspect(m), "suspect")
+    m.require(error_den >= 1, "audit_error_finite")
+    m.require(P.RTOL_DEN * error_num <= P.RTOL_NUM * error_den, "audit_error_within_rtol")
+    _record_audit(m, error_num, error_den)
     m.phase[()] = Phase.RUNNING
     m.steps[()] = 0
     m.accepted[()] = 0
@@ -119,15 +143,19 @@ def _clear(P: Any, m: Any) -> None:
     m.audits[()] = m.audits[()] + 1
 
 
-def _flag_low_accept(P: Any, m: Any) -> None:
-    """Abort: low accept length, and the audit found the cached KV corrupted."""
+def _flag_low_accept(P: Any, m: Any, error_num: Any, error_den: Any) -> None:
+    """Abort: low accept length, and the audit's error (infinite, NaN or beyond audit_rtol) shows corrupted KV."""
     m.require(m.phase[()] == Phase.SUSPECT_LOW_ACCEPT, "suspect_low_accept")
+    m.require(m.not_(_intact(P, m, error_num, error_den)), "audit_error_beyond_rtol")
+    _record_audit(m, error_num, error_den)
     m.phase[()] = Phase.ABORTED_LOW_ACCEPT
 
 
-def _flag_degenerate(P: Any, m: Any) -> None:
-    """Abort: degenerate accept rate, and the audit found the cached KV corrupted."""
+def _flag_degenerate(P: Any, m: Any, error_num: Any, error_den: Any) -> None:
+    """Abort: degenerate accept rate, and the audit's error (infinite, NaN or beyond audit_rtol) shows corrupted KV."""
     m.require(m.phase[()] == Phase.SUSPECT_DEGENERATE, "suspect_degenerate")
+    m.require(m.not_(_intact(P, m, error_num, error_den)), "audit_error_beyond_rtol")
+    _record_audit(m, error_num, error_den)
     m.phase[()] = Phase.ABORTED_DEGENERATE
 
 
@@ -156,6 +184,17 @@ def _no_abort_while_healthy(P: Any, m: Any) -> Any:
     return m.implies(m.steps[()] == 0, m.phase[()] == Phase.RUNNING)
 
 
+def _aborts_only_on_audit_evidence(P: Any, m: Any) -> Any:
+    """An aborted generation's last audit found an infinite, NaN or beyond-audit_rtol KV error."""
+    return m.implies(_aborted(m), m.not_(_intact(P, m, m.last_error_num[()], m.last_error_den[()])))
+
+
+def _resumes_only_on_intact_audit(P: Any, m: Any) -> Any:
+    """A running generation that was audited had its last audit's KV error finite and within audit_rtol."""
+    return m.implies(m.all([m.phase[()] == Phase.RUNNING, m.audits[()] > 0]),
+                     _intact(P, m, m.last_error_num[()], m.last_error_den[()]))
+
+
 def _running(m: Any) -> Any:
     """The generation is not suspected or aborted (a predicate the runtime asks through Instance.holds)."""
     return m.phase[()] == Phase.RUNNING
@@ -166,20 +205,44 @@ def _aborted(m: Any) -> Any:
     return m.any([m.phase[()] == Phase.ABORTED_LOW_ACCEPT, m.phase[()] == Phase.ABORTED_DEGENERATE])
 
 
+# roles of actions (Protocol.tagged): what the runtime tries after a step, and after a KV audit
+SUSPICION, AUDIT_OUTCOME = "suspicion", "audit_outcome"
+_AUDIT_ARGS = {"error_num": "data:max_audit", "error_den": "data:max_audit"}
+
+
+def audit_error(err: float) -> dict[str, int]:
+    """A KV audit's error as the audit-outcome actions' arguments: exact num/den; den 0 for inf or NaN."""
+    if not math.isfinite(err):
+        return {"error_num": 1, "error_den": 0}
+    if err < 0:
+        raise ValueError(f"KV audit error {err!r}; expected a relative difference >= 0 (or inf/NaN)")
+    num, den = float(err).as_integer_ratio()
+    return {"error_num": num, "error_den": den}
+
+
 PROPERTIES = ("never_aborts_before_min_tokens", "aborts_only_on_threshold", "counts_consistent",
-              "no_abort_while_healthy")
+              "no_abort_while_healthy", "aborts_only_on_audit_evidence", "resumes_only_on_intact_audit")
+
+
+def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fraction(7, 5),
+                     max_accept_rate: Fraction = Fraction(24, 25), audit_rtol: Fraction = Fraction(1, 2)
+                     ) -> type[Protocol]:
+    """The monitor protocol class for these thresholds (cached: one class per setting, however passed)."""
+    return _monitor_protocol(int(min_tokens), Fraction(min_accept_length), Fraction(max_accept_rate),
+                             Fraction(audit_rtol))
 
 
 @lru_cache(maxsize=None)
-def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fraction(7, 5),
-                     max_accept_rate: Fraction = Fraction(24, 25)) -> type[Protocol]:
-    """The monitor protocol class for these thresholds (cached: one class per setting)."""
+def _monitor_protocol(min_tokens: int, min_accept_length: Fraction, max_accept_rate: Fraction,
+                      audit_rtol: Fraction) -> type[Protocol]:
     if min_tokens < 0:
         raise ValueError(f"min_tokens={min_tokens}; expected >= 0")
     if not 1 <= min_accept_length:
         raise ValueError(f"min_accept_length={min_accept_length}; expected >= 1")
     if not 0 < max_accept_rate <= 1:
         raise ValueError(f"max_accept_rate={max_accept_rate}; expected in (0, 1]")
+    if audit_rtol < 0:
+        raise ValueError(f"audit_rtol={audit_rtol}; expected >= 0")
     ns: dict[str, Any] = {
         "__doc__": __doc__.split("\n\n")[0],
         "__module__": __name__,
@@ -187,7 +250,9 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
         "variants": ("fixed", "naive"),
         "actors": ("monitor",),
         "indices": {},
-        "bounds": {"max_draft": 3},
+        # max_audit: the audit error's numerator and denominator in explicit search (0..2 each: finite
+        # errors on both sides of any audit_rtol in (0, 2), and den 0, an infinite or NaN error)
+        "bounds": {"max_draft": 3, "max_audit": 2},
         "sanity_depth": 16,
         "sanity_method": "bmc",         # unbounded counters: the sanity search is BMC, not exhaustive
 
@@ -201,27 +266,34 @@ def monitor_protocol(min_tokens: int = 128, min_accept_length: Fraction = Fracti
             "all_steps": Var(Nat(), (), "monitor", doc="verification steps of the whole generation"),
             "all_accepted": Var(Nat(), (), "monitor", doc="drafts accepted, whole generation"),
             "all_drafted": Var(Nat(), (), "monitor", doc="drafts proposed, whole generation"),
+            "last_error_num": Var(Nat(), (), "ghost", doc="the last KV audit's error, numerator"),
+            "last_error_den": Var(Nat(), (), "ghost", doc="the last KV audit's error, denominator (0: inf or NaN)"),
         },
         "MIN_TOKENS": int(min_tokens),
         "LEN_NUM": min_accept_length.numerator, "LEN_DEN": min_accept_length.denominator,
         "RATE_NUM": max_accept_rate.numerator, "RATE_DEN": max_accept_rate.denominator,
+        "RTOL_NUM": audit_rtol.numerator, "RTOL_DEN": audit_rtol.denominator,
         "step": action("monitor", accepted="data:max_draft", drafted="data:max_draft")(_step),
-        "suspect_low_accept": action("monitor")(_suspect_low_accept),
-        "suspect_degenerate": action("monitor")(_suspect_degenerate),
-        "clear": action("monitor")(_clear),
-        "flag_low_accept": action("monitor")(_flag_low_accept),
-        "flag_degenerate": action("monitor")(_flag_degenerate),
+        # the runtime tries these by role (Protocol.tagged): after each step the suspicions, after an
+        # audit its outcomes with the audit's error (`audit_error`)
+        "suspect_low_accept": action("monitor", tags=(SUSPICION,))(_suspect_low_accept),
+        "suspect_degenerate": action("monitor", tags=(SUSPICION,))(_suspect_degenerate),
+        "clear": action("monitor", tags=(AUDIT_OUTCOME,), **_AUDIT_ARGS)(_clear),
+        "flag_low_accept": action("monitor", tags=(AUDIT_OUTCOME,), **_AUDIT_ARGS)(_flag_low_accept),
+        "flag_degenerate": action("monitor", tags=(AUDIT_OUTCOME,), **_AUDIT_ARGS)(_flag_degenerate),
         "running": staticmethod(_running),
+        "suspected": staticmethod(_suspect),
         "aborted": staticmethod(_aborted),
     }
     for prop in PROPERTIES:
         ns[prop] = invariant(globals()["_" + prop])
     name = f"AcceptMonitor_{min_tokens}_{min_accept_length.numerator}_{min_accept_length.denominator}" \
-           f"_{max_accept_rate.numerator}_{max_accept_rate.denominator}"
+           f"_{max_accept_rate.numerator}_{max_accept_rate.denominator}_{audit_rtol.numerator}_{audit_rtol.denominator}"
     cls = type(name, (Protocol,), ns)
     # A suspicion needs > min_tokens tokens (about 92 steps for a low accept length at 128): the sanity
     # search (verify/sanity.py) runs on the same monitor with min_tokens=4, within its reach.
-    cls.sanity_instance = monitor_protocol(4, min_accept_length, max_accept_rate) if min_tokens > 4 else None
+    cls.sanity_instance = monitor_protocol(4, min_accept_length, max_accept_rate, audit_rtol) \
+        if min_tokens > 4 else None
     return cls
 
 
@@ -240,7 +312,7 @@ class Thresholds:
 
     def protocol(self) -> type[Protocol]:
         """The monitor protocol class of these thresholds."""
-        return monitor_protocol(self.min_tokens, self.min_accept_length, self.max_accept_rate)
+        return monitor_protocol(self.min_tokens, self.min_accept_length, self.max_accept_rate, self.audit_rtol)
 
 
 # The thresholds per served model. The runtime takes its defaults from here (`thresholds_for`), and

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import subprocess
-import sys
 import time
 from typing import Any
 

@@ -2,9 +2,11 @@
 
 Its loop thread owns the decode spec instance (`DecodeWorker`) and the model; the channel and
 transport threads only put events into the loop's inbox (and the data connections' receive threads
-call `DecodeWorker.on_land`), except one: a `Submit` is handled by the client channel's thread as it
-arrives (under the worker's lock, which the loop holds for everything but the model step), so a new
-request's `Alloc` goes to the prefill ranks while a decode step runs, not after it. A rank is declared dead when its control channel or data connection
+call `DecodeWorker.on_land`), except the protocol's hot messages, handled by their channel's thread as
+they arrive (under the worker's lock, which the loop holds for everything but the model step): a
+`Submit`, so a new request's `Alloc` goes to the prefill ranks while a decode step runs, not after it,
+and a rank's `Done` / `Safe`, so a request whose KV landed gets its first token while a step runs
+(`DecodeModel.read`). A rank is declared dead when its control channel or data connection
 dies; decode then closes *and drains* the data connection before firing anything on its behalf.
 Every connection (client, control, data) passes the deployment secret's mutual challenge-response
 (transport/auth.py) for its purpose first; a listener refuses and counts impostors and keeps
@@ -21,8 +23,8 @@ from typing import Any
 from kvproof.runtime.pd.config import PDConfig
 from kvproof.runtime.pd.decode_worker import DecodeWorker
 from kvproof.runtime.pd.kv_pool import POOL_REGION, KVPool
-from kvproof.runtime.pd.messages import (ClientAbort, Hello, Message, Ready, Shutdown, Stats, StatsRequest, Submit, Up,
-                                         encode)
+from kvproof.runtime.pd.messages import (ClientAbort, Done, Hello, Message, Ready, Safe, Shutdown, Stats, StatsRequest,
+                                         Submit, Up, encode)
 from kvproof.runtime.pd.plumbing import ACCEPT_TIMEOUT_S, channel_config, log, open_trace, parse_message
 from kvproof.runtime.transport import TcpListener, TransportError, make_transport
 from kvproof.runtime.transport.auth import REJECTED, Secret, accept_authenticated, connect_authenticated
@@ -34,7 +36,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
                accept_timeout_s: float = ACCEPT_TIMEOUT_S) -> int:
     """The decode process: slot table, KV pool, one control channel + data connection per rank.
 
-    `model` (real-KV mode, pd.model_worker.DecodeModel): reads READY slots into its model, decodes,
+    `model` (real-KV mode, pd.decode_model.DecodeModel): reads READY slots into its model, decodes,
     streams Event messages; None: synthetic KV compared byte for byte. listen_port (per-role launch):
     rank w listens on base+2w (control) and base+2w+1 (data); None: free ports, reported in Ready."""
     if secret is None:
@@ -43,6 +45,13 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
     ccfg = channel_config(cfg)
     mu = threading.RLock()                  # the worker (and the model's pending prompts): loop vs Submits
     up: list[DecodeWorker] = []             # the worker, once every rank is connected
+
+    def on_rank(w: int, m: Any) -> None:
+        if up and isinstance(m, dict) and m.get("type") in (Done.TYPE, Safe.TYPE):
+            with mu:                        # at once, while the loop thread runs a model step: a Done's
+                _rank_message(up[0], w, m)  # first token goes to the client now, not after the step
+        else:
+            inbox.put(("rank", w, m))
 
     def on_client(m: Any) -> None:
         if up and isinstance(m, dict) and m.get("type") == Submit.TYPE:
@@ -80,7 +89,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
             # an impostor on either port is refused and counted; the accept goes on for the real rank
             sock, _ = accept_authenticated(ctrl_l[w].sock, secret, f"ctrl/{w}", accept_timeout_s)
             ctrls[w] = Channel(sock, config=ccfg, label=f"decode-ctrl{w}",
-                               on_message=lambda m, w=w: inbox.put(("rank", w, m)),
+                               on_message=lambda m, w=w: on_rank(w, m),
                                on_dead=lambda r, w=w: inbox.put(("rank_dead", w, f"control channel: {r}")))
             sock, key = accept_authenticated(data_l[w].sock, secret, f"data/{w}", accept_timeout_s)
             datas[w] = make_transport(cfg.transport, sock=sock, key=key, on_land=worker.on_land,
@@ -156,6 +165,22 @@ def _submit(worker: DecodeWorker, model: Any, raw: Any) -> None:
         log("decode", f"refused submit: {e}")
 
 
+def _rank_message(worker: DecodeWorker, w: int, raw: Any) -> None:
+    """A Done or Safe from rank w, on its channel's thread (the worker's lock held)."""
+    msg = parse_message(raw, "decode", worker.stats)
+    if msg is not None:
+        _protocol_message(worker, w, msg)
+
+
+def _protocol_message(worker: DecodeWorker, w: int, msg: Message) -> None:
+    """A spec message from rank w to the worker; a malformed one is counted and logged."""
+    try:
+        worker.on_message(w, msg)
+    except ValueError as e:
+        worker.stats["malformed_messages"] += 1
+        log("decode", f"rank {w}: {e}")
+
+
 def _decode_loop(cfg: PDConfig, worker: DecodeWorker, inbox: queue.Queue, ctrls: dict[int, Channel],
                  datas: dict[int, Any], model: Any = None, mu: Any = None) -> dict[str, Any]:
     mu = mu if mu is not None else threading.RLock()
@@ -226,11 +251,7 @@ def _handle(cfg: PDConfig, worker: DecodeWorker, ctrls: dict[int, Channel], data
         elif isinstance(msg, Stats):                    # a rank's final summary, at shutdown
             rank_stats[str(w)] = msg.data
         elif msg is not None:
-            try:
-                worker.on_message(w, msg)
-            except ValueError as e:
-                worker.stats["malformed_messages"] += 1
-                log("decode", f"rank {w}: {e}")
+            _protocol_message(worker, w, msg)
     elif kind == "rank_dead" and stats_wanted is None:
         _rank_dead(worker, datas, ctrls, w, raw)
     return deadline, stats_wanted

@@ -50,6 +50,7 @@ class Request:
     epoch: int | None = None
     extra: dict[str, Any] | None = None     # real-KV mode: Alloc payload (prompt tokens, fault flag)
     allocated: float | None = None          # when it got its slot (its queue time ends)
+    hidden: str | None = None               # real-KV mode: the prompt's last hidden state, from an accepted Done
 
 
 class DecodeWorker:
@@ -114,7 +115,12 @@ class DecodeWorker:
         if isinstance(msg, (Done, Safe)) and msg.writer != rank:
             raise ValueError(f"{msg.TYPE} from rank {rank} names writer={msg.writer}")
         if isinstance(msg, Done):
-            if self._try("on_done", **receive_args(msg, "on_done")) and self.auto:
+            if not self._try("on_done", **receive_args(msg, "on_done")):
+                return
+            req = self.by_slot.get(msg.slot)               # the spec took this epoch's Done: its request's
+            if req is not None and req.hidden is None:
+                req.hidden = msg.hidden
+            if self.auto:
                 self._after_start(msg.slot, bool(self._emit(self.inst.try_fire("start_decode", s=msg.slot))))
         elif isinstance(msg, Safe):
             if self._try("on_safe", **receive_args(msg, "on_safe")) and self.auto:

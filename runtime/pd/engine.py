@@ -2,12 +2,13 @@
 
 `PDEngine` implements the `Engine` interface for the HTTP server. It is the router: it starts a
 `ModelCluster` (the PD runtime's processes in real-KV mode, `pd.model_worker`) and, per request,
-sends `Submit(rid, n-1, prompt, params)` to decode. Decode allocates a KV slot by firing the
+sends `Submit(rid, n, prompt, params)` to decode. Decode allocates a KV slot by firing the
 spec's `alloc`; the `Alloc` carries the prompt to every prefill rank, which runs its copy of the
-model on the first n-1 prompt tokens and posts its share of the exported KV bytes into the slot
-as one-sided writes (one per layer, tagged with the epoch); after every rank's `done` decode fires
-`start_decode`, imports the slot into its model KV cache, frees the slot (`finish`) and decodes,
-streaming `Event`s (TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
+model on the whole prompt and posts its share of the exported KV bytes into the slot as one-sided
+writes (one per layer, tagged with the epoch), then `done` with the prompt's last hidden state;
+after every rank's `done` decode fires `start_decode`, samples and sends the first token, imports
+the slot into its model KV cache, frees the slot (`finish`) and decodes, streaming `Event`s
+(TokenEvents) back here. With `layersplit=R` each prefill rank runs its forward on
 a LayerSplit group of its own (R-1 follower processes, KV layers sharded) and gathers every layer for
 the export; decode runs unsplit. `abort` sends `ClientAbort`: the spec's `abort` while the
 slot is WAIT/READY (handshake in `fixed`, immediate free in `unfixed`), else the model's abort.
@@ -16,157 +17,27 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import Any, Callable
 
 from kvproof.runtime.serving.engine import STOP_STRING, EngineConfig, GenerationRequest, TokenEvent, context_limit
 from kvproof.runtime.serving.engine_api import StreamingMixin
 from kvproof.runtime.layersplit.split_cache import engine_shape
-from kvproof.runtime.pd.cluster import ClusterError, PDCluster
-from kvproof.runtime.pd.config import PDConfig
-from kvproof.runtime.pd.cpus import CpuLayout, affinity, format_cpus, pin_process, plan_layout
-from kvproof.runtime.pd.launch import spawn_worker
-from kvproof.runtime.pd.messages import (
-    Event, Events, Message, MessageError, Result, Stats, StatsRequest, Submit, events_of,
+from kvproof.runtime.pd.cluster import ClusterError
+from kvproof.runtime.pd.cpus import affinity, pin_process, plan_layout
+from kvproof.runtime.pd.messages import Event, Result, Submit
+from kvproof.runtime.pd.model_cluster import (  # noqa: F401 (PDEngineConfig: re-exported)
+    ModelCluster, PDEngineConfig, model_config_of,
 )
-from kvproof.runtime.pd.model_worker import engine_config_to_json, token_bytes
 from kvproof.runtime.serving.server_metrics import histogram
-from kvproof.runtime.transport.event_frames import EventBatch, WireEvent
+from kvproof.runtime.transport.event_frames import EventBatch
 from kvproof.runtime.model.tokenizer import ByteTokenizer
 from kvproof.spec.kv_slot import DState
 
 Sink = Callable[[TokenEvent], None]
-
-
-@dataclass(frozen=True)
-class PDEngineConfig:
-    """Deployment of the PD engine: slots, prefill ranks, protocol variant, slot size."""
-
-    slots: int = 16
-    writers: int = 1
-    protocol: str = "fixed"                 # fixed | unfixed (the post-mortem's pre-fix variant)
-    max_prompt_tokens: int | None = None    # slot size in tokens (longer prompts: ValueError -> 400);
-                                            # None: the model's context length
-    delay_ms: float | None = None           # injected mean delay of each KV write (None: none)
-    transfer_timeout_s: float = 30.0
-    heartbeat_timeout_s: float = 10.0
-    start_timeout_s: float = 120.0
-    transport: str = "tcp"                  # tcp | mooncake | verbs: how KV bytes move (no protocol change)
-    listen: tuple[str, int] | None = None   # router role: decode (started elsewhere) connects here; None:
-                                            # spawn decode and the prefill ranks on this host
-    cpu_layout: str = "auto"                # auto: decode alone on one CPU, the rest elsewhere (pd.cpus); off
-
-    def pd_config(self, ecfg: EngineConfig) -> PDConfig:
-        """The PD runtime config: one slot = max_prompt_tokens x layers x the model's KV token bytes."""
-        mc = _model_config(ecfg)
-        tb = token_bytes(mc)
-        mpt = self.max_prompt_tokens if self.max_prompt_tokens is not None else _max_model_len(ecfg, mc)
-        plan_layout(self.cpu_layout, set())               # ValueError names a bad layout now
-        if tb % (8 * self.writers):
-            raise ValueError(f"writers={self.writers}: the model's KV token ({tb} bytes) must split into "
-                             f"whole 64-bit words per writer")
-        return PDConfig(variant=self.protocol, slots=self.slots, writers=self.writers, layers=mc.n_layers,
-                        tokens_per_slot=mpt, bytes_per_token=tb, delay_ms=self.delay_ms,
-                        transfer_timeout_s=self.transfer_timeout_s, heartbeat_timeout_s=self.heartbeat_timeout_s,
-                        transport=self.transport)
-
-
-def _fields(w: WireEvent) -> dict[str, Any]:
-    """A wire event as an Event message's `event` dict (TokenEvent's fields but request_id)."""
-    d = w._asdict()
-    del d["rid"]
-    return d
-
-
-def _model_config(ecfg: EngineConfig) -> Any:
-    if ecfg.checkpoint is not None:
-        from kvproof.runtime.model.checkpoint import read_config
-        return read_config(ecfg.checkpoint)
-    return ecfg.model
-
-
-def _max_model_len(ecfg: EngineConfig, mc: Any) -> int:
-    return context_limit(ecfg, mc)
-
-
-class ModelCluster(PDCluster):
-    """PDCluster whose processes run the model (pd_model_worker); events, Results and live Stats go to hooks."""
-
-    def __init__(self, cfg: PDConfig, ecfg: EngineConfig, on_event: Callable[[Event], None],
-                 on_result: Callable[[Result], None], start_timeout_s: float = 120.0,
-                 on_events: Callable[[EventBatch], None] | None = None,
-                 listen: tuple[str, int] | None = None, secret: Any = None, cpus: CpuLayout | None = None) -> None:
-        super().__init__(cfg, start_timeout_s, secret=secret, listen=listen)
-        self.cpus = cpus                                    # None: every process runs where the OS puts it
-        self.ecfg_json = engine_config_to_json(ecfg)
-        # LayerSplit is the prefill ranks' (each shards its KV layers over its own group); decode imports
-        # every layer of every prompt, so it runs unsplit
-        self.decode_json = engine_config_to_json(replace(ecfg, layersplit=1))
-        self.on_event, self.on_result = on_event, on_result
-        self.on_events = on_events or (lambda batch: [on_event(Event(w.rid, _fields(w))) for w in batch])
-        self.live: dict[str, Any] = {}
-        self.live_at = 0.0                                  # when the last live snapshot arrived
-        self.live_nonce = 0                                 # the newest StatsRequest decode answered
-
-    def _spawn(self, args: list[str]) -> subprocess.Popen:
-        ecfg = self.decode_json if args[0] == "decode" else self.ecfg_json
-        pin = []
-        if self.cpus is not None:
-            pin = ["--cpus", format_cpus(self.cpus.decode if args[0] == "decode" else self.cpus.others)]
-        return spawn_worker("kvproof.runtime.pd.model_worker", args[0],
-                            [*args[1:], "--config", self.cfg.to_json(), "--engine", ecfg, *pin], self.secret)
-
-    def _on_message(self, raw: Any) -> None:
-        if isinstance(raw, EventBatch):                     # checked by the channel thread as it read the frame
-            self.on_events(raw)
-        else:
-            super()._on_message(raw)
-
-    def _route(self, msg: Message) -> None:
-        if isinstance(msg, Event):
-            self.on_event(msg)
-        elif isinstance(msg, Events):
-            try:
-                evs = events_of(msg)
-            except MessageError as e:
-                self._control.put(ClusterError(f"malformed message from decode: {e}"))
-                return
-            for ev in evs:
-                self.on_event(ev)
-        elif isinstance(msg, Result):
-            self.on_result(msg)
-        elif isinstance(msg, Stats) and msg.data.get("live"):
-            self.live, self.live_at = msg.data, time.monotonic()
-            self.live_nonce = max(self.live_nonce, int(msg.data.get("nonce", 0)))
-        else:
-            self._control.put(msg)
-
-    def submit_request(self, msg: Submit) -> None:
-        """Send a real-KV Submit (prompt and sampling parameters) to decode."""
-        self._send(msg)
-
-    def request_stats(self, nonce: int) -> None:
-        """Ask decode for a live snapshot now (answered with this nonce)."""
-        self._send(StatsRequest(nonce))
-
-    def alive(self) -> str | None:
-        """None while every process runs (and decode's connection lives), else which one is gone."""
-        why = self.dead_role()
-        if why is None and self._client is not None and self._client.is_dead:
-            why = f"decode connection lost ({self._client.dead_reason})"
-        return why
-
-    def workers(self) -> dict[str, int | None]:
-        """Each worker's exit code, None while it runs (polling reaps the exited ones: no zombie)."""
-        out: dict[str, int | None] = {}
-        for name, p in [("decode", self.decode), *((f"prefill-{i}", q) for i, q in enumerate(self.prefill))]:
-            if p is not None:
-                out[name] = p.poll()
-        return out
 
 
 class PDEngine(StreamingMixin):
@@ -177,12 +48,12 @@ class PDEngine(StreamingMixin):
         self.cfg, self.pd = cfg or EngineConfig(), pd or PDEngineConfig()
         self.secret = secret                               # None: a fresh one (one-command launch)
         self.pd_cfg = self.pd.pd_config(self.cfg)          # ValueError names a bad option now
-        mc = _model_config(self.cfg)
+        mc = model_config_of(self.cfg)
         engine_shape(self.cfg, mc.n_layers)                # LayerSplit of the prefill ranks: checked here too
         self.model_cfg = mc
         self.model_name = model_name or f"kvproof-{mc.name}"
         self.tokenizer = ByteTokenizer()
-        self.max_model_len = _max_model_len(self.cfg, mc)
+        self.max_model_len = context_limit(self.cfg, mc)
         self.max_prompt_tokens = self.pd_cfg.tokens_per_slot
         self.cluster: ModelCluster | None = None
         self.error: BaseException | None = None
@@ -306,7 +177,7 @@ class PDEngine(StreamingMixin):
             self._totals["prompt_tokens_total"] += n
             corrupt = int(req.request_id in self._corrupt)
             self._corrupt.discard(req.request_id)
-        self.cluster.submit_request(Submit(rid, max(1, n - 1), list(req.prompt_tokens), params, corrupt))
+        self.cluster.submit_request(Submit(rid, n, list(req.prompt_tokens), params, corrupt))
 
     def abort(self, request_id: str, cause: str = "client") -> bool:
         """Abort a request through the protocol (ClientAbort -> spec abort); False when unknown."""

@@ -4,7 +4,8 @@ Protocol messages are the KV slot spec's channels (runtime/transport/messages.py
 their classes from spec/kv_slot.py: index [slot, writer] and epoch); pd adds only Alloc's payload:
     Alloc   decode -> prefill   slot allocated for request rid (n_tokens of prompt)
     Abort   decode -> prefill   request terminated
-    Done    prefill -> decode   every chunk of this rank landed
+    Done    prefill -> decode   every chunk of this rank landed (real-KV mode: with the hidden state of
+                                the prompt's last position, from which decode samples the first token)
     Safe    prefill -> decode   safe to recycle: no write of this epoch can land any more
 Process plumbing, frozen dataclasses with a TYPE tag: Hello, Ready, Up, Submit, ClientAbort,
 StatsRequest, Result, Shutdown, Stats, Event, Events (real-KV mode). `PD` is the one codec of
@@ -24,7 +25,8 @@ Alloc = spec_message(KVSlot, "alloc", rid=int, n_tokens=int,
                      tokens=(Union[list, None], None),     # real-KV mode: the prompt the rank prefills
                      corrupt=(int, 0))                     # fault injection: flip bytes of the exported KV
 Abort = spec_message(KVSlot, "abort")
-Done = spec_message(KVSlot, "done")
+Done = spec_message(KVSlot, "done",
+                    hidden=(Union[str, None], None))       # real-KV mode: base64 of the prompt's last hidden state
 Safe = spec_message(KVSlot, "safe")
 
 

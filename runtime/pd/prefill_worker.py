@@ -1,7 +1,8 @@
 """One prefill rank: computes a request's KV and pushes it into decode's slot, via the spec.
 
 The KV is synthetic (`kv_chunk`) unless a `compute` hook is given (real-KV mode,
-pd_model_worker.PrefillModel.many: the model's exported KV, of which the rank writes its byte share).
+pd.model_worker.PrefillModel.many: the model's exported KV, of which the rank writes its byte share,
+and the prompt's last hidden state, which the rank's Done carries so decode samples the first token).
 With a hook, an Alloc only records the job; `compute_pending()` (the process loop calls it after
 draining its inbox) runs the model once for as many pending prompts as the hook takes, so a
 burst of Allocs costs a few batched forwards, and each batch's layers are posted before the next
@@ -41,8 +42,18 @@ from kvproof.spec.machine import Firing
 
 # the prefill actions that receive an abort; their guards are disjoint, at most one is enabled
 ABORT_ACTIONS = tuple(a for a, d in KVSlot.actions.items() if d.receives == "abort" and d.actor == "prefill")
-# real-KV compute: the KV bytes of the first k >= 1 of these Allocs' prompts (a ValueError for a bad one)
-ComputeFn = Callable[[list[Alloc]], list["np.ndarray | ValueError"]]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What real-KV compute made of one prompt: its KV bytes and what its Done carries."""
+
+    kv: np.ndarray                          # uint8 [layers, n_tokens, bytes_per_token]
+    hidden: str | None = None               # base64 of the last prompt position's hidden state
+
+
+# real-KV compute: the first k >= 1 of these Allocs' prompts computed (a ValueError for a bad one)
+ComputeFn = Callable[[list[Alloc]], list["Prefilled | ValueError"]]
 
 
 @dataclass
@@ -53,6 +64,7 @@ class Job:
     n_tokens: int
     epoch: int
     data: np.ndarray | None = None          # real-KV mode: uint8 [layers, n_tokens, bytes_per_token]
+    hidden: str | None = None               # real-KV mode: what Done carries (Prefilled.hidden)
     alloc: Alloc | None = None              # real-KV mode: the prompt, until compute_pending computed `data`
 
 
@@ -130,15 +142,17 @@ class PrefillRank:
                 continue                                    # replaced or dropped meanwhile
             job.alloc = None
             want = (self.cfg.layers, job.n_tokens, self.cfg.bytes_per_token)
-            if not isinstance(data, ValueError) and data.shape != want:
-                data = ValueError(f"compute returned KV of shape {data.shape}, expected {want}")
+            if not isinstance(data, (Prefilled, ValueError)):
+                data = ValueError(f"compute returned {type(data).__name__}, expected Prefilled or ValueError")
+            elif isinstance(data, Prefilled) and data.kv.shape != want:
+                data = ValueError(f"compute returned KV of shape {data.kv.shape}, expected {want}")
             if isinstance(data, ValueError):
                 # the slot gets no writes: decode's transfer timeout ends the request (as before batching)
                 del self.jobs[s]
                 self.stats["compute_errors"] += 1
                 errors.append(f"slot {s} rid {job.rid}: {data}")
             else:
-                job.data = data
+                job.data, job.hidden = data.kv, data.hidden
         return errors
 
     def pump(self, max_posts: int | None = None) -> int:
@@ -164,7 +178,7 @@ class PrefillRank:
 
     def finish(self, s: int) -> None:
         """Every posted layer of slot s completed: report Done."""
-        self._emit(self._fire("p_finish", s=s, w=self.rank))
+        self._emit(self._fire("p_finish", s=s, w=self.rank), self.jobs.get(s))
         self.jobs.pop(s, None)
 
     def answer_safe(self, s: int) -> None:
@@ -209,7 +223,7 @@ class PrefillRank:
     def _maybe_finish(self, s: int) -> None:
         job = self.jobs.get(s)
         if job is not None and self._next_layer(s) >= self.cfg.layers \
-                and self._emit(self.inst.try_fire("p_finish", s=s, w=self.rank)):
+                and self._emit(self.inst.try_fire("p_finish", s=s, w=self.rank), job):
             self.jobs.pop(s, None)
 
     def _try(self, action: str, **args: int) -> bool:
@@ -224,11 +238,13 @@ class PrefillRank:
             raise ProtocolViolation(KVSlot.name, action, args, f.guard)
         return f
 
-    def _emit(self, f: Firing) -> Firing:
-        """Count a firing and send its messages; passes `f` through (its posts are the caller's)."""
+    def _emit(self, f: Firing, job: Job | None = None) -> Firing:
+        """Count a firing and send its messages (a Done carries `job`'s hidden state); passes `f` through
+        (its posts are the caller's)."""
         if f:
             self.stats["fired"] += 1
             for em in f.emissions:
                 if em.kind == "send":
-                    self._send(from_emission(em))
+                    done = job is not None and job.hidden is not None and em.fields["channel"] == "done"
+                    self._send(from_emission(em, hidden=job.hidden) if done else from_emission(em))  # type: ignore[union-attr]
         return f

@@ -75,7 +75,8 @@ def check_role_args(args: argparse.Namespace) -> None:
 def run_worker_role(args: argparse.Namespace, ecfg: Any, pd_cfg: Any, secret: Any) -> int:
     """Run this process as the decode worker or one prefill rank until the deployment stops."""
     from kvproof.runtime.pd.decode_process import rank_ports, run_decode
-    from kvproof.runtime.pd.model_worker import DecodeModel, PrefillModel
+    from kvproof.runtime.pd.decode_model import DecodeModel
+    from kvproof.runtime.pd.model_worker import PrefillModel
     from kvproof.runtime.pd.prefill_process import run_prefill
 
     # SIGTERM ends the role like the end of the deployment: loops unwind, connections close, exit 0

@@ -3,21 +3,22 @@
 Its thresholds default to the spec's per-model table (`THRESHOLDS`, checked by `kvproof prove`).
 
 The decisions are the spec's: the runtime fires `step` after each verification step and
-then asks whether `suspect_low_accept` / `suspect_degenerate` is enabled. A suspicion is
+then tries the spec's suspicion actions (its actions tagged "suspicion"). A suspicion is
 settled by evidence: the request's `audit` (the engine binds `kv_audit.kv_error` on the
-request's cached KV) measures how far the cache is from a recomputation; within the spec's
-`audit_rtol` the monitor fires `clear` and the request goes on, beyond it `flag_*`, which is
-the only way a monitored request becomes aborted.
+request's cached KV) measures how far the cache is from a recomputation, and the monitor
+tries the spec's audit outcomes (tagged "audit_outcome") with that error: the spec enables
+`clear` (the request goes on) for a finite error within its `audit_rtol`, else `flag_*`,
+which is the only way a monitored request becomes aborted.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
 from kvproof.spec.compiled import FastInstance
-from kvproof.spec.specdec_monitor import Phase, monitor_protocol, thresholds_for
+from kvproof.spec.specdec_monitor import (AUDIT_OUTCOME, SUSPICION, Phase, audit_error, monitor_protocol,
+                                          thresholds_for)
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ _REASONS = {Phase.ABORTED_LOW_ACCEPT: "low_accept_length", Phase.ABORTED_DEGENER
 class RequestMonitor:
     """Accept statistics of one generation, kept in a spec instance; audits the KV on a suspicion, says when to abort.
 
-    `audit` returns the KV audit's error (`kv_audit.kv_error` of this request); the monitor compares it with
-    the spec's `audit_rtol` for the model. A monitor without an audit has no evidence to act on: it refuses
-    to run enabled (`post_mortem_audit` gives the post-mortem's abort-on-statistics semantics explicitly).
+    `audit` returns the KV audit's error (`kv_audit.kv_error` of this request); the spec's audit outcomes compare
+    it with the model's `audit_rtol`. A monitor without an audit has no evidence to act on: it refuses to run
+    enabled (`post_mortem_audit` gives the post-mortem's abort-on-statistics semantics explicitly).
     """
 
     def __init__(self, cfg: MonitorConfig, variant: str = "fixed", model: str = "post_mortem",
@@ -70,9 +71,13 @@ class RequestMonitor:
         if cfg.enabled and audit is None:
             raise ValueError("RequestMonitor: an enabled monitor needs an `audit` (the request's KV audit) "
                              "to settle a suspicion; expected a callable returning the KV error")
-        self.audit, self.audit_rtol = audit, thresholds_for(model).audit_rtol
+        self.audit = audit
+        # the audit tolerance is the spec's, for the model: a protocol constant its outcome guards compare with
         proto = monitor_protocol(cfg.min_tokens, Fraction(cfg.min_accept_length).limit_denominator(1000),
-                                 Fraction(cfg.max_accept_rate).limit_denominator(1000))
+                                 Fraction(cfg.max_accept_rate).limit_denominator(1000),
+                                 thresholds_for(model).audit_rtol)
+        # what to try after a step, and after an audit: the spec's actions of those roles
+        self._suspicions, self._outcomes = proto.tagged(SUSPICION), proto.tagged(AUDIT_OUTCOME)
         # rule disabled: the naive variant's `step` has no threshold guard, so the instance only
         # keeps the statistics (its suspicions are never asked)
         self.inst = FastInstance(proto, variant if cfg.enabled else "naive", {}, actor="monitor")  # per token: compiled
@@ -117,23 +122,23 @@ class RequestMonitor:
 
     def step(self, accepted: int, drafted: int) -> str | None:
         """Record one verification step, audit the KV on a suspicion; the abort reason when confirmed, else None."""
-        self.inst.fire("step", accepted=accepted, drafted=drafted)
+        inst = self.inst
+        inst.fire("step", accepted=accepted, drafted=drafted)
         if not self.cfg.enabled:           # statistics only
             return None
-        # `enabled` first: a refused compiled try_fire re-runs the body interpreted to name the guard,
-        # and on this per-token path a suspicion is the rare case
-        if not any(self.inst.enabled(a) and self.inst.try_fire(a)
-                   for a in ("suspect_low_accept", "suspect_degenerate")):
+        for a in self._suspicions:         # a compiled refusal is cheap: no `enabled` pre-check
+            if inst.try_fire(a):
+                break
+        else:
             return None
         assert self.audit is not None
         self.last_error = err = self.audit()
-        if math.isfinite(err) and Fraction(err) <= self.audit_rtol:
-            self.inst.fire("clear")
-            return None
-        for flag in ("flag_low_accept", "flag_degenerate"):     # the one matching the suspicion is enabled
-            if self.inst.try_fire(flag):
+        evidence = audit_error(err)
+        for a in self._outcomes:           # the spec enables one: clear (reason None) or the suspicion's flag
+            if inst.try_fire(a, **evidence):
                 return self.reason
-        raise AssertionError("a suspect monitor has a flag enabled (spec/specdec_monitor.py)")
+        raise AssertionError(f"a suspect monitor settles its audit (error {err!r}) by one of {self._outcomes} "
+                             f"(spec/specdec_monitor.py): {[inst.why_disabled(a, **evidence) for a in self._outcomes]}")
 
     @property
     def aborted(self) -> bool:

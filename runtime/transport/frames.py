@@ -110,8 +110,8 @@ class SocketReader:
     """Reads a socket through a small buffer, so a burst of ACKs costs one syscall, while the
     bulk of a large payload is received straight into its destination, never staged."""
 
-    def __init__(self, sock: socket.socket, before_recv: Callable[[], None], size: int = 4096) -> None:
-        self._sock, self._buf, self._before_recv = sock, memoryview(bytearray(size)), before_recv
+    def __init__(self, sock: socket.socket, size: int = 4096) -> None:
+        self._sock, self._buf = sock, memoryview(bytearray(size))
         self._lo = self._hi = 0
         self._direct = size // 4  # reads at least this large bypass the buffer
 
@@ -119,15 +119,18 @@ class SocketReader:
         """Whether bytes are waiting in the buffer."""
         return self._hi > self._lo
 
-    def read_into(self, dst: memoryview) -> bool:
-        """Fill dst exactly; False on EOF."""
+    def read_into(self, dst: memoryview, before_recv: Callable[[], None]) -> bool:
+        """Fill dst exactly, calling before_recv before every socket read; False on EOF.
+
+        The hook is an argument, not an attribute: a reader holding its owner's bound method would put
+        the owner in a reference cycle, freed only by the cyclic garbage collector at an arbitrary moment."""
         k = min(self._hi - self._lo, dst.nbytes)
         if k:
             dst[:k] = self._buf[self._lo : self._lo + k]
             self._lo += k
             dst = dst[k:]
         while dst.nbytes:  # the buffer is empty here
-            self._before_recv()
+            before_recv()
             if dst.nbytes >= self._direct:
                 n = self._sock.recv_into(dst)
                 if n == 0:

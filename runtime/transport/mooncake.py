@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Tag, TransportError, TransportUnavailable
+from .base import Tag, TransportClosed, TransportError, TransportUnavailable
 from .frames import MAX_ACKS, FrameType, Header, encode_acks, encode_header
 from .tcp import BATCH_BUFS, TcpTransport
 
@@ -233,14 +233,24 @@ class MooncakeTransport(TcpTransport):
         return True
 
     def close_and_drain(self, timeout: float = 5.0) -> None:
-        """Close (see TcpTransport.close_and_drain), then unregister the staging buffers."""
-        super().close_and_drain(timeout)
+        """Close (see TcpTransport.close_and_drain), then unregister the staging buffers and destroy the engine."""
+        super().close_and_drain(timeout)  # raises, keeping the engine, if a thread that may use it still runs
+        te, self._te = self._te, None
+        if te is None:  # closed before
+            return
         for arr in (self._in, self._out):
-            self._te.unregister_memory(arr.ctypes.data)
+            te.unregister_memory(arr.ctypes.data)
+        # The engine's destructor holds the GIL for about a second (Mooncake 0.3.13: it stops its
+        # handshake server). Here the caller of close pays it; left to the cyclic garbage collector
+        # (a transport is in reference cycles through its hooks' owners) it stalled whichever
+        # thread collected, e.g. another transport's in the middle of a transfer.
+        del te
 
     @property
     def staging_address(self) -> tuple[str, int, int]:
         """(engine rpc address, ring address, ring bytes) of this endpoint's incoming ring (for tests)."""
+        if self._te is None:
+            raise TransportClosed(f"{self.label}: staging_address of a closed mooncake transport (engine destroyed)")
         return f"{self._sock.getsockname()[0]}:{self._te.get_rpc_port()}", self._in.ctypes.data, self._in.nbytes
 
 

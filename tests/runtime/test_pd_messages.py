@@ -105,15 +105,19 @@ def test_kv_content_detects_any_foreign_chunk() -> None:
 
 
 def test_vllm_connector_messages_use_the_one_validator() -> None:
-    """The connector's channel has the same codec over its own set: kv_slot's abort/done/safe are the
-    very classes PD uses (no copy to drift), its Alloc carries its own payload, PD plumbing is refused."""
+    """The connector's channel has the same codec over its own set: kv_slot's abort/safe are the very
+    classes PD uses (no copy to drift), its Alloc carries its own payload and PD's Done its own (the
+    prompt's hidden state), PD plumbing is refused."""
     from kvproof.runtime.pd.messages import Hello, Submit
     from kvproof.runtime.vllm_connector import messages as vm
     assert vm.MessageError is MessageError
-    assert (vm.Abort, vm.Done, vm.Safe) == (Abort, Done, Safe)          # one class per spec channel
+    assert (vm.Abort, vm.Safe) == (Abort, Safe)                         # one class per spec channel and payload
+    assert vm.Done is not Done and vm.Done.TYPE == Done.TYPE == "done"
     assert vm.Alloc is not Alloc and vm.Alloc.TYPE == Alloc.TYPE == "alloc"
     assert vm.decode(vm.encode(vm.Alloc(1, 0, 2, "req-1", [3, 4]))) == vm.Alloc(1, 0, 2, "req-1", [3, 4])
-    assert vm.decode(vm.encode(Done(0, 1, 2))) == Done(0, 1, 2)       # kv_slot's done, whichever runtime built it
+    assert vm.decode(vm.encode(Abort(0, 1, 2))) == Abort(0, 1, 2)     # kv_slot's abort, whichever runtime built it
+    with pytest.raises(MessageError, match="hidden"):
+        vm.decode(encode(Done(0, 1, 2, "AAAA")))                       # PD's done payload is not the connector's
     with pytest.raises(MessageError, match=r"field 'slot'=-1, expected an int >= 0"):
         vm.decode({"type": "done", "slot": -1, "writer": 0, "epoch": 0})
     with pytest.raises(MessageError, match="expected one of"):
@@ -129,6 +133,7 @@ def test_spec_messages_are_derived_from_the_spec_channels() -> None:
     """Each kv_slot channel's message has exactly the channel's index fields and the epoch (then the
     runtime's payload): adding a channel or an index field to the spec changes the wire class."""
     from dataclasses import fields
+    from typing import Optional
 
     from kvproof.runtime.transport.messages import SpecMessage, receive_args, spec_message
     from kvproof.runtime.vllm_connector import messages as vm
@@ -139,7 +144,8 @@ def test_spec_messages_are_derived_from_the_spec_channels() -> None:
         assert [f.name for f in fields(cls)][:len(ch.index) + 1] == [*ch.index, "epoch"]
         assert vm.VLLM.types[name].__mro__[1] is SpecMessage
     assert [f.name for f in fields(Alloc)][3:] == ["rid", "n_tokens", "tokens", "corrupt"]
-    assert spec_message(KVSlot, "done") is Done
+    assert spec_message(KVSlot, "done", hidden=(Optional[str], None)) is Done        # one class per payload
+    assert spec_message(KVSlot, "done") is vm.Done and vm.Done is not Done
     assert receive_args(Safe(3, 1, 2), "on_safe") == {"s": 3, "w": 1, "e": 2}
     assert receive_args(Abort(3, 1, 2), "p_on_abort_busy") == {"s": 3, "w": 1, "e": 2}
     with pytest.raises(MessageError, match="does not receive 'safe'"):
@@ -160,3 +166,20 @@ def test_events_batch_round_trips_and_validates_each_item() -> None:
         events_of(Events([[-1, ev]]))
     with pytest.raises(MessageError, match=r"expected \[rid, event\]"):
         events_of(Events([[3]]))
+
+
+def test_done_hidden_state_round_trips_and_a_malformed_one_is_named() -> None:
+    """The prompt's last hidden state rides on Done as base64 of the model dtype's bytes; decode refuses
+    one that is not base64 or has the wrong size, naming the field and the size it expected."""
+    import torch
+
+    from kvproof.runtime.model.config import ModelConfig
+    from kvproof.runtime.pd.kv_export import hidden_from_wire, hidden_to_wire
+    mc = ModelConfig()
+    h = torch.randn(mc.hidden, dtype=mc.torch_dtype)
+    msg = decode_message(json.loads(json.dumps(encode(Done(1, 0, 3, hidden_to_wire(h))))))
+    assert torch.equal(hidden_from_wire(msg.hidden, mc), h)                # bit for bit
+    with pytest.raises(ValueError, match="field 'hidden' is not base64"):
+        hidden_from_wire("not base64!", mc)
+    with pytest.raises(ValueError, match=rf"field 'hidden' has 8 bytes, expected {h.numel() * h.element_size()}"):
+        hidden_from_wire(hidden_to_wire(h[:8 // h.element_size()]), mc)

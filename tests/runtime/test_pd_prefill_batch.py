@@ -13,7 +13,7 @@ import pytest
 from kvproof.runtime.pd.cpus import CpuLayout, format_cpus, parse_cpus, pin_process, plan_layout
 from kvproof.runtime.pd.kv_pool import expected_kv
 from kvproof.runtime.pd.messages import Abort, Alloc
-from kvproof.runtime.pd.prefill_worker import PrefillRank
+from kvproof.runtime.pd.prefill_worker import Prefilled, PrefillRank
 
 from .test_pd_workers import Rig
 
@@ -33,7 +33,7 @@ class Model:
                 out.append(ValueError(f"alloc for rid {a.rid}: no prompt"))
                 continue
             kv = expected_kv(a.rid, a.n_tokens + (a.rid in self.shape_off), self.cfg)    # [W, L, n, bw]
-            out.append(np.ascontiguousarray(kv.transpose(1, 2, 0, 3)).reshape(self.cfg.layers, kv.shape[2], -1))
+            out.append(Prefilled(np.ascontiguousarray(kv.transpose(1, 2, 0, 3)).reshape(self.cfg.layers, kv.shape[2], -1)))
         return out
 
 

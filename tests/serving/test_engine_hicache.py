@@ -193,7 +193,7 @@ def test_pd_prefill_side_exports_identical_kv(reference: tuple) -> None:
 
     def export(ecfg: EngineConfig) -> tuple[list, dict]:
         pm = PrefillModel(ecfg, PDConfig())
-        return [pm(Alloc(0, 0, 1, i, len(p) - 1, p)) for i, p in enumerate(prompts)], pm.core.stats()
+        return [pm(Alloc(0, 0, 1, i, len(p), p)).kv for i, p in enumerate(prompts)], pm.core.stats()
     plain, _ = export(EngineConfig())
     tiered, st = export(_tiered(num_pages=12))
     assert st["hicache_swap_ins_total"] > 0 and st["hicache_evictions_total"] > 0

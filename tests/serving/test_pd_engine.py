@@ -82,6 +82,9 @@ def test_pd_engine_concurrent_greedy_equals_reference_no_slot_leaks() -> None:
             assert st["kv_foreign_landings_total"] == 0
             assert st["reclaim_latency_seconds_count"] == st["slots_reclaimed_total"]
             assert sum(st["requests_finished_total{reason}"].values()) == len(plan)
+            # prefill computed every whole prompt: decode sampled each first token from the hidden state
+            # Done carried, so it ran no prefill step of its own
+            assert st["steps_total{kind}"].get("prefill", 0) == 0 and st["steps_total{kind}"]["decode"] > 0
             async with aiohttp.ClientSession() as s:               # the HTTP path and /metrics
                 r = await s.post(f"{url}/v1/completions", json={"prompt": prompts[0], "max_tokens": MAX_TOKENS,
                                                                 "temperature": 0, "ignore_eos": True})
@@ -252,7 +255,7 @@ def test_pd_engine_with_a_host_tier_evicts_reloads_and_matches_reference() -> No
                 reason, out = await _collect(engine, f"h{i}", TOK.encode(p), params, "none")
                 assert reason == "length" and out == ref[i], f"request {i} differs from the reference"
             await asyncio.get_running_loop().run_in_executor(None, wait_idle, engine, 30.0)
-            asked = sum(len(TOK.encode(p)) - 1 for p in prompts)      # the rank's live report catches up
+            asked = sum(len(TOK.encode(p)) for p in prompts)      # the rank's live report catches up
             await wait_for(lambda: engine.stats().get("prefill_prompt_tokens_total") == asked,
                            what="the prefill rank's live stats")
             async with aiohttp.ClientSession() as s:

@@ -10,10 +10,11 @@ from kvproof.runtime.serving.kv_audit import kv_error
 from kvproof.runtime.serving.monitor import MonitorConfig, RequestMonitor, post_mortem_audit
 from kvproof.runtime.tools.monitor_bench import _prompts
 from kvproof.runtime.model.tokenizer import ByteTokenizer
-from kvproof.spec.core import ProtocolViolation
+from kvproof.spec.core import ProtocolViolation, SpecError
 from kvproof.spec.instance import Instance
-from kvproof.spec.specdec_monitor import PROPERTIES, AcceptMonitor, Phase, monitor_protocol
-from kvproof.verify.checks_monitor import _check
+from kvproof.spec.specdec_monitor import (AUDIT_OUTCOME, PROPERTIES, SUSPICION, AcceptMonitor, Phase, audit_error,
+                                          monitor_protocol)
+from kvproof.verify.checks_monitor import _check, _settles
 from kvproof.verify.verdict import Status
 
 
@@ -104,20 +105,65 @@ def test_spec_refuses_a_step_past_a_crossing() -> None:
     with pytest.raises(ProtocolViolation, match="no_step_past_threshold"):
         inst.fire("step", accepted=0, drafted=1)
     with pytest.raises(ProtocolViolation, match="suspect_low_accept"):
-        inst.fire("flag_low_accept")                          # no abort without a suspicion first
+        inst.fire("flag_low_accept", **audit_error(float("inf")))   # no abort without a suspicion first
     inst.fire("suspect_low_accept")
     assert inst.get("phase") == Phase.SUSPECT_LOW_ACCEPT and not inst.violated_invariants()
     with pytest.raises(ProtocolViolation, match="running"):
         inst.fire("step", accepted=0, drafted=1)              # nor a step while the audit is pending
-    inst.fire("clear")                                        # the audit found the KV intact
+    corrupted, intact = audit_error(0.6), audit_error(1e-9)   # beyond / within the default audit_rtol 1/2
+    with pytest.raises(ProtocolViolation, match="audit_error_within_rtol"):
+        inst.fire("clear", **corrupted)                       # no resuming on a corrupted KV
+    with pytest.raises(ProtocolViolation, match="audit_error_beyond_rtol"):
+        inst.fire("flag_low_accept", **intact)                # nor an abort on an intact one
+    inst.fire("clear", **intact)                              # the audit found the KV intact
     assert (inst.get("phase"), inst.get("steps"), inst.get("generated"), inst.get("audits")) == (Phase.RUNNING, 0, 0, 1)
     for _ in range(3):
         inst.fire("step", accepted=0, drafted=1)
     inst.fire("suspect_low_accept")
-    inst.fire("flag_low_accept")                              # the audit found it corrupted
+    inst.fire("flag_low_accept", **corrupted)                 # the audit found it corrupted
     assert inst.get("phase") == Phase.ABORTED_LOW_ACCEPT and inst.holds("aborted") and not inst.violated_invariants()
     with pytest.raises(ProtocolViolation, match="accepted_le_drafted"):
         Instance(AcceptMonitor, "fixed", {}, actor="monitor").fire("step", accepted=3, drafted=2)
+
+
+@pytest.mark.parametrize("err,intact", [(0.0, True), (1e-300, True), (0.5, True), (0.5000000000000001, False),
+                                        (1.4, False), (float("inf"), False), (float("nan"), False)])
+def test_the_spec_settles_an_audit_exactly_at_its_tolerance(err: float, intact: bool) -> None:
+    """The outcome is the spec's exact comparison with audit_rtol (1/2): the float's own value, inf/NaN corrupted."""
+    inst = Instance(monitor_protocol(min_tokens=0), "fixed", {}, actor="monitor")
+    inst.fire("step", accepted=0, drafted=1)
+    inst.fire("suspect_low_accept")
+    enabled = [a for a in AcceptMonitor.tagged(AUDIT_OUTCOME) if inst.enabled(a, **audit_error(err))]
+    assert enabled == (["clear"] if intact else ["flag_low_accept"])
+    mon = RequestMonitor(MonitorConfig(min_tokens=0), audit=lambda: err)
+    assert mon.step(0, 1) == (None if intact else "low_accept_length") and mon.aborted is not intact
+
+
+def test_audit_error_encodes_the_float_exactly_and_refuses_a_negative() -> None:
+    e = audit_error(0.1)
+    assert Fraction(e["error_num"], e["error_den"]) == Fraction(0.1) and e["error_den"] >= 1
+    assert audit_error(float("inf"))["error_den"] == audit_error(float("nan"))["error_den"] == 0
+    with pytest.raises(ValueError, match="expected a relative difference >= 0"):
+        audit_error(-0.5)
+
+
+def test_the_monitor_tries_the_spec_actions_of_each_role() -> None:
+    """The runtime's lists are the spec's tags: a renamed or added suspicion needs no runtime edit."""
+    mon = RequestMonitor(MonitorConfig(), audit=post_mortem_audit)
+    assert mon._suspicions == AcceptMonitor.tagged(SUSPICION) == ("suspect_low_accept", "suspect_degenerate")
+    assert mon._outcomes == AcceptMonitor.tagged(AUDIT_OUTCOME) == ("clear", "flag_low_accept", "flag_degenerate")
+    with pytest.raises(SpecError, match="no action is tagged 'nope'.*audit_outcome"):
+        AcceptMonitor.tagged("nope")
+
+
+@pytest.mark.parametrize("variant", AcceptMonitor.variants)
+def test_every_suspicion_settles_by_exactly_one_outcome(variant: str) -> None:
+    """Z3: the runtime's loop over the audit outcomes always fires one, and one only; without a guard of the
+    decision two are enabled at once (so the check can fail)."""
+    assert _settles(variant).status == Status.PROVEN
+    for guard in ("audit_error_beyond_rtol", "audit_error_within_rtol", "audit_error_finite"):
+        v = _settles(variant, dropped=frozenset({guard}))
+        assert v.status == Status.REFUTED and "both enabled" in v.detail, (guard, v.detail)
 
 
 @pytest.mark.parametrize("variant", AcceptMonitor.variants)

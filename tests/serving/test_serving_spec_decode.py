@@ -1,6 +1,8 @@
 """Speculative decoding with the MTP head is lossless: the same greedy tokens as plain decoding."""
 from __future__ import annotations
 
+import pytest
+
 from kvproof.runtime.serving.engine import EngineConfig, EngineCore, GenerationRequest, SamplingParams, generate_reference
 from kvproof.runtime.serving.monitor import MonitorConfig
 from kvproof.runtime.serving.scheduler import Sequence
@@ -78,4 +80,43 @@ def test_kv_handoff_between_cores_equals_reference() -> None:
             pass
         out.append([t for ev in events for t in ev.tokens])
     assert out == ref
+
+
+def test_whole_prompt_handoff_with_the_hidden_state_is_started_outside_the_core_and_decodes_as_the_reference() -> None:
+    """PD's path: core A computes the whole prompt; B samples the first token from its last hidden state
+    (`start`, before any step and outside B's queues), admits the sequence with the KV and decodes the
+    reference's tokens (seeded sampling: the generator goes on from the first draw); bad inputs are refused."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8, seed=7)
+    ref = generate_reference(EngineConfig(), PROMPTS, params)
+    a, b = EngineCore(EngineConfig()), EngineCore(EngineConfig(num_pages=300))
+    out = []
+    for i, p in enumerate(PROMPTS):
+        n = len(p)
+        seq = Sequence("pf", list(p), params)
+        seq.pages = a.pool.allocate(-(-n // a.model.cfg.page_size))
+        h = a.runner.prefill([seq], [n])[0]
+        data = a.cache.export_tokens(seq.pages, n)
+        a.pool.free(seq.pages)
+        dst = b.pool.allocate(-(-n // b.model.cfg.page_size))
+        b.cache.import_tokens(dst, data)
+        req = GenerationRequest(str(i), tuple(p), params)
+        started, first = b.start(req, h)                                # the first token, before any step
+        assert len(first.tokens) == 1 and not first.finished and not b.seqs
+        events: list = [first]
+        b.add(req, events.append, prefilled=(dst, n), started=started)
+        while b.step():
+            pass
+        out.append([t for ev in events for t in ev.tokens])
+    assert out == ref
+    dst = b.pool.allocate(1)
+    with pytest.raises(ValueError, match="or all 2, started"):
+        b.add(GenerationRequest("x", (1, 2), params), lambda ev: None, prefilled=(dst, 2))
+    with pytest.raises(ValueError, match=r"hidden of shape \(3,\)"):
+        b.start(GenerationRequest("y", (1, 2), params), h[:3])
+    one = GenerationRequest("z", (1, 2), SamplingParams(max_tokens=1))
+    started, first = b.start(one, h)
+    ends: list = []
+    b.add(one, ends.append, prefilled=(dst, 2), started=started)    # max_tokens=1: over with its first token
+    assert [(e.tokens, e.finished, e.finish_reason, e.completion_tokens) for e in ends] == [((), True, "length", 1)]
+    assert not b.seqs and b.pool.num_free == b.pool.num_pages
     assert b.pool.num_free == b.pool.num_pages

@@ -128,3 +128,34 @@ def test_compiled_successors_equal_the_interpreted_ones(variant):
         slow = sorted((a, tuple(sorted(x.items())), n) for a, x, n in successors(comp.layout, full, st, variant))
         fast = sorted((a, tuple(sorted(x.items())), n) for a, x, n in comp.successors(st))
         assert slow == fast
+
+
+def test_actions_are_selected_by_their_role_tags():
+    """`tags` on an action are roles the runtime selects by; a malformed tag list or unknown role is named."""
+    from kvproof.spec.core import EnumT, Protocol, Var, action
+    from kvproof.spec.kv_slot import DState as S
+
+    class Tagged(Protocol):
+        name = "tagged"
+        variants = ("fixed",)
+        actors = ("a",)
+        vars = {"x": Var(EnumT(S), (), "a")}
+
+        @action("a", tags=("go", "any"))
+        def go(P, m):
+            m.x[()] = S.WAIT
+
+        @action("a", tags=("any",))
+        def stop(P, m):
+            m.x[()] = S.FREE
+
+        @action("a")
+        def idle(P, m):
+            m.require(True, "always")
+
+    assert Tagged.tagged("any") == ("go", "stop") and Tagged.tagged("go") == ("go",)
+    assert Tagged.actions["idle"].tags == frozenset()
+    with pytest.raises(SpecError, match=r"no action is tagged 'nope'; expected one of \['any', 'go'\]"):
+        Tagged.tagged("nope")
+    with pytest.raises(SpecError, match="expected a tuple of role names"):
+        action("a", tags="go")
