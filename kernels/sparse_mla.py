@@ -68,10 +68,10 @@ def mla_num_splits(T: int, head_programs: int, max_tokens: int, block_n: int, de
 
 # Heads per program with fp8 KV from 33 heads, {Hopper: ..., Blackwell: ...}. Hopper: 64, in
 # mla_attn_fp8_staged_kernel (sparse_mla_fp8.py), each row dequantised once per query into a
-# staging slot (252-255 registers, no spills; dequantising through registers inside the
-# 64-head loop spills 56-70 stores). Blackwell: the staged kernel spills (36-41 stores: the
-# accumulator leaves tensor memory across the chunk loop; 1-4 with a single loop, whose loads
-# are then not pipelined), so 16 heads a program, 4 programs per 64-head query.
+# staging slot (253-255 registers, no spills; dequantising through registers inside the
+# 64-head loop spills 56-70 stores). Blackwell: the staged kernel spills (36-41 stores; 1-4
+# with a single loop, whose loads are then not pipelined), so 16 heads a program, 4 programs
+# per 64-head query.
 MLA_FP8_BLOCK_H = {False: 64, True: 16}
 # Below 33 heads, and on Blackwell: mla_attn_kernel dequantising through registers, 16 heads a
 # program (172-180 registers; 32 heads fall back to warp MMA with the query in registers and
@@ -118,7 +118,7 @@ def mla_config(H: int, DL: int, kv_fp8: bool, arch: int, block_h: int | None = N
     Blackwell: one accumulator, tcgen05, 214-236 registers; four separate quarters would
     over-allocate tensor memory and compile to a trap). fp8 KV (MLA_FP8_BLOCK_H): Hopper takes
     64 heads a program from 33 heads, staged (each row dequantised once per query,
-    `stage_rows` at a time, then the same loop; 252-255 registers); Blackwell and fewer heads
+    `stage_rows` at a time, then the same loop; 253-255 registers); Blackwell and fewer heads
     16. 128 heads are two neighbouring programs of 64 (a [128, 512] fp32 accumulator is an
     SM's whole register file).
     """
