@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 POS_BITS = 17                          # positions < 2^17: every preset's max_seq_len fits
@@ -42,7 +43,13 @@ def top_positions(keys: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     N, K = keys.shape
     if K < width:
         keys = torch.nn.functional.pad(keys, (0, width - K), value=INVALID << POS_BITS)
-    top = keys.topk(width, dim=-1, sorted=True).values
+    if keys.device.type == "cpu" and K > width and N:
+        # the keys are unique, so the `width` largest of a row and their order are unique: numpy's
+        # introselect plus a sort of those few gives exactly topk(sorted=True), ~4x faster on a CPU
+        part = np.partition(keys.numpy(), K - width, axis=-1)[:, K - width:]          # [N, width], unordered
+        top = torch.from_numpy(np.flip(np.sort(part, axis=-1), axis=-1).copy())       # descending
+    else:
+        top = keys.topk(width, dim=-1, sorted=True).values
     real = (top >> POS_BITS) > INVALID
     pos = torch.where(real, _LOW - (top & _LOW), 0)
     return pos, real

@@ -27,7 +27,10 @@ def test_top_positions_is_the_stable_sort_with_ties_to_the_lower_position(dtype:
     ctx = torch.randint(1, K + 1, (N,), generator=g)
     ctx[0], ctx[1], ctx[2] = K, 5, W                      # every key; fewer keys than W; exactly W
     valid = torch.arange(K)[None, :] < ctx[:, None]
-    pos, real = sparse_torch.top_positions(sparse_torch.pack_scores(score, valid), W)
+    keys = sparse_torch.pack_scores(score, valid)
+    pos, real = sparse_torch.top_positions(keys, W)             # on the CPU: numpy's partition, then a sort
+    top = keys.topk(W, dim=-1, sorted=True).values              # what a GPU runs: the same keys, same order
+    assert torch.equal(pos, torch.where(real, sparse_torch._LOW - (top & sparse_torch._LOW), 0))
     want = _reference_topk(score, valid, W)
     for i in range(N):
         got = pos[i][real[i]].tolist()
