@@ -28,6 +28,9 @@ from kvproof.runtime.serving.server_choices import (ChoiceState, Plan, chat_logp
 from kvproof.runtime.serving.server_metrics import EngineCollector, RequestHistograms
 
 log = logging.getLogger("kvproof.server")
+# a body up to this size is parsed and tokenised on the loop (well under a millisecond); a larger one
+# in a worker thread, so /health and the streams keep answering (two thread hops cost a request's TTFT)
+INLINE_BODY_BYTES = 32 << 10
 MAX_BODY_BYTES = 16 << 20             # a full context of token ids is < 100 kB; a batch of them fits easily
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 __all__ = ["RequestError", "Server", "start_server", "token_text"]
@@ -147,12 +150,13 @@ class Server:
         self._count("route", request.path)
         raw = await request.read()                     # 413 past the body limit (the middleware answers)
         loop = asyncio.get_running_loop()
-        req = await loop.run_in_executor(None, parse_body, raw, chat)      # off the loop: /health answers
+        inline = len(raw) <= INLINE_BODY_BYTES
+        req = parse_body(raw, chat) if inline else await loop.run_in_executor(None, parse_body, raw, chat)
         if req.model is not None and req.model != self.engine.model_name:
             raise RequestError(404, f"model {req.model!r} does not exist; this server serves "
                                     f"{self.engine.model_name!r}", "model", "model_not_found")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        p = await loop.run_in_executor(None, plan, req, self.engine, rid)  # tokenising a long prompt too
+        p = plan(req, self.engine, rid) if inline else await loop.run_in_executor(None, plan, req, self.engine, rid)
         streams = self._submit(p)
         self.running[rid] = [s.engine_id for s in p.subs]
         states = [ChoiceState(s, self.engine.tokenizer, p.stop) for s in p.subs]
