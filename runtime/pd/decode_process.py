@@ -50,6 +50,7 @@ def run_decode(cfg: PDConfig, client_addr: tuple[str, int], model: Any = None, s
         if up and isinstance(m, dict) and m.get("type") in (Done.TYPE, Safe.TYPE):
             with mu:                        # at once, while the loop thread runs a model step: a Done's
                 _rank_message(up[0], w, m)  # first token goes to the client now, not after the step
+            inbox.put(("wake", w, None))    # an idle loop admits the started request now, not in 50 ms
         else:
             inbox.put(("rank", w, m))
 
