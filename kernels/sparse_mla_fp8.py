@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_mla_kernels import _softmax_step, _store_out
+from .sparse_mla_kernels import softmax_step, store_out
 
 
 @triton.jit
@@ -166,17 +166,17 @@ def mla_attn_fp8_staged_kernel(
                     c1_, c2_, c3_ = c1_.to(tl.float32), c2_.to(tl.float32), c3_.to(tl.float32)
                 s += tl.dot(q1, tl.trans(c1_)) + tl.dot(q2, tl.trans(c2_)) + tl.dot(q3, tl.trans(c3_))
             if ACC_SPLIT == 4:
-                m, l_sum, acc0, acc1, acc2, acc3 = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2,
+                m, l_sum, acc0, acc1, acc2, acc3 = softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2,
                                                                  acc3, c0_, c1_, c2_, c3_, ACC_SPLIT)
             else:
-                m, l_sum, acc0, _, _, _ = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
+                m, l_sum, acc0, _, _, _ = softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
                                                         c0_, c0_, c0_, c0_, ACC_SPLIT)
     pid0 = _block_id(0, NATIVE)                   # re-read: see _block_id
     t = (pid0 // head_progs).to(tl.int64)
     offs_h = (pid0 % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
     if ACC_SPLIT == 4:
-        _store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
+        store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
                    stride_lt, stride_lh, m, l_sum, acc0, acc1, acc2, acc3, QW, ACC_SPLIT)
     else:
-        _store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
+        store_out(out_ptr, lse_ptr, t, offs_h, offs_h < H, _block_id(1, NATIVE), stride_ot, stride_oh, stride_os,
                    stride_lt, stride_lh, m, l_sum, acc0, acc0, acc0, acc0, QW, ACC_SPLIT)

@@ -36,7 +36,7 @@ def _latent_part(c_row, s_row, valid, COL0: tl.constexpr, W: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c2, c3, ACC_SPLIT: tl.constexpr):
+def softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c2, c3, ACC_SPLIT: tl.constexpr):
     """One online-softmax step: scores s [BH, BN] (before qk_scale) of rows `valid` into the
     running max m, sum l_sum and accumulators (acc1-3 and c1-3 unused when ACC_SPLIT is 1)."""
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
@@ -54,7 +54,7 @@ def _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, 
 
 
 @triton.jit
-def _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+def store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
     """Normalised output rows (or split partials) and the natural-log lse; 0 and -inf when empty."""
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -153,16 +153,16 @@ def mla_attn_kernel(
             c3 = _latent_part(c_row, s_row, valid, 3 * QW, QW, BLOCK_N, QBLOCK, KV_FP8, DOT_F32, qp.dtype)
             s += tl.dot(q1, tl.trans(c1)) + tl.dot(q2, tl.trans(c2)) + tl.dot(q3, tl.trans(c3))
         if ACC_SPLIT == 4:
-            m, l_sum, acc0, acc1, acc2, acc3 = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3,
+            m, l_sum, acc0, acc1, acc2, acc3 = softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3,
                                                              c0, c1, c2, c3, ACC_SPLIT)
         else:
-            m, l_sum, acc0, _, _, _ = _softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
+            m, l_sum, acc0, _, _, _ = softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc0, acc0, acc0,
                                                     c0, c0, c0, c0, ACC_SPLIT)
     if ACC_SPLIT == 4:
-        _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+        store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                    m, l_sum, acc0, acc1, acc2, acc3, QW, ACC_SPLIT)
     else:
-        _store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+        store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                    m, l_sum, acc0, acc0, acc0, acc0, QW, ACC_SPLIT)
 
 
