@@ -55,7 +55,7 @@ def softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c
 
 @triton.jit
 def store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-               m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
+              m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
     """Normalised output rows (or split partials) and the natural-log lse; 0 and -inf when empty."""
     LOG2E: tl.constexpr = 1.4426950408889634
     nonempty = l_sum > 0
