@@ -95,6 +95,7 @@ class PrefillModel:
         budget = core.cfg.max_prefill_tokens
         out: list[Prefilled | ValueError] = []
         batch: list[tuple[int, Alloc, Sequence]] = []            # (index in out, alloc, its sequence)
+        cold: set[bytes] = set()                                 # first uncached page of each prompt in it
         try:
             for alloc in allocs:
                 tokens = alloc.tokens
@@ -109,9 +110,16 @@ class PrefillModel:
                     seq = Sequence(f"pf-{alloc.rid}", list(tokens), SamplingParams())
                     core.scheduler._match_prefix(seq)              # cached full pages (the last token is computed)
                     need = -(-n // core.model.cfg.page_size) - len(seq.pages)
-                    if batch and (n - seq.num_cached > budget or not core.pool.can_allocate(need)):
-                        core.pool.free(seq.pages)                  # the next batch takes it
+                    miss = len(seq.pages)                          # its first page not in the cache
+                    first_miss = seq.page_hashes[miss] if miss < len(seq.page_hashes) else None
+                    if batch and (n - seq.num_cached > budget or not core.pool.can_allocate(need)
+                                  or first_miss in cold):
+                        # the next batch takes it; one sharing a prefix this batch computes gets it
+                        # from the cache then (a burst computes each cold prefix once, not once a prompt)
+                        core.pool.free(seq.pages)
                         break
+                    if first_miss is not None:
+                        cold.add(first_miss)
                     seq.pages += core.pool.allocate(need)
                     budget -= n - seq.num_cached
                     self.prompt_tokens += n
