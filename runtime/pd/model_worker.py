@@ -10,12 +10,12 @@ as for synthetic KV, and its `Done` carries the hidden state (`hidden_to_wire`).
 With `layersplit=R` each prefill rank is rank 0 of its own LayerSplit group (R-1 follower processes
 of its own) and gathers the layers it does not store from their owners for the export
 (`EngineCore.export_tokens`); decode always runs unsplit (`ModelCluster` gives it layersplit=1).
-Decode's `DecodeModel.read` (pd/decode_model.py) is `DecodeWorker`'s read of a READY slot: it copies the slot's bytes
-into its own model KV pages (`import_tokens`) and hands the request to its `EngineCore`
-(`prefilled=(pages, n)` with the hidden state), which samples the first token from it at once: the
-first token goes to the router without waiting for a decode step. The slot is then finished (freed)
-and the core decodes (MTP speculative decoding, the anomaly monitor) and streams `Event` messages back
-to the router.
+Decode's `DecodeModel.read` (pd/decode_model.py) is `DecodeWorker`'s read of a READY slot: it copies
+the slot's bytes out, samples the first token from the carried hidden state (`EngineCore.start`) and
+sends it to the router without waiting for a decode step; the slot is then finished (freed), and
+before its next step decode imports the bytes into its own model KV pages (`import_tokens`) and
+admits the request into its `EngineCore` (`prefilled=(pages, n)`, `started=`), which decodes (MTP
+speculative decoding, the anomaly monitor) and streams `Event` messages back to the router.
 """
 from __future__ import annotations
 
