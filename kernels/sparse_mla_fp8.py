@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_mla_kernels import softmax_step, store_out
+from .sparse_mla_kernels import load_queries, softmax_step, store_out
 
 
 @triton.jit
@@ -116,19 +116,10 @@ def mla_attn_fp8_staged_kernel(
     hmask = offs_h < H
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
-    q_row = qn_ptr + t * stride_qnt + offs_h[:, None] * stride_qnh + offs_w[None, :]
-    q0 = tl.load(q_row, mask=hmask[:, None], other=0.0)                                # [BH, QW]
-    qp = tl.load(qp_ptr + t * stride_qpt + offs_h[:, None] * stride_qph + offs_r[None, :],
-                 mask=hmask[:, None], other=0.0)                                      # [BH, DR]
-    if DOT_F32:
-        q0, qp = q0.to(tl.float32), qp.to(tl.float32)
+    q0, q1, q2, q3, qp = load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt,
+                                      stride_qph, QW, DR, ACC_SPLIT, DOT_F32)
     acc0 = tl.zeros([BLOCK_H, QW], tl.float32)
     if ACC_SPLIT == 4:
-        q1 = tl.load(q_row + QW, mask=hmask[:, None], other=0.0)
-        q2 = tl.load(q_row + 2 * QW, mask=hmask[:, None], other=0.0)
-        q3 = tl.load(q_row + 3 * QW, mask=hmask[:, None], other=0.0)
-        if DOT_F32:
-            q1, q2, q3 = q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
         acc1 = tl.zeros([BLOCK_H, QW], tl.float32)
         acc2 = tl.zeros([BLOCK_H, QW], tl.float32)
         acc3 = tl.zeros([BLOCK_H, QW], tl.float32)

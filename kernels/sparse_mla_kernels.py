@@ -54,6 +54,29 @@ def softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c
 
 
 @triton.jit
+def load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt, stride_qph,
+                 QW: tl.constexpr, DR: tl.constexpr, ACC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+    """Query t's latent part for the program's heads, in ACC_SPLIT column quarters (q1-q3 are q0 when
+    ACC_SPLIT is 1), and its rope part: (q0, q1, q2, q3, qp), fp32 when DOT_F32."""
+    offs_w = tl.arange(0, QW)
+    offs_r = tl.arange(0, DR)
+    q_row = qn_ptr + t * stride_qnt + offs_h[:, None] * stride_qnh + offs_w[None, :]
+    q0 = tl.load(q_row, mask=hmask[:, None], other=0.0)                                # [BH, QW]
+    qp = tl.load(qp_ptr + t * stride_qpt + offs_h[:, None] * stride_qph + offs_r[None, :],
+                 mask=hmask[:, None], other=0.0)                                      # [BH, DR]
+    if DOT_F32:
+        q0, qp = q0.to(tl.float32), qp.to(tl.float32)
+    q1, q2, q3 = q0, q0, q0
+    if ACC_SPLIT == 4:
+        q1 = tl.load(q_row + QW, mask=hmask[:, None], other=0.0)
+        q2 = tl.load(q_row + 2 * QW, mask=hmask[:, None], other=0.0)
+        q3 = tl.load(q_row + 3 * QW, mask=hmask[:, None], other=0.0)
+        if DOT_F32:
+            q1, q2, q3 = q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
+    return q0, q1, q2, q3, qp
+
+
+@triton.jit
 def store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
               m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
     """Normalised output rows (or split partials) and the natural-log lse; 0 and -inf when empty."""
@@ -107,19 +130,10 @@ def mla_attn_kernel(
     hmask = offs_h < H
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
-    q_row = qn_ptr + t * stride_qnt + offs_h[:, None] * stride_qnh + offs_w[None, :]
-    q0 = tl.load(q_row, mask=hmask[:, None], other=0.0)                                # [BH, QW]
-    qp = tl.load(qp_ptr + t * stride_qpt + offs_h[:, None] * stride_qph + offs_r[None, :],
-                 mask=hmask[:, None], other=0.0)                                      # [BH, DR]
-    if DOT_F32:
-        q0, qp = q0.to(tl.float32), qp.to(tl.float32)
+    q0, q1, q2, q3, qp = load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt,
+                                      stride_qph, QW, DR, ACC_SPLIT, DOT_F32)
     acc0 = tl.zeros([BLOCK_H, QW], tl.float32)
     if ACC_SPLIT == 4:
-        q1 = tl.load(q_row + QW, mask=hmask[:, None], other=0.0)
-        q2 = tl.load(q_row + 2 * QW, mask=hmask[:, None], other=0.0)
-        q3 = tl.load(q_row + 3 * QW, mask=hmask[:, None], other=0.0)
-        if DOT_F32:
-            q1, q2, q3 = q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
         acc1 = tl.zeros([BLOCK_H, QW], tl.float32)
         acc2 = tl.zeros([BLOCK_H, QW], tl.float32)
         acc3 = tl.zeros([BLOCK_H, QW], tl.float32)
