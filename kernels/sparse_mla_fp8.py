@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_mla_kernels import load_queries, softmax_step, store_out
+from .sparse_mla_kernels import program_queries, softmax_step, store_out
 
 
 @triton.jit
@@ -110,19 +110,11 @@ def mla_attn_fp8_staged_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     QW: tl.constexpr = DL // ACC_SPLIT
     ROW: tl.constexpr = DL + DR
+    t, offs_h, hmask, q0, q1, q2, q3, qp, acc0, acc1, acc2, acc3 = program_queries(
+        qn_ptr, qp_ptr, H, stride_qnt, stride_qnh, stride_qpt, stride_qph, BLOCK_H, QW, DR, ACC_SPLIT, DOT_F32)
     head_progs = tl.cdiv(H, BLOCK_H)
-    t = (tl.program_id(0) // head_progs).to(tl.int64)
-    offs_h = (tl.program_id(0) % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = offs_h < H
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
-    q0, q1, q2, q3, qp = load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt,
-                                      stride_qph, QW, DR, ACC_SPLIT, DOT_F32)
-    acc0 = tl.zeros([BLOCK_H, QW], tl.float32)
-    if ACC_SPLIT == 4:
-        acc1 = tl.zeros([BLOCK_H, QW], tl.float32)
-        acc2 = tl.zeros([BLOCK_H, QW], tl.float32)
-        acc3 = tl.zeros([BLOCK_H, QW], tl.float32)
     count = tl.load(count_ptr + t)
     split = tl.program_id(1)
     chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N

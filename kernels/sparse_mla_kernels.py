@@ -54,10 +54,15 @@ def softmax_step(s, valid, qk_scale, m, l_sum, acc0, acc1, acc2, acc3, c0, c1, c
 
 
 @triton.jit
-def load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt, stride_qph,
-                 QW: tl.constexpr, DR: tl.constexpr, ACC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """Query t's latent part for the program's heads, in ACC_SPLIT column quarters (q1-q3 are q0 when
-    ACC_SPLIT is 1), and its rope part: (q0, q1, q2, q3, qp), fp32 when DOT_F32."""
+def program_queries(qn_ptr, qp_ptr, H, stride_qnt, stride_qnh, stride_qpt, stride_qph, BLOCK_H: tl.constexpr,
+                    QW: tl.constexpr, DR: tl.constexpr, ACC_SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
+    """The program's query t and heads (offs_h, hmask), the query's latent part in ACC_SPLIT column
+    quarters and its rope part (fp32 when DOT_F32), and zeroed accumulators: (t, offs_h, hmask, q0, q1,
+    q2, q3, qp, acc0, acc1, acc2, acc3); the unused quarters are q0 / acc0 when ACC_SPLIT is 1."""
+    head_progs = tl.cdiv(H, BLOCK_H)
+    t = (tl.program_id(0) // head_progs).to(tl.int64)
+    offs_h = (tl.program_id(0) % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
     q_row = qn_ptr + t * stride_qnt + offs_h[:, None] * stride_qnh + offs_w[None, :]
@@ -66,14 +71,18 @@ def load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, strid
                  mask=hmask[:, None], other=0.0)                                      # [BH, DR]
     if DOT_F32:
         q0, qp = q0.to(tl.float32), qp.to(tl.float32)
-    q1, q2, q3 = q0, q0, q0
+    acc0 = tl.zeros([BLOCK_H, QW], tl.float32)
+    q1, q2, q3, acc1, acc2, acc3 = q0, q0, q0, acc0, acc0, acc0
     if ACC_SPLIT == 4:
         q1 = tl.load(q_row + QW, mask=hmask[:, None], other=0.0)
         q2 = tl.load(q_row + 2 * QW, mask=hmask[:, None], other=0.0)
         q3 = tl.load(q_row + 3 * QW, mask=hmask[:, None], other=0.0)
         if DOT_F32:
             q1, q2, q3 = q1.to(tl.float32), q2.to(tl.float32), q3.to(tl.float32)
-    return q0, q1, q2, q3, qp
+        acc1 = tl.zeros([BLOCK_H, QW], tl.float32)
+        acc2 = tl.zeros([BLOCK_H, QW], tl.float32)
+        acc3 = tl.zeros([BLOCK_H, QW], tl.float32)
+    return t, offs_h, hmask, q0, q1, q2, q3, qp, acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -124,19 +133,10 @@ def mla_attn_kernel(
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     QW: tl.constexpr = DL // ACC_SPLIT
-    head_progs = tl.cdiv(H, BLOCK_H)
-    t = (tl.program_id(0) // head_progs).to(tl.int64)
-    offs_h = (tl.program_id(0) % head_progs) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = offs_h < H
+    t, offs_h, hmask, q0, q1, q2, q3, qp, acc0, acc1, acc2, acc3 = program_queries(
+        qn_ptr, qp_ptr, H, stride_qnt, stride_qnh, stride_qpt, stride_qph, BLOCK_H, QW, DR, ACC_SPLIT, DOT_F32)
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
-    q0, q1, q2, q3, qp = load_queries(qn_ptr, qp_ptr, t, offs_h, hmask, stride_qnt, stride_qnh, stride_qpt,
-                                      stride_qph, QW, DR, ACC_SPLIT, DOT_F32)
-    acc0 = tl.zeros([BLOCK_H, QW], tl.float32)
-    if ACC_SPLIT == 4:
-        acc1 = tl.zeros([BLOCK_H, QW], tl.float32)
-        acc2 = tl.zeros([BLOCK_H, QW], tl.float32)
-        acc3 = tl.zeros([BLOCK_H, QW], tl.float32)
     req = tl.load(q_req_ptr + t).to(tl.int64)
     count = tl.load(count_ptr + t)
     split = tl.program_id(1)
