@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sparse_mla_kernels import program_queries, softmax_step, store_out
+from .sparse_mla_kernels import program_queries, softmax_step, split_state, store_out
 
 
 @triton.jit
@@ -115,13 +115,7 @@ def mla_attn_fp8_staged_kernel(
     head_progs = tl.cdiv(H, BLOCK_H)
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
-    count = tl.load(count_ptr + t)
-    split = tl.program_id(1)
-    chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, count)
-    m = tl.full([BLOCK_H], -1.0e30, tl.float32)     # finite: no inf - inf when a row is empty
-    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    lo, hi, m, l_sum = split_state(count_ptr, t, NUM_SPLITS, BLOCK_N, BLOCK_H)
     qk_scale = sm_scale * LOG2E
     for c0 in range(lo, hi, STAGE_ROWS):
         n_rows = tl.minimum(hi - c0, STAGE_ROWS)

@@ -86,6 +86,19 @@ def program_queries(qn_ptr, qp_ptr, H, stride_qnt, stride_qnh, stride_qpt, strid
 
 
 @triton.jit
+def split_state(count_ptr, t, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's slice [lo, hi) of query t's selected rows (split program_id(1) of NUM_SPLITS, in
+    whole BLOCK_N blocks) and an empty online-softmax state: (lo, hi, m, l_sum)."""
+    count = tl.load(count_ptr + t)
+    chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = tl.program_id(1) * chunk
+    hi = tl.minimum(lo + chunk, count)
+    m = tl.full([BLOCK_H], -1.0e30, tl.float32)     # finite: no inf - inf when a row is empty
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    return lo, hi, m, l_sum
+
+
+@triton.jit
 def store_out(out_ptr, lse_ptr, t, offs_h, hmask, split, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
               m, l_sum, acc0, acc1, acc2, acc3, QW: tl.constexpr, ACC_SPLIT: tl.constexpr):
     """Normalised output rows (or split partials) and the natural-log lse; 0 and -inf when empty."""
@@ -138,13 +151,8 @@ def mla_attn_kernel(
     offs_w = tl.arange(0, QW)
     offs_r = tl.arange(0, DR)
     req = tl.load(q_req_ptr + t).to(tl.int64)
-    count = tl.load(count_ptr + t)
+    lo, hi, m, l_sum = split_state(count_ptr, t, NUM_SPLITS, BLOCK_N, BLOCK_H)
     split = tl.program_id(1)
-    chunk = tl.cdiv(tl.cdiv(count, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, count)
-    m = tl.full([BLOCK_H], -1.0e30, tl.float32)     # finite: no inf - inf when a row is empty
-    l_sum = tl.zeros([BLOCK_H], tl.float32)
     qk_scale = sm_scale * LOG2E
     for n0 in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
