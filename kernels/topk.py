@@ -56,6 +56,14 @@ def _sortable_key(x):
 
 
 @triton.jit
+def _row_out(q_len_ptr, count_ptr, idx_ptr, stride_it, t, K: tl.constexpr):
+    """Row t's valid length n and its output row; records how many positions it selects (min(n, K))."""
+    n = tl.load(q_len_ptr + t)
+    tl.store(count_ptr + t, tl.minimum(n, K))
+    return n, idx_ptr + t * stride_it
+
+
+@triton.jit
 def _fill_all(out, n, K: tl.constexpr, BLOCK: tl.constexpr):
     """A row with at most K valid scores: its top-k is every position (the rest of the K padded with 0)."""
     offs = tl.arange(0, BLOCK)
@@ -121,10 +129,8 @@ def _radix_topk_kernel(
 ):
     """One program selects the top K positions of one row."""
     t = tl.program_id(0).to(tl.int64)
-    n = tl.load(q_len_ptr + t)
+    n, out = _row_out(q_len_ptr, count_ptr, idx_ptr, stride_it, t, K)
     row = scores_ptr + t * stride_st
-    out = idx_ptr + t * stride_it
-    tl.store(count_ptr + t, tl.minimum(n, K))
     offs = tl.arange(0, BLOCK)
     if n <= K:
         _fill_all(out, n, K, BLOCK)
@@ -221,11 +227,9 @@ def _topk_select_kernel(
     """Cooperative pass 3: one program per row finishes the radix select over the candidates only
     (chunk by chunk, so in ascending position order: ties are taken lowest position first)."""
     t = tl.program_id(0).to(tl.int64)
-    n = tl.load(q_len_ptr + t)
+    n, out = _row_out(q_len_ptr, count_ptr, idx_ptr, stride_it, t, K)
     row = scores_ptr + t * stride_st
     cand = cand_ptr + t * stride_ct
-    out = idx_ptr + t * stride_it
-    tl.store(count_ptr + t, tl.minimum(n, K))
     offs = tl.arange(0, BLOCK)
     if n <= K:
         _fill_all(out, n, K, BLOCK)
