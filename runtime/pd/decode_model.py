@@ -30,6 +30,11 @@ STATS_INTERVAL_S = 0.2
 _EVENT_FIELDS = tuple(f.name for f in fields(TokenEvent))
 
 
+def _refused(greq: GenerationRequest, why: str, sent: int) -> TokenEvent:
+    """The final event of a request decode cannot take (after `sent` tokens were delivered)."""
+    return TokenEvent(greq.request_id, (), True, "abort", why, len(greq.prompt_tokens), sent)
+
+
 class DecodeModel:
     """Decode's model: imports READY slots into its KV pages, decodes, streams Events, reports stats."""
 
@@ -94,7 +99,7 @@ class DecodeModel:
             times = (req.submitted, req.allocated if req.allocated is not None else req.submitted)
             seq, ev = self.core.start(greq, hidden, times)
         except ValueError as e:                             # the router validates; never strand the slot
-            self._flush([(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n))])
+            self._flush([(rid, _refused(greq, f"decode refused: {e}", 0))])
             return 0
         raw = self.pool.array[s, :, :, :n]                                   # [W, L, n, Bw]
         data = np.ascontiguousarray(raw.transpose(1, 2, 0, 3)).reshape(self.pd.layers, n, -1)   # the slot is freed next
@@ -110,7 +115,7 @@ class DecodeModel:
             n = len(greq.prompt_tokens)
             need = -(-n // core.model.cfg.page_size)
             if not core.pool.can_allocate(need):
-                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", "decode out of KV pages", n, 1))
+                self._event(rid, _refused(greq, "decode out of KV pages", 1))
                 continue
             pages = core.pool.allocate(need)
             core.cache.import_tokens(pages, torch.from_numpy(data).to(core.cache.kv.device))
@@ -119,7 +124,7 @@ class DecodeModel:
                 core.add(greq, lambda ev, rid=rid: self._event(rid, ev), prefilled=(pages, n), started=seq)
             except ValueError as e:
                 core.pool.free(pages)
-                self._event(rid, TokenEvent(greq.request_id, (), True, "abort", f"decode refused: {e}", n, 1))
+                self._event(rid, _refused(greq, f"decode refused: {e}", 1))
 
     def abort(self, rid: int, cause: str = "client") -> None:
         """The router aborted rid: stop it if it is decoding (the slot side is DecodeWorker.abort's)."""
